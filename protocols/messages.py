@@ -1,0 +1,617 @@
+"""JSON messages exchanged over MQTT, with validation and a schema version.
+
+Each message is a frozen dataclass with ``to_dict``/``from_dict`` and
+``encode``/``decode`` (UTF-8 JSON bytes). Like ``tuf.api.metadata``, parsing
+validates every field it knows and keeps the fields it does not know in
+``extra``, so an older agent tolerates a newer controller and vice versa.
+Every message carries ``"v": SCHEMA_VERSION``; a message from a *newer* major
+schema is still parsed (unknown fields are kept), a message without ``v`` or
+with a non-integer ``v`` is refused.
+
+Validation failures raise :class:`~edgefleet.protocols.errors.MessageError`
+with a message naming the offending field; handlers log and count them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, ClassVar, TypeVar
+
+from edgefleet.protocols.errors import MessageError
+from edgefleet.protocols.topics import validate_device_id
+
+__all__ = [
+    "MAX_MESSAGE_BYTES",
+    "SCHEMA_VERSION",
+    "AgentState",
+    "DesiredState",
+    "ErrorInfo",
+    "Event",
+    "EventKind",
+    "FileRequest",
+    "HardwareInfo",
+    "LatencySummary",
+    "Message",
+    "ModelRef",
+    "ReportedState",
+    "Telemetry",
+    "decode",
+]
+
+SCHEMA_VERSION = 1
+# Nothing legitimate in JSON is this large; larger payloads are refused before
+# json.loads so a hostile publisher cannot make us parse megabytes.
+MAX_MESSAGE_BYTES = 256 * 1024
+
+JSONDict = dict[str, Any]
+M = TypeVar("M", bound="Message")
+
+
+# --------------------------------------------------------------------------- field readers
+def _get(d: Mapping[str, Any], key: str, kind: type | tuple[type, ...], *, optional: bool) -> Any:
+    value = d.get(key)
+    if value is None:
+        if optional:
+            return None
+        raise MessageError(f"missing field {key!r}")
+    # bool is an int subclass; refuse it where a number is expected.
+    if isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,)):
+        raise MessageError(f"field {key!r} must be {_kind_name(kind)}, got bool")
+    if not isinstance(value, kind):
+        raise MessageError(f"field {key!r} must be {_kind_name(kind)}, got {type(value).__name__}")
+    return value
+
+
+def _kind_name(kind: type | tuple[type, ...]) -> str:
+    if isinstance(kind, tuple):
+        return " or ".join(k.__name__ for k in kind)
+    return kind.__name__
+
+
+def _str(d: Mapping[str, Any], key: str, *, optional: bool = False, max_len: int = 1024) -> Any:
+    value = _get(d, key, str, optional=optional)
+    if value is not None and len(value) > max_len:
+        raise MessageError(f"field {key!r} is longer than {max_len} characters")
+    return value
+
+
+def _int(d: Mapping[str, Any], key: str, *, optional: bool = False, minimum: int = 0) -> Any:
+    value = _get(d, key, int, optional=optional)
+    if value is not None and value < minimum:
+        raise MessageError(f"field {key!r} must be >= {minimum}, got {value}")
+    return value
+
+
+def _float(d: Mapping[str, Any], key: str, *, optional: bool = False) -> Any:
+    value = _get(d, key, (int, float), optional=optional)
+    if value is None:
+        return None
+    if not math.isfinite(value):
+        raise MessageError(f"field {key!r} must be a finite number")
+    return float(value)
+
+
+def _dict(d: Mapping[str, Any], key: str, *, optional: bool = False) -> Any:
+    return _get(d, key, dict, optional=optional)
+
+
+def _str_list(d: Mapping[str, Any], key: str, *, max_items: int = 256) -> list[str]:
+    value = _get(d, key, list, optional=True)
+    if value is None:
+        return []
+    if len(value) > max_items or not all(isinstance(v, str) and len(v) <= 256 for v in value):
+        raise MessageError(f"field {key!r} must be a list of at most {max_items} short strings")
+    return list(value)
+
+
+def _enum(d: Mapping[str, Any], key: str, enum: type[Enum], *, optional: bool = False) -> Any:
+    raw = _str(d, key, optional=optional)
+    if raw is None:
+        return None
+    try:
+        return enum(raw)
+    except ValueError:
+        allowed = ", ".join(str(e.value) for e in enum)
+        raise MessageError(f"field {key!r} must be one of {allowed}; got {raw!r}") from None
+
+
+def _device_id(d: Mapping[str, Any]) -> str:
+    raw = _str(d, "device_id", max_len=64)
+    try:
+        return validate_device_id(raw)
+    except Exception as exc:
+        raise MessageError(str(exc)) from None
+
+
+def _extra(d: Mapping[str, Any], known: set[str]) -> JSONDict:
+    return {k: v for k, v in d.items() if k not in known and k != "v"}
+
+
+# --------------------------------------------------------------------------- base
+class Message:
+    """Common encode/decode for every message type."""
+
+    KIND: ClassVar[str]
+    FIELDS: ClassVar[frozenset[str]]
+
+    extra: JSONDict
+
+    def to_dict(self) -> JSONDict:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    @classmethod
+    def from_dict(cls: type[M], d: Mapping[str, Any]) -> M:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def encode(self) -> bytes:
+        """Serialize to compact UTF-8 JSON with the schema version."""
+        body = {**self.extra, **self.to_dict(), "v": SCHEMA_VERSION}
+        return json.dumps(body, separators=(",", ":"), sort_keys=True).encode()
+
+    @classmethod
+    def decode(cls: type[M], payload: bytes | bytearray | str) -> M:
+        """Parse and validate one message.
+
+        Raises:
+            MessageError: the payload is too large, not JSON, not an object,
+                has no usable schema version, or a field is invalid.
+        """
+        return cls.from_dict(decode(payload))
+
+
+def decode(payload: bytes | bytearray | str) -> JSONDict:
+    """Parse a payload into a JSON object that carries a schema version."""
+    if len(payload) > MAX_MESSAGE_BYTES:
+        raise MessageError(f"message of {len(payload)} bytes exceeds {MAX_MESSAGE_BYTES}")
+    try:
+        body = json.loads(payload)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise MessageError(f"payload is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise MessageError(f"payload must be a JSON object, got {type(body).__name__}")
+    version = body.get("v")
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise MessageError("payload has no valid schema version 'v'")
+    return body
+
+
+# --------------------------------------------------------------------------- parts
+@dataclass(frozen=True)
+class ModelRef:
+    """Which bundle: a model version, its release counter and its TUF target path.
+
+    ``release`` is the monotonically increasing counter the agent uses to
+    refuse rollbacks; ``target`` is the TUF target path of the bundle.
+    """
+
+    name: str
+    version: str
+    release: int
+    target: str
+
+    def to_dict(self) -> JSONDict:
+        return {
+            "name": self.name,
+            "version": self.version,
+            "release": self.release,
+            "target": self.target,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> ModelRef:
+        if not isinstance(d, Mapping):
+            raise MessageError("model reference must be an object")
+        return cls(
+            name=_str(d, "name", max_len=128),
+            version=_str(d, "version", max_len=64),
+            release=_int(d, "release", minimum=1),
+            target=_str(d, "target", max_len=512),
+        )
+
+    @property
+    def label(self) -> str:
+        return f"{self.name}@{self.version}"
+
+
+@dataclass(frozen=True)
+class ErrorInfo:
+    """A machine-readable reason (``code``) and a human one (``message``)."""
+
+    code: str
+    message: str
+
+    def to_dict(self) -> JSONDict:
+        return {"code": self.code, "message": self.message}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> ErrorInfo:
+        if not isinstance(d, Mapping):
+            raise MessageError("error must be an object")
+        return cls(code=_str(d, "code", max_len=64), message=_str(d, "message", max_len=4096))
+
+
+@dataclass(frozen=True)
+class HardwareInfo:
+    """What a device is: CPU architecture and features, runtimes, class."""
+
+    arch: str
+    cpu_features: tuple[str, ...] = ()
+    runtimes: tuple[str, ...] = ()
+    hardware_class: str = "generic"
+
+    def to_dict(self) -> JSONDict:
+        return {
+            "arch": self.arch,
+            "cpu_features": list(self.cpu_features),
+            "runtimes": list(self.runtimes),
+            "hardware_class": self.hardware_class,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> HardwareInfo:
+        if not isinstance(d, Mapping):
+            raise MessageError("hardware must be an object")
+        return cls(
+            arch=_str(d, "arch", max_len=64),
+            cpu_features=tuple(_str_list(d, "cpu_features", max_items=512)),
+            runtimes=tuple(_str_list(d, "runtimes")),
+            hardware_class=_str(d, "hardware_class", optional=True, max_len=64) or "generic",
+        )
+
+
+@dataclass(frozen=True)
+class LatencySummary:
+    """Latency percentiles in milliseconds over one telemetry window."""
+
+    p50: float
+    p95: float
+    p99: float
+
+    def to_dict(self) -> JSONDict:
+        return {"p50": self.p50, "p95": self.p95, "p99": self.p99}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> LatencySummary:
+        if not isinstance(d, Mapping):
+            raise MessageError("latency_ms must be an object")
+        return cls(p50=_float(d, "p50"), p95=_float(d, "p95"), p99=_float(d, "p99"))
+
+
+def _opt(part: Any) -> Any:
+    return None if part is None else part.to_dict()
+
+
+# --------------------------------------------------------------------------- messages
+@dataclass(frozen=True)
+class DesiredState(Message):
+    """The model a device should run. Published retained, QoS 1, by the controller.
+
+    ``generation`` increases every time the controller changes this device's
+    desired state; the agent echoes it in its reports so the controller can
+    tell which intent a report answers. ``model=None`` means "no model".
+    """
+
+    KIND: ClassVar[str] = "desired"
+
+    device_id: str
+    generation: int
+    model: ModelRef | None
+    deployment_id: str | None = None
+    issued_at: float = 0.0
+    extra: JSONDict = field(default_factory=dict, compare=False)
+
+    def to_dict(self) -> JSONDict:
+        return {
+            "device_id": self.device_id,
+            "generation": self.generation,
+            "model": _opt(self.model),
+            "deployment_id": self.deployment_id,
+            "issued_at": self.issued_at,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> DesiredState:
+        model = _dict(d, "model", optional=True)
+        return cls(
+            device_id=_device_id(d),
+            generation=_int(d, "generation"),
+            model=None if model is None else ModelRef.from_dict(model),
+            deployment_id=_str(d, "deployment_id", optional=True, max_len=64),
+            issued_at=_float(d, "issued_at", optional=True) or 0.0,
+            extra=_extra(d, {"device_id", "generation", "model", "deployment_id", "issued_at"}),
+        )
+
+
+class AgentState(str, Enum):
+    """What the agent is doing right now."""
+
+    IDLE = "idle"
+    DOWNLOADING = "downloading"
+    INSTALLING = "installing"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class ReportedState(Message):
+    """What a device runs. Published retained, QoS 1, by the agent.
+
+    ``generation``/``deployment_id`` name the desired state the agent last
+    acted on; ``last_error`` explains a failed attempt while ``active`` keeps
+    naming the model still being served.
+    """
+
+    KIND: ClassVar[str] = "reported"
+
+    device_id: str
+    state: AgentState
+    active: ModelRef | None
+    hardware: HardwareInfo
+    generation: int = 0
+    deployment_id: str | None = None
+    previous: ModelRef | None = None
+    last_error: ErrorInfo | None = None
+    agent_version: str = ""
+    updated_at: float = 0.0
+    extra: JSONDict = field(default_factory=dict, compare=False)
+
+    def to_dict(self) -> JSONDict:
+        return {
+            "device_id": self.device_id,
+            "state": self.state.value,
+            "active": _opt(self.active),
+            "previous": _opt(self.previous),
+            "hardware": self.hardware.to_dict(),
+            "generation": self.generation,
+            "deployment_id": self.deployment_id,
+            "last_error": _opt(self.last_error),
+            "agent_version": self.agent_version,
+            "updated_at": self.updated_at,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> ReportedState:
+        active = _dict(d, "active", optional=True)
+        previous = _dict(d, "previous", optional=True)
+        error = _dict(d, "last_error", optional=True)
+        return cls(
+            device_id=_device_id(d),
+            state=_enum(d, "state", AgentState),
+            active=None if active is None else ModelRef.from_dict(active),
+            previous=None if previous is None else ModelRef.from_dict(previous),
+            hardware=HardwareInfo.from_dict(_dict(d, "hardware")),
+            generation=_int(d, "generation", optional=True) or 0,
+            deployment_id=_str(d, "deployment_id", optional=True, max_len=64),
+            last_error=None if error is None else ErrorInfo.from_dict(error),
+            agent_version=_str(d, "agent_version", optional=True, max_len=64) or "",
+            updated_at=_float(d, "updated_at", optional=True) or 0.0,
+            extra=_extra(
+                d,
+                {
+                    "device_id", "state", "active", "previous", "hardware", "generation",
+                    "deployment_id", "last_error", "agent_version", "updated_at",
+                },
+            ),
+        )
+
+
+class EventKind(str, Enum):
+    """Progress and outcome events an agent emits while reconciling."""
+
+    DOWNLOAD_STARTED = "download_started"
+    DOWNLOAD_PROGRESS = "download_progress"
+    VERIFIED = "verified"
+    INSTALLED = "installed"
+    INSTALL_FAILED = "install_failed"
+    REJECTED = "rejected"
+    ROLLED_BACK = "rolled_back"
+
+
+@dataclass(frozen=True)
+class Event(Message):
+    """One step of a device's work on a desired state. QoS 1, not retained."""
+
+    KIND: ClassVar[str] = "event"
+
+    device_id: str
+    kind: EventKind
+    generation: int = 0
+    deployment_id: str | None = None
+    model: ModelRef | None = None
+    error: ErrorInfo | None = None
+    bytes_done: int | None = None
+    bytes_total: int | None = None
+    at: float = 0.0
+    extra: JSONDict = field(default_factory=dict, compare=False)
+
+    def to_dict(self) -> JSONDict:
+        return {
+            "device_id": self.device_id,
+            "kind": self.kind.value,
+            "generation": self.generation,
+            "deployment_id": self.deployment_id,
+            "model": _opt(self.model),
+            "error": _opt(self.error),
+            "bytes_done": self.bytes_done,
+            "bytes_total": self.bytes_total,
+            "at": self.at,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Event:
+        model = _dict(d, "model", optional=True)
+        error = _dict(d, "error", optional=True)
+        return cls(
+            device_id=_device_id(d),
+            kind=_enum(d, "kind", EventKind),
+            generation=_int(d, "generation", optional=True) or 0,
+            deployment_id=_str(d, "deployment_id", optional=True, max_len=64),
+            model=None if model is None else ModelRef.from_dict(model),
+            error=None if error is None else ErrorInfo.from_dict(error),
+            bytes_done=_int(d, "bytes_done", optional=True),
+            bytes_total=_int(d, "bytes_total", optional=True),
+            at=_float(d, "at", optional=True) or 0.0,
+            extra=_extra(
+                d,
+                {
+                    "device_id", "kind", "generation", "deployment_id", "model", "error",
+                    "bytes_done", "bytes_total", "at",
+                },
+            ),
+        )
+
+
+@dataclass(frozen=True)
+class Telemetry(Message):
+    """Aggregates over one interval of serving. QoS 0, not retained.
+
+    ``requests``/``errors`` count inferences in this window only, so the
+    controller can sum windows; ``rejected`` counts malformed messages the
+    agent dropped since it started, by reason.
+    """
+
+    KIND: ClassVar[str] = "telemetry"
+
+    device_id: str
+    window_s: float
+    requests: int
+    errors: int
+    latency_ms: LatencySummary | None
+    model: ModelRef | None
+    rss_bytes: int
+    cpu_percent: float
+    rejected: dict[str, int] = field(default_factory=dict)
+    at: float = 0.0
+    extra: JSONDict = field(default_factory=dict, compare=False)
+
+    def to_dict(self) -> JSONDict:
+        return {
+            "device_id": self.device_id,
+            "window_s": self.window_s,
+            "requests": self.requests,
+            "errors": self.errors,
+            "latency_ms": _opt(self.latency_ms),
+            "model": _opt(self.model),
+            "rss_bytes": self.rss_bytes,
+            "cpu_percent": self.cpu_percent,
+            "rejected": dict(self.rejected),
+            "at": self.at,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Telemetry:
+        latency = _dict(d, "latency_ms", optional=True)
+        model = _dict(d, "model", optional=True)
+        rejected = _dict(d, "rejected", optional=True) or {}
+        if len(rejected) > 64 or not all(
+            isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and v >= 0
+            for k, v in rejected.items()
+        ):
+            raise MessageError("field 'rejected' must map reasons to non-negative counts")
+        return cls(
+            device_id=_device_id(d),
+            window_s=_float(d, "window_s"),
+            requests=_int(d, "requests"),
+            errors=_int(d, "errors"),
+            latency_ms=None if latency is None else LatencySummary.from_dict(latency),
+            model=None if model is None else ModelRef.from_dict(model),
+            rss_bytes=_int(d, "rss_bytes"),
+            cpu_percent=_float(d, "cpu_percent"),
+            rejected=rejected,
+            at=_float(d, "at", optional=True) or 0.0,
+            extra=_extra(
+                d,
+                {
+                    "device_id", "window_s", "requests", "errors", "latency_ms", "model",
+                    "rss_bytes", "cpu_percent", "rejected", "at",
+                },
+            ),
+        )
+
+
+# A request may name at most this many ranges; agents coalesce missing blocks
+# into ranges, so even a badly fragmented file needs few.
+MAX_RANGES = 256
+MIN_BLOCK_SIZE = 1024
+MAX_BLOCK_SIZE = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class FileRequest(Message):
+    """An agent asks for blocks of one file from the controller's repository.
+
+    ``path`` is relative to the repository (``metadata/timestamp.json``,
+    ``targets/<hash>.<name>``). ``ranges`` lists half-open ``[start, end)``
+    block-index ranges the agent still lacks; an empty list asks for the first
+    window from block 0 when the agent does not yet know the file's size.
+    ``request_id`` (32 hex chars) is echoed in every answering frame.
+    """
+
+    KIND: ClassVar[str] = "file_request"
+
+    device_id: str
+    request_id: str
+    path: str
+    block_size: int
+    ranges: tuple[tuple[int, int], ...]
+    extra: JSONDict = field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        if not (MIN_BLOCK_SIZE <= self.block_size <= MAX_BLOCK_SIZE):
+            raise MessageError(
+                f"block_size must be between {MIN_BLOCK_SIZE} and {MAX_BLOCK_SIZE} bytes"
+            )
+        if len(self.request_id) != 32 or any(c not in "0123456789abcdef" for c in self.request_id):
+            raise MessageError("request_id must be 32 lowercase hex characters")
+        if not self.path or self.path.startswith("/") or ".." in self.path.split("/"):
+            raise MessageError(f"path {self.path!r} must be relative and stay in the repository")
+        if len(self.ranges) > MAX_RANGES:
+            raise MessageError(f"at most {MAX_RANGES} block ranges per request")
+        for start, end in self.ranges:
+            if start < 0 or end <= start:
+                raise MessageError(f"invalid block range [{start}, {end})")
+
+    def to_dict(self) -> JSONDict:
+        return {
+            "device_id": self.device_id,
+            "request_id": self.request_id,
+            "path": self.path,
+            "block_size": self.block_size,
+            "ranges": [list(r) for r in self.ranges],
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> FileRequest:
+        raw_ranges = _get(d, "ranges", list, optional=True) or []
+        ranges: list[tuple[int, int]] = []
+        if len(raw_ranges) > MAX_RANGES:
+            raise MessageError(f"at most {MAX_RANGES} block ranges per request")
+        for item in raw_ranges:
+            if (
+                not isinstance(item, list)
+                or len(item) != 2
+                or not all(isinstance(x, int) and not isinstance(x, bool) for x in item)
+            ):
+                raise MessageError("each range must be a [start, end) pair of integers")
+            ranges.append((item[0], item[1]))
+        return cls(
+            device_id=_device_id(d),
+            request_id=_str(d, "request_id", max_len=32),
+            path=_str(d, "path", max_len=512),
+            block_size=_int(d, "block_size", minimum=1),
+            ranges=tuple(ranges),
+            extra=_extra(d, {"device_id", "request_id", "path", "block_size", "ranges"}),
+        )
+
+    def block_indices(self, limit: int) -> list[int]:
+        """Expand the ranges into at most ``limit`` block indices, in order."""
+        out: list[int] = []
+        for start, end in self.ranges:
+            for i in range(start, end):
+                if len(out) >= limit:
+                    return out
+                out.append(i)
+        return out

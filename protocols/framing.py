@@ -139,7 +139,9 @@ class BlockFrame:
         """
         buf = bytes(frame)
         if len(buf) < HEADER.size:
-            raise FrameError(f"frame of {len(buf)} bytes is shorter than its {HEADER.size}-byte header")
+            raise FrameError(
+                f"frame of {len(buf)} bytes is shorter than its {HEADER.size}-byte header"
+            )
         (magic, version, kind, status, rid, index, block_size, total, length, crc) = (
             HEADER.unpack_from(buf)
         )

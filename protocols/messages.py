@@ -15,14 +15,13 @@ with a message naming the offending field; handlers log and count them.
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, ClassVar, TypeVar
 
+from edgefleet.protocols import _fields as f
 from edgefleet.protocols.errors import MessageError
-from edgefleet.protocols.topics import validate_device_id
 
 __all__ = [
     "MAX_MESSAGE_BYTES",
@@ -49,86 +48,6 @@ MAX_MESSAGE_BYTES = 256 * 1024
 
 JSONDict = dict[str, Any]
 M = TypeVar("M", bound="Message")
-
-
-# --------------------------------------------------------------------------- field readers
-def _get(d: Mapping[str, Any], key: str, kind: type | tuple[type, ...], *, optional: bool) -> Any:
-    value = d.get(key)
-    if value is None:
-        if optional:
-            return None
-        raise MessageError(f"missing field {key!r}")
-    # bool is an int subclass; refuse it where a number is expected.
-    if isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,)):
-        raise MessageError(f"field {key!r} must be {_kind_name(kind)}, got bool")
-    if not isinstance(value, kind):
-        raise MessageError(f"field {key!r} must be {_kind_name(kind)}, got {type(value).__name__}")
-    return value
-
-
-def _kind_name(kind: type | tuple[type, ...]) -> str:
-    if isinstance(kind, tuple):
-        return " or ".join(k.__name__ for k in kind)
-    return kind.__name__
-
-
-def _str(d: Mapping[str, Any], key: str, *, optional: bool = False, max_len: int = 1024) -> Any:
-    value = _get(d, key, str, optional=optional)
-    if value is not None and len(value) > max_len:
-        raise MessageError(f"field {key!r} is longer than {max_len} characters")
-    return value
-
-
-def _int(d: Mapping[str, Any], key: str, *, optional: bool = False, minimum: int = 0) -> Any:
-    value = _get(d, key, int, optional=optional)
-    if value is not None and value < minimum:
-        raise MessageError(f"field {key!r} must be >= {minimum}, got {value}")
-    return value
-
-
-def _float(d: Mapping[str, Any], key: str, *, optional: bool = False) -> Any:
-    value = _get(d, key, (int, float), optional=optional)
-    if value is None:
-        return None
-    if not math.isfinite(value):
-        raise MessageError(f"field {key!r} must be a finite number")
-    return float(value)
-
-
-def _dict(d: Mapping[str, Any], key: str, *, optional: bool = False) -> Any:
-    return _get(d, key, dict, optional=optional)
-
-
-def _str_list(d: Mapping[str, Any], key: str, *, max_items: int = 256) -> list[str]:
-    value = _get(d, key, list, optional=True)
-    if value is None:
-        return []
-    if len(value) > max_items or not all(isinstance(v, str) and len(v) <= 256 for v in value):
-        raise MessageError(f"field {key!r} must be a list of at most {max_items} short strings")
-    return list(value)
-
-
-def _enum(d: Mapping[str, Any], key: str, enum: type[Enum], *, optional: bool = False) -> Any:
-    raw = _str(d, key, optional=optional)
-    if raw is None:
-        return None
-    try:
-        return enum(raw)
-    except ValueError:
-        allowed = ", ".join(str(e.value) for e in enum)
-        raise MessageError(f"field {key!r} must be one of {allowed}; got {raw!r}") from None
-
-
-def _device_id(d: Mapping[str, Any]) -> str:
-    raw = _str(d, "device_id", max_len=64)
-    try:
-        return validate_device_id(raw)
-    except Exception as exc:
-        raise MessageError(str(exc)) from None
-
-
-def _extra(d: Mapping[str, Any], known: set[str]) -> JSONDict:
-    return {k: v for k, v in d.items() if k not in known and k != "v"}
 
 
 # --------------------------------------------------------------------------- base
@@ -206,10 +125,10 @@ class ModelRef:
         if not isinstance(d, Mapping):
             raise MessageError("model reference must be an object")
         return cls(
-            name=_str(d, "name", max_len=128),
-            version=_str(d, "version", max_len=64),
-            release=_int(d, "release", minimum=1),
-            target=_str(d, "target", max_len=512),
+            name=f.text(d, "name", max_len=128),
+            version=f.text(d, "version", max_len=64),
+            release=f.integer(d, "release", minimum=1),
+            target=f.text(d, "target", max_len=512),
         )
 
     @property
@@ -231,7 +150,7 @@ class ErrorInfo:
     def from_dict(cls, d: Mapping[str, Any]) -> ErrorInfo:
         if not isinstance(d, Mapping):
             raise MessageError("error must be an object")
-        return cls(code=_str(d, "code", max_len=64), message=_str(d, "message", max_len=4096))
+        return cls(code=f.text(d, "code", max_len=64), message=f.text(d, "message", max_len=4096))
 
 
 @dataclass(frozen=True)
@@ -256,10 +175,10 @@ class HardwareInfo:
         if not isinstance(d, Mapping):
             raise MessageError("hardware must be an object")
         return cls(
-            arch=_str(d, "arch", max_len=64),
-            cpu_features=tuple(_str_list(d, "cpu_features", max_items=512)),
-            runtimes=tuple(_str_list(d, "runtimes")),
-            hardware_class=_str(d, "hardware_class", optional=True, max_len=64) or "generic",
+            arch=f.text(d, "arch", max_len=64),
+            cpu_features=tuple(f.text_list(d, "cpu_features", max_items=512)),
+            runtimes=tuple(f.text_list(d, "runtimes")),
+            hardware_class=f.text(d, "hardware_class", optional=True, max_len=64) or "generic",
         )
 
 
@@ -278,7 +197,7 @@ class LatencySummary:
     def from_dict(cls, d: Mapping[str, Any]) -> LatencySummary:
         if not isinstance(d, Mapping):
             raise MessageError("latency_ms must be an object")
-        return cls(p50=_float(d, "p50"), p95=_float(d, "p95"), p99=_float(d, "p99"))
+        return cls(p50=f.number(d, "p50"), p95=f.number(d, "p95"), p99=f.number(d, "p99"))
 
 
 def _opt(part: Any) -> Any:
@@ -315,14 +234,14 @@ class DesiredState(Message):
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> DesiredState:
-        model = _dict(d, "model", optional=True)
+        model = f.obj(d, "model", optional=True)
         return cls(
-            device_id=_device_id(d),
-            generation=_int(d, "generation"),
+            device_id=f.device_id(d),
+            generation=f.integer(d, "generation"),
             model=None if model is None else ModelRef.from_dict(model),
-            deployment_id=_str(d, "deployment_id", optional=True, max_len=64),
-            issued_at=_float(d, "issued_at", optional=True) or 0.0,
-            extra=_extra(d, {"device_id", "generation", "model", "deployment_id", "issued_at"}),
+            deployment_id=f.text(d, "deployment_id", optional=True, max_len=64),
+            issued_at=f.number(d, "issued_at", optional=True) or 0.0,
+            extra=f.extra(d, {"device_id", "generation", "model", "deployment_id", "issued_at"}),
         )
 
 
@@ -374,25 +293,33 @@ class ReportedState(Message):
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> ReportedState:
-        active = _dict(d, "active", optional=True)
-        previous = _dict(d, "previous", optional=True)
-        error = _dict(d, "last_error", optional=True)
+        active = f.obj(d, "active", optional=True)
+        previous = f.obj(d, "previous", optional=True)
+        error = f.obj(d, "last_error", optional=True)
         return cls(
-            device_id=_device_id(d),
-            state=_enum(d, "state", AgentState),
+            device_id=f.device_id(d),
+            state=f.member(d, "state", AgentState),
             active=None if active is None else ModelRef.from_dict(active),
             previous=None if previous is None else ModelRef.from_dict(previous),
-            hardware=HardwareInfo.from_dict(_dict(d, "hardware")),
-            generation=_int(d, "generation", optional=True) or 0,
-            deployment_id=_str(d, "deployment_id", optional=True, max_len=64),
+            hardware=HardwareInfo.from_dict(f.obj(d, "hardware")),
+            generation=f.integer(d, "generation", optional=True) or 0,
+            deployment_id=f.text(d, "deployment_id", optional=True, max_len=64),
             last_error=None if error is None else ErrorInfo.from_dict(error),
-            agent_version=_str(d, "agent_version", optional=True, max_len=64) or "",
-            updated_at=_float(d, "updated_at", optional=True) or 0.0,
-            extra=_extra(
+            agent_version=f.text(d, "agent_version", optional=True, max_len=64) or "",
+            updated_at=f.number(d, "updated_at", optional=True) or 0.0,
+            extra=f.extra(
                 d,
                 {
-                    "device_id", "state", "active", "previous", "hardware", "generation",
-                    "deployment_id", "last_error", "agent_version", "updated_at",
+                    "device_id",
+                    "state",
+                    "active",
+                    "previous",
+                    "hardware",
+                    "generation",
+                    "deployment_id",
+                    "last_error",
+                    "agent_version",
+                    "updated_at",
                 },
             ),
         )
@@ -442,23 +369,30 @@ class Event(Message):
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Event:
-        model = _dict(d, "model", optional=True)
-        error = _dict(d, "error", optional=True)
+        model = f.obj(d, "model", optional=True)
+        error = f.obj(d, "error", optional=True)
         return cls(
-            device_id=_device_id(d),
-            kind=_enum(d, "kind", EventKind),
-            generation=_int(d, "generation", optional=True) or 0,
-            deployment_id=_str(d, "deployment_id", optional=True, max_len=64),
+            device_id=f.device_id(d),
+            kind=f.member(d, "kind", EventKind),
+            generation=f.integer(d, "generation", optional=True) or 0,
+            deployment_id=f.text(d, "deployment_id", optional=True, max_len=64),
             model=None if model is None else ModelRef.from_dict(model),
             error=None if error is None else ErrorInfo.from_dict(error),
-            bytes_done=_int(d, "bytes_done", optional=True),
-            bytes_total=_int(d, "bytes_total", optional=True),
-            at=_float(d, "at", optional=True) or 0.0,
-            extra=_extra(
+            bytes_done=f.integer(d, "bytes_done", optional=True),
+            bytes_total=f.integer(d, "bytes_total", optional=True),
+            at=f.number(d, "at", optional=True) or 0.0,
+            extra=f.extra(
                 d,
                 {
-                    "device_id", "kind", "generation", "deployment_id", "model", "error",
-                    "bytes_done", "bytes_total", "at",
+                    "device_id",
+                    "kind",
+                    "generation",
+                    "deployment_id",
+                    "model",
+                    "error",
+                    "bytes_done",
+                    "bytes_total",
+                    "at",
                 },
             ),
         )
@@ -503,30 +437,38 @@ class Telemetry(Message):
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Telemetry:
-        latency = _dict(d, "latency_ms", optional=True)
-        model = _dict(d, "model", optional=True)
-        rejected = _dict(d, "rejected", optional=True) or {}
+        latency = f.obj(d, "latency_ms", optional=True)
+        model = f.obj(d, "model", optional=True)
+        rejected = f.obj(d, "rejected", optional=True) or {}
         if len(rejected) > 64 or not all(
             isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and v >= 0
             for k, v in rejected.items()
         ):
             raise MessageError("field 'rejected' must map reasons to non-negative counts")
         return cls(
-            device_id=_device_id(d),
-            window_s=_float(d, "window_s"),
-            requests=_int(d, "requests"),
-            errors=_int(d, "errors"),
+            device_id=f.device_id(d),
+            window_s=f.number(d, "window_s"),
+            requests=f.integer(d, "requests"),
+            errors=f.integer(d, "errors"),
             latency_ms=None if latency is None else LatencySummary.from_dict(latency),
             model=None if model is None else ModelRef.from_dict(model),
-            rss_bytes=_int(d, "rss_bytes"),
-            cpu_percent=_float(d, "cpu_percent"),
+            rss_bytes=f.integer(d, "rss_bytes"),
+            cpu_percent=f.number(d, "cpu_percent"),
             rejected=rejected,
-            at=_float(d, "at", optional=True) or 0.0,
-            extra=_extra(
+            at=f.number(d, "at", optional=True) or 0.0,
+            extra=f.extra(
                 d,
                 {
-                    "device_id", "window_s", "requests", "errors", "latency_ms", "model",
-                    "rss_bytes", "cpu_percent", "rejected", "at",
+                    "device_id",
+                    "window_s",
+                    "requests",
+                    "errors",
+                    "latency_ms",
+                    "model",
+                    "rss_bytes",
+                    "cpu_percent",
+                    "rejected",
+                    "at",
                 },
             ),
         )
@@ -585,7 +527,7 @@ class FileRequest(Message):
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> FileRequest:
-        raw_ranges = _get(d, "ranges", list, optional=True) or []
+        raw_ranges = f.get(d, "ranges", list, optional=True) or []
         ranges: list[tuple[int, int]] = []
         if len(raw_ranges) > MAX_RANGES:
             raise MessageError(f"at most {MAX_RANGES} block ranges per request")
@@ -598,12 +540,12 @@ class FileRequest(Message):
                 raise MessageError("each range must be a [start, end) pair of integers")
             ranges.append((item[0], item[1]))
         return cls(
-            device_id=_device_id(d),
-            request_id=_str(d, "request_id", max_len=32),
-            path=_str(d, "path", max_len=512),
-            block_size=_int(d, "block_size", minimum=1),
+            device_id=f.device_id(d),
+            request_id=f.text(d, "request_id", max_len=32),
+            path=f.text(d, "path", max_len=512),
+            block_size=f.integer(d, "block_size", minimum=1),
             ranges=tuple(ranges),
-            extra=_extra(d, {"device_id", "request_id", "path", "block_size", "ranges"}),
+            extra=f.extra(d, {"device_id", "request_id", "path", "block_size", "ranges"}),
         )
 
     def block_indices(self, limit: int) -> list[int]:

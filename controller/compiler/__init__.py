@@ -1,0 +1,1 @@
+"""Model compiler: one source model becomes device-specific, accuracy-gated variants."""

@@ -10,12 +10,12 @@
     ├── TrustError               the TUF repository cannot be opened, signed or written
     │   └── KeyPermissionError   a private key file is readable by group or others
     ├── ModelError               a model file is corrupt, not ONNX, or cannot run
-    └── BrokerError              the MQTT broker cannot be reached or refused us
+    └── BrokerError              (re-exported from edgefleet.protocols.errors)
 """
 
 from __future__ import annotations
 
-from edgefleet.protocols.errors import EdgefleetError
+from edgefleet.protocols.errors import BrokerError, EdgefleetError
 
 __all__ = [
     "BrokerError",
@@ -55,7 +55,3 @@ class KeyPermissionError(TrustError):
 
 class ModelError(EdgefleetError):
     """A model file is corrupt, not a model, or fails to run."""
-
-
-class BrokerError(EdgefleetError):
-    """The MQTT broker cannot be reached, or refused the connection."""

@@ -13,6 +13,7 @@ so a caller can catch "anything edgefleet refused" in one place::
     ├── InstallError             (agent: a verified bundle could not go live)
     ├── RegistryError            (controller: the registry refused an operation)
     ├── TrustError               (controller: the TUF repository refused)
+    ├── BrokerError              (either side: the MQTT broker is unreachable or refused us)
     └── ConfigError              (either side: a configuration file is wrong)
 
 The subclasses of the agent and controller branches live next to the code that
@@ -22,6 +23,7 @@ raises them (``edgefleet.agent.errors``, ``edgefleet.controller.errors``).
 from __future__ import annotations
 
 __all__ = [
+    "BrokerError",
     "ConfigError",
     "EdgefleetError",
     "FrameError",
@@ -37,6 +39,10 @@ class EdgefleetError(Exception):
 
 class ConfigError(EdgefleetError):
     """A configuration file or value is missing or wrong."""
+
+
+class BrokerError(EdgefleetError):
+    """The MQTT broker cannot be reached, refused the connection, or dropped us."""
 
 
 class ProtocolError(EdgefleetError):

@@ -1,0 +1,135 @@
+"""Agent configuration, read from a TOML file.
+
+Example (``deploy/agent.example.toml`` has the full, commented version)::
+
+    device_id = "gw-0001"
+    state_dir = "/var/lib/edgefleet-agent"
+    trust_root = "root.json"          # TUF root given at enrollment
+    telemetry_interval_s = 10
+
+    [broker]
+    host = "mqtt.example.net"
+    port = 8883
+    tls = true
+    ca_file = "ca.pem"
+
+    [http]
+    port = 8470
+
+Relative paths are resolved against the directory of the config file, so an
+enrollment bundle (config + root.json + certificates) can be copied anywhere.
+Unknown keys are refused: a typo must not silently fall back to a default.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from edgefleet.agent.fetcher import TransferSettings
+from edgefleet.agent.link import BrokerSettings
+from edgefleet.protocols.errors import ConfigError, TopicError
+from edgefleet.protocols.topics import validate_device_id
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on 3.10 only
+    import tomli as tomllib
+
+__all__ = ["AgentConfig", "HttpSettings", "load_agent_config"]
+
+
+@dataclass(frozen=True)
+class HttpSettings:
+    """The local inference endpoint. Loopback only unless ``allow_remote``."""
+
+    host: str = "127.0.0.1"
+    port: int = 8470
+    allow_remote: bool = False
+    max_body_bytes: int = 8 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    """Everything the agent daemon needs. Units are in the field names."""
+
+    device_id: str
+    state_dir: Path
+    trust_root: Path | None = None
+    hardware_class: str | None = None
+    telemetry_interval_s: float = 10.0
+    retry_backoff_s: float = 5.0
+    retry_backoff_max_s: float = 300.0
+    runtime_threads: int = 1
+    broker: BrokerSettings = field(default_factory=BrokerSettings)
+    http: HttpSettings = field(default_factory=HttpSettings)
+    transfer: TransferSettings = field(default_factory=TransferSettings)
+
+    def __post_init__(self) -> None:
+        try:
+            validate_device_id(self.device_id)
+        except TopicError as exc:
+            raise ConfigError(str(exc)) from None
+        if self.telemetry_interval_s <= 0:
+            raise ConfigError("telemetry_interval_s must be positive")
+        if not (0 <= self.http.port < 65536):
+            raise ConfigError(f"http port must be 0-65535, got {self.http.port}")
+
+    def with_overrides(self, **changes: Any) -> AgentConfig:
+        return replace(self, **changes)
+
+
+def _table(raw: dict[str, Any], key: str, kind: type[Any], base: Path) -> Any:
+    value = raw.pop(key, {})
+    if not isinstance(value, dict):
+        raise ConfigError(f"[{key}] must be a table")
+    known = set(kind.__dataclass_fields__)
+    unknown = set(value) - known
+    if unknown:
+        raise ConfigError(f"unknown [{key}] setting(s): {', '.join(sorted(unknown))}")
+    for path_key in ("ca_file", "cert_file", "key_file"):
+        if isinstance(value.get(path_key), str):
+            value[path_key] = str(base / value[path_key])
+    try:
+        return kind(**value)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"invalid [{key}] settings: {exc}") from None
+
+
+def load_agent_config(path: Path | str) -> AgentConfig:
+    """Read and validate an agent config file.
+
+    Raises:
+        ConfigError: the file is missing, not TOML, or has unknown or invalid
+            settings. The message names the file and the setting.
+    """
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"cannot read agent config {path}: {exc.strerror or exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"agent config {path} is not valid TOML: {exc}") from None
+    base = path.resolve().parent
+    try:
+        broker = _table(raw, "broker", BrokerSettings, base)
+        http = _table(raw, "http", HttpSettings, base)
+        transfer = _table(raw, "transfer", TransferSettings, base)
+        known = set(AgentConfig.__dataclass_fields__) - {"broker", "http", "transfer"}
+        unknown = set(raw) - known
+        if unknown:
+            raise ConfigError(f"unknown setting(s): {', '.join(sorted(unknown))}")
+        if "device_id" not in raw or "state_dir" not in raw:
+            raise ConfigError("device_id and state_dir are required")
+        for key in ("state_dir", "trust_root"):
+            if key in raw:
+                if not isinstance(raw[key], str):
+                    raise ConfigError(f"{key} must be a path string")
+                raw[key] = base / raw[key]
+        return AgentConfig(broker=broker, http=http, transfer=transfer, **raw)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    except TypeError as exc:
+        raise ConfigError(f"{path}: invalid setting: {exc}") from None

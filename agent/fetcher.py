@@ -1,0 +1,393 @@
+"""TUF's fetcher, over MQTT block transfers, resumable across restarts.
+
+``tuf.ngclient.Updater`` does all verification; it only needs bytes for a URL
+through :class:`tuf.ngclient.FetcherInterface`. :class:`MqttFetcher` supplies
+them by asking the controller for blocks (``FileRequest`` on
+``devices/{id}/files/request``) and collecting the binary frames it answers
+with on ``devices/{id}/files/blocks``.
+
+URLs have the form ``mqtt://repository/<path>`` where ``<path>`` is relative
+to the controller's TUF repository (``metadata/timestamp.json``,
+``targets/<sha256>.<name>``).
+
+Resuming: target files are content-addressed (consistent snapshots put the
+hash in the name), so blocks of a target received before a dropped link or
+an agent restart stay valid. :class:`PartialStore` keeps them on disk - a
+sparse data file plus an append-only log of completed block indices - and the
+next request names only the blocks still missing. Metadata files are small
+and mutable (``timestamp.json``), so they are always fetched whole, in memory.
+
+Length: before a target download the installer calls
+:meth:`MqttFetcher.expect_length` with the length TUF signed. A frame that
+claims a larger file is refused before any byte is stored, and
+``FetcherInterface.download_file`` enforces the same bound on what we yield.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import queue
+import secrets
+import shutil
+import struct
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from tuf.api.exceptions import DownloadHTTPError
+from tuf.ngclient import FetcherInterface
+
+from edgefleet.agent.errors import (
+    OversizedTransferError,
+    TransferError,
+    TransferTimeoutError,
+)
+from edgefleet.agent.link import MqttLink
+from edgefleet.protocols.errors import FrameError
+from edgefleet.protocols.framing import (
+    DEFAULT_BLOCK_SIZE,
+    BlockFrame,
+    FrameKind,
+    block_count,
+    block_length,
+    coalesce,
+)
+from edgefleet.protocols.messages import FileRequest
+from edgefleet.protocols.topics import Channel, DeviceTopic
+
+__all__ = ["URL_PREFIX", "MqttFetcher", "PartialFile", "PartialStore", "TransferSettings"]
+
+log = logging.getLogger(__name__)
+
+URL_PREFIX = "mqtt://repository/"
+_INDEX = struct.Struct(">I")
+_READ_CHUNK = 256 * 1024
+
+
+@dataclass(frozen=True)
+class TransferSettings:
+    """How the agent pulls files. Units are in the field names."""
+
+    block_size_bytes: int = DEFAULT_BLOCK_SIZE
+    window_blocks: int = 16
+    request_timeout_s: float = 10.0
+    max_attempts: int = 5
+    metadata_max_bytes: int = 5_000_000
+
+
+class PartialFile:
+    """A target being downloaded: a sparse data file and a log of finished blocks.
+
+    The log is append-only (4-byte block indices) and written after the block
+    data, so a crash can at worst lose the last block or two; a torn trailing
+    record is ignored. A block logged whose data never reached the disk would
+    fail TUF's hash check, after which the installer discards the partial
+    file - a wasted download, never a wrong install.
+    """
+
+    def __init__(self, directory: Path, block_size: int) -> None:
+        self.directory = directory
+        directory.mkdir(parents=True, exist_ok=True)
+        self.data_path = directory / "data"
+        self._log_path = directory / "blocks"
+        self._meta_path = directory / "meta"
+        self.block_size = block_size
+        self.total_size: int | None = None
+        self.have: set[int] = set()
+        self._load()
+
+    def _load(self) -> None:
+        try:
+            block_size_s, total_s = self._meta_path.read_text().split()
+            if int(block_size_s) != self.block_size:
+                raise ValueError("block size changed")
+            self.total_size = int(total_s)
+            raw = self._log_path.read_bytes()
+        except (OSError, ValueError):
+            self._reset()
+            return
+        usable = len(raw) - len(raw) % _INDEX.size
+        count = block_count(self.total_size, self.block_size)
+        self.have = {
+            i for (i,) in _INDEX.iter_unpack(raw[:usable]) if i < count
+        }
+
+    def _reset(self) -> None:
+        for p in (self.data_path, self._log_path, self._meta_path):
+            p.unlink(missing_ok=True)
+        self.total_size = None
+        self.have = set()
+
+    def set_total(self, total_size: int) -> None:
+        if self.total_size == total_size:
+            return
+        self._reset()
+        self.total_size = total_size
+        with open(self.data_path, "wb") as f:
+            f.truncate(total_size)
+        tmp = self._meta_path.with_suffix(".tmp")
+        tmp.write_text(f"{self.block_size} {total_size}")
+        os.replace(tmp, self._meta_path)
+
+    def write_block(self, index: int, payload: bytes) -> None:
+        if index in self.have:
+            return
+        fd = os.open(self.data_path, os.O_WRONLY)
+        try:
+            os.pwrite(fd, payload, index * self.block_size)
+        finally:
+            os.close(fd)
+        with open(self._log_path, "ab") as log_file:
+            log_file.write(_INDEX.pack(index))
+        self.have.add(index)
+
+    def missing(self) -> list[int]:
+        if self.total_size is None:
+            return [0]
+        return [i for i in range(block_count(self.total_size, self.block_size)) if i not in self.have]
+
+    @property
+    def complete(self) -> bool:
+        return self.total_size is not None and not self.missing()
+
+    def chunks(self) -> Iterator[bytes]:
+        with open(self.data_path, "rb") as f:
+            while chunk := f.read(_READ_CHUNK):
+                yield chunk
+
+
+class _MemoryFile:
+    """Same surface as :class:`PartialFile`, for small mutable metadata files."""
+
+    def __init__(self, block_size: int) -> None:
+        self.block_size = block_size
+        self.total_size: int | None = None
+        self.blocks: dict[int, bytes] = {}
+
+    @property
+    def have(self) -> set[int]:
+        return set(self.blocks)
+
+    def set_total(self, total_size: int) -> None:
+        if self.total_size != total_size:
+            self.total_size = total_size
+            self.blocks.clear()
+
+    def write_block(self, index: int, payload: bytes) -> None:
+        self.blocks[index] = payload
+
+    def missing(self) -> list[int]:
+        if self.total_size is None:
+            return [0]
+        return [i for i in range(block_count(self.total_size, self.block_size)) if i not in self.blocks]
+
+    @property
+    def complete(self) -> bool:
+        return self.total_size is not None and not self.missing()
+
+    def chunks(self) -> Iterator[bytes]:
+        for i in sorted(self.blocks):
+            yield self.blocks[i]
+
+
+class PartialStore:
+    """Partial target downloads under ``<state>/partial/``, keyed by repository path."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+
+    def _dir(self, path: str) -> Path:
+        return self.directory / hashlib.sha256(path.encode()).hexdigest()[:32]
+
+    def open(self, path: str, block_size: int) -> PartialFile:
+        return PartialFile(self._dir(path), block_size)
+
+    def blocks_present(self, path: str, block_size: int) -> int:
+        d = self._dir(path)
+        return len(PartialFile(d, block_size).have) if d.exists() else 0
+
+    def discard(self, path: str) -> None:
+        shutil.rmtree(self._dir(path), ignore_errors=True)
+
+    def discard_all(self) -> None:
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+Progress = Callable[[str, int, int], None]
+"""``progress(path, bytes_done, bytes_total)``."""
+
+
+class MqttFetcher(FetcherInterface):
+    """Fetch repository files as block transfers over an :class:`MqttLink`.
+
+    The agent subscribes :meth:`on_frame` to its ``files/blocks`` topic. One
+    transfer runs at a time (the agent installs one bundle at a time), so
+    frames are matched to it by request id; frames for an older request are
+    dropped.
+    """
+
+    def __init__(
+        self,
+        link: MqttLink,
+        device_id: str,
+        store: PartialStore,
+        settings: TransferSettings = TransferSettings(),
+        *,
+        on_progress: Progress | None = None,
+        on_reject: Callable[[str], None] | None = None,
+    ) -> None:
+        self._link = link
+        self._device_id = device_id
+        self._store = store
+        self.settings = settings
+        self._on_progress = on_progress
+        self._on_reject = on_reject
+        self._frames: queue.Queue[BlockFrame] = queue.Queue()
+        self._active_request: str | None = None
+        self._expected: dict[str, int] = {}
+        self._lock = threading.Lock()
+        self._cancel = threading.Event()
+        self.requests_sent = 0
+        self.blocks_received = 0
+
+    @property
+    def request_topic(self) -> str:
+        return str(DeviceTopic(self._device_id, Channel.FILE_REQUEST))
+
+    @property
+    def frame_topic(self) -> str:
+        return str(DeviceTopic(self._device_id, Channel.FILE_BLOCKS))
+
+    def expect_length(self, path: str, length: int) -> None:
+        """Record the length TUF promises for ``path``; larger files are refused."""
+        self._expected[path] = length
+
+    def cancel(self) -> None:
+        """Abort the running transfer (agent shutdown)."""
+        self._cancel.set()
+
+    # ------------------------------------------------------------------ frames in
+    def on_frame(self, _topic: str, payload: bytes, _retained: bool) -> None:
+        """Link handler for ``files/blocks``: decode, match, enqueue. Never raises."""
+        try:
+            frame = BlockFrame.decode(payload)
+        except FrameError as exc:
+            log.warning("dropped malformed block frame: %s", exc)
+            if self._on_reject is not None:
+                self._on_reject("malformed_frame")
+            return
+        with self._lock:
+            active = self._active_request
+        if frame.request_id != active:
+            log.debug("dropped stale frame for request %s", frame.request_id)
+            return
+        self._frames.put(frame)
+
+    # ------------------------------------------------------------------ FetcherInterface
+    def _fetch(self, url: str) -> Iterator[bytes]:
+        if not url.startswith(URL_PREFIX):
+            raise TransferError(f"cannot fetch {url!r}: not an edgefleet repository URL")
+        path = url[len(URL_PREFIX) :]
+        bs = self.settings.block_size_bytes
+        resumable = path.startswith("targets/")
+        part: PartialFile | _MemoryFile = (
+            self._store.open(path, bs) if resumable else _MemoryFile(bs)
+        )
+        limit = self._expected.get(path, self.settings.metadata_max_bytes)
+        if part.total_size is not None and part.total_size > limit:
+            if resumable:
+                self._store.discard(path)
+            part = self._store.open(path, bs) if resumable else _MemoryFile(bs)
+        self._transfer(path, part, limit)
+        return part.chunks()
+
+    def _transfer(self, path: str, part: PartialFile | _MemoryFile, limit: int) -> None:
+        s = self.settings
+        request_id = secrets.token_hex(16)
+        with self._lock:
+            self._active_request = request_id
+        self._drain()
+        attempts = 0
+        try:
+            while not part.complete:
+                if self._cancel.is_set():
+                    raise TransferError("transfer cancelled: agent is stopping")
+                # Before the size is known, ask for a whole first window; the
+                # controller answers only the blocks that exist.
+                if part.total_size is None:
+                    wanted = list(range(s.window_blocks))
+                else:
+                    wanted = part.missing()[: s.window_blocks]
+                request = FileRequest(
+                    device_id=self._device_id,
+                    request_id=request_id,
+                    path=path,
+                    block_size=s.block_size_bytes,
+                    ranges=tuple(coalesce(wanted)),
+                )
+                self._link.publish(self.request_topic, request.encode(), qos=1)
+                self.requests_sent += 1
+                progressed = self._receive(path, part, set(wanted), limit)
+                if progressed:
+                    attempts = 0
+                    continue
+                attempts += 1
+                if attempts >= s.max_attempts:
+                    raise TransferTimeoutError(
+                        f"no data for {path} after {attempts} requests of "
+                        f"{s.request_timeout_s:g}s each; the controller may be down"
+                    )
+                log.info("transfer of %s stalled; retrying (%d/%d)", path, attempts, s.max_attempts)
+        finally:
+            with self._lock:
+                self._active_request = None
+
+    def _receive(
+        self, path: str, part: PartialFile | _MemoryFile, wanted: set[int], limit: int
+    ) -> bool:
+        """Collect frames for one window. Returns whether any new block arrived."""
+        progressed = False
+        deadline = time.monotonic() + self.settings.request_timeout_s
+        while wanted:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or self._cancel.is_set():
+                break
+            try:
+                frame = self._frames.get(timeout=min(remaining, 0.5))
+            except queue.Empty:
+                continue
+            if frame.kind is FrameKind.ERROR:
+                if frame.status == 404:
+                    raise DownloadHTTPError(f"{path}: {frame.message}", 404)
+                raise TransferError(f"controller refused {path}: {frame.status} {frame.message}")
+            if frame.total_size > limit:
+                raise OversizedTransferError(
+                    f"{path} is {frame.total_size} bytes but at most {limit} were promised"
+                )
+            if frame.block_size != part.block_size:
+                continue
+            if part.total_size != frame.total_size:
+                # First frame of a fresh transfer, or the file changed under
+                # us (mutable metadata): start over at the new size.
+                part.set_total(frame.total_size)
+                wanted = {i for i in wanted if block_length(i, frame.total_size, part.block_size)}
+            part.write_block(frame.index, frame.payload)
+            self.blocks_received += 1
+            progressed = True
+            wanted.discard(frame.index)
+            deadline = time.monotonic() + self.settings.request_timeout_s
+            if self._on_progress is not None and part.total_size:
+                done = sum(block_length(i, part.total_size, part.block_size) for i in part.have)
+                self._on_progress(path, done, part.total_size)
+        return progressed
+
+    def _drain(self) -> None:
+        while True:
+            try:
+                self._frames.get_nowait()
+            except queue.Empty:
+                return

@@ -1,0 +1,267 @@
+"""The one adapter around paho-mqtt, used by the agent and reused by the controller.
+
+paho runs its network loop in a thread of its own and calls back from there.
+This module is the only place that knows: callbacks are turned into calls to
+handlers registered per topic filter, paho's return codes become
+:class:`BrokerError`, and subscriptions are remembered and renewed on every
+reconnect (a clean session forgets them, and we do not rely on persistent
+sessions - see the design notes on MQTT 3.1.1).
+
+Handlers run on paho's network thread, so they must be quick: decode, check,
+enqueue. Anything slow (a database write, an install) blocks every other
+message, including the transfer blocks an install is waiting for.
+
+Only MQTT 3.1.1 features are used: QoS 0/1, retained messages, a Last Will.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+
+from edgefleet.protocols.errors import BrokerError, ConfigError
+
+__all__ = ["BrokerSettings", "Handler", "MqttLink", "Will"]
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[str, bytes, bool], None]
+"""``handler(topic, payload, retained)``, called on paho's network thread."""
+
+
+@dataclass(frozen=True)
+class BrokerSettings:
+    """Where and how to reach the broker. Units are in the field names."""
+
+    host: str = "127.0.0.1"
+    port: int = 1883
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    tls: bool = False
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    keepalive_s: int = 30
+    connect_timeout_s: float = 10.0
+    reconnect_min_delay_s: int = 1
+    reconnect_max_delay_s: int = 30
+
+    def __post_init__(self) -> None:
+        if not (0 < self.port < 65536):
+            raise ConfigError(f"broker port must be 1-65535, got {self.port}")
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ConfigError("broker cert_file and key_file must be given together")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> BrokerSettings:
+        """Build from a ``[broker]`` config table, refusing unknown keys."""
+        known = set(cls.__dataclass_fields__)
+        unknown = set(d) - known
+        if unknown:
+            raise ConfigError(f"unknown broker setting(s): {', '.join(sorted(unknown))}")
+        try:
+            return cls(**d)
+        except TypeError as exc:
+            raise ConfigError(f"invalid broker settings: {exc}") from None
+
+
+@dataclass(frozen=True)
+class Will:
+    """The Last Will the broker publishes when the link dies without a goodbye."""
+
+    topic: str
+    payload: bytes
+    qos: int = 1
+    retain: bool = True
+
+
+class MqttLink:
+    """A connected (and reconnecting) MQTT 3.1.1 client with per-filter handlers.
+
+    Args:
+        settings: broker address, credentials and TLS files.
+        client_id: MQTT client id; brokers disconnect an older session with
+            the same id, so it must be unique per process role.
+        will: optional Last Will.
+        on_connect: called (on paho's thread) after every successful
+            connect, after subscriptions are renewed - publish "online" and
+            retained state here.
+    """
+
+    def __init__(
+        self,
+        settings: BrokerSettings,
+        client_id: str,
+        *,
+        will: Will | None = None,
+        on_connect: Callable[[], None] | None = None,
+        max_inflight: int = 64,
+    ) -> None:
+        self.settings = settings
+        self.client_id = client_id
+        self._on_connect_hook = on_connect
+        self._handlers: dict[str, tuple[int, Handler]] = {}
+        self._lock = threading.Lock()
+        self._connected = threading.Event()
+        self._refused: str | None = None
+        self._stopped = False
+        client = mqtt.Client(
+            callback_api_version=CallbackAPIVersion.VERSION2,
+            client_id=client_id,
+            protocol=mqtt.MQTTv311,
+            clean_session=True,
+        )
+        client.max_inflight_messages_set(max_inflight)
+        client.reconnect_delay_set(settings.reconnect_min_delay_s, settings.reconnect_max_delay_s)
+        if settings.username is not None:
+            client.username_pw_set(settings.username, settings.password)
+        if settings.tls:
+            try:
+                client.tls_set(
+                    ca_certs=settings.ca_file,
+                    certfile=settings.cert_file,
+                    keyfile=settings.key_file,
+                    cert_reqs=ssl.CERT_REQUIRED,
+                    tls_version=ssl.PROTOCOL_TLS_CLIENT,
+                )
+            except (OSError, ssl.SSLError, ValueError) as exc:
+                raise ConfigError(f"cannot load TLS files for the broker: {exc}") from exc
+        if will is not None:
+            client.will_set(will.topic, will.payload, qos=will.qos, retain=will.retain)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        self._client = client
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self, *, wait: bool = True) -> None:
+        """Connect in the background; with ``wait``, block until connected.
+
+        Raises:
+            BrokerError: ``wait`` is set and the broker refused us or did not
+                answer within ``connect_timeout_s``.
+        """
+        s = self.settings
+        try:
+            self._client.connect_async(s.host, s.port, keepalive=s.keepalive_s)
+        except (OSError, ValueError) as exc:
+            raise BrokerError(f"cannot connect to broker {s.host}:{s.port}: {exc}") from exc
+        self._client.loop_start()
+        if wait and not self.wait_connected(s.connect_timeout_s):
+            reason = self._refused or "no answer"
+            self.stop()
+            raise BrokerError(
+                f"could not connect to MQTT broker {s.host}:{s.port} within "
+                f"{s.connect_timeout_s:g}s ({reason})"
+            )
+
+    def wait_connected(self, timeout_s: float) -> bool:
+        return self._connected.wait(timeout_s)
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    def stop(self, *, clean: bool = True) -> None:
+        """Disconnect and stop the network thread.
+
+        With ``clean=False`` the socket is dropped without a DISCONNECT, so
+        the broker publishes the Last Will - what a crash or a pulled cable
+        looks like. Tests use it to prove the controller sees devices go
+        offline.
+        """
+        self._stopped = True
+        if clean:
+            self._client.disconnect()
+        else:
+            sock = self._client.socket()
+            if sock is not None:
+                try:
+                    sock.close()
+                except OSError:  # pragma: no cover - already closed
+                    pass
+        self._client.loop_stop()
+        self._connected.clear()
+
+    # ------------------------------------------------------------------ pub/sub
+    def subscribe(self, topic_filter: str, handler: Handler, qos: int = 1) -> None:
+        """Route messages matching ``topic_filter`` to ``handler``, now and after reconnects."""
+        with self._lock:
+            self._handlers[topic_filter] = (qos, handler)
+        if self.connected:
+            self._client.subscribe(topic_filter, qos)
+
+    def publish(
+        self,
+        topic: str,
+        payload: bytes,
+        *,
+        qos: int = 0,
+        retain: bool = False,
+        wait_s: float | None = None,
+    ) -> bool:
+        """Queue a message; with ``wait_s``, wait until the broker acknowledged it.
+
+        Returns:
+            True once queued (or acknowledged, with ``wait_s``); False when the
+            message was not acknowledged in time. A QoS 1 message queued while
+            offline is sent after the next reconnect by paho.
+
+        Raises:
+            BrokerError: paho refused the message outright (e.g. too large).
+        """
+        info = self._client.publish(topic, payload, qos=qos, retain=retain)
+        if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
+            raise BrokerError(f"publish to {topic} failed: {mqtt.error_string(info.rc)}")
+        if wait_s is None:
+            return True
+        try:
+            info.wait_for_publish(wait_s)
+        except (RuntimeError, ValueError):
+            return False
+        return info.is_published()
+
+    # ------------------------------------------------------------------ paho callbacks
+    def _on_connect(
+        self, client: mqtt.Client, _userdata: Any, _flags: Any, reason: Any, _props: Any
+    ) -> None:
+        if reason.is_failure:
+            self._refused = str(reason)
+            log.warning("broker refused connection: %s", reason)
+            return
+        with self._lock:
+            subs = [(f, q) for f, (q, _h) in self._handlers.items()]
+        if subs:
+            client.subscribe(subs)
+        self._connected.set()
+        log.info("connected to %s:%s as %s", self.settings.host, self.settings.port, self.client_id)
+        if self._on_connect_hook is not None:
+            try:
+                self._on_connect_hook()
+            except Exception:  # a hook bug must not kill paho's thread
+                log.exception("on_connect hook failed")
+
+    def _on_disconnect(
+        self, _client: mqtt.Client, _userdata: Any, _flags: Any, reason: Any, _props: Any
+    ) -> None:
+        self._connected.clear()
+        if not self._stopped:
+            log.warning("lost broker connection (%s); paho will reconnect", reason)
+
+    def _on_message(self, _client: mqtt.Client, _userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        with self._lock:
+            handlers = [
+                h for f, (_q, h) in self._handlers.items() if mqtt.topic_matches_sub(f, msg.topic)
+            ]
+        for handler in handlers:
+            try:
+                handler(msg.topic, msg.payload, bool(msg.retain))
+            except Exception:  # a handler bug must not kill paho's network thread
+                log.exception("handler for %s failed", msg.topic)

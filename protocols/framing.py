@@ -171,7 +171,7 @@ class BlockFrame:
         if self.total_size > MAX_FILE_SIZE:
             raise FrameError(f"file size {self.total_size} exceeds {MAX_FILE_SIZE}")
         expected = block_length(self.index, self.total_size, self.block_size)
-        if self.total_size and expected == 0:
+        if (self.total_size and expected == 0) or (self.total_size == 0 and self.index != 0):
             raise FrameError(f"block {self.index} lies beyond a file of {self.total_size} bytes")
         if len(self.payload) != expected:
             raise FrameError(

@@ -1,0 +1,50 @@
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from edgefleet.protocols.bundle import BundleManifest, TargetCustom, TensorSpec
+from edgefleet.protocols.errors import MessageError
+
+SPEC_IN = (TensorSpec("x", "float32", (None, 16)),)
+SPEC_OUT = (TensorSpec("y", "float32", (None, 4)),)
+MANIFEST = BundleManifest("m", "1.0", 2, "onnxruntime", "int8", "x86-vnni", "model.onnx",
+                          "a" * 64, SPEC_IN, SPEC_OUT, 1e-3, 1e-2, 5.0)
+
+
+def test_manifest_round_trip() -> None:
+    assert BundleManifest.decode(MANIFEST.encode()) == MANIFEST
+
+
+def test_target_custom_round_trip() -> None:
+    custom = TargetCustom("m", "1.0", 2, "onnxruntime", "fp32", "generic", SPEC_IN, SPEC_OUT)
+    assert TargetCustom.from_dict(json.loads(json.dumps(custom.to_dict()))) == custom
+
+
+@pytest.mark.parametrize(
+    ("changes", "fragment"),
+    [
+        ({"format": 99}, "unsupported bundle format"),
+        ({"runtime": "pytorch"}, "runtime"),
+        ({"model_file": "../../evil"}, "model_file"),
+        ({"model_sha256": "XYZ"}, "model_sha256"),
+        ({"precision": "int3"}, "precision"),
+        ({"inputs": []}, "inputs"),
+        ({"inputs": [{"name": "x", "dtype": "float32", "shape": [-1]}]}, "shape"),
+    ],
+)
+def test_manifest_refuses_bad_fields(changes: dict[str, Any], fragment: str) -> None:
+    body = json.loads(MANIFEST.encode()) | changes
+    with pytest.raises(MessageError, match=fragment):
+        BundleManifest.decode(json.dumps(body).encode())
+
+
+def test_target_custom_requires_io() -> None:
+    with pytest.raises(MessageError, match="io"):
+        TargetCustom.from_dict({"model": "m", "version": "1", "release": 1,
+                                "runtime": "onnxruntime", "precision": "fp32",
+                                "hardware_class": "generic"})
+    with pytest.raises(MessageError, match="custom"):
+        TargetCustom.from_dict(None)

@@ -266,6 +266,11 @@ class MqttFetcher(FetcherInterface):
         """Record the length TUF promises for ``path``; larger files are refused."""
         self._expected[path] = length
 
+    def discard(self, path: str) -> None:
+        """Forget a partial download (after success, or when its bytes proved bad)."""
+        self._store.discard(path)
+        self._expected.pop(path, None)
+
     def cancel(self) -> None:
         """Abort the running transfer (agent shutdown)."""
         self._cancel.set()

@@ -86,6 +86,10 @@ def _specs(d: Mapping[str, Any], key: str) -> tuple[TensorSpec, ...]:
     return tuple(TensorSpec.from_dict(x) for x in raw)
 
 
+def _default(value: float | None, default: float) -> float:
+    return default if value is None else value
+
+
 def _choice(d: Mapping[str, Any], key: str, allowed: tuple[str, ...]) -> str:
     value: str = f.text(d, key, max_len=32)
     if value not in allowed:
@@ -227,8 +231,8 @@ class BundleManifest:
             model_sha256=sha,
             inputs=_specs(d, "inputs"),
             outputs=_specs(d, "outputs"),
-            smoke_atol=f.number(smoke, "atol", optional=True) or 1e-4,
-            smoke_rtol=f.number(smoke, "rtol", optional=True) or 1e-3,
+            smoke_atol=_default(f.number(smoke, "atol", optional=True), 1e-4),
+            smoke_rtol=_default(f.number(smoke, "rtol", optional=True), 1e-3),
             created_at=f.number(d, "created_at", optional=True) or 0.0,
             format=fmt,
             extra=f.extra(

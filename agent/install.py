@@ -1,0 +1,330 @@
+"""The install pipeline: verify through TUF, unpack, load, smoke-test, switch, report.
+
+Order matters, and each step can only make things safer:
+
+1. **Verify.** A fresh ``tuf.ngclient.Updater`` refreshes root -> timestamp ->
+   snapshot -> targets over MQTT and looks the desired target up. Its signed
+   ``custom`` field must name the model, version and release the controller
+   asked for, a hardware class this device is (or ``generic``), a runtime it
+   has, and a release no older than the newest this device ever ran.
+   Only then is the bundle downloaded, and TUF checks its length and hashes.
+2. **Unpack** into a new staging slot (never over a live one).
+3. **Load** the model with the bundle's runtime.
+4. **Smoke test** the sample input carried in the bundle.
+5. **Switch** ``current.json`` atomically (the previous slot is kept, so a
+   rollback needs no download), then hand the loaded model to the server.
+
+Any exception before step 5 leaves the previous model serving. TUF's
+exceptions are translated to :mod:`edgefleet.agent.errors`, one per attack,
+so the controller sees *why* an update was refused.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from tuf.api import exceptions as tuf_errors
+from tuf.ngclient import Updater, UpdaterConfig
+
+from edgefleet.agent.errors import (
+    AgentError,
+    BundleFormatError,
+    ExpiredMetadataError,
+    MetadataRollbackError,
+    OversizedTransferError,
+    ReleaseRollbackError,
+    TamperedBundleError,
+    TransferError,
+    UnknownTargetError,
+    UnsupportedRuntimeError,
+    UntrustedMetadataError,
+    VerificationError,
+    WrongHardwareError,
+)
+from edgefleet.agent.fetcher import URL_PREFIX, MqttFetcher
+from edgefleet.agent.runtime import LoadedModel, get_backend
+from edgefleet.agent.serving import ModelHolder
+from edgefleet.agent.slots import SlotRecord, SlotStore
+from edgefleet.agent.unpack import smoke_test, unpack_bundle
+from edgefleet.protocols.bundle import BundleManifest, TargetCustom
+from edgefleet.protocols.errors import ConfigError, MessageError
+from edgefleet.protocols.messages import HardwareInfo, ModelRef
+
+__all__ = ["InstallOutcome", "Installer", "translate_tuf_error"]
+
+log = logging.getLogger(__name__)
+
+GENERIC_CLASS = "generic"
+
+
+@dataclass(frozen=True)
+class InstallOutcome:
+    """What an install did: the slot now active and whether it was downloaded."""
+
+    record: SlotRecord
+    downloaded: bool
+
+
+def translate_tuf_error(exc: BaseException, *, target: bool) -> AgentError:
+    """Map python-tuf's exceptions to ours, one error per attack.
+
+    ``target`` says whether the failure happened while downloading the
+    bundle itself (a hash mismatch there is a tampered bundle) or metadata
+    (a hash mismatch there is mix-and-match or tampered metadata).
+    """
+    cause: BaseException | None = exc
+    while cause is not None:  # our own errors surface through DownloadError.__cause__
+        if isinstance(cause, AgentError):
+            return cause
+        cause = cause.__cause__
+    if isinstance(exc, tuf_errors.ExpiredMetadataError):
+        return ExpiredMetadataError(f"repository metadata has expired: {exc}")
+    if isinstance(exc, tuf_errors.BadVersionNumberError):
+        return MetadataRollbackError(f"repository metadata went backwards: {exc}")
+    if isinstance(exc, tuf_errors.LengthOrHashMismatchError):
+        if target:
+            return TamperedBundleError(f"bundle does not match its signed hash/length: {exc}")
+        return UntrustedMetadataError(f"metadata does not match what was signed: {exc}")
+    if isinstance(exc, tuf_errors.DownloadLengthMismatchError):
+        return OversizedTransferError(f"more data than TUF promised: {exc}")
+    if isinstance(exc, tuf_errors.RepositoryError):
+        return UntrustedMetadataError(f"repository metadata refused: {exc}")
+    if isinstance(exc, tuf_errors.DownloadError):
+        return TransferError(f"download failed: {exc}")
+    return AgentError(f"{type(exc).__name__}: {exc}")
+
+
+Notify = Callable[[str, ModelRef], None]
+"""``notify(stage, model)`` with stage in ``verified``, ``downloading``."""
+
+
+class Installer:
+    """Runs the install pipeline for one device's state directory."""
+
+    def __init__(
+        self,
+        state_dir: Path,
+        fetcher: MqttFetcher,
+        slots: SlotStore,
+        holder: ModelHolder,
+        hardware: HardwareInfo,
+        *,
+        runtime_threads: int = 1,
+        notify: Notify | None = None,
+    ) -> None:
+        self.state_dir = state_dir
+        self.metadata_dir = state_dir / "tuf" / "metadata"
+        self.download_dir = state_dir / "downloads"
+        self._releases_path = state_dir / "releases.json"
+        self.fetcher = fetcher
+        self.slots = slots
+        self.holder = holder
+        self.hardware = hardware
+        self.runtime_threads = runtime_threads
+        self._notify = notify or (lambda _stage, _model: None)
+
+    # ------------------------------------------------------------------ trust bootstrap
+    def bootstrap_trust(self, trust_root: Path | None) -> None:
+        """Install the enrollment root once; afterwards TUF's own chain of trust rules.
+
+        Raises:
+            ConfigError: there is no trusted root yet and none was configured.
+        """
+        self.metadata_dir.mkdir(parents=True, exist_ok=True)
+        if (self.metadata_dir / "root.json").exists():
+            return
+        if trust_root is None:
+            raise ConfigError(
+                "no trusted TUF root: set trust_root to the root.json from enrollment"
+            )
+        try:
+            data = trust_root.read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"cannot read trust_root {trust_root}: {exc.strerror}") from None
+        tmp = self.metadata_dir / "root.json.tmp"
+        tmp.write_bytes(data)
+        os.replace(tmp, self.metadata_dir / "root.json")
+
+    def _updater(self) -> Updater:
+        return Updater(
+            metadata_dir=str(self.metadata_dir),
+            metadata_base_url=URL_PREFIX + "metadata/",
+            target_base_url=URL_PREFIX + "targets/",
+            target_dir=str(self.download_dir),
+            fetcher=self.fetcher,
+            config=UpdaterConfig(),
+            bootstrap=None,
+        )
+
+    # ------------------------------------------------------------------ startup
+    def restore(self) -> ModelRef | None:
+        """Load the active slot's model at startup; fall back to the previous slot.
+
+        Returns the model now serving, or None.
+        """
+        for record in (self.slots.active(), self.slots.previous()):
+            if record is None:
+                continue
+            try:
+                manifest = self._read_manifest(record.path)
+                model = self._load(record.path, manifest)
+            except AgentError as exc:
+                log.error("cannot load installed slot %s: %s", record.slot, exc)
+                continue
+            self.holder.swap(model, record.model)
+            if record is not self.slots.active():
+                self.slots.activate(record)
+            return record.model
+        return None
+
+    # ------------------------------------------------------------------ install
+    def install(self, want: ModelRef) -> InstallOutcome:
+        """Verify, fetch, unpack, load, smoke-test and activate ``want``.
+
+        Raises:
+            VerificationError, TransferError, InstallError: the update was
+                refused; the previous model keeps serving.
+        """
+        try:
+            updater = self._updater()
+            updater.refresh()
+            info = updater.get_targetinfo(want.target)
+        except (tuf_errors.RepositoryError, tuf_errors.DownloadError, OSError) as exc:
+            raise translate_tuf_error(exc, target=False) from exc
+        if info is None:
+            raise UnknownTargetError(f"{want.target} is not in the signed targets metadata")
+        custom = self._check_custom(want, info.custom)
+        self._notify("verified", want)
+        sha256 = info.hashes.get("sha256")
+        if not sha256:
+            raise UntrustedMetadataError(f"{want.target} has no sha256 in targets metadata")
+
+        existing = self.slots.find(sha256)
+        if existing is not None:
+            # Same signed bytes are already unpacked in a kept slot: a rollback
+            # (or a repeat) costs no download.
+            record = SlotRecord(existing.slot, want, sha256, existing.path)
+            manifest = self._read_manifest(existing.path)
+            model = self._load(existing.path, manifest)
+            smoke_test(model, existing.path, manifest)
+            self._activate(record, model)
+            return InstallOutcome(record, downloaded=False)
+
+        # ngclient puts the hash in front of the file name, not the whole path.
+        repo_path = "targets/" + info.get_prefixed_paths()[0]
+        self.fetcher.expect_length(repo_path, info.length)
+        self.download_dir.mkdir(parents=True, exist_ok=True)
+        bundle_path = self.download_dir / f"{sha256}.bundle"
+        self._notify("downloading", want)
+        try:
+            updater.download_target(info, filepath=str(bundle_path))
+        except (tuf_errors.RepositoryError, tuf_errors.DownloadError, OSError) as exc:
+            error = translate_tuf_error(exc, target=True)
+            if isinstance(error, VerificationError | OversizedTransferError):
+                # Bytes we hold are provably wrong; never resume from them.
+                self.fetcher.discard(repo_path)
+            raise error from exc
+        self.fetcher.discard(repo_path)
+
+        name = self.slots.slot_name(want, sha256)
+        staging = self.slots.staging(name)
+        try:
+            manifest = unpack_bundle(bundle_path, staging)
+            self._check_manifest(manifest, custom)
+            model = self._load(staging, manifest)
+            smoke_test(model, staging, manifest)
+            slot_path = self.slots.commit(staging, name)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        finally:
+            bundle_path.unlink(missing_ok=True)
+        record = SlotRecord(name, want, sha256, slot_path)
+        self._activate(record, model)
+        return InstallOutcome(record, downloaded=True)
+
+    # ------------------------------------------------------------------ checks
+    def _check_custom(self, want: ModelRef, raw: object) -> TargetCustom:
+        try:
+            custom = TargetCustom.from_dict(raw)  # type: ignore[arg-type]
+        except MessageError as exc:
+            raise UntrustedMetadataError(f"{want.target}: bad signed custom metadata: {exc}") from exc
+        if (custom.model, custom.version, custom.release) != (want.name, want.version, want.release):
+            raise UntrustedMetadataError(
+                f"{want.target} is signed as {custom.model}@{custom.version} release "
+                f"{custom.release}, but {want.label} release {want.release} was requested"
+            )
+        if custom.hardware_class not in (self.hardware.hardware_class, GENERIC_CLASS):
+            raise WrongHardwareError(
+                f"{want.target} is built for hardware class {custom.hardware_class!r}; "
+                f"this device is {self.hardware.hardware_class!r}"
+            )
+        if custom.runtime not in self.hardware.runtimes:
+            raise UnsupportedRuntimeError(
+                f"{want.target} needs runtime {custom.runtime!r}; this device has "
+                f"{', '.join(self.hardware.runtimes) or 'none'}"
+            )
+        newest = self._releases().get(want.name, 0)
+        if custom.release < newest:
+            raise ReleaseRollbackError(
+                f"{want.label} is release {custom.release}, older than release {newest} "
+                "this device already ran; the controller must publish a new release to go back"
+            )
+        return custom
+
+    @staticmethod
+    def _check_manifest(manifest: BundleManifest, custom: TargetCustom) -> None:
+        signed = (custom.model, custom.version, custom.release, custom.runtime, custom.precision,
+                  custom.hardware_class)
+        inside = (manifest.model, manifest.version, manifest.release, manifest.runtime,
+                  manifest.precision, manifest.hardware_class)
+        if signed != inside:
+            raise BundleFormatError(
+                f"bundle manifest {inside} disagrees with its signed metadata {signed}"
+            )
+
+    def _read_manifest(self, slot_dir: Path) -> BundleManifest:
+        try:
+            return BundleManifest.decode((slot_dir / "manifest.json").read_bytes())
+        except (OSError, MessageError) as exc:
+            raise BundleFormatError(f"slot {slot_dir.name} has no usable manifest: {exc}") from exc
+
+    def _load(self, slot_dir: Path, manifest: BundleManifest) -> LoadedModel:
+        backend = get_backend(manifest.runtime, threads=self.runtime_threads)
+        return backend.load(slot_dir / manifest.model_file)
+
+    def _activate(self, record: SlotRecord, model: LoadedModel) -> None:
+        self.slots.activate(record)
+        self.holder.swap(model, record.model)
+        releases = self._releases()
+        if record.model.release > releases.get(record.model.name, 0):
+            releases[record.model.name] = record.model.release
+            tmp = self._releases_path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(releases, sort_keys=True))
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, self._releases_path)
+        removed = self.slots.gc()
+        if removed:
+            log.info("removed old slots: %s", ", ".join(removed))
+
+    def _releases(self) -> dict[str, int]:
+        """Highest release ever activated per model: the anti-rollback high-water mark."""
+        try:
+            raw = json.loads(self._releases_path.read_text())
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError):
+            log.error("releases.json is corrupt; rebuilding it from installed slots")
+            raw = {}
+        out = {k: v for k, v in raw.items() if isinstance(k, str) and isinstance(v, int)}
+        for record in (self.slots.active(), self.slots.previous()):
+            if record is not None:
+                out[record.model.name] = max(out.get(record.model.name, 0), record.model.release)
+        return out

@@ -168,7 +168,8 @@ class Installer:
 
         Returns the model now serving, or None.
         """
-        for record in (self.slots.active(), self.slots.previous()):
+        active = self.slots.active()
+        for record in (active, self.slots.previous()):
             if record is None:
                 continue
             try:
@@ -178,7 +179,8 @@ class Installer:
                 log.error("cannot load installed slot %s: %s", record.slot, exc)
                 continue
             self.holder.swap(model, record.model)
-            if record is not self.slots.active():
+            if record is not active:
+                log.warning("active slot unusable; fell back to previous slot %s", record.slot)
                 self.slots.activate(record)
             return record.model
         return None

@@ -69,8 +69,17 @@ class LoadedModel(Protocol):
     threads (the HTTP endpoint serves requests in parallel).
     """
 
-    inputs: tuple[TensorSpec, ...]
-    outputs: tuple[TensorSpec, ...]
+    # Read-only properties rather than attributes, so that an implementation
+    # may store them any way it likes (a plain attribute satisfies them too).
+    @property
+    def inputs(self) -> tuple[TensorSpec, ...]:
+        """The model's inputs, in the order the model declares them."""
+        ...
+
+    @property
+    def outputs(self) -> tuple[TensorSpec, ...]:
+        """The model's outputs, in the order the model declares them."""
+        ...
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run one inference.
@@ -85,7 +94,10 @@ class LoadedModel(Protocol):
 class Backend(Protocol):
     """Loads model files of one runtime."""
 
-    name: str
+    @property
+    def name(self) -> str:
+        """The runtime name bundles use: ``"onnxruntime"``, ``"tflite"``."""
+        ...
 
     def load(self, model_path: Path) -> LoadedModel:
         """Load a model file.
@@ -198,10 +210,24 @@ def _coerce_one(spec: TensorSpec, value: Any) -> np.ndarray:
             raise InferenceInputError(
                 f"input {name!r} is not a rectangular nested list of numbers: {exc}"
             ) from None
-    kind = arr.dtype.kind
     if arr.size == 0:
         _check_shape(name, arr.shape, spec)
         return np.zeros(arr.shape, dtype=want)
+    _check_kind(name, arr, want)
+    _check_shape(name, arr.shape, spec)
+    with np.errstate(over="ignore", invalid="ignore"):
+        cast = arr.astype(want, copy=False)
+    if want.kind == "f" and not np.isfinite(cast).all():
+        raise InferenceInputError(
+            f"input {name!r} contains NaN or infinite values (or values too large for {want.name})"
+        )
+    # Not np.ascontiguousarray: it turns a rank-0 array into rank 1.
+    return cast if cast.flags.c_contiguous else cast.copy(order="C")
+
+
+def _check_kind(name: str, arr: np.ndarray, want: np.dtype[Any]) -> None:
+    """Refuse values whose kind would need a lossy or surprising conversion to ``want``."""
+    kind = arr.dtype.kind
     if kind == "O":
         raise InferenceInputError(
             f"input {name!r} is ragged or holds values that are not numbers "
@@ -209,18 +235,16 @@ def _coerce_one(spec: TensorSpec, value: Any) -> np.ndarray:
         )
     if want.kind == "b":
         if kind != "b":
-            raise InferenceInputError(f"input {name!r} must hold booleans, got {arr.dtype.name}")
+            raise InferenceInputError(f"input {name!r} must hold booleans, got {_kind_name(kind)}")
     elif want.kind in "iu":
         if kind not in "iu":
             raise InferenceInputError(
                 f"input {name!r} must hold integers ({want.name}), got {_kind_name(kind)}"
             )
         info = np.iinfo(want)
-        lo, hi = int(arr.min()), int(arr.max())
-        if lo < info.min or hi > info.max:
+        if int(arr.min()) < info.min or int(arr.max()) > info.max:
             raise InferenceInputError(
-                f"input {name!r} has values outside the {want.name} range "
-                f"[{info.min}, {info.max}]"
+                f"input {name!r} has values outside the {want.name} range [{info.min}, {info.max}]"
             )
     elif want.kind == "f":
         if kind not in "iuf":
@@ -229,15 +253,6 @@ def _coerce_one(spec: TensorSpec, value: Any) -> np.ndarray:
             )
     else:
         raise InferenceInputError(f"input {name!r} has unsupported dtype {want.name}")
-    _check_shape(name, arr.shape, spec)
-    with np.errstate(over="ignore", invalid="ignore"):
-        cast = arr.astype(want, copy=False)
-    if want.kind == "f" and not np.isfinite(cast).all():
-        raise InferenceInputError(
-            f"input {name!r} contains NaN or infinite values (or values too large for "
-            f"{want.name})"
-        )
-    return np.ascontiguousarray(cast)
 
 
 def _kind_name(kind: str) -> str:

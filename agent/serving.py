@@ -1,0 +1,424 @@
+"""The local HTTP inference endpoint (stdlib only).
+
+Applications on the gateway call the model the agent currently runs over
+plain HTTP+JSON on the loopback interface. The endpoint is deliberately
+small: no framework, a thread per request (``ThreadingHTTPServer`` with
+daemon threads, onnxruntime sessions are safe to run concurrently), and
+JSON bodies bounded by ``max_body_bytes``. It binds to 127.0.0.1 by default
+and refuses any non-loopback address unless ``allow_remote=True``, since it
+has no authentication.
+
+Endpoints
+---------
+
+``POST /v1/infer``
+    Request body::
+
+        {"inputs": {"<input name>": <nested list of numbers>, ...}}
+
+    Every model input must be given, with the rank and fixed dimensions the
+    model declares; numbers are converted strictly to the input's dtype (see
+    :func:`edgefleet.agent.runtime.coerce_inputs`). Responses:
+
+    * 200 ``{"outputs": {"<output name>": <nested list>}, "model":
+      {"name", "version", "release"}, "latency_ms": <float>}``; non-finite
+      output values are sent as ``null``. ``latency_ms`` is the model run
+      only, without HTTP and JSON work.
+    * 400 ``{"error": {"code": "bad_json" | "bad_request" | "bad_input",
+      "message"}}``: unparseable body, no ``inputs`` object, or inputs that
+      do not fit the model.
+    * 411 ``length_required``: no ``Content-Length`` (chunked bodies are not
+      accepted).
+    * 413 ``too_large``: body larger than ``max_body_bytes``.
+    * 503 ``no_model``: no model is loaded yet.
+    * 500 ``inference_failed``: the runtime raised.
+
+``GET /v1/model``
+    200 ``{"model": {"name", "version", "release", "target"}, "inputs":
+    [<tensor spec>], "outputs": [<tensor spec>]}`` where a tensor spec is
+    ``{"name", "dtype", "shape"}`` (``null`` for a dynamic axis); 503
+    ``no_model`` when none is loaded.
+
+``GET /healthz``
+    Always 200 while the process serves: ``{"status": "ok"}`` with a model,
+    ``{"status": "no_model"}`` without one. It is a liveness check; use the
+    body (or ``/v1/model``'s 503) for readiness.
+
+Other paths answer 404 ``not_found``, other methods 405
+``method_not_allowed``.
+
+Only requests that reach the model are recorded in
+:class:`~edgefleet.agent.metrics.ServingMetrics` (success, or failure for a
+500); refused requests (4xx, 503) are not inferences and are not counted.
+
+Model swaps are atomic and never interrupt a request: a request takes one
+reference to the live ``(model, ref)`` pair from :class:`ModelHolder` and
+uses it for validation and the run, so it finishes on the model it started
+with even if the agent activates another one meanwhile.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import json
+import logging
+import socket
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, ClassVar
+
+import numpy as np
+
+from edgefleet.agent.metrics import ServingMetrics
+from edgefleet.agent.runtime import InferenceInputError, LoadedModel, coerce_inputs
+from edgefleet.protocols.messages import ModelRef
+
+__all__ = ["DEFAULT_MAX_BODY_BYTES", "InferenceServer", "ModelHolder"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
+
+
+class ModelHolder:
+    """The live model and its reference, swapped atomically.
+
+    The pair is stored as one tuple and replaced in one assignment under a
+    lock, so a reader sees either the old or the new pair, never a model
+    with the other's reference.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._current: tuple[LoadedModel, ModelRef] | None = None
+
+    def swap(self, model: LoadedModel, ref: ModelRef) -> None:
+        """Make ``model`` the one new requests use; in-flight requests keep theirs."""
+        with self._lock:
+            self._current = (model, ref)
+
+    def clear(self) -> None:
+        """Stop serving any model (new requests get 503)."""
+        with self._lock:
+            self._current = None
+
+    def current(self) -> tuple[LoadedModel, ModelRef] | None:
+        """The live ``(model, ref)``, or None before the first model is loaded."""
+        with self._lock:
+            return self._current
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _jsonable(array: np.ndarray) -> Any:
+    """Nested lists for JSON; NaN/inf become None because JSON has no such numbers."""
+    if array.dtype.kind == "f" and array.size and not np.isfinite(array).all():
+        as_objects = array.astype(object)
+        as_objects[~np.isfinite(array)] = None
+        return as_objects.tolist()
+    return array.tolist()
+
+
+# After refusing an oversized body, read and discard up to this much of it:
+# closing a socket with unread input makes the kernel send a reset, which can
+# destroy our 413 answer before the client reads it.
+_DRAIN_BYTES = 256 * 1024
+_DRAIN_TIMEOUT_S = 1.0
+
+
+class _HttpError(Exception):
+    def __init__(self, status: int, code: str, message: str, drain: int = 0) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.drain = drain
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    # The endpoint is local; a small backlog is plenty and refuses floods early.
+    request_queue_size = 64
+
+    def __init__(
+        self,
+        address: tuple[str, int],
+        holder: ModelHolder,
+        metrics: ServingMetrics,
+        max_body_bytes: int,
+    ) -> None:
+        self.holder = holder
+        self.metrics = metrics
+        self.max_body_bytes = max_body_bytes
+        super().__init__(address, _Handler)
+
+
+class _Server6(_Server):
+    address_family = socket.AF_INET6
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: _Server
+    server_version = "edgefleet-agent"
+    sys_version = ""
+    # A client that stops sending mid-request must not hold a thread forever.
+    timeout = 30
+    _ALLOWED: ClassVar[dict[str, str]] = {
+        "/v1/infer": "POST",
+        "/v1/model": "GET",
+        "/healthz": "GET",
+    }
+
+    def log_message(self, format: str, *args: Any) -> None:
+        log.debug("%s %s", self.address_string(), format % args)
+
+    # ------------------------------------------------------------------ plumbing
+    def _send(
+        self, status: int, body: dict[str, Any], headers: dict[str, str] | None = None
+    ) -> None:
+        payload = json.dumps(body, separators=(",", ":"), allow_nan=False).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(payload)))
+        self.send_header("Cache-Control", "no-store")
+        for key, value in (headers or {}).items():
+            self.send_header(key, value)
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def _send_error(self, err: _HttpError) -> None:
+        headers = {}
+        if err.status == 405:
+            headers["Allow"] = self._ALLOWED.get(self._path(), "")
+        if err.status in (411, 413):
+            # We did not read the body; the connection cannot be reused.
+            self.close_connection = True
+            headers["Connection"] = "close"
+        self._send(err.status, {"error": {"code": err.code, "message": err.message}}, headers)
+        if err.drain:
+            self._discard_input(min(err.drain, _DRAIN_BYTES))
+
+    def _discard_input(self, limit: int) -> None:
+        self.wfile.flush()
+        self.connection.settimeout(_DRAIN_TIMEOUT_S)
+        remaining = limit
+        with contextlib.suppress(OSError):
+            while remaining > 0:
+                chunk = self.rfile.read1(min(remaining, 64 * 1024))
+                if not chunk:
+                    break
+                remaining -= len(chunk)
+
+    def _path(self) -> str:
+        return self.path.split("?", 1)[0]
+
+    def _route(self, method: str) -> None:
+        path = self._path()
+        allowed = self._ALLOWED.get(path)
+        if allowed is None:
+            raise _HttpError(404, "not_found", f"no endpoint {path}")
+        if allowed != method:
+            raise _HttpError(405, "method_not_allowed", f"{path} accepts {allowed} only")
+        if path == "/v1/infer":
+            self._infer()
+        elif path == "/v1/model":
+            self._model()
+        else:
+            self._health()
+
+    def _dispatch(self, method: str) -> None:
+        try:
+            self._route(method)
+        except _HttpError as err:
+            self._send_error(err)
+
+    def do_GET(self) -> None:
+        self._dispatch("GET")
+
+    def do_POST(self) -> None:
+        self._dispatch("POST")
+
+    def do_PUT(self) -> None:
+        self._dispatch("PUT")
+
+    def do_DELETE(self) -> None:
+        self._dispatch("DELETE")
+
+    def do_PATCH(self) -> None:
+        self._dispatch("PATCH")
+
+    # ------------------------------------------------------------------ endpoints
+    def _read_body(self) -> bytes:
+        if self.headers.get("Transfer-Encoding"):
+            raise _HttpError(411, "length_required", "send the body with a Content-Length")
+        raw_length = self.headers.get("Content-Length")
+        if raw_length is None:
+            raise _HttpError(411, "length_required", "Content-Length is required")
+        try:
+            length = int(raw_length)
+        except ValueError:
+            raise _HttpError(400, "bad_request", "Content-Length is not a number") from None
+        if length < 0:
+            raise _HttpError(400, "bad_request", "Content-Length is negative")
+        if length > self.server.max_body_bytes:
+            raise _HttpError(
+                413,
+                "too_large",
+                f"body of {length} bytes exceeds {self.server.max_body_bytes}",
+                drain=length,
+            )
+        return self.rfile.read(length)
+
+    def _infer(self) -> None:
+        body = self._read_body()
+        live = self.server.holder.current()  # one reference for the whole request
+        if live is None:
+            raise _HttpError(503, "no_model", "no model is loaded yet")
+        model, ref = live
+        try:
+            request = json.loads(body)
+        except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+            raise _HttpError(400, "bad_json", f"body is not valid JSON: {exc}") from None
+        if not isinstance(request, dict) or not isinstance(request.get("inputs"), dict):
+            raise _HttpError(400, "bad_request", 'body must be {"inputs": {"<name>": [...]}}')
+        try:
+            feeds = coerce_inputs(request["inputs"], model.inputs)
+        except InferenceInputError as exc:
+            raise _HttpError(400, "bad_input", str(exc)) from None
+        start = time.perf_counter()
+        try:
+            outputs = model.run(feeds)
+        except InferenceInputError as exc:
+            raise _HttpError(400, "bad_input", str(exc)) from None
+        except Exception as exc:  # anything the runtime raises is a failed inference
+            self.server.metrics.record(time.perf_counter() - start, ok=False)
+            log.warning("inference on %s failed: %s", ref.label, exc, exc_info=True)
+            raise _HttpError(500, "inference_failed", f"inference failed: {exc}") from None
+        latency = time.perf_counter() - start
+        self.server.metrics.record(latency, ok=True)
+        self._send(
+            200,
+            {
+                "outputs": {name: _jsonable(np.asarray(v)) for name, v in outputs.items()},
+                "model": {"name": ref.name, "version": ref.version, "release": ref.release},
+                "latency_ms": latency * 1000.0,
+            },
+        )
+
+    def _model(self) -> None:
+        live = self.server.holder.current()
+        if live is None:
+            raise _HttpError(503, "no_model", "no model is loaded yet")
+        model, ref = live
+        self._send(
+            200,
+            {
+                "model": ref.to_dict(),
+                "inputs": [s.to_dict() for s in model.inputs],
+                "outputs": [s.to_dict() for s in model.outputs],
+            },
+        )
+
+    def _health(self) -> None:
+        live = self.server.holder.current()
+        self._send(200, {"status": "no_model" if live is None else "ok"})
+
+
+class InferenceServer:
+    """Serves the model in a :class:`ModelHolder` over HTTP on a background thread."""
+
+    def __init__(
+        self,
+        holder: ModelHolder,
+        metrics: ServingMetrics,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+        *,
+        allow_remote: bool = False,
+        poll_interval: float = 0.2,
+    ) -> None:
+        """Configure the server; nothing is bound until :meth:`start`.
+
+        Args:
+            port: 0 picks a free port; read it from :attr:`port` after start.
+            allow_remote: permit a non-loopback ``host``. The endpoint has no
+                authentication, so exposing it is an explicit decision.
+            poll_interval: how often the serving loop checks for :meth:`stop`.
+
+        Raises:
+            ValueError: ``host`` is not a loopback address and ``allow_remote``
+                is false, or ``max_body_bytes`` is not positive.
+        """
+        if not allow_remote and not _is_loopback(host):
+            raise ValueError(
+                f"refusing to serve inference on non-loopback address {host!r}; "
+                "pass allow_remote=True to expose the unauthenticated endpoint"
+            )
+        if max_body_bytes < 1:
+            raise ValueError("max_body_bytes must be positive")
+        self.holder = holder
+        self.metrics = metrics
+        self.host = host
+        self._port = port
+        self.max_body_bytes = max_body_bytes
+        self._poll = poll_interval
+        self._httpd: _Server | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Bind the socket and serve on a daemon thread.
+
+        Raises:
+            RuntimeError: already started.
+            OSError: the address cannot be bound.
+        """
+        if self._httpd is not None:
+            raise RuntimeError("server already started")
+        cls = _Server6 if ":" in self.host else _Server
+        httpd = cls((self.host, self._port), self.holder, self.metrics, self.max_body_bytes)
+        self._httpd = httpd
+        self._thread = threading.Thread(
+            target=httpd.serve_forever,
+            kwargs={"poll_interval": self._poll},
+            name="edgefleet-inference-http",
+            daemon=True,
+        )
+        self._thread.start()
+        log.info("inference endpoint listening on %s", self.url)
+
+    def stop(self) -> None:
+        """Stop accepting requests and close the socket; idempotent.
+
+        Requests already being handled run on in their daemon threads.
+        """
+        httpd, thread = self._httpd, self._thread
+        if httpd is None:
+            return
+        httpd.shutdown()
+        httpd.server_close()
+        if thread is not None:
+            thread.join(timeout=5)
+        self._httpd = self._thread = None
+
+    @property
+    def port(self) -> int:
+        """The bound port (the real one when constructed with port 0)."""
+        if self._httpd is None:
+            raise RuntimeError("server not started")
+        return int(self._httpd.server_address[1])
+
+    @property
+    def url(self) -> str:
+        """Base URL, e.g. ``http://127.0.0.1:8123``."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"

@@ -1,0 +1,310 @@
+"""The controller's MQTT side: desired state out; reports, telemetry and file requests in.
+
+Threads, and why:
+
+- paho's network thread only classifies each message by topic and queues it.
+- The *transfer* worker answers ``files/request`` with block frames. It is
+  separate from ingestion so a burst of telemetry never delays an install.
+- The *ingest* worker decodes reports, status, events and telemetry and writes
+  them to the registry in batches (one transaction per batch, not per message).
+- The *maintenance* loop publishes desired states the registry marks as
+  unpublished (an outbox: a deploy made while the broker was down is sent
+  later, and a restart re-sends nothing twice that changes anything), and
+  re-signs TUF timestamp metadata before it expires.
+
+Every malformed, impersonating or unknown-device message is logged and
+counted under a reason in ``Registry.counters`` (``rejected.<reason>``);
+nothing a device sends can crash a worker.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import Counter
+from datetime import timedelta
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from edgefleet.agent.link import BrokerSettings, MqttLink
+from edgefleet.controller.registry import DeploymentInfo, Registry
+from edgefleet.controller.transfer import TransferServer
+from edgefleet.controller.trust import TrustRepository
+from edgefleet.protocols.errors import ProtocolError, TopicError
+from edgefleet.protocols.messages import (
+    Event,
+    FileRequest,
+    Message,
+    ReportedState,
+    Telemetry,
+)
+from edgefleet.protocols.topics import Channel, DeviceTopic, controller_subscriptions
+
+__all__ = ["ControllerService", "ServiceSettings", "publish_desired_states"]
+
+log = logging.getLogger(__name__)
+
+_STATUS_VALUES = {b"online": True, b"offline": False}
+
+
+@dataclass(frozen=True)
+class ServiceSettings:
+    """Controller loop timings. Units are in the field names."""
+
+    client_id: str = "edgefleet-controller"
+    ingest_batch_max: int = 500
+    ingest_flush_s: float = 0.5
+    maintenance_interval_s: float = 5.0
+    timestamp_refresh_within_s: float = 6 * 3600
+    known_devices_ttl_s: float = 2.0
+    max_blocks_per_request: int = 64
+
+
+def publish_desired_states(
+    registry: Registry, link: MqttLink, *, everything: bool = False, wait_s: float = 5.0
+) -> int:
+    """Publish desired states not yet acknowledged by the broker; returns how many.
+
+    Desired states are retained, QoS 1: the broker hands the latest one to a
+    device whenever it (re)subscribes, so an offline device catches up. With
+    ``everything``, re-publish all of them (after a reconnect: the broker may
+    have restarted and lost its retained messages; agents ignore repeats).
+    """
+    sent = 0
+    pending = registry.all_desired() if everything else registry.unpublished_desired()
+    for desired in pending:
+        topic = str(DeviceTopic(desired.device_id, Channel.DESIRED))
+        if link.publish(topic, desired.encode(), qos=1, retain=True, wait_s=wait_s):
+            registry.mark_published(desired.device_id, desired.generation)
+            sent += 1
+        else:
+            log.warning("broker did not acknowledge desired state for %s; will retry",
+                        desired.device_id)
+            break
+    return sent
+
+
+class ControllerService:
+    """Runs the controller's MQTT side until :meth:`stop`."""
+
+    def __init__(
+        self,
+        registry: Registry,
+        repository: TrustRepository,
+        broker: BrokerSettings,
+        settings: ServiceSettings = ServiceSettings(),
+    ) -> None:
+        self.registry = registry
+        self.repository = repository
+        self.settings = settings
+        self.link = MqttLink(broker, settings.client_id, on_connect=self._on_connect)
+        self.transfers = TransferServer(
+            repository,
+            lambda topic, payload: self.link.publish(topic, payload, qos=1),
+            max_blocks_per_request=settings.max_blocks_per_request,
+        )
+        self._ingest: queue.Queue[tuple[DeviceTopic, bytes]] = queue.Queue()
+        self._requests: queue.Queue[tuple[DeviceTopic, bytes]] = queue.Queue(maxsize=10_000)
+        self._stop = threading.Event()
+        self._wake_outbox = threading.Event()
+        self._republish_all = False
+        self._threads: list[threading.Thread] = []
+        self._rejected: Counter[str] = Counter()
+        self._rejected_lock = threading.Lock()
+        self._known: set[str] = set()
+        self._known_at = 0.0
+        self.ingested = 0
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        """Connect and start the workers.
+
+        Raises:
+            BrokerError: the broker cannot be reached.
+        """
+        for topic_filter in controller_subscriptions():
+            self.link.subscribe(topic_filter, self._on_message, qos=1)
+        self.link.start(wait=True)
+        for name, target in (
+            ("transfer", self._transfer_loop),
+            ("ingest", self._ingest_loop),
+            ("maintenance", self._maintenance_loop),
+        ):
+            t = threading.Thread(target=target, name=f"controller-{name}", daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake_outbox.set()
+        for t in self._threads:
+            t.join(timeout=10)
+        self.link.stop()
+        self._flush_rejections()
+
+    def run_forever(self) -> None:
+        self.start()
+        try:
+            while not self._stop.wait(1.0):
+                pass
+        finally:
+            self.stop()
+
+    # ------------------------------------------------------------------ operations
+    def deploy(self, model: str, version: str, device_ids: Sequence[str]) -> DeploymentInfo:
+        """Record a deployment and publish the new desired states now."""
+        mv = self.registry.get_model_version(model, version)
+        deployment = self.registry.create_deployment(mv.id, device_ids)
+        self._wake_outbox.set()
+        return deployment
+
+    def _on_connect(self) -> None:
+        # A reconnect may follow a broker restart that lost retained messages;
+        # re-publish every desired state (idempotent on the agents).
+        self._republish_all = True
+        self._wake_outbox.set()
+
+    # ------------------------------------------------------------------ paho thread
+    def reject(self, reason: str, detail: str) -> None:
+        log.warning("rejected message (%s): %s", reason, detail)
+        with self._rejected_lock:
+            self._rejected[reason] += 1
+
+    def _on_message(self, topic: str, payload: bytes, _retained: bool) -> None:
+        try:
+            parsed = DeviceTopic.parse(topic)
+        except TopicError as exc:
+            self.reject("bad_topic", str(exc))
+            return
+        if parsed.channel is Channel.FILE_REQUEST:
+            try:
+                self._requests.put_nowait((parsed, payload))
+            except queue.Full:
+                self.reject("transfer_overload", f"dropped file request from {parsed.device_id}")
+        else:
+            self._ingest.put((parsed, payload))
+
+    # ------------------------------------------------------------------ workers
+    def _is_known(self, device_id: str) -> bool:
+        now = time.monotonic()
+        if device_id not in self._known and now - self._known_at > self.settings.known_devices_ttl_s:
+            self._known = {d.id for d in self.registry.list_devices()}
+            self._known_at = now
+        return device_id in self._known
+
+    def _decode(self, topic: DeviceTopic, payload: bytes, kind: type[Message]) -> Message | None:
+        try:
+            message = kind.decode(payload)
+        except ProtocolError as exc:
+            self.reject(f"malformed_{topic.channel.name.lower()}",
+                        f"{topic.device_id}: {exc}")
+            return None
+        device_id = getattr(message, "device_id", None)
+        if device_id != topic.device_id:
+            self.reject("device_mismatch",
+                        f"{topic} carried a message for {device_id!r}")
+            return None
+        if not self._is_known(topic.device_id):
+            self.reject("unknown_device", f"{topic.device_id} is not enrolled")
+            return None
+        return message
+
+    def _transfer_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                topic, payload = self._requests.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            try:
+                request = self._decode(topic, payload, FileRequest)
+                if isinstance(request, FileRequest):
+                    self.transfers.handle(request)
+            except Exception:  # a bug here must not stop all transfers
+                log.exception("file request from %s failed", topic.device_id)
+
+    def _ingest_loop(self) -> None:
+        s = self.settings
+        while not self._stop.is_set():
+            batch: list[tuple[DeviceTopic, bytes]] = []
+            deadline = time.monotonic() + s.ingest_flush_s
+            while len(batch) < s.ingest_batch_max:
+                try:
+                    batch.append(self._ingest.get(timeout=max(0.0, deadline - time.monotonic())))
+                except queue.Empty:
+                    break
+            if batch:
+                try:
+                    self._store(batch)
+                except Exception:  # keep ingesting; the database may be back next time
+                    log.exception("storing %d messages failed", len(batch))
+
+    def _store(self, batch: list[tuple[DeviceTopic, bytes]]) -> None:
+        events: list[Event] = []
+        points: list[Telemetry] = []
+        for topic, payload in batch:
+            channel = topic.channel
+            if channel is Channel.STATUS:
+                online = _STATUS_VALUES.get(bytes(payload).strip())
+                if online is None:
+                    self.reject("malformed_status", f"{topic.device_id}: {payload[:32]!r}")
+                elif self._is_known(topic.device_id):
+                    self.registry.set_online(topic.device_id, online)
+                else:
+                    self.reject("unknown_device", f"{topic.device_id} is not enrolled")
+            elif channel is Channel.REPORTED:
+                message = self._decode(topic, payload, ReportedState)
+                if isinstance(message, ReportedState):
+                    self.registry.record_reported(message)
+            elif channel is Channel.EVENTS:
+                message = self._decode(topic, payload, Event)
+                if isinstance(message, Event):
+                    events.append(message)
+            elif channel is Channel.TELEMETRY:
+                message = self._decode(topic, payload, Telemetry)
+                if isinstance(message, Telemetry):
+                    points.append(message)
+            else:
+                self.reject("unexpected_channel", str(topic))
+        if events:
+            self.registry.add_events(events)
+        if points:
+            self.registry.add_telemetry(points)
+        self.ingested += len(batch)
+
+    def _maintenance_loop(self) -> None:
+        s = self.settings
+        while not self._stop.is_set():
+            self._wake_outbox.wait(s.maintenance_interval_s)
+            self._wake_outbox.clear()
+            if self._stop.is_set():
+                break
+            try:
+                if self.link.connected:
+                    everything, self._republish_all = self._republish_all, False
+                    publish_desired_states(self.registry, self.link, everything=everything)
+                if self.repository.refresh_timestamp(
+                    within=timedelta(seconds=s.timestamp_refresh_within_s)
+                ):
+                    log.info("re-signed TUF timestamp metadata before it expired")
+                self._flush_rejections()
+            except Exception:
+                log.exception("maintenance step failed; retrying in %ss", s.maintenance_interval_s)
+
+    def _flush_rejections(self) -> None:
+        with self._rejected_lock:
+            pending, self._rejected = self._rejected, Counter()
+        for reason, n in pending.items():
+            self.registry.bump_counter(f"rejected.{reason}", n)
+
+    def rejected(self) -> dict[str, int]:
+        """Rejections counted so far (persisted and not yet flushed)."""
+        with self._rejected_lock:
+            pending = dict(self._rejected)
+        out = {k.removeprefix("rejected."): v for k, v in self.registry.counters().items()
+               if k.startswith("rejected.")}
+        for k, v in pending.items():
+            out[k] = out.get(k, 0) + v
+        return out
+

@@ -1,0 +1,371 @@
+"""The agent daemon: MQTT link, reconcile loop, install pipeline, serving, telemetry.
+
+Threads, and why each exists:
+
+- paho's network thread runs the handlers in this module. They only decode,
+  check and hand over (a desired state to the reconcile loop, a block frame
+  to the fetcher), because a slow handler would stall every message -
+  including the blocks an install waits for.
+- The *reconcile* thread runs :func:`edgefleet.agent.reconcile.decide` and the
+  install pipeline, one install at a time.
+- The *telemetry* thread publishes serving aggregates every interval.
+- The HTTP server's threads serve inference from the live model.
+
+What the agent publishes (all under ``edgefleet/v1/devices/{id}/``):
+``status`` (retained ``online``; the Last Will sets ``offline``),
+``reported`` (retained :class:`ReportedState`), ``events`` and ``telemetry``.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from types import FrameType
+from typing import Any
+
+from edgefleet import __version__
+from edgefleet.agent.config import AgentConfig
+from edgefleet.agent.errors import AgentError, TransferError, VerificationError
+from edgefleet.agent.fetcher import MqttFetcher, PartialStore
+from edgefleet.agent.hardware import detect_hardware
+from edgefleet.agent.install import Installer
+from edgefleet.agent.link import MqttLink, Will
+from edgefleet.agent.metrics import ProcessSampler, RejectionCounter, ServingMetrics
+from edgefleet.agent.reconcile import Attempt, IntentKey, decide, intent_key
+from edgefleet.agent.serving import InferenceServer, ModelHolder
+from edgefleet.agent.slots import SlotStore
+from edgefleet.protocols.errors import ProtocolError
+from edgefleet.protocols.messages import (
+    AgentState,
+    DesiredState,
+    ErrorInfo,
+    Event,
+    EventKind,
+    ModelRef,
+    ReportedState,
+    Telemetry,
+)
+from edgefleet.protocols.topics import Channel, DeviceTopic
+
+__all__ = ["Agent", "STATUS_OFFLINE", "STATUS_ONLINE"]
+
+log = logging.getLogger(__name__)
+
+STATUS_ONLINE = b"online"
+STATUS_OFFLINE = b"offline"
+
+
+class Agent:
+    """One gateway's agent. ``start()``/``stop()`` for embedding, ``run()`` for a daemon."""
+
+    def __init__(self, config: AgentConfig) -> None:
+        self.config = config
+        self.device_id = config.device_id
+        state_dir = config.state_dir
+        state_dir.mkdir(parents=True, exist_ok=True)
+        self.hardware = detect_hardware(config.hardware_class)
+        self.rejections = RejectionCounter()
+        self.metrics = ServingMetrics()
+        self._sampler = ProcessSampler()
+        self.holder = ModelHolder()
+        self.link = MqttLink(
+            config.broker,
+            client_id=f"edgefleet-agent-{self.device_id}",
+            will=Will(self._topic(Channel.STATUS), STATUS_OFFLINE, qos=1, retain=True),
+            on_connect=self._on_connect,
+        )
+        self.fetcher = MqttFetcher(
+            self.link,
+            self.device_id,
+            PartialStore(state_dir / "partial"),
+            config.transfer,
+            on_progress=self._on_progress,
+            on_reject=self.rejections.count,
+        )
+        self.slots = SlotStore(state_dir)
+        self.installer = Installer(
+            state_dir,
+            self.fetcher,
+            self.slots,
+            self.holder,
+            self.hardware,
+            runtime_threads=config.runtime_threads,
+            notify=self._on_install_stage,
+        )
+        self.installer.bootstrap_trust(config.trust_root)
+        self.server = InferenceServer(
+            self.holder,
+            self.metrics,
+            host=config.http.host,
+            port=config.http.port,
+            max_body_bytes=config.http.max_body_bytes,
+            allow_remote=config.http.allow_remote,
+        )
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._desired: DesiredState | None = None
+        self._attempts: dict[IntentKey, Attempt] = {}
+        self._state = AgentState.IDLE
+        self._last_error: ErrorInfo | None = None
+        self._acked: tuple[str | None, int] = (None, 0)
+        self._last_progress_at = 0.0
+        self._threads: list[threading.Thread] = []
+        self._window_started = time.monotonic()
+        self.installs = 0
+
+    def _topic(self, channel: Channel) -> str:
+        return str(DeviceTopic(self.device_id, channel))
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        """Load the installed model, start serving, connect, and start the loops.
+
+        The broker connection is made in the background and retried forever:
+        a gateway on a flaky link must serve its model whether or not the
+        controller is reachable.
+        """
+        restored = self.installer.restore()
+        if restored is not None:
+            log.info("serving installed model %s", restored.label)
+        self.server.start()
+        self.link.subscribe(self._topic(Channel.DESIRED), self._on_desired, qos=1)
+        self.link.subscribe(self._topic(Channel.FILE_BLOCKS), self.fetcher.on_frame, qos=1)
+        self.link.start(wait=False)
+        for name, target in (("reconcile", self._reconcile_loop), ("telemetry", self._telemetry_loop)):
+            t = threading.Thread(target=target, name=f"{name}-{self.device_id}", daemon=True)
+            t.start()
+            self._threads.append(t)
+        log.info("agent %s started; inference on %s", self.device_id, self.server.url)
+
+    def stop(self, *, clean: bool = True) -> None:
+        """Stop everything. ``clean=False`` simulates a crash (no goodbye, Last Will fires)."""
+        self._stop.set()
+        self._wake.set()
+        self.fetcher.cancel()
+        if clean and self.link.connected:
+            self.link.publish(self._topic(Channel.STATUS), STATUS_OFFLINE, qos=1, retain=True,
+                              wait_s=2.0)
+        for t in self._threads:
+            t.join(timeout=30)
+        self.link.stop(clean=clean)
+        self.server.stop()
+
+    def run(self) -> None:
+        """Run until SIGTERM or SIGINT (the systemd unit's stop)."""
+
+        def _terminate(signum: int, _frame: FrameType | None) -> None:
+            log.info("signal %d: stopping", signum)
+            self._stop.set()
+
+        signal.signal(signal.SIGTERM, _terminate)
+        signal.signal(signal.SIGINT, _terminate)
+        self.start()
+        try:
+            while not self._stop.wait(1.0):
+                pass
+        finally:
+            self.stop()
+
+    # ------------------------------------------------------------------ status
+    @property
+    def active_model(self) -> ModelRef | None:
+        current = self.holder.current()
+        return None if current is None else current[1]
+
+    def reported_state(self) -> ReportedState:
+        previous = self.slots.previous()
+        with self._lock:
+            deployment_id, generation = self._acked
+            return ReportedState(
+                device_id=self.device_id,
+                state=self._state,
+                active=self.active_model,
+                previous=None if previous is None else previous.model,
+                hardware=self.hardware,
+                generation=generation,
+                deployment_id=deployment_id,
+                last_error=self._last_error,
+                agent_version=__version__,
+                updated_at=time.time(),
+            )
+
+    def _publish_reported(self) -> None:
+        self.link.publish(self._topic(Channel.REPORTED), self.reported_state().encode(), qos=1,
+                          retain=True)
+
+    def _emit(self, kind: EventKind, model: ModelRef | None, error: ErrorInfo | None = None,
+              *, bytes_done: int | None = None, bytes_total: int | None = None,
+              **extra: Any) -> None:
+        desired = self._desired
+        event = Event(
+            device_id=self.device_id,
+            kind=kind,
+            generation=0 if desired is None else desired.generation,
+            deployment_id=None if desired is None else desired.deployment_id,
+            model=model,
+            error=error,
+            bytes_done=bytes_done,
+            bytes_total=bytes_total,
+            at=time.time(),
+            extra=extra,
+        )
+        self.link.publish(self._topic(Channel.EVENTS), event.encode(), qos=1)
+
+    # ------------------------------------------------------------------ handlers (paho thread)
+    def _on_connect(self) -> None:
+        self.link.publish(self._topic(Channel.STATUS), STATUS_ONLINE, qos=1, retain=True)
+        self._publish_reported()
+
+    def _on_desired(self, topic: str, payload: bytes, _retained: bool) -> None:
+        try:
+            desired = DesiredState.decode(payload)
+        except ProtocolError as exc:
+            log.warning("rejected malformed desired state on %s: %s", topic, exc)
+            self.rejections.count("malformed_desired")
+            return
+        if desired.device_id != self.device_id:
+            log.warning("rejected desired state addressed to %s", desired.device_id)
+            self.rejections.count("wrong_device")
+            return
+        with self._lock:
+            if self._desired == desired:
+                return  # a replayed retained message changes nothing
+            self._desired = desired
+        log.info("desired state: generation %d, model %s", desired.generation,
+                 desired.model.label if desired.model else "none")
+        self._wake.set()
+
+    def _on_progress(self, _path: str, done: int, total: int) -> None:
+        now = time.monotonic()
+        if done < total and now - self._last_progress_at < 1.0:
+            return
+        self._last_progress_at = now
+        desired = self._desired
+        self._emit(EventKind.DOWNLOAD_PROGRESS, None if desired is None else desired.model,
+                   bytes_done=done, bytes_total=total)
+
+    def _on_install_stage(self, stage: str, model: ModelRef) -> None:
+        if stage == "verified":
+            self._emit(EventKind.VERIFIED, model)
+        elif stage == "downloading":
+            self._set_state(AgentState.DOWNLOADING)
+            self._emit(EventKind.DOWNLOAD_STARTED, model)
+
+    def _set_state(self, state: AgentState, error: ErrorInfo | None = None,
+                   *, clear_error: bool = False) -> None:
+        with self._lock:
+            self._state = state
+            if error is not None:
+                self._last_error = error
+            elif clear_error:
+                self._last_error = None
+        self._publish_reported()
+
+    # ------------------------------------------------------------------ reconcile loop
+    def _reconcile_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._reconcile_once()
+            except Exception:  # the loop must outlive any bug; try again shortly
+                log.exception("reconcile step failed")
+                self._wake.wait(self.config.retry_backoff_s)
+
+    def _reconcile_once(self) -> None:
+        self._wake.clear()
+        with self._lock:
+            desired = self._desired
+        decision = decide(desired, self.active_model, self._attempts, time.monotonic())
+        if decision.install is not None and desired is not None:
+            self._install(desired)
+            return
+        if decision.already_active and desired is not None:
+            self._acknowledge(desired)
+        self._wake.wait(decision.wait_s if decision.wait_s is not None else 30.0)
+
+    def _acknowledge(self, desired: DesiredState) -> None:
+        ack = (desired.deployment_id, desired.generation)
+        with self._lock:
+            changed = self._acked != ack or self._state is not AgentState.IDLE
+            self._acked = ack
+            if changed:
+                self._state = AgentState.IDLE
+                self._last_error = None
+        if changed:
+            self._publish_reported()
+
+    def _install(self, desired: DesiredState) -> None:
+        want = desired.model
+        assert want is not None
+        key = intent_key(desired)
+        assert key is not None
+        self._set_state(AgentState.INSTALLING)
+        started = time.monotonic()
+        try:
+            outcome = self.installer.install(want)
+        except AgentError as exc:
+            self._failed(desired, key, exc)
+            return
+        except Exception as exc:  # never let a bug kill the reconcile thread
+            log.exception("install of %s crashed", want.label)
+            self._failed(desired, key, AgentError(f"{type(exc).__name__}: {exc}"))
+            return
+        self.installs += 1
+        self._attempts.pop(key, None)
+        with self._lock:
+            self._acked = (desired.deployment_id, desired.generation)
+        log.info("installed %s in %.2fs (%s)", want.label, time.monotonic() - started,
+                 "downloaded" if outcome.downloaded else "from a kept slot")
+        self._emit(EventKind.INSTALLED, want, downloaded=outcome.downloaded)
+        self._set_state(AgentState.IDLE, clear_error=True)
+
+    def _failed(self, desired: DesiredState, key: IntentKey, exc: AgentError) -> None:
+        want = desired.model
+        error = ErrorInfo(exc.code, str(exc))
+        attempt = self._attempts.setdefault(key, Attempt())
+        attempt.failures += 1
+        attempt.permanent = not isinstance(exc, TransferError)
+        backoff = min(self.config.retry_backoff_s * 2 ** (attempt.failures - 1),
+                      self.config.retry_backoff_max_s)
+        attempt.retry_at = time.monotonic() + backoff
+        with self._lock:
+            self._acked = (desired.deployment_id, desired.generation)
+        log.error("install of %s failed (%s): %s", want.label if want else "?", exc.code, exc)
+        # A refusal on trust grounds is an attack signal an operator must see
+        # as such, not a mere failed install.
+        kind = EventKind.REJECTED if isinstance(exc, VerificationError) else EventKind.INSTALL_FAILED
+        self._emit(kind, want, error)
+        self._set_state(AgentState.FAILED, error)
+
+    # ------------------------------------------------------------------ telemetry loop
+    def telemetry(self) -> Telemetry:
+        """Close the current window and summarise it."""
+        with self._lock:
+            now = time.monotonic()
+            window_s, self._window_started = now - self._window_started, now
+        stats = self.metrics.take_window()
+        return Telemetry(
+            device_id=self.device_id,
+            window_s=window_s,
+            requests=stats.requests,
+            errors=stats.errors,
+            latency_ms=stats.latency,
+            model=self.active_model,
+            rss_bytes=self._sampler.rss_bytes(),
+            cpu_percent=self._sampler.cpu_percent(),
+            rejected=self.rejections.snapshot(),
+            at=time.time(),
+        )
+
+    def _telemetry_loop(self) -> None:
+        while not self._stop.wait(self.config.telemetry_interval_s):
+            point = self.telemetry()
+            self.link.publish(self._topic(Channel.TELEMETRY), point.encode(), qos=0)
+
+    def flush_telemetry(self) -> None:
+        """Publish a telemetry window now (the demo uses it to report promptly)."""
+        self.link.publish(self._topic(Channel.TELEMETRY), self.telemetry().encode(), qos=1,
+                          wait_s=5.0)
+

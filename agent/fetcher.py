@@ -34,6 +34,7 @@ import shutil
 import struct
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -207,6 +208,7 @@ class PartialStore:
         return PartialFile(self._dir(path), block_size)
 
     def blocks_present(self, path: str, block_size: int) -> int:
+        """How many blocks of ``path`` are kept on disk (0 if none)."""
         d = self._dir(path)
         return len(PartialFile(d, block_size).have) if d.exists() else 0
 
@@ -253,6 +255,7 @@ class MqttFetcher(FetcherInterface):
         self._cancel = threading.Event()
         self.requests_sent = 0
         self.blocks_received = 0
+        self.blocks_by_path: Counter[str] = Counter()
 
     @property
     def request_topic(self) -> str:
@@ -382,6 +385,7 @@ class MqttFetcher(FetcherInterface):
                 wanted = {i for i in wanted if block_length(i, frame.total_size, part.block_size)}
             part.write_block(frame.index, frame.payload)
             self.blocks_received += 1
+            self.blocks_by_path[path] += 1
             progressed = True
             wanted.discard(frame.index)
             deadline = time.monotonic() + self.settings.request_timeout_s

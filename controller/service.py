@@ -58,6 +58,8 @@ class ServiceSettings:
     ingest_flush_s: float = 0.5
     maintenance_interval_s: float = 5.0
     timestamp_refresh_within_s: float = 6 * 3600
+    # Off only to reproduce a freeze (tests) or while an operator investigates.
+    refresh_metadata: bool = True
     known_devices_ttl_s: float = 2.0
     max_blocks_per_request: int = 64
 
@@ -274,8 +276,8 @@ class ControllerService:
         self.ingested += len(batch)
 
     def _maintenance_loop(self) -> None:
-        s = self.settings
         while not self._stop.is_set():
+            s = self.settings
             self._wake_outbox.wait(s.maintenance_interval_s)
             self._wake_outbox.clear()
             if self._stop.is_set():
@@ -284,7 +286,7 @@ class ControllerService:
                 if self.link.connected:
                     everything, self._republish_all = self._republish_all, False
                     publish_desired_states(self.registry, self.link, everything=everything)
-                if self.repository.refresh_timestamp(
+                if self.settings.refresh_metadata and self.repository.refresh_timestamp(
                     within=timedelta(seconds=s.timestamp_refresh_within_s)
                 ):
                     log.info("re-signed TUF timestamp metadata before it expired")

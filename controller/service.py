@@ -144,7 +144,7 @@ class ControllerService:
         for t in self._threads:
             t.join(timeout=10)
         self.link.stop()
-        self._flush_rejections()
+        self.flush_rejections()
 
     def run_forever(self) -> None:
         self.start()
@@ -290,11 +290,12 @@ class ControllerService:
                     within=timedelta(seconds=s.timestamp_refresh_within_s)
                 ):
                     log.info("re-signed TUF timestamp metadata before it expired")
-                self._flush_rejections()
+                self.flush_rejections()
             except Exception:
                 log.exception("maintenance step failed; retrying in %ss", s.maintenance_interval_s)
 
-    def _flush_rejections(self) -> None:
+    def flush_rejections(self) -> None:
+        """Add the rejections counted in memory to the registry's counters."""
         with self._rejected_lock:
             pending, self._rejected = self._rejected, Counter()
         for reason, n in pending.items():

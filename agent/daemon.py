@@ -49,7 +49,7 @@ from edgefleet.protocols.messages import (
 )
 from edgefleet.protocols.topics import Channel, DeviceTopic
 
-__all__ = ["Agent", "STATUS_OFFLINE", "STATUS_ONLINE"]
+__all__ = ["STATUS_OFFLINE", "STATUS_ONLINE", "Agent"]
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +134,10 @@ class Agent:
         self.link.subscribe(self._topic(Channel.DESIRED), self._on_desired, qos=1)
         self.link.subscribe(self._topic(Channel.FILE_BLOCKS), self.fetcher.on_frame, qos=1)
         self.link.start(wait=False)
-        for name, target in (("reconcile", self._reconcile_loop), ("telemetry", self._telemetry_loop)):
+        for name, target in (
+            ("reconcile", self._reconcile_loop),
+            ("telemetry", self._telemetry_loop),
+        ):
             t = threading.Thread(target=target, name=f"{name}-{self.device_id}", daemon=True)
             t.start()
             self._threads.append(t)
@@ -146,8 +149,9 @@ class Agent:
         self._wake.set()
         self.fetcher.cancel()
         if clean and self.link.connected:
-            self.link.publish(self._topic(Channel.STATUS), STATUS_OFFLINE, qos=1, retain=True,
-                              wait_s=2.0)
+            self.link.publish(
+                self._topic(Channel.STATUS), STATUS_OFFLINE, qos=1, retain=True, wait_s=2.0
+            )
         for t in self._threads:
             t.join(timeout=30)
         self.link.stop(clean=clean)
@@ -193,12 +197,20 @@ class Agent:
             )
 
     def _publish_reported(self) -> None:
-        self.link.publish(self._topic(Channel.REPORTED), self.reported_state().encode(), qos=1,
-                          retain=True)
+        self.link.publish(
+            self._topic(Channel.REPORTED), self.reported_state().encode(), qos=1, retain=True
+        )
 
-    def _emit(self, kind: EventKind, model: ModelRef | None, error: ErrorInfo | None = None,
-              *, bytes_done: int | None = None, bytes_total: int | None = None,
-              **extra: Any) -> None:
+    def _emit(
+        self,
+        kind: EventKind,
+        model: ModelRef | None,
+        error: ErrorInfo | None = None,
+        *,
+        bytes_done: int | None = None,
+        bytes_total: int | None = None,
+        **extra: Any,
+    ) -> None:
         desired = self._desired
         event = Event(
             device_id=self.device_id,
@@ -234,8 +246,11 @@ class Agent:
             if self._desired == desired:
                 return  # a replayed retained message changes nothing
             self._desired = desired
-        log.info("desired state: generation %d, model %s", desired.generation,
-                 desired.model.label if desired.model else "none")
+        log.info(
+            "desired state: generation %d, model %s",
+            desired.generation,
+            desired.model.label if desired.model else "none",
+        )
         self._wake.set()
 
     def _on_progress(self, _path: str, done: int, total: int) -> None:
@@ -244,8 +259,12 @@ class Agent:
             return
         self._last_progress_at = now
         desired = self._desired
-        self._emit(EventKind.DOWNLOAD_PROGRESS, None if desired is None else desired.model,
-                   bytes_done=done, bytes_total=total)
+        self._emit(
+            EventKind.DOWNLOAD_PROGRESS,
+            None if desired is None else desired.model,
+            bytes_done=done,
+            bytes_total=total,
+        )
 
     def _on_install_stage(self, stage: str, model: ModelRef) -> None:
         if stage == "verified":
@@ -254,8 +273,9 @@ class Agent:
             self._set_state(AgentState.DOWNLOADING)
             self._emit(EventKind.DOWNLOAD_STARTED, model)
 
-    def _set_state(self, state: AgentState, error: ErrorInfo | None = None,
-                   *, clear_error: bool = False) -> None:
+    def _set_state(
+        self, state: AgentState, error: ErrorInfo | None = None, *, clear_error: bool = False
+    ) -> None:
         with self._lock:
             self._state = state
             if error is not None:
@@ -316,8 +336,12 @@ class Agent:
         self._attempts.pop(key, None)
         with self._lock:
             self._acked = (desired.deployment_id, desired.generation)
-        log.info("installed %s in %.2fs (%s)", want.label, time.monotonic() - started,
-                 "downloaded" if outcome.downloaded else "from a kept slot")
+        log.info(
+            "installed %s in %.2fs (%s)",
+            want.label,
+            time.monotonic() - started,
+            "downloaded" if outcome.downloaded else "from a kept slot",
+        )
         self._emit(EventKind.INSTALLED, want, downloaded=outcome.downloaded)
         self._set_state(AgentState.IDLE, clear_error=True)
 
@@ -327,15 +351,19 @@ class Agent:
         attempt = self._attempts.setdefault(key, Attempt())
         attempt.failures += 1
         attempt.permanent = not isinstance(exc, TransferError)
-        backoff = min(self.config.retry_backoff_s * 2 ** (attempt.failures - 1),
-                      self.config.retry_backoff_max_s)
+        backoff = min(
+            self.config.retry_backoff_s * 2 ** (attempt.failures - 1),
+            self.config.retry_backoff_max_s,
+        )
         attempt.retry_at = time.monotonic() + backoff
         with self._lock:
             self._acked = (desired.deployment_id, desired.generation)
         log.error("install of %s failed (%s): %s", want.label if want else "?", exc.code, exc)
         # A refusal on trust grounds is an attack signal an operator must see
         # as such, not a mere failed install.
-        kind = EventKind.REJECTED if isinstance(exc, VerificationError) else EventKind.INSTALL_FAILED
+        kind = (
+            EventKind.REJECTED if isinstance(exc, VerificationError) else EventKind.INSTALL_FAILED
+        )
         self._emit(kind, want, error)
         self._set_state(AgentState.FAILED, error)
 
@@ -366,6 +394,6 @@ class Agent:
 
     def flush_telemetry(self) -> None:
         """Publish a telemetry window now (the demo uses it to report promptly)."""
-        self.link.publish(self._topic(Channel.TELEMETRY), self.telemetry().encode(), qos=1,
-                          wait_s=5.0)
-
+        self.link.publish(
+            self._topic(Channel.TELEMETRY), self.telemetry().encode(), qos=1, wait_s=5.0
+        )

@@ -113,9 +113,7 @@ class PartialFile:
             return
         usable = len(raw) - len(raw) % _INDEX.size
         count = block_count(self.total_size, self.block_size)
-        self.have = {
-            i for (i,) in _INDEX.iter_unpack(raw[:usable]) if i < count
-        }
+        self.have = {i for (i,) in _INDEX.iter_unpack(raw[:usable]) if i < count}
 
     def _reset(self) -> None:
         for p in (self.data_path, self._log_path, self._meta_path):
@@ -149,7 +147,9 @@ class PartialFile:
     def missing(self) -> list[int]:
         if self.total_size is None:
             return [0]
-        return [i for i in range(block_count(self.total_size, self.block_size)) if i not in self.have]
+        return [
+            i for i in range(block_count(self.total_size, self.block_size)) if i not in self.have
+        ]
 
     @property
     def complete(self) -> bool:
@@ -184,7 +184,9 @@ class _MemoryFile:
     def missing(self) -> list[int]:
         if self.total_size is None:
             return [0]
-        return [i for i in range(block_count(self.total_size, self.block_size)) if i not in self.blocks]
+        return [
+            i for i in range(block_count(self.total_size, self.block_size)) if i not in self.blocks
+        ]
 
     @property
     def complete(self) -> bool:

@@ -176,7 +176,7 @@ class Installer:
                 manifest = self._read_manifest(record.path)
                 model = self._load(record.path, manifest)
             except AgentError as exc:
-                log.error("cannot load installed slot %s: %s", record.slot, exc)
+                log.error("cannot load installed slot %s: %s", record.slot, exc)  # noqa: TRY400
                 continue
             self.holder.swap(model, record.model)
             if record is not active:
@@ -256,8 +256,14 @@ class Installer:
         try:
             custom = TargetCustom.from_dict(raw)  # type: ignore[arg-type]
         except MessageError as exc:
-            raise UntrustedMetadataError(f"{want.target}: bad signed custom metadata: {exc}") from exc
-        if (custom.model, custom.version, custom.release) != (want.name, want.version, want.release):
+            raise UntrustedMetadataError(
+                f"{want.target}: bad signed custom metadata: {exc}"
+            ) from exc
+        if (custom.model, custom.version, custom.release) != (
+            want.name,
+            want.version,
+            want.release,
+        ):
             raise UntrustedMetadataError(
                 f"{want.target} is signed as {custom.model}@{custom.version} release "
                 f"{custom.release}, but {want.label} release {want.release} was requested"
@@ -282,10 +288,22 @@ class Installer:
 
     @staticmethod
     def _check_manifest(manifest: BundleManifest, custom: TargetCustom) -> None:
-        signed = (custom.model, custom.version, custom.release, custom.runtime, custom.precision,
-                  custom.hardware_class)
-        inside = (manifest.model, manifest.version, manifest.release, manifest.runtime,
-                  manifest.precision, manifest.hardware_class)
+        signed = (
+            custom.model,
+            custom.version,
+            custom.release,
+            custom.runtime,
+            custom.precision,
+            custom.hardware_class,
+        )
+        inside = (
+            manifest.model,
+            manifest.version,
+            manifest.release,
+            manifest.runtime,
+            manifest.precision,
+            manifest.hardware_class,
+        )
         if signed != inside:
             raise BundleFormatError(
                 f"bundle manifest {inside} disagrees with its signed metadata {signed}"
@@ -323,7 +341,7 @@ class Installer:
         except FileNotFoundError:
             return {}
         except (OSError, ValueError):
-            log.error("releases.json is corrupt; rebuilding it from installed slots")
+            log.warning("releases.json is corrupt; rebuilding it from installed slots")
             raw = {}
         out = {k: v for k, v in raw.items() if isinstance(k, str) and isinstance(v, int)}
         for record in (self.slots.active(), self.slots.previous()):

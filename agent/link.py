@@ -262,6 +262,6 @@ class MqttLink:
             ]
         for handler in handlers:
             try:
-                handler(msg.topic, msg.payload, bool(msg.retain))
+                handler(msg.topic, bytes(msg.payload), bool(msg.retain))
             except Exception:  # a handler bug must not kill paho's network thread
                 log.exception("handler for %s failed", msg.topic)

@@ -72,6 +72,7 @@ def decide(
         if attempt.permanent:
             return Decision(reason=f"{want.label} was refused; waiting for a new desired state")
         if now < attempt.retry_at:
-            return Decision(reason="backing off after a transient failure",
-                            wait_s=attempt.retry_at - now)
+            return Decision(
+                reason="backing off after a transient failure", wait_s=attempt.retry_at - now
+            )
     return Decision(install=want, reason=f"install {want.label}")

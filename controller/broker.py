@@ -100,7 +100,7 @@ class EmbeddedBroker:
 
         try:
             loop.run_until_complete(boot())
-        except BaseException as exc:
+        except BaseException as exc:  # noqa: BLE001 - reported to start() on the caller thread
             self._error = exc
             self._ready.set()
             loop.close()

@@ -27,6 +27,8 @@ import onnx
 import onnx.checker
 import onnx.external_data_helper
 import onnx.shape_inference
+from google.protobuf.message import DecodeError
+
 from edgefleet.controller.errors import ModelError
 from edgefleet.protocols.bundle import (
     MANIFEST_NAME,
@@ -37,7 +39,6 @@ from edgefleet.protocols.bundle import (
     BundleManifest,
     TensorSpec,
 )
-from google.protobuf.message import DecodeError  # type: ignore[import-untyped]
 
 __all__ = ["build_bundle", "default_sample", "inspect_onnx"]
 

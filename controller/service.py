@@ -24,9 +24,9 @@ import queue
 import threading
 import time
 from collections import Counter
-from datetime import timedelta
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 
 from edgefleet.agent.link import BrokerSettings, MqttLink
 from edgefleet.controller.registry import DeploymentInfo, Registry
@@ -82,8 +82,9 @@ def publish_desired_states(
             registry.mark_published(desired.device_id, desired.generation)
             sent += 1
         else:
-            log.warning("broker did not acknowledge desired state for %s; will retry",
-                        desired.device_id)
+            log.warning(
+                "broker did not acknowledge desired state for %s; will retry", desired.device_id
+            )
             break
     return sent
 
@@ -191,7 +192,10 @@ class ControllerService:
     # ------------------------------------------------------------------ workers
     def _is_known(self, device_id: str) -> bool:
         now = time.monotonic()
-        if device_id not in self._known and now - self._known_at > self.settings.known_devices_ttl_s:
+        if (
+            device_id not in self._known
+            and now - self._known_at > self.settings.known_devices_ttl_s
+        ):
             self._known = {d.id for d in self.registry.list_devices()}
             self._known_at = now
         return device_id in self._known
@@ -200,13 +204,11 @@ class ControllerService:
         try:
             message = kind.decode(payload)
         except ProtocolError as exc:
-            self.reject(f"malformed_{topic.channel.name.lower()}",
-                        f"{topic.device_id}: {exc}")
+            self.reject(f"malformed_{topic.channel.name.lower()}", f"{topic.device_id}: {exc}")
             return None
         device_id = getattr(message, "device_id", None)
         if device_id != topic.device_id:
-            self.reject("device_mismatch",
-                        f"{topic} carried a message for {device_id!r}")
+            self.reject("device_mismatch", f"{topic} carried a message for {device_id!r}")
             return None
         if not self._is_known(topic.device_id):
             self.reject("unknown_device", f"{topic.device_id} is not enrolled")
@@ -305,9 +307,11 @@ class ControllerService:
         """Rejections counted so far (persisted and not yet flushed)."""
         with self._rejected_lock:
             pending = dict(self._rejected)
-        out = {k.removeprefix("rejected."): v for k, v in self.registry.counters().items()
-               if k.startswith("rejected.")}
+        out = {
+            k.removeprefix("rejected."): v
+            for k, v in self.registry.counters().items()
+            if k.startswith("rejected.")
+        }
         for k, v in pending.items():
             out[k] = out.get(k, 0) + v
         return out
-

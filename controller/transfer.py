@@ -33,7 +33,7 @@ class FileSource(Protocol):
         """The bytes of a repository file, or None if there is no such file."""
 
 
-Publish = Callable[[str, bytes], None]
+Publish = Callable[[str, bytes], object]
 """``publish(topic, payload)``: send one frame (QoS 1, not retained)."""
 
 

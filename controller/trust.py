@@ -45,14 +45,9 @@ from typing import Any, TypeVar
 
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
-from edgefleet.controller.errors import KeyPermissionError, TrustError
-from edgefleet.protocols.bundle import TargetCustom
-
-# Both packages re-export these names without __all__, which mypy --strict
-# reports as implicit re-exports; the names are their documented public API.
-from securesystemslib.signer import CryptoSigner, Signer, SSlibKey  # type: ignore[attr-defined]
+from securesystemslib.signer import CryptoSigner, Signer, SSlibKey
 from tuf.api.exceptions import RepositoryError
-from tuf.api.metadata import (  # type: ignore[attr-defined]
+from tuf.api.metadata import (
     Metadata,
     MetaFile,
     Root,
@@ -62,6 +57,9 @@ from tuf.api.metadata import (  # type: ignore[attr-defined]
     Timestamp,
 )
 from tuf.api.serialization.json import JSONSerializer
+
+from edgefleet.controller.errors import KeyPermissionError, TrustError
+from edgefleet.protocols.bundle import TargetCustom
 
 __all__ = ["ROLES", "Expiry", "PublishedTarget", "TrustRepository"]
 

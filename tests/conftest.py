@@ -68,8 +68,9 @@ class MosquittoProcess:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
-        self.proc = subprocess.Popen([self.binary, "-c", str(self.config)],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.proc = subprocess.Popen(
+            [self.binary, "-c", str(self.config)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
         if not _wait_port("127.0.0.1", self.port):
             self.stop()
             raise RuntimeError(f"mosquitto did not start: {(self.workdir / 'mosquitto.log')}")

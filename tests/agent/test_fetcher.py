@@ -11,7 +11,13 @@ import pytest
 from tuf.api.exceptions import DownloadError, DownloadHTTPError
 
 from edgefleet.agent.errors import OversizedTransferError, TransferTimeoutError
-from edgefleet.agent.fetcher import URL_PREFIX, MqttFetcher, PartialFile, PartialStore, TransferSettings
+from edgefleet.agent.fetcher import (
+    URL_PREFIX,
+    MqttFetcher,
+    PartialFile,
+    PartialStore,
+    TransferSettings,
+)
 from edgefleet.agent.link import BrokerSettings, MqttLink
 from edgefleet.controller.transfer import TransferServer
 from edgefleet.protocols.messages import FileRequest
@@ -50,15 +56,21 @@ class Controller:
 
 
 @pytest.fixture
-def setup(broker: BrokerSettings, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[
-        tuple[Controller, Files, MqttFetcher, MqttLink]]:
+def setup(
+    broker: BrokerSettings, tmp_path: Path, request: pytest.FixtureRequest
+) -> Iterator[tuple[Controller, Files, MqttFetcher, MqttLink]]:
     name = request.node.name.replace("[", "-").replace("]", "")[-40:]
     files = Files({})
     ctl = Controller(broker, files, name)
     link = MqttLink(broker, f"test-agent-{name}")
-    fetcher = MqttFetcher(link, "gw-1", PartialStore(tmp_path / "partial"),
-                          TransferSettings(block_size_bytes=BS, window_blocks=4,
-                                           request_timeout_s=1.0, max_attempts=2))
+    fetcher = MqttFetcher(
+        link,
+        "gw-1",
+        PartialStore(tmp_path / "partial"),
+        TransferSettings(
+            block_size_bytes=BS, window_blocks=4, request_timeout_s=1.0, max_attempts=2
+        ),
+    )
     link.subscribe(fetcher.frame_topic, fetcher.on_frame)
     link.start()
     yield ctl, files, fetcher, link
@@ -67,7 +79,7 @@ def setup(broker: BrokerSettings, tmp_path: Path, request: pytest.FixtureRequest
 
 
 def test_fetches_a_multi_block_file(setup: tuple[Controller, Files, MqttFetcher, MqttLink]) -> None:
-    ctl, files, fetcher, _ = setup
+    _, files, fetcher, _ = setup
     data = os.urandom(10 * BS + 123)
     files.files["targets/abc.bin"] = data
     fetcher.expect_length("targets/abc.bin", len(data))
@@ -75,7 +87,9 @@ def test_fetches_a_multi_block_file(setup: tuple[Controller, Files, MqttFetcher,
     assert fetcher.blocks_received == 11
 
 
-def test_missing_file_is_a_404_for_tuf(setup: tuple[Controller, Files, MqttFetcher, MqttLink]) -> None:
+def test_missing_file_is_a_404_for_tuf(
+    setup: tuple[Controller, Files, MqttFetcher, MqttLink],
+) -> None:
     _, _, fetcher, _ = setup
     with pytest.raises(DownloadHTTPError) as info:
         list(fetcher.fetch(URL_PREFIX + "metadata/2.root.json"))
@@ -102,7 +116,7 @@ def test_resume_requests_only_missing_blocks(
 
 
 def test_frames_claiming_more_than_promised_are_refused(
-    setup: tuple[Controller, Files, MqttFetcher, MqttLink]
+    setup: tuple[Controller, Files, MqttFetcher, MqttLink],
 ) -> None:
     _, files, fetcher, _ = setup
     files.files["targets/big.bin"] = os.urandom(8 * BS)
@@ -113,7 +127,7 @@ def test_frames_claiming_more_than_promised_are_refused(
 
 
 def test_stalled_transfer_times_out_after_retries(
-    setup: tuple[Controller, Files, MqttFetcher, MqttLink]
+    setup: tuple[Controller, Files, MqttFetcher, MqttLink],
 ) -> None:
     ctl, files, fetcher, _ = setup
     files.files["targets/slow.bin"] = os.urandom(BS)

@@ -91,11 +91,11 @@ def call(
     """One real HTTP request with urllib; returns (status, JSON body, headers)."""
     data = raw if raw is not None else None if body is None else json.dumps(body).encode()
     # The URL is always our own http://127.0.0.1:<port>.
-    req = urllib.request.Request(server.url + path, data=data, method=method)  # noqa: S310
+    req = urllib.request.Request(server.url + path, data=data, method=method)
     if data is not None:
         req.add_header("Content-Type", "application/json")
     try:
-        with urllib.request.urlopen(req, timeout=10) as resp:  # noqa: S310
+        with urllib.request.urlopen(req, timeout=10) as resp:
             return resp.status, json.loads(resp.read()), resp.headers
     except urllib.error.HTTPError as err:
         with err:
@@ -335,4 +335,4 @@ def test_start_stop_port_and_url(holder: ModelHolder, metrics: ServingMetrics) -
         srv.stop()
     srv.stop()  # idempotent
     with pytest.raises(urllib.error.URLError):
-        urllib.request.urlopen(url + "/healthz", timeout=2)  # noqa: S310
+        urllib.request.urlopen(url + "/healthz", timeout=2)

@@ -13,12 +13,13 @@ import numpy.typing as npt
 import onnx
 import onnxruntime as ort
 import pytest
+from onnx import TensorProto, helper, numpy_helper
+
 from edgefleet.controller.bundle import build_bundle, default_sample, inspect_onnx
 from edgefleet.controller.demo_model import build_demo_model, demo_inputs
 from edgefleet.controller.errors import ModelError
 from edgefleet.protocols.bundle import BundleManifest, TensorSpec
 from edgefleet.protocols.errors import MessageError
-from onnx import TensorProto, helper, numpy_helper
 
 WEIGHTS = np.arange(6, dtype=np.float32).reshape(3, 2) / 10
 

@@ -17,8 +17,10 @@ from edgefleet.controller.demo_model import build_demo_model
 @pytest.fixture
 def home(tmp_path: Path, embedded_broker: BrokerSettings) -> Path:
     config = tmp_path / "controller.toml"
-    config.write_text(f'home = "state"\n[broker]\nhost = "{embedded_broker.host}"\n'
-                      f"port = {embedded_broker.port}\n")
+    config.write_text(
+        f'home = "state"\n[broker]\nhost = "{embedded_broker.host}"\n'
+        f"port = {embedded_broker.port}\n"
+    )
     return config
 
 
@@ -29,15 +31,24 @@ def run(config: Path, *args: str) -> Result:
 def test_register_enroll_deploy_and_list(home: Path, tmp_path: Path) -> None:
     model = tmp_path / "m.onnx"
     model.write_bytes(build_demo_model())
-    result = run(home, "model", "register", str(model), "--name", "clf", "--version", "1.0",
-                 "--json")
+    result = run(
+        home, "model", "register", str(model), "--name", "clf", "--version", "1.0", "--json"
+    )
     assert result.exit_code == 0, result.output
     registered = json.loads(result.output)
     assert registered["release"] == 1
     assert registered["bundles"][0]["target"] == "clf/1.0/generic-fp32.bundle"
 
-    result = run(home, "device", "enroll", "gw-9", "--out", str(tmp_path / "gw-9"),
-                 "--state-dir", str(tmp_path / "gw-9-state"))
+    result = run(
+        home,
+        "device",
+        "enroll",
+        "gw-9",
+        "--out",
+        str(tmp_path / "gw-9"),
+        "--state-dir",
+        str(tmp_path / "gw-9-state"),
+    )
     assert result.exit_code == 0, result.output
     agent_config = load_agent_config(tmp_path / "gw-9" / "agent.toml")
     assert agent_config.device_id == "gw-9"
@@ -84,8 +95,9 @@ def test_errors_are_one_line_not_tracebacks(home: Path, tmp_path: Path) -> None:
 
 
 def test_demo_json_contract() -> None:
-    result = CliRunner().invoke(cli, ["demo", "--agents", "2", "--requests", "3", "--json"],
-                                catch_exceptions=False)
+    result = CliRunner().invoke(
+        cli, ["demo", "--agents", "2", "--requests", "3", "--json"], catch_exceptions=False
+    )
     assert result.exit_code == 0, result.output
     data = json.loads(result.output)
     assert data["ok"] is True

@@ -260,7 +260,7 @@ def test_concurrent_registrations_get_distinct_releases(registry: Registry) -> N
     def register(i: int) -> None:
         try:
             _version(registry, "race", f"{i}.0")
-        except BaseException as exc:  # noqa: BLE001 - reported by the assert below
+        except BaseException as exc:
             errors.append(exc)
 
     threads = [threading.Thread(target=register, args=(i,)) for i in range(8)]
@@ -634,7 +634,7 @@ def test_concurrent_deployments_and_ingest_do_not_conflict(registry: Registry) -
         try:
             for i in range(15):
                 registry.create_deployment(mv.id, devices[(k + i) % 12 :] + devices[: (k + i) % 12])
-        except BaseException as exc:  # noqa: BLE001 - reported by the assert below
+        except BaseException as exc:
             errors.append(exc)
 
     def ingest(k: int) -> None:
@@ -646,7 +646,7 @@ def test_concurrent_deployments_and_ingest_do_not_conflict(registry: Registry) -
                 registry.add_telemetry(batch)
                 registry.add_events([Event(d.device_id, EventKind.VERIFIED) for d in batch])
                 registry.record_reported(_report(devices[(k + i) % 12]))
-        except BaseException as exc:  # noqa: BLE001 - reported by the assert below
+        except BaseException as exc:
             errors.append(exc)
 
     threads = [threading.Thread(target=deploy, args=(k,)) for k in range(4)]

@@ -17,12 +17,13 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
-from edgefleet.controller.errors import KeyPermissionError, TrustError
-from edgefleet.controller.trust import ROLES, Expiry, PublishedTarget, TrustRepository
-from edgefleet.protocols.bundle import TargetCustom, TensorSpec
 from tuf.api import exceptions
 from tuf.ngclient.fetcher import FetcherInterface
 from tuf.ngclient.updater import Updater
+
+from edgefleet.controller.errors import KeyPermissionError, TrustError
+from edgefleet.controller.trust import ROLES, Expiry, PublishedTarget, TrustRepository
+from edgefleet.protocols.bundle import TargetCustom, TensorSpec
 
 BASE = "edgefleet://repo/"
 TARGET = "demo-mlp/1.0/generic-fp32.bundle"

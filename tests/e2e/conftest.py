@@ -18,8 +18,9 @@ def harness(tmp_path: Path, broker: BrokerSettings) -> Iterator[Harness]:
 
 
 @pytest.fixture
-def harness_db(tmp_path: Path, embedded_broker: BrokerSettings, database_url: str
-               ) -> Iterator[Harness]:
+def harness_db(
+    tmp_path: Path, embedded_broker: BrokerSettings, database_url: str
+) -> Iterator[Harness]:
     """Controller on each database (SQLite, and PostgreSQL when configured)."""
     h = Harness(tmp_path, embedded_broker, database_url)
     yield h

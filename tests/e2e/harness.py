@@ -54,10 +54,12 @@ def wide_model(hidden: int = 4096, seed: int = 3) -> bytes:
     w1 = rng.normal(0, 0.3, (16, hidden)).astype(np.float32)
     w2 = rng.normal(0, 0.3, (hidden, 4)).astype(np.float32)
     graph = helper.make_graph(
-        [helper.make_node("MatMul", ["features", "w1"], ["h"]),
-         helper.make_node("Relu", ["h"], ["r"]),
-         helper.make_node("MatMul", ["r", "w2"], ["logits"]),
-         helper.make_node("Softmax", ["logits"], ["probabilities"], axis=-1)],
+        [
+            helper.make_node("MatMul", ["features", "w1"], ["h"]),
+            helper.make_node("Relu", ["h"], ["r"]),
+            helper.make_node("MatMul", ["r", "w2"], ["logits"]),
+            helper.make_node("Softmax", ["logits"], ["probabilities"], axis=-1),
+        ],
         "wide",
         [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["N", 16])],
         [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["N", 4])],
@@ -105,9 +107,14 @@ class Harness:
         self.root_file = tmp / "root.json"
         self.root_file.write_bytes(self.repository.root_bytes())
         self.service = ControllerService(
-            self.registry, self.repository, broker,
-            ServiceSettings(client_id=f"e2e-controller-{self.token}",
-                            maintenance_interval_s=0.5, ingest_flush_s=0.1),
+            self.registry,
+            self.repository,
+            broker,
+            ServiceSettings(
+                client_id=f"e2e-controller-{self.token}",
+                maintenance_interval_s=0.5,
+                ingest_flush_s=0.1,
+            ),
         )
         self.service.start()
         self.agents: list[Agent] = []
@@ -122,28 +129,53 @@ class Harness:
         self.registry.close()
 
     # ------------------------------------------------------------------ catalog
-    def register(self, version: str, model: bytes | None = None,
-                 hardware_classes: tuple[str, ...] = ("generic",)) -> RegisteredModel:
-        return register_model(self.registry, self.repository, model or build_demo_model(),
-                              name=MODEL, version=version, hardware_classes=hardware_classes)
+    def register(
+        self,
+        version: str,
+        model: bytes | None = None,
+        hardware_classes: tuple[str, ...] = ("generic",),
+    ) -> RegisteredModel:
+        return register_model(
+            self.registry,
+            self.repository,
+            model or build_demo_model(),
+            name=MODEL,
+            version=version,
+            hardware_classes=hardware_classes,
+        )
 
     def register_broken(self, version: str) -> RegisteredModel:
         """A signed, well-formed bundle whose model fails its own smoke test."""
         good = build_demo_model()
         inputs, outputs = inspect_onnx(good)
         info = self.registry.register_model_version(
-            MODEL, version, source_sha256="0" * 64, inputs=inputs, outputs=outputs)
-        bundle, _ = build_bundle(good, name=MODEL, version=version, release=info.release,
-                                 hardware_class="generic", precision="fp32",
-                                 sample_inputs=default_sample(inputs))
+            MODEL, version, source_sha256="0" * 64, inputs=inputs, outputs=outputs
+        )
+        bundle, _ = build_bundle(
+            good,
+            name=MODEL,
+            version=version,
+            release=info.release,
+            hardware_class="generic",
+            precision="fp32",
+            sample_inputs=default_sample(inputs),
+        )
         bad = swap_model_in_bundle(bundle, build_demo_model(seed=99))
-        custom = TargetCustom(MODEL, version, info.release, "onnxruntime", "fp32", "generic",
-                              inputs, outputs)
+        custom = TargetCustom(
+            MODEL, version, info.release, "onnxruntime", "fp32", "generic", inputs, outputs
+        )
         published = self.repository.add_target(
-            bundle_target_path(MODEL, version, "generic", "fp32"), bad, custom)
+            bundle_target_path(MODEL, version, "generic", "fp32"), bad, custom
+        )
         bundle_info = self.registry.add_bundle(
-            info.id, hardware_class="generic", runtime="onnxruntime", precision="fp32",
-            target_path=published.path, sha256=published.sha256, length=published.length)
+            info.id,
+            hardware_class="generic",
+            runtime="onnxruntime",
+            precision="fp32",
+            target_path=published.path,
+            sha256=published.sha256,
+            length=published.length,
+        )
         return RegisteredModel(info, (bundle_info,))
 
     # ------------------------------------------------------------------ devices
@@ -152,8 +184,9 @@ class Harness:
 
     def agent_config(self, name: str, **overrides: Any) -> AgentConfig:
         device_id = self.device_id(name)
-        transfer = overrides.pop("transfer", TransferSettings(request_timeout_s=2.0,
-                                                              max_attempts=3))
+        transfer = overrides.pop(
+            "transfer", TransferSettings(request_timeout_s=2.0, max_attempts=3)
+        )
         return AgentConfig(
             device_id=device_id,
             state_dir=self.tmp / "agents" / device_id,
@@ -185,22 +218,28 @@ class Harness:
         return next(s for s in self.registry.device_summaries() if s.device_id == device_id)
 
     def wait_active(self, agent: Agent, version: str, timeout_s: float = 30.0) -> None:
-        wait_for(lambda: agent.active_model is not None and agent.active_model.version == version,
-                 timeout_s, f"{agent.device_id} to run {version}")
+        wait_for(
+            lambda: agent.active_model is not None and agent.active_model.version == version,
+            timeout_s,
+            f"{agent.device_id} to run {version}",
+        )
 
     def wait_error(self, name: str, code: str, timeout_s: float = 30.0) -> DeviceSummary:
-        wait_for(lambda: self.summary(name).last_error_code == code, timeout_s,
-                 f"{name} to report {code} (last: {self.summary(name).last_error_code})")
+        wait_for(
+            lambda: self.summary(name).last_error_code == code,
+            timeout_s,
+            f"{name} to report {code} (last: {self.summary(name).last_error_code})",
+        )
         return self.summary(name)
 
 
 def infer(agent: Agent, features: list[list[float]] | None = None) -> dict[str, Any]:
     body = {"inputs": {"features": features or [[0.5] * 16]}}
-    request = urllib.request.Request(f"{agent.server.url}/v1/infer",
-                                     data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310 - loopback
+    request = urllib.request.Request(
+        f"{agent.server.url}/v1/infer",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:
         result: dict[str, Any] = json.loads(response.read())
         return result
-
-

@@ -55,8 +55,11 @@ def test_agent_counts_and_survives_hostile_messages(harness: Harness) -> None:
 
     def counted() -> bool:
         r = agent.rejections.snapshot()
-        return (r.get("malformed_desired", 0) >= 10 and r.get("wrong_device", 0) >= 1
-                and r.get("malformed_frame", 0) >= 9)
+        return (
+            r.get("malformed_desired", 0) >= 10
+            and r.get("wrong_device", 0) >= 1
+            and r.get("malformed_frame", 0) >= 9
+        )
 
     wait_for(counted, what=f"agent rejections, have {agent.rejections.snapshot()}")
     assert infer(agent)["model"]["version"] == "1.0"
@@ -80,16 +83,30 @@ def test_controller_counts_and_survives_hostile_messages(harness: Harness) -> No
     forged = FileRequest("gw-other", "cd" * 16, "metadata/timestamp.json", 65536, ((0, 1),))
     attacker.publish(str(DeviceTopic(device_id, Channel.FILE_REQUEST)), forged.encode(), qos=1)
     # A device that was never enrolled.
-    stranger = FileRequest(f"stranger-{harness.token}", "cd" * 16, "metadata/timestamp.json",
-                           65536, ((0, 1),))
-    attacker.publish(str(DeviceTopic(stranger.device_id, Channel.FILE_REQUEST)),
-                     stranger.encode(), qos=1, wait_s=5)
+    stranger = FileRequest(
+        f"stranger-{harness.token}", "cd" * 16, "metadata/timestamp.json", 65536, ((0, 1),)
+    )
+    attacker.publish(
+        str(DeviceTopic(stranger.device_id, Channel.FILE_REQUEST)),
+        stranger.encode(),
+        qos=1,
+        wait_s=5,
+    )
 
     def counted() -> bool:
         r = harness.service.rejected()
-        return all(r.get(k, 0) >= 1 for k in (
-            "malformed_reported", "malformed_events", "malformed_telemetry",
-            "malformed_file_request", "malformed_status", "device_mismatch", "unknown_device"))
+        return all(
+            r.get(k, 0) >= 1
+            for k in (
+                "malformed_reported",
+                "malformed_events",
+                "malformed_telemetry",
+                "malformed_file_request",
+                "malformed_status",
+                "device_mismatch",
+                "unknown_device",
+            )
+        )
 
     wait_for(counted, what=f"controller rejections, have {harness.service.rejected()}")
     # Still fully working: a real agent enrolls, installs and reports.

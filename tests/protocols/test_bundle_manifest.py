@@ -10,8 +10,21 @@ from edgefleet.protocols.errors import MessageError
 
 SPEC_IN = (TensorSpec("x", "float32", (None, 16)),)
 SPEC_OUT = (TensorSpec("y", "float32", (None, 4)),)
-MANIFEST = BundleManifest("m", "1.0", 2, "onnxruntime", "int8", "x86-vnni", "model.onnx",
-                          "a" * 64, SPEC_IN, SPEC_OUT, 1e-3, 1e-2, 5.0)
+MANIFEST = BundleManifest(
+    "m",
+    "1.0",
+    2,
+    "onnxruntime",
+    "int8",
+    "x86-vnni",
+    "model.onnx",
+    "a" * 64,
+    SPEC_IN,
+    SPEC_OUT,
+    1e-3,
+    1e-2,
+    5.0,
+)
 
 
 def test_manifest_round_trip() -> None:
@@ -43,8 +56,15 @@ def test_manifest_refuses_bad_fields(changes: dict[str, Any], fragment: str) -> 
 
 def test_target_custom_requires_io() -> None:
     with pytest.raises(MessageError, match="io"):
-        TargetCustom.from_dict({"model": "m", "version": "1", "release": 1,
-                                "runtime": "onnxruntime", "precision": "fp32",
-                                "hardware_class": "generic"})
+        TargetCustom.from_dict(
+            {
+                "model": "m",
+                "version": "1",
+                "release": 1,
+                "runtime": "onnxruntime",
+                "precision": "fp32",
+                "hardware_class": "generic",
+            }
+        )
     with pytest.raises(MessageError, match="custom"):
         TargetCustom.from_dict(None)

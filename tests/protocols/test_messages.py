@@ -29,8 +29,9 @@ HW = HardwareInfo("x86_64", ("avx2",), ("onnxruntime",), "generic")
 SAMPLES = [
     DesiredState("gw-1", 4, REF, "dep1", 12.5),
     DesiredState("gw-1", 0, None),
-    ReportedState("gw-1", AgentState.FAILED, REF, HW, 4, "dep1", REF, ErrorInfo("tampered", "x"),
-                  "0.1.0", 1.0),
+    ReportedState(
+        "gw-1", AgentState.FAILED, REF, HW, 4, "dep1", REF, ErrorInfo("tampered", "x"), "0.1.0", 1.0
+    ),
     Event("gw-1", EventKind.DOWNLOAD_PROGRESS, 4, "dep1", REF, None, 10, 20, 2.0),
     Telemetry("gw-1", 10.0, 5, 1, LatencySummary(1.0, 2.0, 3.0), REF, 1000, 12.5, {"bad": 2}, 3.0),
     FileRequest("gw-1", "ab" * 16, "targets/x.bundle", 65536, ((0, 4), (9, 10))),
@@ -107,18 +108,45 @@ def test_block_indices_are_capped() -> None:
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
-    lambda children: st.lists(children, max_size=4)
-    | st.dictionaries(st.text(max_size=10), children, max_size=4),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=10), children, max_size=4)
+    ),
     max_leaves=20,
 )
 KINDS = [DesiredState, ReportedState, Event, Telemetry, FileRequest]
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.sampled_from(KINDS), st.dictionaries(st.sampled_from(
-    ["v", "device_id", "generation", "model", "state", "hardware", "kind", "window_s",
-     "requests", "errors", "rss_bytes", "cpu_percent", "path", "request_id", "block_size",
-     "ranges", "latency_ms", "rejected", "active"]), json_values, max_size=12))
+@given(
+    st.sampled_from(KINDS),
+    st.dictionaries(
+        st.sampled_from(
+            [
+                "v",
+                "device_id",
+                "generation",
+                "model",
+                "state",
+                "hardware",
+                "kind",
+                "window_s",
+                "requests",
+                "errors",
+                "rss_bytes",
+                "cpu_percent",
+                "path",
+                "request_id",
+                "block_size",
+                "ranges",
+                "latency_ms",
+                "rejected",
+                "active",
+            ]
+        ),
+        json_values,
+        max_size=12,
+    ),
+)
 def test_any_json_object_parses_or_raises_message_error(kind: Any, body: dict[str, Any]) -> None:
     try:
         payload = json.dumps(body).encode()

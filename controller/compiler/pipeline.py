@@ -1,0 +1,622 @@
+"""``compile_model``: build every candidate a profile allows, measure, gate, choose.
+
+The steps, and why they are in this order:
+
+1. Check the job (tolerance, profile runtime), load the source and the data.
+   Anything wrong here raises before minutes are spent quantizing.
+2. Run the fp32 source on the validation samples: the reference outputs.
+3. Pre-process once (shape inference + basic optimisation) for the quantizers.
+4. Build each applicable recipe. A recipe that raises, or whose model
+   onnxruntime cannot load or run, becomes a *failed* candidate with the
+   reason; the compile goes on.
+5. Score each candidate against the reference (the accuracy gate).
+6. If static int8 failed the gate, rank its most sensitive nodes, keep them
+   in float, and retry a bounded number of times (a ``+exclude`` candidate).
+7. Time fp32 and every candidate in interleaved rounds on this machine.
+8. Apply the selection rule (:func:`~edgefleet.controller.compiler.report.select`).
+
+Nothing that failed the gate can be chosen; if nothing passes, the compile
+raises :class:`ToleranceError` naming the closest candidates.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+import platform
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgefleet.controller.compiler.data import (
+    DataSource,
+    Feed,
+    SampleSet,
+    load_samples,
+    synthetic_feed,
+)
+from edgefleet.controller.compiler.errors import (
+    CompileError,
+    DataError,
+    NoVariantError,
+    RecipeError,
+    SourceModelError,
+    ToleranceError,
+)
+from edgefleet.controller.compiler.evaluate import (
+    METRICS,
+    Accuracy,
+    LatencyStats,
+    compare_outputs,
+    measure_latency,
+    run_samples,
+)
+from edgefleet.controller.compiler.profiles import Profile, normalize_arch, normalize_features
+from edgefleet.controller.compiler.recipes import (
+    BuildInput,
+    Built,
+    Recipe,
+    SourceRecipe,
+    default_recipes,
+    prepare_for_quantization,
+)
+from edgefleet.controller.compiler.report import (
+    Attempt,
+    CandidateReport,
+    CompileReport,
+    CompileResult,
+    Variant,
+    select,
+)
+from edgefleet.controller.compiler.sensitivity import rank_sensitive_nodes
+from edgefleet.controller.compiler.source import SourceModel, first_line, load_source, make_session
+
+__all__ = ["compile_model", "host_info"]
+
+_CPUINFO = Path("/proc/cpuinfo")
+
+
+def host_info(profile: Profile | None = None) -> dict[str, Any]:
+    """The machine latencies are measured on, and whether it has ``profile``'s features."""
+    import onnxruntime as ort
+
+    cpu = platform.processor() or platform.machine()
+    flags: set[str] = set()
+    try:
+        text = _CPUINFO.read_text(errors="replace")
+    except OSError:
+        text = ""
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        key = key.strip()
+        if not sep:
+            continue
+        if key == "model name" and value.strip():
+            cpu = value.strip()
+        elif key in ("flags", "Features"):
+            flags |= set(value.split())
+    arch = normalize_arch(platform.machine())
+    features = normalize_features(flags, arch)
+    interesting = {"avx2", "avx512f", "vnni", "avx512_vnni", "avx_vnni", "neon", "dotprod"}
+    interesting |= {"asimddp", "fp16arith", "i8mm"}
+    info: dict[str, Any] = {
+        "cpu": cpu,
+        "arch": arch,
+        "features": sorted(features & interesting),
+        "onnxruntime": ort.__version__,
+    }
+    if profile is not None:
+        # Extra int8 instructions matter as much as missing ones: a VNNI host
+        # times int8 far faster than an AVX2-only device would run it.
+        host_dot = bool({"vnni", "dotprod"} & features)
+        info["matches_profile"] = (
+            profile.arch in ("any", arch)
+            and profile.features <= features
+            and (profile.arch == "any" or host_dot == profile.int8_dot)
+        )
+    return info
+
+
+@dataclass
+class _Live:
+    """A built candidate with what is needed to measure it (not part of the report)."""
+
+    recipe: Recipe
+    built: Built
+    session: Any
+    report: CandidateReport
+
+
+def _resolve_recipes(profile: Profile, recipes: Sequence[str | Recipe] | None) -> list[Recipe]:
+    defaults = default_recipes(profile)
+    if recipes is None:
+        return defaults
+    by_name = {r.name: r for r in defaults}
+    out: list[Recipe] = []
+    for r in recipes:
+        if isinstance(r, Recipe):
+            out.append(r)
+        elif r == "auto":
+            out.extend(defaults)
+        elif r in by_name:
+            out.append(by_name[r])
+        else:
+            raise CompileError(f"unknown recipe {r!r}; known recipes: auto, {', '.join(by_name)}")
+    seen: set[str] = set()
+    unique = []
+    for r in out:
+        if r.name not in seen:
+            seen.add(r.name)
+            unique.append(r)
+    return unique
+
+
+def _check_reference(outputs: list[list[Any]], names: Sequence[str]) -> None:
+    for i, sample in enumerate(outputs):
+        for name, value in zip(names, sample, strict=True):
+            arr = np.asarray(value)
+            if arr.dtype.kind in "fc" and not np.all(np.isfinite(arr)):
+                raise SourceModelError(
+                    f"the fp32 source outputs NaN or infinity for {name!r} on validation "
+                    f"sample {i}; nothing can be compared against it"
+                )
+
+
+def _describe_error(exc: BaseException) -> str:
+    if isinstance(exc, RecipeError):
+        return str(exc)
+    return f"{type(exc).__name__}: {first_line(exc)}"
+
+
+class _Compiler:
+    """State of one compile; :func:`compile_model` is its only user."""
+
+    def __init__(
+        self,
+        src: SourceModel,
+        profile: Profile,
+        *,
+        tolerance: float,
+        validation: SampleSet | None,
+        calibration: SampleSet | None,
+        metrics: Mapping[str, str] | None,
+    ) -> None:
+        self.src = src
+        self.profile = profile
+        self.tolerance = tolerance
+        self.validation = validation
+        self.calibration = calibration
+        self.metrics = metrics
+        self.output_names = [o.name for o in src.outputs]
+        self.reference: list[list[Any]] | None = None
+        self.notes: list[str] = []
+        self.reports: list[CandidateReport] = []
+        self.lives: dict[str, _Live] = {}
+
+    def prepare(self) -> BuildInput:
+        """Pre-process once for the quantizers; a failure only fails the recipes needing it."""
+        prepared: bytes | None = None
+        error: str | None = None
+        try:
+            prepared = prepare_for_quantization(self.src)
+        except Exception as exc:  # noqa: BLE001 - recorded; the compile goes on
+            error = _describe_error(exc)
+            self.notes.append(f"pre-processing failed ({error}); recipes needing it fail")
+        return BuildInput(self.src, prepared, error, self.calibration)
+
+    def build_all(self, recipes: Sequence[Recipe], inp: BuildInput) -> None:
+        for recipe in recipes:
+            reason = recipe.skip_reason(
+                self.profile, self.src, has_calibration=self.calibration is not None
+            )
+            if reason is not None:
+                self.reports.append(
+                    CandidateReport(
+                        name=recipe.name,
+                        recipe=recipe.name,
+                        precision=recipe.precision,
+                        status="skipped",
+                        reason=reason,
+                        description=recipe.description,
+                        options=recipe.options(),
+                    )
+                )
+                continue
+            live, rep = self.build_one(recipe, inp)
+            self.reports.append(rep)
+            if live is not None:
+                self.lives[rep.name] = live
+
+    def retry_closest_static(self, inp: BuildInput, attempts: int) -> None:
+        """Sensitivity retry of the closest failing static int8 candidate only.
+
+        Retrying one keeps the cost bounded however many static recipes
+        failed; the closest one needs the fewest nodes kept in float.
+        """
+        failing = [
+            lv
+            for lv in self.lives.values()
+            if lv.recipe.static_int8
+            and lv.report.accuracy is not None
+            and not lv.report.accuracy.passed
+        ]
+        if not failing:
+            return
+        closest = max(failing, key=lambda lv: lv.report.score or 0.0)
+        retried = self.retry_sensitive(closest, inp, attempts)
+        if retried is not None:
+            new_live, rep = retried
+            self.reports.append(rep)
+            if new_live is not None:
+                self.lives[rep.name] = new_live
+
+    def latency_feed(self) -> tuple[Feed, str]:
+        if self.validation is not None:
+            return self.validation.feed(0), "validation sample 0"
+        if self.calibration is not None:
+            return self.calibration.feed(0), "calibration sample 0"
+        return synthetic_feed(self.src), "synthetic (no data given)"
+
+    def measure(self, iterations: int, warmup: int) -> tuple[LatencyStats, str]:
+        """Time fp32 and every live candidate interleaved; fill in the latency fields."""
+        feed, feed_name = self.latency_feed()
+        baseline_key = "\x00fp32-baseline"
+        sessions: dict[str, Any] = {baseline_key: make_session(self.src.data)}
+        sessions.update(
+            {
+                name: lv.session
+                for name, lv in self.lives.items()
+                if not isinstance(lv.recipe, SourceRecipe)
+            }
+        )
+        stats, errors = measure_latency(sessions, feed, iterations=iterations, warmup=warmup)
+        baseline = stats.get(baseline_key)
+        if baseline is None:
+            raise SourceModelError(
+                f"the fp32 source cannot run on {feed_name}: {errors.get(baseline_key)}"
+            )
+        updated: list[CandidateReport] = []
+        for rep in self.reports:
+            lv = self.lives.get(rep.name)
+            if lv is None:
+                updated.append(rep)
+                continue
+            # The unchanged source *is* the baseline: same model, same rounds.
+            st = baseline if isinstance(lv.recipe, SourceRecipe) else stats.get(rep.name)
+            notes = rep.notes
+            if rep.name in errors:
+                notes = (*notes, f"latency run failed: {errors[rep.name]}")
+            updated.append(
+                dataclasses.replace(
+                    rep,
+                    latency=st,
+                    latency_ratio=None if st is None else st.p50_ms / baseline.p50_ms,
+                    latency_ratio_p95=None if st is None else st.p95_ms / baseline.p95_ms,
+                    notes=notes,
+                )
+            )
+        self.reports = updated
+        return baseline, feed_name
+
+    def reference_outputs(self) -> None:
+        session = make_session(self.src.data)
+        if self.calibration is not None:
+            try:
+                session.run(None, self.calibration.feed(0))
+            except Exception as exc:  # noqa: BLE001 - onnxruntime raises RuntimeError subclasses
+                raise DataError(
+                    f"the fp32 source cannot run calibration sample 0: {first_line(exc)}"
+                ) from None
+        if self.validation is None:
+            return
+        try:
+            self.reference = run_samples(session, self.validation, self.output_names)
+        except Exception as exc:  # noqa: BLE001 - as above
+            raise DataError(
+                f"the fp32 source cannot run the validation data: {first_line(exc)}"
+            ) from None
+        _check_reference(self.reference, self.output_names)
+
+    def score(self, session: Any) -> Accuracy | None:
+        if self.validation is None or self.reference is None:
+            return None
+        outputs = run_samples(session, self.validation, self.output_names)
+        return compare_outputs(
+            self.reference,
+            outputs,
+            self.output_names,
+            tolerance=self.tolerance,
+            metrics=self.metrics,
+        )
+
+    def build_one(
+        self,
+        recipe: Recipe,
+        inp: BuildInput,
+        *,
+        name: str | None = None,
+        exclude: Sequence[str] = (),
+    ) -> tuple[_Live | None, CandidateReport]:
+        """Build, load and score one candidate; failures become a failed report."""
+        base = CandidateReport(
+            name=name or recipe.name,
+            recipe=recipe.name,
+            precision=recipe.precision,
+            status="failed",
+            description=recipe.description,
+            options=recipe.options(),
+            excluded_nodes=tuple(exclude),
+        )
+        try:
+            built = recipe.build(inp, nodes_to_exclude=exclude)
+        except Exception as exc:  # noqa: BLE001 - any recipe failure is recorded, not raised
+            return None, dataclasses.replace(base, reason=f"build failed: {_describe_error(exc)}")
+        base = dataclasses.replace(
+            base,
+            options=dict(built.options) or base.options,
+            notes=built.notes,
+            size_bytes=len(built.model),
+            size_ratio=len(built.model) / self.src.size_bytes,
+            sha256=hashlib.sha256(built.model).hexdigest(),
+        )
+        try:
+            session = make_session(built.model)
+        except Exception as exc:  # noqa: BLE001 - onnxruntime raises RuntimeError subclasses
+            return None, dataclasses.replace(
+                base, reason=f"onnxruntime cannot load it: {first_line(exc)}"
+            )
+        try:
+            accuracy = self.score(session)
+        except Exception as exc:  # noqa: BLE001 - as above
+            return None, dataclasses.replace(
+                base, reason=f"onnxruntime failed running it: {first_line(exc)}"
+            )
+        report = dataclasses.replace(base, status="measured", accuracy=accuracy)
+        return _Live(recipe, built, session, report), report
+
+    def retry_sensitive(
+        self, live: _Live, inp: BuildInput, attempts: int
+    ) -> tuple[_Live | None, CandidateReport] | None:
+        """Exclude the most sensitive nodes of a failing static int8 candidate and rebuild.
+
+        Attempt *k* (0-based) adds the ``2**k`` most sensitive nodes not yet
+        excluded, re-ranking on the latest model each time, and stops at the
+        first attempt that passes. Ranking uses the calibration samples, so
+        the validation samples stay an independent check.
+        """
+        if inp.prepared is None or self.calibration is None:
+            return None
+        excluded: list[str] = []
+        history: list[Attempt] = []
+        current = live
+        result: tuple[_Live | None, CandidateReport] | None = None
+        name = f"{live.recipe.name}+exclude"
+        for k in range(attempts):
+            try:
+                ranking = rank_sensitive_nodes(
+                    inp.prepared,
+                    current.built.model,
+                    self.calibration,
+                    quantizable=live.recipe.quantizable_ops(),
+                )
+            except Exception as exc:  # noqa: BLE001 - analysis failure ends the retries
+                history.append(
+                    Attempt(
+                        tuple(excluded),
+                        None,
+                        False,
+                        error=f"sensitivity analysis failed: {_describe_error(exc)}",
+                    )
+                )
+                break
+            fresh = [s for s in ranking if s.node not in excluded][: 2**k]
+            if not fresh:
+                break
+            excluded.extend(s.node for s in fresh)
+            new_live, rep = self.build_one(live.recipe, inp, name=name, exclude=excluded)
+            passed = bool(rep.accuracy and rep.accuracy.passed)
+            history.append(
+                Attempt(
+                    tuple(excluded),
+                    rep.score,
+                    passed,
+                    sensitive=tuple(ranking[:5]),
+                    error=None if new_live else rep.reason,
+                )
+            )
+            result = (new_live, rep)
+            if new_live is None or passed:
+                break
+            current = new_live
+        if result is None:
+            return None
+        new_live, rep = result
+        rep = dataclasses.replace(rep, attempts=tuple(history))
+        if new_live is not None:
+            new_live.report = rep
+        return new_live, rep
+
+
+def compile_model(
+    source: Path | str | bytes,
+    profile: Profile,
+    *,
+    calibration: DataSource | None = None,
+    validation: DataSource | None = None,
+    tolerance: float = 0.01,
+    recipes: Sequence[str | Recipe] | None = None,
+    metrics: Mapping[str, str] | None = None,
+    latency_iterations: int = 50,
+    latency_warmup: int = 5,
+    max_calibration_samples: int = 128,
+    max_validation_samples: int = 500,
+    sensitivity_attempts: int = 3,
+) -> CompileResult:
+    """Compile an fp32 ONNX model into accuracy-gated variants for one device profile.
+
+    Args:
+        source: the fp32 ONNX model (path or bytes).
+        profile: the device class to compile for.
+        calibration: ``.npz`` path or mapping of input name to samples, for
+            static int8 (see :mod:`~edgefleet.controller.compiler.data`).
+        validation: same format; every candidate is compared with the fp32
+            source on these. Without it accuracy is unverified.
+        tolerance: the gate passes at score ``>= 1 - tolerance`` (top-1
+            agreement for classifier outputs, mean cosine otherwise).
+        recipes: recipe names or objects to try; ``None`` (or ``"auto"``) is
+            every built-in recipe the profile and op mix call for.
+        metrics: per output name, force ``top1``, ``cosine`` or ``exact``.
+        latency_iterations: interleaved timing rounds.
+        latency_warmup: untimed runs per model first.
+        max_calibration_samples / max_validation_samples: use at most this
+            many samples (the first ones).
+        sensitivity_attempts: bounded retries that keep sensitive nodes of a
+            failing static int8 candidate in float (0 disables).
+
+    Returns:
+        The report and the eligible variants, best first.
+
+    Raises:
+        CompileError: bad tolerance, unsupported runtime, unknown recipe or metric.
+        SourceModelError: the source is unreadable, not ONNX, or cannot run.
+        DataError: calibration/validation data do not fit the model.
+        ToleranceError: with validation data, no candidate met the tolerance.
+        NoVariantError: candidates passed the gate but none fits the budget or
+            is at least as fast as fp32 (latency objective).
+    """
+    _check_job(profile, tolerance, latency_iterations, latency_warmup, sensitivity_attempts)
+    started = time.time()
+    src = load_source(source)
+    _check_metrics(src, metrics)
+    chosen_recipes = _resolve_recipes(profile, recipes)
+    val = (
+        None
+        if validation is None
+        else load_samples(validation, src, role="validation", max_samples=max_validation_samples)
+    )
+    cal = (
+        None
+        if calibration is None
+        else load_samples(calibration, src, role="calibration", max_samples=max_calibration_samples)
+    )
+    comp = _Compiler(
+        src, profile, tolerance=float(tolerance), validation=val, calibration=cal, metrics=metrics
+    )
+    comp.reference_outputs()
+    for s in (val, cal):
+        if s is not None and s.count < s.total:
+            comp.notes.append(f"{s.role}: used the first {s.count} of {s.total} samples")
+    inp = comp.prepare()
+    comp.build_all(chosen_recipes, inp)
+    if sensitivity_attempts > 0:
+        comp.retry_closest_static(inp, sensitivity_attempts)
+    baseline, feed_name = comp.measure(latency_iterations, latency_warmup)
+    judged = select(comp.reports, profile, tolerance=float(tolerance))
+    ranked = sorted((c for c in judged if c.rank is not None), key=lambda c: c.rank or 0)
+    host = host_info(profile)
+    if not host.get("matches_profile", True):
+        comp.notes.append(
+            f"this machine ({host['cpu']}, {host['arch']}, {'/'.join(host['features'])}) is not "
+            f"a {profile.name} device: accuracy and latency were measured here and may "
+            "differ on the devices"
+        )
+    comp.notes.append(f"model kind: {src.kind}; compile took {time.time() - started:.1f} s")
+    report = CompileReport(
+        source={
+            "sha256": src.sha256,
+            "size_bytes": src.size_bytes,
+            "weight_bytes": src.weight_bytes,
+            "kind": src.kind,
+            "op_counts": dict(sorted(src.op_counts.items())),
+            "inputs": [s.to_dict() for s in src.inputs],
+            "outputs": [s.to_dict() for s in src.outputs],
+        },
+        profile=profile,
+        tolerance=float(tolerance),
+        verified=val is not None,
+        validation_samples=0 if val is None else val.count,
+        calibration_samples=0 if cal is None else cal.count,
+        baseline_latency=baseline,
+        latency_config={
+            "iterations": latency_iterations,
+            "warmup": latency_warmup,
+            "intra_op_threads": 1,
+            "input": feed_name,
+            "interleaved": True,
+        },
+        host=host,
+        candidates=tuple(judged),
+        chosen=tuple(c.name for c in ranked),
+        notes=tuple(comp.notes),
+        created_at=time.time(),
+    )
+    if not ranked:
+        _raise_nothing_chosen(report)
+    variants = [
+        Variant(
+            name=c.name,
+            recipe=c.recipe,
+            precision=c.precision,
+            model=comp.lives[c.name].built.model,
+            metrics=c,
+            profile=profile.name,
+            inputs=src.inputs,
+            outputs=src.outputs,
+        )
+        for c in ranked
+    ]
+    return CompileResult(report=report, chosen=variants)
+
+
+def _check_job(
+    profile: Profile, tolerance: float, iterations: int, warmup: int, attempts: int
+) -> None:
+    if (
+        isinstance(tolerance, bool)
+        or not isinstance(tolerance, int | float)
+        or not math.isfinite(tolerance)
+        or not (0.0 <= tolerance < 1.0)
+    ):
+        raise CompileError(f"tolerance must be a number in [0, 1), got {tolerance!r}")
+    if profile.runtime != "onnxruntime":
+        raise CompileError(
+            f"profile {profile.name!r} targets {profile.runtime}; this compiler builds "
+            "onnxruntime variants only"
+        )
+    if iterations < 1 or warmup < 0 or attempts < 0:
+        raise CompileError("latency_iterations must be >= 1, warmup and attempts >= 0")
+
+
+def _check_metrics(src: SourceModel, metrics: Mapping[str, str] | None) -> None:
+    names = {o.name for o in src.outputs}
+    for out, metric in (metrics or {}).items():
+        if out not in names:
+            raise CompileError(f"metric override for unknown output {out!r}")
+        if metric not in METRICS:
+            raise CompileError(f"metric for {out!r} must be one of {', '.join(METRICS)}")
+
+
+def _raise_nothing_chosen(report: CompileReport) -> None:
+    scored = [c for c in report.candidates if c.accuracy is not None]
+    if report.verified and scored and not any(c.accuracy and c.accuracy.passed for c in scored):
+        best = sorted(scored, key=lambda c: -(c.score or 0.0))[:3]
+        closest = tuple((c.name, c.score or 0.0) for c in best)
+        listing = ", ".join(f"{n} {s:.4f}" for n, s in closest)
+        raise ToleranceError(
+            f"no candidate meets tolerance {report.tolerance:g} (needs score >= "
+            f"{1 - report.tolerance:.4f}); closest: {listing}",
+            report,
+            closest,
+        )
+    reasons = [f"{c.name}: {c.reason}" for c in report.candidates if c.status != "skipped"]
+    if not reasons:
+        reasons = [f"{c.name}: {c.reason}" for c in report.candidates]
+    raise NoVariantError(
+        f"no variant for profile {report.profile.name}: " + "; ".join(reasons)[:600],
+        report,
+    )

@@ -1,0 +1,635 @@
+"""Recipes: each turns the fp32 source into one candidate variant.
+
+A recipe is a small object with a ``name``, a ``precision``, a check of
+whether it makes sense for a profile and model (:meth:`Recipe.skip_reason`,
+:meth:`Recipe.applies_to`) and a :meth:`Recipe.build` that returns the
+candidate's bytes. Recipes do not judge their output: the pipeline measures
+every candidate and refuses the ones that are wrong or slow.
+
+Which int8 recipes apply follows onnxruntime's guidance, decided by the
+model's op mix (:attr:`SourceModel.kind`):
+
+* conv nets: **static** QDQ quantization. Dynamic quantization computes
+  activation scales at run time, which costs more than it saves on
+  convolutions (and onnxruntime has no int8-weight ``ConvInteger`` kernel).
+* transformers and RNNs: **dynamic** quantization. Their activation ranges
+  vary a lot from input to input, so calibrated static ranges clip.
+* plain MLPs and anything else with MatMul/Gemm: both are tried and measured.
+
+Targets without int8 dot-product instructions (no VNNI on x86, no ``asimddp``
+on Arm) get 7-bit weights (``reduce_range``) and unsigned activations: their
+u8s8 kernels sum pairs of products in 16 bits, which saturates with full
+8-bit ranges.
+
+Every onnxruntime call runs on temporary files and its Python warnings and
+log warnings are captured into the candidate's notes rather than printed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import tempfile
+import warnings
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+from edgefleet.controller.compiler.data import Feed, SampleSet
+from edgefleet.controller.compiler.errors import RecipeError
+from edgefleet.controller.compiler.profiles import Profile
+from edgefleet.controller.compiler.source import (
+    CONV_OPS,
+    MATMUL_OPS,
+    SourceModel,
+    first_line,
+)
+
+__all__ = [
+    "DYNAMIC_OP_TYPES",
+    "BuildInput",
+    "Built",
+    "DynamicInt8Recipe",
+    "Float16Recipe",
+    "OptimizedFp32Recipe",
+    "Recipe",
+    "SourceRecipe",
+    "StaticInt8Recipe",
+    "default_recipes",
+    "prepare_for_quantization",
+    "recipe_names",
+]
+
+# Ops dynamic quantization handles with a real integer kernel on CPU. Conv is
+# left out on purpose: it would become ConvInteger with int8 weights, which
+# onnxruntime's CPU provider cannot run.
+DYNAMIC_OP_TYPES = ("MatMul", "Attention", "LSTM", "Gather", "EmbedLayerNormalization")
+# What a quantizer retry falls back to when it chokes on the full op set.
+_CORE_OP_TYPES = ("Conv", "MatMul", "Gemm")
+# Ops that are only data movement or shape plumbing: being left in float
+# costs nothing worth telling the user about.
+_PLUMBING = frozenset(
+    {
+        "Shape", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose", "Identity",
+        "Constant", "ConstantOfShape", "Cast", "Concat", "Slice", "Gather", "Split",
+        "Expand", "Range", "Tile", "Dropout",
+    }
+)  # fmt: skip
+_QUANTIZED_OPS = frozenset(
+    {
+        "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulInteger",
+        "ConvInteger", "QLinearConv", "QLinearMatMul", "DynamicQuantizeMatMul",
+        "DynamicQuantizeLSTM", "QAttention", "QEmbedLayerNormalization", "QGemm",
+    }
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class BuildInput:
+    """What every recipe builds from.
+
+    Attributes:
+        source: the fp32 source.
+        prepared: the source after shape inference and basic (portable) graph
+            optimisation, as the quantizers want it; ``None`` when that failed.
+        prepare_error: why preparation failed, for the candidates that need it.
+        calibration: calibration samples, if any.
+    """
+
+    source: SourceModel
+    prepared: bytes | None
+    prepare_error: str | None = None
+    calibration: SampleSet | None = None
+
+    def need_prepared(self) -> bytes:
+        if self.prepared is None:
+            raise RecipeError(f"pre-processing failed: {self.prepare_error or 'unknown error'}")
+        return self.prepared
+
+
+@dataclass(frozen=True)
+class Built:
+    """One recipe's output: the model and what the user should know about it."""
+
+    model: bytes
+    notes: tuple[str, ...] = ()
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+
+@contextlib.contextmanager
+def _captured(notes: list[str]) -> Iterator[None]:
+    """Collect Python warnings and log warnings of onnxruntime's tools into ``notes``, mute stdout.
+
+    The quantization tools print advice through the root logger and emit
+    numpy warnings; inside a compile those belong in the report, not on the
+    terminal (and a test run with warnings-as-errors must not turn advice
+    into a failed candidate).
+    """
+
+    class _Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            notes.append(f"onnxruntime: {record.getMessage().strip().splitlines()[0][:200]}")
+
+    handler = _Collect(level=logging.WARNING)
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        # The histogram calibrators print progress to stdout; a CLI emitting
+        # JSON must not get that mixed in.
+        with (
+            warnings.catch_warnings(record=True) as caught,
+            contextlib.redirect_stdout(io.StringIO()),
+        ):
+            warnings.simplefilter("always")
+            yield
+        for w in caught:
+            notes.append(f"warning: {str(w.message).strip().splitlines()[0][:200]}")
+    finally:
+        root.removeHandler(handler)
+
+
+def _dedupe(notes: Sequence[str], limit: int = 8) -> tuple[str, ...]:
+    out: list[str] = []
+    for n in notes:
+        if n not in out:
+            out.append(n)
+    if len(out) > limit:
+        out = [*out[:limit], f"... and {len(out) - limit} more notes"]
+    return tuple(out)
+
+
+def _ort_optimize(model: bytes, level: str, path: Path) -> bytes:
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = {
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    }[level]
+    so.optimized_model_filepath = str(path)
+    so.log_severity_level = 3
+    # Constant sharing renames initializers, which would make node-level
+    # comparisons against the source harder and buys nothing offline.
+    ort.InferenceSession(
+        model, so, providers=["CPUExecutionProvider"], disabled_optimizers=["ConstantSharing"]
+    )
+    return path.read_bytes()
+
+
+def _infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+    try:
+        return onnx.shape_inference.infer_shapes(model, strict_mode=True, data_prop=True)
+    except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError) as exc:
+        raise RecipeError(f"shape inference failed: {first_line(exc)}") from None
+
+
+def prepare_for_quantization(source: SourceModel) -> bytes:
+    """Shape inference, basic graph optimisation, shape inference again.
+
+    This is what onnxruntime's ``quant_pre_process`` does, minus its symbolic
+    shape inference (which needs sympy and only matters for models whose
+    shapes onnx cannot infer). Basic optimisations (constant folding,
+    Conv+BatchNorm fusion, redundant node removal) are hardware independent.
+    The model is tagged as pre-processed so the quantizers do not advise it.
+
+    Raises:
+        RecipeError: shape inference or optimisation failed.
+    """
+    from onnxruntime.quantization.quant_utils import add_pre_process_metadata
+
+    inferred = _infer_shapes(source.proto)
+    with tempfile.TemporaryDirectory(prefix="edgefleet-prep-") as tmp:
+        try:
+            optimized = _ort_optimize(inferred.SerializeToString(), "basic", Path(tmp) / "opt.onnx")
+        except Exception as exc:  # noqa: BLE001 - onnxruntime raises RuntimeError subclasses
+            raise RecipeError(f"graph optimisation failed: {first_line(exc)}") from None
+    model = _infer_shapes(onnx.load_model_from_string(optimized))
+    add_pre_process_metadata(model)
+    data: bytes = model.SerializeToString()
+    return data
+
+
+def _op_types(model: bytes | onnx.ModelProto) -> set[str]:
+    proto = onnx.load_model_from_string(model) if isinstance(model, bytes) else model
+    return {n.op_type for n in proto.graph.node}
+
+
+class Recipe(ABC):
+    """One way of turning the source into a candidate.
+
+    Subclasses set ``name`` (unique, shown in the report), ``precision``
+    (``fp32``/``fp16``/``int8``) and ``description``, and implement
+    :meth:`build`. ``static_int8`` marks recipes whose failures the pipeline
+    may retry with sensitive nodes excluded.
+    """
+
+    name: str
+    precision: str
+    description: str = ""
+    needs_calibration: bool = False
+    static_int8: bool = False
+
+    def options(self) -> dict[str, Any]:
+        """The settings that distinguish this recipe, recorded in the report."""
+        return {}
+
+    def quantizable_ops(self) -> frozenset[str]:
+        """Op types this recipe quantizes (empty for float recipes)."""
+        return frozenset()
+
+    def skip_reason(
+        self, profile: Profile, source: SourceModel, *, has_calibration: bool = True
+    ) -> str | None:
+        """Why this recipe does not apply to ``profile``/``source``, or ``None`` if it does."""
+        if self.precision not in profile.precisions:
+            return f"profile {profile.name} does not allow {self.precision}"
+        if self.needs_calibration and not has_calibration:
+            return "needs calibration data (pass --calibration)"
+        return None
+
+    def applies_to(
+        self, profile: Profile, source: SourceModel, *, has_calibration: bool = True
+    ) -> bool:
+        return self.skip_reason(profile, source, has_calibration=has_calibration) is None
+
+    @abstractmethod
+    def build(self, inp: BuildInput, *, nodes_to_exclude: Sequence[str] = ()) -> Built:
+        """Build the candidate.
+
+        Raises:
+            RecipeError: with the reason the report should show. Any other
+                exception is also caught by the pipeline and recorded.
+        """
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name}>"
+
+
+class SourceRecipe(Recipe):
+    """The source model unchanged: the reference every other candidate must beat."""
+
+    name = "fp32"
+    precision = "fp32"
+    description = "source model as given"
+
+    def build(self, inp: BuildInput, *, nodes_to_exclude: Sequence[str] = ()) -> Built:
+        return Built(inp.source.data)
+
+
+class OptimizedFp32Recipe(Recipe):
+    """fp32 with shape inference and offline graph optimisation baked in.
+
+    The ``extended`` level (fusions such as Gemm+activation, attention
+    patterns) is hardware independent for the CPU provider; ``all`` would add
+    layout transforms for *this* CPU's vector width and is never saved. Falls
+    back to ``basic`` when extended optimisation fails.
+    """
+
+    name = "fp32-opt"
+    precision = "fp32"
+    description = "fp32, shape inference + offline graph optimisation"
+
+    def options(self) -> dict[str, Any]:
+        return {"optimization": "extended"}
+
+    def build(self, inp: BuildInput, *, nodes_to_exclude: Sequence[str] = ()) -> Built:
+        notes: list[str] = []
+        inferred = _infer_shapes(inp.source.proto).SerializeToString()
+        with tempfile.TemporaryDirectory(prefix="edgefleet-opt-") as tmp:
+            try:
+                out = _ort_optimize(inferred, "extended", Path(tmp) / "ext.onnx")
+                level = "extended"
+            except Exception as exc:  # noqa: BLE001 - onnxruntime raises RuntimeError subclasses
+                notes.append(f"extended optimisation failed ({first_line(exc)}); used basic")
+                out = _ort_optimize(inferred, "basic", Path(tmp) / "basic.onnx")
+                level = "basic"
+        return Built(out, tuple(notes), {"optimization": level})
+
+
+class Float16Recipe(Recipe):
+    """fp16 weights and compute, float32 inputs and outputs (``keep_io_types``).
+
+    Keeping fp32 I/O means the device's serving code and the bundle's sample
+    data do not change with precision. On CPUs without fp16 arithmetic
+    onnxruntime runs many fp16 ops through casts, so this variant usually
+    wins on size only; the latency measurement decides.
+    """
+
+    name = "fp16"
+    precision = "fp16"
+    description = "fp16 weights and activations, fp32 I/O"
+
+    def options(self) -> dict[str, Any]:
+        return {"keep_io_types": True}
+
+    def skip_reason(
+        self, profile: Profile, source: SourceModel, *, has_calibration: bool = True
+    ) -> str | None:
+        reason = super().skip_reason(profile, source, has_calibration=has_calibration)
+        if reason is None and source.weight_bytes == 0:
+            return "model has no float weights to convert"
+        return reason
+
+    def build(self, inp: BuildInput, *, nodes_to_exclude: Sequence[str] = ()) -> Built:
+        notes: list[str] = []
+        with _captured(notes):
+            from onnxruntime.transformers.float16 import convert_float_to_float16
+
+            model = onnx.load_model_from_string(inp.need_prepared())
+            converted = convert_float_to_float16(model, keep_io_types=True)
+        return Built(converted.SerializeToString(), _dedupe(notes), self.options())
+
+
+def _int8_types(profile: Profile) -> tuple[Any, Any, bool]:
+    """(activation type, weight type, reduce_range) for a profile."""
+    from onnxruntime.quantization import QuantType
+
+    if profile.int8_dot:
+        return QuantType.QInt8, QuantType.QInt8, False
+    return QuantType.QUInt8, QuantType.QInt8, True
+
+
+def _float_leftovers(prepared: bytes, quantizable: set[str]) -> list[str]:
+    return sorted(_op_types(prepared) - quantizable - _PLUMBING)
+
+
+def _check_quantized(model_path: Path) -> bytes:
+    data = model_path.read_bytes()
+    if not (_op_types(data) & _QUANTIZED_OPS):
+        raise RecipeError("the quantizer left every operator in float: nothing to gain")
+    return data
+
+
+class _Int8Recipe(Recipe):
+    precision = "int8"
+
+    def __init__(self, profile: Profile) -> None:
+        self.profile = profile
+        self.activation_type, self.weight_type, self.reduce_range = _int8_types(profile)
+
+    def _quantizable(self) -> set[str]:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def quantizable_ops(self) -> frozenset[str]:
+        return frozenset(self._quantizable())
+
+    def _weights_to_quantize(self, source: SourceModel) -> bool:
+        present = set(source.op_counts) & self._quantizable()
+        return bool(present & (CONV_OPS | MATMUL_OPS | {"Gather", "LSTM", "Attention"}))
+
+    def _run_with_fallback(
+        self, prepared: bytes, run: Any, notes: list[str], present: set[str]
+    ) -> bytes:
+        """Quantize with every supported op type; on failure retry with the core ones.
+
+        A quantizer that chokes on an unusual op (a shape it cannot handle, a
+        missing type) usually copes when only Conv/MatMul/Gemm are quantized;
+        the rest then stays float and the note says so.
+        """
+        with tempfile.TemporaryDirectory(prefix="edgefleet-q-") as tmp:
+            src = Path(tmp) / "in.onnx"
+            src.write_bytes(prepared)
+            out = Path(tmp) / "out.onnx"
+            try:
+                with _captured(notes):
+                    run(src, out, None)
+                return _check_quantized(out)
+            except RecipeError:
+                raise
+            except Exception as first:  # noqa: BLE001 - the quantizer raises anything
+                core = sorted(present & set(_CORE_OP_TYPES))
+                if not core or set(core) == present:
+                    raise RecipeError(f"quantizer failed: {first_line(first)}") from None
+                notes.append(
+                    f"quantizing all op types failed ({first_line(first)}); "
+                    f"retried with only {', '.join(core)}, the rest stays float"
+                )
+                try:
+                    with _captured(notes):
+                        run(src, out, core)
+                    return _check_quantized(out)
+                except RecipeError:
+                    raise
+                except Exception as second:  # noqa: BLE001 - as above
+                    raise RecipeError(
+                        f"quantizer failed: {first_line(first)}; retry with "
+                        f"{', '.join(core)} only also failed: {first_line(second)}"
+                    ) from None
+
+
+class DynamicInt8Recipe(_Int8Recipe):
+    """int8 weights, activations quantized at run time (``quantize_dynamic``).
+
+    Only MatMul with a constant weight is quantized (``MatMulConstBOnly``):
+    quantizing both operands of an attention MatMul adds work and error.
+    """
+
+    name = "int8-dynamic"
+    description = "dynamic int8 (weights int8, activation scales at run time)"
+
+    def __init__(self, profile: Profile, *, per_channel: bool = False) -> None:
+        super().__init__(profile)
+        self.per_channel = per_channel
+        if per_channel:
+            self.name = "int8-dynamic-pc"
+
+    def _quantizable(self) -> set[str]:
+        return set(DYNAMIC_OP_TYPES)
+
+    def options(self) -> dict[str, Any]:
+        return {
+            "mode": "dynamic",
+            "per_channel": self.per_channel,
+            "reduce_range": self.reduce_range,
+            "weight_type": "int8",
+        }
+
+    def skip_reason(
+        self, profile: Profile, source: SourceModel, *, has_calibration: bool = True
+    ) -> str | None:
+        reason = super().skip_reason(profile, source, has_calibration=has_calibration)
+        if reason is not None:
+            return reason
+        if source.kind == "cnn":
+            return (
+                "convolutional model: onnxruntime recommends static quantization for CNNs "
+                "(no int8-weight ConvInteger kernel on CPU; run-time scales cost more than "
+                "they save)"
+            )
+        if not self._weights_to_quantize(source):
+            return "no MatMul/Gather/LSTM/Attention weights for dynamic quantization"
+        return None
+
+    def build(self, inp: BuildInput, *, nodes_to_exclude: Sequence[str] = ()) -> Built:
+        from onnxruntime.quantization import quantize_dynamic
+
+        prepared = inp.need_prepared()
+        present = _op_types(prepared) & self._quantizable()
+        notes: list[str] = []
+
+        def run(src: Path, out: Path, only: list[str] | None) -> None:
+            quantize_dynamic(
+                src,
+                out,
+                op_types_to_quantize=only or sorted(present),
+                per_channel=self.per_channel,
+                reduce_range=self.reduce_range,
+                weight_type=self.weight_type,
+                nodes_to_exclude=list(nodes_to_exclude),
+                extra_options={"MatMulConstBOnly": True},
+            )
+
+        data = self._run_with_fallback(prepared, run, notes, present)
+        leftovers = _float_leftovers(prepared, self._quantizable() | {"Gemm"})
+        gemm = "Gemm" in _op_types(prepared)
+        if gemm:
+            notes.append("Gemm has no dynamic int8 kernel and stays float")
+        if leftovers:
+            shown = [o for o in leftovers if o != "Gemm"]
+            if shown:
+                notes.append(f"no int8 kernel, stays float: {', '.join(shown)}")
+        return Built(data, _dedupe(notes), self.options())
+
+
+class StaticInt8Recipe(_Int8Recipe):
+    """int8 weights and activations with calibrated ranges, QDQ format (``quantize_static``).
+
+    QDQ keeps the graph readable by any onnxruntime and lets the runtime fuse
+    Q/DQ pairs into integer kernels (QLinearConv, QLinearMatMul) on the device.
+    """
+
+    needs_calibration = True
+    static_int8 = True
+
+    def __init__(self, profile: Profile, *, per_channel: bool, method: str) -> None:
+        super().__init__(profile)
+        if method not in ("minmax", "entropy", "percentile"):
+            raise ValueError(f"unknown calibration method {method!r}")
+        self.per_channel = per_channel
+        self.method = method
+        self.name = f"int8-static-{'pc' if per_channel else 'pt'}-{method}"
+        self.description = (
+            f"static int8 QDQ, {'per-channel' if per_channel else 'per-tensor'} weights, "
+            f"{method} calibration"
+        )
+
+    def _quantizable(self) -> set[str]:
+        from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
+
+        return set(QDQRegistry) | set(QLinearOpsRegistry)
+
+    def options(self) -> dict[str, Any]:
+        return {
+            "mode": "static-qdq",
+            "per_channel": self.per_channel,
+            "calibration": self.method,
+            "reduce_range": self.reduce_range,
+            "activation_type": "int8" if self.profile.int8_dot else "uint8",
+            "weight_type": "int8",
+        }
+
+    def skip_reason(
+        self, profile: Profile, source: SourceModel, *, has_calibration: bool = True
+    ) -> str | None:
+        reason = super().skip_reason(profile, source, has_calibration=has_calibration)
+        if reason is not None:
+            return reason
+        if source.kind in ("transformer", "rnn"):
+            return (
+                f"{source.kind} model: onnxruntime recommends dynamic quantization "
+                "(activation ranges vary too much per input for calibrated static ranges)"
+            )
+        if not self._weights_to_quantize(source):
+            return "no Conv/MatMul/Gemm/Gather weights to quantize"
+        return None
+
+    def build(self, inp: BuildInput, *, nodes_to_exclude: Sequence[str] = ()) -> Built:
+        from onnxruntime.quantization import (
+            CalibrationDataReader,
+            CalibrationMethod,
+            QuantFormat,
+            quantize_static,
+        )
+
+        if inp.calibration is None:
+            raise RecipeError("needs calibration data")
+        prepared = inp.need_prepared()
+        present = _op_types(prepared) & self._quantizable()
+        samples = inp.calibration
+
+        class Reader(CalibrationDataReader):  # type: ignore[misc]
+            """Feeds calibration samples one inference at a time."""
+
+            def __init__(self) -> None:
+                self._it: Iterator[Feed] = samples.feeds()
+
+            def get_next(self) -> Feed | None:
+                return next(self._it, None)
+
+            def rewind(self) -> None:
+                self._it = samples.feeds()
+
+        method = {
+            "minmax": CalibrationMethod.MinMax,
+            "entropy": CalibrationMethod.Entropy,
+            "percentile": CalibrationMethod.Percentile,
+        }[self.method]
+        extra: dict[str, Any] = {"ActivationSymmetric": False, "WeightSymmetric": True}
+        if self.method == "percentile":
+            extra["CalibPercentile"] = 99.99
+        notes: list[str] = []
+
+        def run(src: Path, out: Path, only: list[str] | None) -> None:
+            quantize_static(
+                src,
+                out,
+                Reader(),
+                quant_format=QuantFormat.QDQ,
+                op_types_to_quantize=only,
+                per_channel=self.per_channel,
+                reduce_range=self.reduce_range,
+                activation_type=self.activation_type,
+                weight_type=self.weight_type,
+                nodes_to_exclude=list(nodes_to_exclude),
+                calibrate_method=method,
+                extra_options=extra,
+            )
+
+        data = self._run_with_fallback(prepared, run, notes, present)
+        leftovers = _float_leftovers(prepared, self._quantizable())
+        if leftovers:
+            notes.append(f"no int8 kernel, stays float: {', '.join(leftovers)}")
+        if nodes_to_exclude:
+            notes.append(f"kept in float (sensitive): {', '.join(nodes_to_exclude)}")
+        options = {**self.options(), "nodes_to_exclude": list(nodes_to_exclude)}
+        return Built(data, _dedupe(notes), options)
+
+
+def default_recipes(profile: Profile) -> list[Recipe]:
+    """Every recipe the compiler knows, configured for ``profile``.
+
+    ``skip_reason`` then narrows them to what the profile allows and the
+    model's op mix calls for; this is the ``auto`` set.
+    """
+    return [
+        SourceRecipe(),
+        OptimizedFp32Recipe(),
+        Float16Recipe(),
+        DynamicInt8Recipe(profile),
+        StaticInt8Recipe(profile, per_channel=True, method="minmax"),
+        StaticInt8Recipe(profile, per_channel=False, method="minmax"),
+        StaticInt8Recipe(profile, per_channel=True, method="percentile"),
+        StaticInt8Recipe(profile, per_channel=True, method="entropy"),
+    ]
+
+
+def recipe_names(profile: Profile | None = None) -> list[str]:
+    """Names of the built-in recipes (for the CLI's ``--recipe`` choices)."""
+    from edgefleet.controller.compiler.profiles import BUILTIN_PROFILES
+
+    return [r.name for r in default_recipes(profile or BUILTIN_PROFILES["x86-vnni"])]

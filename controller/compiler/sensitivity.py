@@ -1,0 +1,191 @@
+"""Finding the nodes that make a static int8 model inaccurate.
+
+When a static int8 candidate fails the accuracy gate, the usual cause is a
+few nodes whose inputs or weights do not survive 8 bits: an activation with a
+few huge outliers (the scale that covers them rounds everything else to
+zero), or a weight tensor with one extreme channel under per-tensor scales.
+Keeping just those nodes in float typically recovers the accuracy at a small
+cost in size and speed.
+
+The ranking compares intermediate tensors of the fp32 model and the QDQ model
+on the same samples. For each quantized compute node it measures the relative
+L2 error of its output against fp32, minus the largest relative error already
+present in its activation inputs: the error the node *adds*. Nodes that add
+the most are the most sensitive. One pass costs two runs over a few samples,
+instead of one quantization per node for quantize-one-node-at-a-time.
+
+Both models run with graph optimisations disabled so every intermediate
+tensor exists; in the QDQ graph that simulates int8 arithmetic in float,
+which is what the real integer kernels compute up to rounding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import onnx
+from onnx import helper
+
+from edgefleet.controller.compiler.data import SampleSet
+from edgefleet.controller.compiler.source import make_session
+
+__all__ = ["NodeSensitivity", "rank_sensitive_nodes"]
+
+_QDQ = frozenset({"QuantizeLinear", "DequantizeLinear"})
+
+
+@dataclass(frozen=True)
+class NodeSensitivity:
+    """How much error one quantized node adds.
+
+    Attributes:
+        node: node name (as in the fp32 model the quantizer started from).
+        op_type: the node's op type.
+        output_error: relative L2 error of the node's output versus fp32.
+        input_error: the largest relative L2 error of its activation inputs.
+        added: ``max(output_error - input_error, 0)``: the ranking key.
+    """
+
+    node: str
+    op_type: str
+    output_error: float
+    input_error: float
+    added: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "node": self.node,
+            "op_type": self.op_type,
+            "output_error": self.output_error,
+            "input_error": self.input_error,
+            "added": self.added,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> NodeSensitivity:
+        return cls(
+            node=str(d["node"]),
+            op_type=str(d["op_type"]),
+            output_error=float(d["output_error"]),
+            input_error=float(d["input_error"]),
+            added=float(d["added"]),
+        )
+
+
+def _float_tensors(model: onnx.ModelProto) -> set[str]:
+    g = model.graph
+    out: set[str] = set()
+    for vi in (*g.input, *g.value_info, *g.output):
+        if vi.type.tensor_type.elem_type == onnx.TensorProto.FLOAT:
+            out.add(vi.name)
+    return out - {i.name for i in g.initializer}
+
+
+def _with_outputs(model: onnx.ModelProto, names: Sequence[str]) -> bytes:
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    existing = {o.name for o in m.graph.output}
+    for name in names:
+        if name not in existing:
+            m.graph.output.append(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    data: bytes = m.SerializeToString()
+    return data
+
+
+def _collect(model: bytes, names: Sequence[str], samples: SampleSet, limit: int) -> dict[str, Any]:
+    sess = make_session(model, optimize=False)
+    acc: dict[str, list[npt.NDArray[Any]]] = {n: [] for n in names}
+    for i in range(min(limit, samples.count)):
+        outs = sess.run(list(names), samples.feed(i))
+        for n, v in zip(names, outs, strict=True):
+            acc[n].append(np.asarray(v, dtype=np.float64).ravel())
+    return {n: np.concatenate(v) if v else np.zeros(0) for n, v in acc.items()}
+
+
+def _rel(a: npt.NDArray[Any], b: npt.NDArray[Any]) -> float:
+    if a.shape != b.shape:
+        return float("inf")
+    denom = float(np.linalg.norm(a))
+    diff = float(np.linalg.norm(a - b))
+    if denom < 1e-12:
+        return 0.0 if diff < 1e-12 else float("inf")
+    return diff / denom
+
+
+def rank_sensitive_nodes(
+    fp32_model: bytes,
+    quantized_model: bytes,
+    samples: SampleSet,
+    *,
+    max_samples: int = 16,
+    quantizable: frozenset[str] | set[str] | None = None,
+) -> list[NodeSensitivity]:
+    """Rank the quantized nodes of ``quantized_model`` by the error they add, worst first.
+
+    Args:
+        fp32_model: the (pre-processed) fp32 model the quantizer started from;
+            node names must match the quantized model's.
+        quantized_model: the QDQ model.
+        samples: inputs to compare on (calibration data: no labels needed).
+        max_samples: how many samples to run.
+        quantizable: op types the recipe quantizes; other nodes are not
+            ranked, since keeping them in float would change nothing.
+
+    Returns:
+        Every quantized node, most sensitive first: by added error, then by
+        output error (relative errors do not simply add up, so a node whose
+        output is relatively *less* wrong than its input still ranks by how
+        wrong it is).
+    """
+    fp32 = onnx.load_model_from_string(fp32_model)
+    quant = onnx.load_model_from_string(quantized_model)
+    fp32_nodes = {n.name: n for n in fp32.graph.node}
+    fp32_floats = _float_tensors(fp32)
+    producer = {o: n for n in quant.graph.node for o in n.output}
+    q_inits = {i.name for i in quant.graph.initializer}
+
+    def source_of(tensor: str) -> str | None:
+        """The fp32 tensor a dequantized input stands for: DQ(Q(x)) -> x."""
+        dq = producer.get(tensor)
+        if dq is None or dq.op_type != "DequantizeLinear":
+            return tensor if tensor in fp32_floats else None
+        q = producer.get(dq.input[0])
+        if q is None or q.op_type != "QuantizeLinear":
+            return None  # a quantized initializer (weight): not an activation
+        base = q.input[0]
+        return base if base in fp32_floats and base not in q_inits else None
+
+    # (node, op, output tensor, [(quantized input tensor, fp32 tensor)])
+    plan: list[tuple[str, str, str, list[tuple[str, str]]]] = []
+    for node in quant.graph.node:
+        if node.op_type in _QDQ or node.name not in fp32_nodes or not node.output:
+            continue
+        if quantizable is not None and node.op_type not in quantizable:
+            continue
+        consumes_qdq = any(
+            (p := producer.get(i)) is not None and p.op_type == "DequantizeLinear"
+            for i in node.input
+        )
+        out = node.output[0]
+        if not consumes_qdq or out not in fp32_floats:
+            continue
+        pairs = [(i, base) for i in node.input if i and (base := source_of(i)) is not None]
+        plan.append((node.name, node.op_type, out, pairs))
+    if not plan:
+        return []
+    fp32_names = sorted({out for _, _, out, _ in plan} | {b for *_, ps in plan for _, b in ps})
+    q_names = sorted({out for _, _, out, _ in plan} | {i for *_, ps in plan for i, _ in ps})
+    ref = _collect(_with_outputs(fp32, fp32_names), fp32_names, samples, max_samples)
+    got = _collect(_with_outputs(quant, q_names), q_names, samples, max_samples)
+    ranked: list[NodeSensitivity] = []
+    for name, op, out, pairs in plan:
+        out_err = _rel(ref[out], got[out])
+        in_err = max((_rel(ref[b], got[i]) for i, b in pairs), default=0.0)
+        added = max(out_err - in_err, 0.0) if np.isfinite(out_err) else float("inf")
+        ranked.append(NodeSensitivity(name, op, out_err, in_err, added))
+    ranked.sort(key=lambda s: (-s.added, -s.output_error, s.node))
+    return ranked

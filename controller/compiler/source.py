@@ -1,0 +1,276 @@
+"""Loading and inspecting the fp32 source model.
+
+Everything the recipes and the accuracy gate need to know about the source is
+computed once here: the parsed graph, its inputs and outputs as
+:class:`~edgefleet.protocols.bundle.TensorSpec`, the op mix (which decides
+static versus dynamic quantization), and whether onnxruntime can run it at
+all. A source onnxruntime cannot load is refused up front: every variant is
+compared against it, so nothing could be verified.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from edgefleet.controller.compiler.errors import SourceModelError
+from edgefleet.protocols.bundle import TensorSpec
+
+__all__ = [
+    "CONV_OPS",
+    "MATMUL_OPS",
+    "RNN_OPS",
+    "SourceModel",
+    "first_line",
+    "load_source",
+    "make_session",
+]
+
+CONV_OPS = frozenset({"Conv", "ConvTranspose"})
+MATMUL_OPS = frozenset({"MatMul", "Gemm"})
+RNN_OPS = frozenset({"LSTM", "GRU", "RNN"})
+ATTENTION_OPS = frozenset({"Attention", "MultiHeadAttention", "GroupQueryAttention"})
+
+
+def make_session(model: bytes, *, threads: int = 1, optimize: bool = True) -> Any:
+    """An onnxruntime CPU session configured the way the agent runs models.
+
+    One intra-op thread: latency is compared per inference on a shared
+    machine, and a gateway rarely gives a model every core. ORT's own
+    warnings go to the error level only, so they do not drown the report.
+    """
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.log_severity_level = 3
+    so.graph_optimization_level = (
+        ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if optimize
+        else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    )
+    return ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
+
+
+def _np_dtype(elem_type: int) -> str:
+    try:
+        return str(np.dtype(helper.tensor_dtype_to_np_dtype(elem_type)).name)
+    except (KeyError, TypeError, ValueError):
+        return f"onnx:{elem_type}"
+
+
+def _spec(vi: onnx.ValueInfoProto) -> tuple[TensorSpec, tuple[str | None, ...]]:
+    t = vi.type.tensor_type
+    dims: list[int | None] = []
+    params: list[str | None] = []
+    if t.HasField("shape"):
+        for d in t.shape.dim:
+            if d.HasField("dim_value"):
+                dims.append(int(d.dim_value))
+                params.append(None)
+            else:
+                dims.append(None)
+                params.append(d.dim_param or None)
+    return TensorSpec(vi.name, _np_dtype(t.elem_type), tuple(dims)), tuple(params)
+
+
+def _is_attention_matmul(node: onnx.NodeProto, constants: set[str]) -> bool:
+    """A MatMul of two activations (no weight operand): the QK^T / AV of attention."""
+    return node.op_type == "MatMul" and all(i not in constants for i in node.input)
+
+
+@dataclass(frozen=True)
+class SourceModel:
+    """The fp32 source model, parsed and inspected.
+
+    Attributes:
+        data: the source bytes exactly as given (the ``fp32`` candidate).
+        proto: the parsed model with every node given a unique name (recipes
+            and sensitivity analysis refer to nodes by name).
+        inputs / outputs: tensor specs; ``None`` in a shape is a dynamic axis.
+        dim_params: per input, the symbolic name of each dynamic axis, so the
+            data loader can check that inputs sharing ``seq`` agree on it.
+        op_counts: node count per op type, subgraphs included.
+        kind: ``cnn``, ``transformer``, ``rnn``, ``mlp`` or ``other``: the op
+            mix that decides static versus dynamic int8.
+        weight_bytes: bytes in float initializers (what quantization shrinks).
+    """
+
+    data: bytes
+    proto: onnx.ModelProto
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    dim_params: Mapping[str, tuple[str | None, ...]]
+    op_counts: Mapping[str, int]
+    kind: str
+    weight_bytes: int
+    sha256: str = field(default="")
+
+    @property
+    def size_bytes(self) -> int:
+        return len(self.data)
+
+    @property
+    def named_bytes(self) -> bytes:
+        """The source with unique node names, serialized (input to the recipes)."""
+        data: bytes = self.proto.SerializeToString()
+        return data
+
+
+def _classify(graph: onnx.GraphProto, counts: Counter[str]) -> str:
+    """The op-mix kind; the first matching rule wins."""
+    constants = {i.name for i in graph.initializer}
+    constants |= {o for n in graph.node if n.op_type == "Constant" for o in n.output}
+    conv = sum(counts[o] for o in CONV_OPS)
+    mm = sum(counts[o] for o in MATMUL_OPS)
+    attention = bool(counts["Softmax"]) and any(
+        _is_attention_matmul(n, constants) for n in graph.node
+    )
+    rules = (
+        ("rnn", any(counts[o] for o in RNN_OPS)),
+        ("transformer", any(counts[o] for o in ATTENTION_OPS)),
+        ("cnn", bool(conv) and conv >= mm),
+        ("transformer", attention),
+        ("mlp", bool(mm)),
+        ("cnn", bool(conv)),
+    )
+    return next((kind for kind, hit in rules if hit), "other")
+
+
+def _count_ops(graph: onnx.GraphProto, counts: Counter[str]) -> None:
+    for node in graph.node:
+        counts[node.op_type] += 1
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                _count_ops(attr.g, counts)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for g in attr.graphs:
+                    _count_ops(g, counts)
+
+
+def _name_nodes(graph: onnx.GraphProto) -> None:
+    seen: set[str] = set()
+    for i, node in enumerate(graph.node):
+        if not node.name or node.name in seen:
+            base = f"{node.op_type}_{i}"
+            name = base
+            k = 0
+            while name in seen:
+                k += 1
+                name = f"{base}_{k}"
+            node.name = name
+        seen.add(node.name)
+
+
+def _read(source: Path | str | bytes) -> tuple[bytes, str]:
+    if isinstance(source, bytes | bytearray):
+        data, where = bytes(source), "source model"
+    else:
+        path = Path(source)
+        where = f"source model {path}"
+        try:
+            data = path.read_bytes()
+        except IsADirectoryError:
+            raise SourceModelError(f"{where} is a directory, not an ONNX file") from None
+        except OSError as exc:
+            raise SourceModelError(f"cannot read {where}: {exc.strerror or exc}") from None
+    if not data:
+        raise SourceModelError(f"{where} is empty")
+    return data, where
+
+
+def _parse(data: bytes, where: str) -> onnx.ModelProto:
+    try:
+        proto = onnx.load_model_from_string(data)
+    except Exception as exc:  # noqa: BLE001 - protobuf raises DecodeError and friends
+        raise SourceModelError(f"{where} is not an ONNX model ({type(exc).__name__})") from None
+    if not proto.graph.node or not proto.opset_import or proto.ir_version <= 0:
+        # Random bytes sometimes decode as a protobuf message with no graph.
+        raise SourceModelError(f"{where} is not an ONNX model (no graph, opset or IR version)")
+    try:
+        onnx.checker.check_model(proto)
+    except onnx.checker.ValidationError as exc:
+        raise SourceModelError(f"{where} is not a valid ONNX model: {first_line(exc)}") from None
+    if any(i.data_location == onnx.TensorProto.EXTERNAL for i in proto.graph.initializer):
+        raise SourceModelError(
+            f"{where} keeps weights in external data files; embed them (models under 2 GB)"
+        )
+    return proto
+
+
+def _io(
+    proto: onnx.ModelProto, where: str
+) -> tuple[list[TensorSpec], list[TensorSpec], dict[str, tuple[str | None, ...]]]:
+    init_names = {i.name for i in proto.graph.initializer}
+    inputs: list[TensorSpec] = []
+    dim_params: dict[str, tuple[str | None, ...]] = {}
+    for vi in proto.graph.input:
+        if vi.name in init_names:
+            continue
+        spec, params = _spec(vi)
+        inputs.append(spec)
+        dim_params[vi.name] = params
+    if not inputs:
+        raise SourceModelError(f"{where} has no inputs")
+    outputs = [_spec(vi)[0] for vi in proto.graph.output]
+    bad = [s for s in (*inputs, *outputs) if s.dtype.startswith("onnx:")]
+    if bad:
+        raise SourceModelError(
+            f"{where}: tensor {bad[0].name!r} has an element type numpy cannot hold "
+            f"({bad[0].dtype})"
+        )
+    return inputs, outputs, dim_params
+
+
+def load_source(source: Path | str | bytes) -> SourceModel:
+    """Read, parse, check and trial-load the fp32 source model.
+
+    Raises:
+        SourceModelError: the file cannot be read, is empty, is not an ONNX
+            model, fails the ONNX checker, stores weights externally, has no
+            inputs, or onnxruntime cannot load it.
+    """
+    data, where = _read(source)
+    proto = _parse(data, where)
+    inputs, outputs, dim_params = _io(proto, where)
+    try:
+        make_session(data)
+    except Exception as exc:  # noqa: BLE001 - onnxruntime raises bare RuntimeError subclasses
+        raise SourceModelError(f"onnxruntime cannot load {where}: {first_line(exc)}") from None
+    named = onnx.ModelProto()
+    named.CopyFrom(proto)
+    _name_nodes(named.graph)
+    counts: Counter[str] = Counter()
+    _count_ops(named.graph, counts)
+    weight_bytes = sum(
+        int(numpy_helper.to_array(i).nbytes)
+        for i in named.graph.initializer
+        if i.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE)
+    )
+    return SourceModel(
+        data=data,
+        proto=named,
+        inputs=tuple(inputs),
+        outputs=tuple(outputs),
+        dim_params=dim_params,
+        op_counts=dict(counts),
+        kind=_classify(named.graph, counts),
+        weight_bytes=weight_bytes,
+        sha256=hashlib.sha256(data).hexdigest(),
+    )
+
+
+def first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    line = text.splitlines()[0] if text else type(exc).__name__
+    return line if len(line) <= 300 else line[:297] + "..."

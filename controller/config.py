@@ -1,0 +1,118 @@
+"""Controller configuration: a TOML file, environment variables, CLI flags.
+
+Precedence (highest first): CLI flags, environment (``EDGEFLEET_HOME``,
+``EDGEFLEET_DATABASE_URL``), the config file, defaults. Example
+(``deploy/controller.example.toml``)::
+
+    home = "/var/lib/edgefleet"                 # TUF repository, keys, SQLite file
+    database_url = "postgresql+psycopg://edgefleet@db/edgefleet"
+
+    [broker]
+    host = "mqtt.example.net"
+    port = 8883
+    tls = true
+    ca_file = "/etc/edgefleet/ca.pem"
+    cert_file = "/etc/edgefleet/controller.pem"
+    key_file = "/etc/edgefleet/controller.key"
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from edgefleet.agent.link import BrokerSettings
+from edgefleet.controller.service import ServiceSettings
+from edgefleet.protocols.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on 3.10 only
+    import tomli as tomllib
+
+__all__ = ["DEFAULT_HOME", "ControllerConfig", "load_controller_config"]
+
+DEFAULT_HOME = Path("edgefleet-data")
+
+
+@dataclass(frozen=True)
+class ControllerConfig:
+    """Where the controller keeps its state and how it reaches the broker."""
+
+    home: Path = DEFAULT_HOME
+    database_url: str | None = None
+    broker: BrokerSettings = field(default_factory=BrokerSettings)
+    service: ServiceSettings = field(default_factory=ServiceSettings)
+
+    @property
+    def repository_dir(self) -> Path:
+        return self.home / "repository"
+
+    @property
+    def registry_url(self) -> str:
+        """The SQLAlchemy URL; a SQLite file under ``home`` unless configured."""
+        return self.database_url or f"sqlite:///{(self.home / 'registry.db').resolve()}"
+
+    def with_overrides(self, **changes: Any) -> ControllerConfig:
+        return replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+
+def _section(raw: dict[str, Any], key: str, kind: type[Any]) -> Any:
+    table = raw.pop(key, {})
+    if not isinstance(table, dict):
+        raise ConfigError(f"[{key}] must be a table")
+    unknown = set(table) - set(kind.__dataclass_fields__)
+    if unknown:
+        raise ConfigError(f"unknown [{key}] setting(s): {', '.join(sorted(unknown))}")
+    try:
+        return kind(**table)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"invalid [{key}] settings: {exc}") from None
+
+
+def load_controller_config(
+    path: Path | None = None,
+    *,
+    home: Path | None = None,
+    database_url: str | None = None,
+    environ: dict[str, str] | None = None,
+) -> ControllerConfig:
+    """Build the effective configuration.
+
+    Raises:
+        ConfigError: the file cannot be read, is not TOML, or has unknown keys.
+    """
+    env = os.environ if environ is None else environ
+    config = ControllerConfig()
+    if path is not None:
+        try:
+            raw = tomllib.loads(Path(path).read_text())
+        except OSError as exc:
+            reason = exc.strerror or exc
+            raise ConfigError(f"cannot read controller config {path}: {reason}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"controller config {path} is not valid TOML: {exc}") from None
+        try:
+            broker = _section(raw, "broker", BrokerSettings)
+            service = _section(raw, "service", ServiceSettings)
+            unknown = set(raw) - {"home", "database_url"}
+            if unknown:
+                raise ConfigError(f"unknown setting(s): {', '.join(sorted(unknown))}")
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
+        base = Path(path).resolve().parent
+        config = ControllerConfig(
+            home=base / raw["home"] if "home" in raw else DEFAULT_HOME,
+            database_url=raw.get("database_url"),
+            broker=broker,
+            service=service,
+        )
+    env_home = env.get("EDGEFLEET_HOME")
+    env_url = env.get("EDGEFLEET_DATABASE_URL")
+    return config.with_overrides(
+        home=home or (Path(env_home) if env_home else None),
+        database_url=database_url or env_url or None,
+    )

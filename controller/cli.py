@@ -268,6 +268,15 @@ def model_register(
     )
 
 
+def _attach_compile() -> None:
+    from edgefleet.controller.compiler import compile_command
+
+    model.add_command(compile_command, "compile")
+
+
+_attach_compile()
+
+
 @model.command("list")
 @json_option
 @pass_ctx

@@ -626,5 +626,14 @@ def demo(agents: int, requests_per_agent: int, broker_addr: str | None, as_json:
         sys.exit(1)
 
 
+# --------------------------------------------------------------------------- feature commands
+# Each feature keeps its commands in its own module; register them here, one line each.
+def _attach_features() -> None:
+    pass
+
+
+_attach_features()
+
+
 def main() -> None:
     cli(prog_name="edgefleet")

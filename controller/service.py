@@ -24,11 +24,13 @@ import queue
 import threading
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 
 from edgefleet.agent.link import BrokerSettings, MqttLink
+from edgefleet.controller.compiler.errors import ProfileError
+from edgefleet.controller.compiler.profiles import BUILTIN_PROFILES, Profile, match_profile
 from edgefleet.controller.registry import DeploymentInfo, Registry
 from edgefleet.controller.transfer import TransferServer
 from edgefleet.controller.trust import TrustRepository
@@ -98,8 +100,11 @@ class ControllerService:
         repository: TrustRepository,
         broker: BrokerSettings,
         settings: ServiceSettings = ServiceSettings(),
+        *,
+        profiles: Mapping[str, Profile] | None = None,
     ) -> None:
         self.registry = registry
+        self.profiles = dict(profiles) if profiles is not None else dict(BUILTIN_PROFILES)
         self.repository = repository
         self.settings = settings
         self.link = MqttLink(broker, settings.client_id, on_connect=self._on_connect)
@@ -260,7 +265,7 @@ class ControllerService:
             elif channel is Channel.REPORTED:
                 message = self._decode(topic, payload, ReportedState)
                 if isinstance(message, ReportedState):
-                    self.registry.record_reported(message)
+                    self.registry.record_reported(message, profile=self._profile_of(message))
             elif channel is Channel.EVENTS:
                 message = self._decode(topic, payload, Event)
                 if isinstance(message, Event):
@@ -276,6 +281,14 @@ class ControllerService:
         if points:
             self.registry.add_telemetry(points)
         self.ingested += len(batch)
+
+    def _profile_of(self, reported: ReportedState) -> str | None:
+        """The compiler profile this device's reported hardware matches, if any."""
+        try:
+            return match_profile(reported.hardware, self.profiles).name
+        except ProfileError as exc:
+            log.info("%s matches no profile: %s", reported.device_id, exc)
+            return None
 
     def _maintenance_loop(self) -> None:
         while not self._stop.is_set():

@@ -201,6 +201,8 @@ class Device(Base):
     active_version: Mapped[str | None] = mapped_column(sa.String(64), nullable=True)
     active_release: Mapped[int | None] = mapped_column(sa.Integer, nullable=True)
     last_error: Mapped[dict[str, Any] | None] = mapped_column(NullableJSON, nullable=True)
+    # The compiler profile matched from the reported hardware (migration 0002).
+    profile: Mapped[str | None] = mapped_column(sa.String(64), nullable=True)
 
 
 # --------------------------------------------------------------------------- deployments

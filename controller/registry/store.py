@@ -149,6 +149,7 @@ class DeviceInfo:
     active_release: int | None
     last_error: ErrorInfo | None
     reported: dict[str, Any] | None = field(default=None, compare=False)
+    profile: str | None = None
 
 
 @dataclass(frozen=True)
@@ -229,6 +230,7 @@ class DeviceSummary:
     p50_ms: float | None
     desired_model: str | None
     desired_version: str | None
+    profile: str | None = None
 
 
 @dataclass(frozen=True)
@@ -330,6 +332,7 @@ def _device_info(row: m.Device) -> DeviceInfo:
         active_release=row.active_release,
         last_error=_error(row.last_error),
         reported=row.reported,
+        profile=row.profile,
     )
 
 
@@ -373,13 +376,15 @@ def _rowcount(result: sa.Result[Any]) -> int:
 
 
 def _pick_bundle(device: m.Device, bundles: Sequence[m.Bundle]) -> m.Bundle | None:
-    """Choose the bundle for a device: its own hardware class, else generic.
+    """Choose the bundle for a device: its matched profile, its own class, else generic.
 
     Among several bundles of the chosen class, one for a runtime the device
     reported having wins; ties go to the oldest bundle, so the choice is
     stable across deployments.
     """
-    for hardware_class in (device.hardware_class, GENERIC_HARDWARE_CLASS):
+    for hardware_class in (device.profile, device.hardware_class, GENERIC_HARDWARE_CLASS):
+        if hardware_class is None:
+            continue
         candidates = [b for b in bundles if b.hardware_class == hardware_class]
         if candidates:
             return min(candidates, key=lambda b: (b.runtime not in device.runtimes, b.id))
@@ -733,7 +738,7 @@ class Registry:
                 _device_info(row) for row in s.scalars(sa.select(m.Device).order_by(m.Device.id))
             ]
 
-    def record_reported(self, reported: ReportedState) -> bool:
+    def record_reported(self, reported: ReportedState, *, profile: str | None = None) -> bool:
         """Store a device's reported state.
 
         Updates hardware, agent state, active model, last error and last-seen
@@ -750,6 +755,8 @@ class Registry:
                 return False
             hardware = reported.hardware
             row.hardware_class = hardware.hardware_class
+            if profile is not None:
+                row.profile = profile
             row.arch = hardware.arch
             row.cpu_features = list(hardware.cpu_features)
             row.runtimes = list(hardware.runtimes)
@@ -1183,6 +1190,7 @@ class Registry:
                     DeviceSummary(
                         device_id=device.id,
                         hardware_class=device.hardware_class,
+                        profile=device.profile,
                         online=device.online,
                         state=device.state,
                         active_model=device.active_model,

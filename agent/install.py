@@ -268,7 +268,19 @@ class Installer:
                 f"{want.target} is signed as {custom.model}@{custom.version} release "
                 f"{custom.release}, but {want.label} release {want.release} was requested"
             )
-        if custom.hardware_class not in (self.hardware.hardware_class, GENERIC_CLASS):
+        # Signed CPU requirements decide where present (an operator's class
+        # label cannot make arm64 code run on x86); otherwise the class must match.
+        fits = custom.runs_on(self.hardware.arch, self.hardware.cpu_features)
+        if fits is False:
+            raise WrongHardwareError(
+                f"{want.target} needs {custom.requires_arch} with "
+                f"{', '.join(custom.requires_features) or 'no special features'}; this device "
+                f"is {self.hardware.arch} with {', '.join(self.hardware.cpu_features) or 'none'}"
+            )
+        if fits is None and custom.hardware_class not in (
+            self.hardware.hardware_class,
+            GENERIC_CLASS,
+        ):
             raise WrongHardwareError(
                 f"{want.target} is built for hardware class {custom.hardware_class!r}; "
                 f"this device is {self.hardware.hardware_class!r}"

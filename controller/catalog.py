@@ -3,6 +3,13 @@
 The release counter is allocated by the registry first, because it is baked
 into each bundle's manifest and signed into its TUF target; then each bundle
 is built, added to the TUF repository (signed), and recorded in the registry.
+
+:func:`register_compiled` first compiles the source for every requested
+profile (nothing is registered if a profile has no variant that passes the
+accuracy gate), then publishes one bundle per profile - the chosen variant,
+with the profile's CPU requirements signed into its TUF target and the
+compile report stored with it - plus the fp32 source as the ``generic``
+fallback for devices no profile fits.
 """
 
 from __future__ import annotations
@@ -15,11 +22,26 @@ from dataclasses import dataclass
 import numpy as np
 
 from edgefleet.controller.bundle import build_bundle, default_sample, inspect_onnx
+from edgefleet.controller.compiler import BUILTIN_PROFILES, CompileReport, Profile, compile_model
+from edgefleet.controller.compiler.data import DataSource
 from edgefleet.controller.registry import BundleInfo, ModelVersionInfo, Registry
 from edgefleet.controller.trust import TrustRepository
-from edgefleet.protocols.bundle import TargetCustom
+from edgefleet.protocols.bundle import TargetCustom, TensorSpec
 
-__all__ = ["NAME_PATTERN", "RegisteredModel", "bundle_target_path", "register_model"]
+__all__ = [
+    "NAME_PATTERN",
+    "CompiledModel",
+    "RegisteredModel",
+    "bundle_target_path",
+    "register_compiled",
+    "register_model",
+]
+
+# How close a device's smoke inference must come to the controller's. fp32 is
+# nearly bit-exact across CPUs; reduced precision kernels differ between
+# instruction sets (VNNI vs AVX2 int8 paths), so their gate is looser - the
+# smoke test exists to catch a broken build, not to re-run the accuracy gate.
+SMOKE_TOLERANCE = {"fp32": (1e-4, 1e-3), "fp16": (2e-2, 5e-2), "int8": (5e-2, 1e-1)}
 
 # Names and versions become TUF target paths and table cells.
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -29,6 +51,165 @@ NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 class RegisteredModel:
     version: ModelVersionInfo
     bundles: tuple[BundleInfo, ...]
+
+
+@dataclass(frozen=True)
+class CompiledModel:
+    version: ModelVersionInfo
+    bundles: tuple[BundleInfo, ...]
+    reports: dict[str, CompileReport]
+
+
+def _check_names(name: str, version: str, hardware_classes: Sequence[str]) -> None:
+    for label, value in (
+        ("model name", name),
+        ("version", version),
+        *(("hardware class", h) for h in hardware_classes),
+    ):
+        if not NAME_PATTERN.match(value):
+            raise ValueError(
+                f"invalid {label} {value!r}: use letters, digits, '.', '_' or '-' (max 64)"
+            )
+
+
+def _publish(
+    registry: Registry,
+    repository: TrustRepository,
+    info: ModelVersionInfo,
+    model: bytes,
+    *,
+    hardware_class: str,
+    precision: str,
+    sample: Mapping[str, np.ndarray],
+    inputs: tuple[TensorSpec, ...],
+    outputs: tuple[TensorSpec, ...],
+    profile: Profile | None = None,
+    report: dict[str, object] | None = None,
+) -> BundleInfo:
+    atol, rtol = SMOKE_TOLERANCE.get(precision, SMOKE_TOLERANCE["int8"])
+    data, _manifest = build_bundle(
+        model,
+        name=info.name,
+        version=info.version,
+        release=info.release,
+        hardware_class=hardware_class,
+        precision=precision,
+        sample_inputs=sample,
+        smoke_atol=atol,
+        smoke_rtol=rtol,
+    )
+    custom = TargetCustom(
+        model=info.name,
+        version=info.version,
+        release=info.release,
+        runtime="onnxruntime",
+        precision=precision,
+        hardware_class=hardware_class,
+        inputs=inputs,
+        outputs=outputs,
+        requires_arch=None if profile is None else profile.arch,
+        requires_features=() if profile is None else tuple(sorted(profile.cpu_features)),
+    )
+    published = repository.add_target(
+        bundle_target_path(info.name, info.version, hardware_class, precision), data, custom
+    )
+    return registry.add_bundle(
+        info.id,
+        hardware_class=hardware_class,
+        runtime="onnxruntime",
+        precision=precision,
+        target_path=published.path,
+        sha256=published.sha256,
+        length=published.length,
+        report=report,
+    )
+
+
+def register_compiled(
+    registry: Registry,
+    repository: TrustRepository,
+    source: bytes,
+    *,
+    name: str,
+    version: str,
+    profiles: Sequence[Profile],
+    calibration: DataSource | None = None,
+    validation: DataSource | None = None,
+    tolerance: float = 0.01,
+    sample_inputs: Mapping[str, np.ndarray] | None = None,
+    description: str = "",
+    latency_iterations: int = 50,
+) -> CompiledModel:
+    """Compile ``source`` for each profile and register the chosen variants.
+
+    Raises:
+        CompileError: the source or the data is unusable, or a profile has no
+            variant within ``tolerance`` (nothing is registered then).
+        ModelError, DuplicateError, ValueError: as :func:`register_model`.
+    """
+    _check_names(name, version, [p.name for p in profiles])
+    inputs, outputs = inspect_onnx(source)
+    results = {
+        p.name: compile_model(
+            source,
+            p,
+            calibration=calibration,
+            validation=validation,
+            tolerance=tolerance,
+            latency_iterations=latency_iterations,
+        )
+        for p in profiles
+    }
+    sample = dict(sample_inputs) if sample_inputs is not None else default_sample(inputs)
+    build_bundle(
+        source,
+        name=name,
+        version=version,
+        release=1,
+        hardware_class="generic",
+        precision="fp32",
+        sample_inputs=sample,
+    )
+    info = registry.register_model_version(
+        name,
+        version,
+        source_sha256=hashlib.sha256(source).hexdigest(),
+        inputs=inputs,
+        outputs=outputs,
+        description=description,
+    )
+    bundles = [
+        _publish(
+            registry,
+            repository,
+            info,
+            source,
+            hardware_class="generic",
+            precision="fp32",
+            sample=sample,
+            inputs=inputs,
+            outputs=outputs,
+        )
+    ]
+    for profile in profiles:
+        result = results[profile.name]
+        best = result.best
+        bundles.append(
+            _publish(
+                registry,
+                repository,
+                info,
+                best.model,
+                hardware_class=profile.name,
+                precision=best.precision,
+                sample=sample,
+                inputs=inputs,
+                outputs=outputs,
+                profile=profile,
+                report=result.report.to_dict(),
+            )
+        )
+    return CompiledModel(info, tuple(bundles), {k: r.report for k, r in results.items()})
 
 
 def bundle_target_path(name: str, version: str, hardware_class: str, precision: str) -> str:
@@ -54,40 +235,43 @@ def register_model(
         DuplicateError: ``name@version`` is registered already.
         ValueError: a name, version or hardware class has unsafe characters.
     """
-    for label, value in (("model name", name), ("version", version),
-                         *(("hardware class", h) for h in hardware_classes)):
-        if not NAME_PATTERN.match(value):
-            raise ValueError(
-                f"invalid {label} {value!r}: use letters, digits, '.', '_' or '-' (max 64)"
-            )
+    _check_names(name, version, hardware_classes)
     if not hardware_classes:
         raise ValueError("at least one hardware class is needed")
     inputs, outputs = inspect_onnx(model)
     sample = dict(sample_inputs) if sample_inputs is not None else default_sample(inputs)
     # Build the first bundle before touching the registry, so a model that
     # cannot run never leaves a version behind.
-    build_bundle(model, name=name, version=version, release=1,
-                 hardware_class=hardware_classes[0], precision=precision, sample_inputs=sample)
-    info = registry.register_model_version(
-        name, version, source_sha256=hashlib.sha256(model).hexdigest(),
-        inputs=inputs, outputs=outputs, description=description,
+    build_bundle(
+        model,
+        name=name,
+        version=version,
+        release=1,
+        hardware_class=hardware_classes[0],
+        precision=precision,
+        sample_inputs=sample,
     )
-    bundles: list[BundleInfo] = []
-    for hardware_class in hardware_classes:
-        data, _manifest = build_bundle(
-            model, name=name, version=version, release=info.release,
-            hardware_class=hardware_class, precision=precision, sample_inputs=sample,
+    info = registry.register_model_version(
+        name,
+        version,
+        source_sha256=hashlib.sha256(model).hexdigest(),
+        inputs=inputs,
+        outputs=outputs,
+        description=description,
+    )
+    bundles = [
+        _publish(
+            registry,
+            repository,
+            info,
+            model,
+            hardware_class=hardware_class,
+            precision=precision,
+            sample=sample,
+            inputs=inputs,
+            outputs=outputs,
+            profile=BUILTIN_PROFILES.get(hardware_class),
         )
-        custom = TargetCustom(
-            model=name, version=version, release=info.release, runtime="onnxruntime",
-            precision=precision, hardware_class=hardware_class, inputs=inputs, outputs=outputs,
-        )
-        published = repository.add_target(
-            bundle_target_path(name, version, hardware_class, precision), data, custom
-        )
-        bundles.append(registry.add_bundle(
-            info.id, hardware_class=hardware_class, runtime="onnxruntime", precision=precision,
-            target_path=published.path, sha256=published.sha256, length=published.length,
-        ))
+        for hardware_class in hardware_classes
+    ]
     return RegisteredModel(info, tuple(bundles))
-

@@ -191,12 +191,40 @@ def model() -> None:
 @click.option("--name", required=True, help="Model name, e.g. 'defect-detector'.")
 @click.option("--version", "version", required=True, help="Model version, e.g. '1.4.0'.")
 @click.option(
+    "--profile",
+    "profile_names",
+    multiple=True,
+    help="Compile for this device profile and publish its chosen variant "
+    "(repeatable; see `edgefleet model compile --help`).",
+)
+@click.option(
+    "--profiles",
+    "profiles_file",
+    type=click.Path(exists=True, path_type=Path),
+    help="TOML file with custom profiles.",
+)
+@click.option(
+    "--calibration",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help=".npz calibration data (static int8).",
+)
+@click.option(
+    "--validation",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help=".npz validation data for the accuracy gate.",
+)
+@click.option(
+    "--tolerance",
+    default=0.01,
+    show_default=True,
+    type=click.FloatRange(0, 1),
+    help="Accuracy gate: allowed loss vs fp32 (0.01 = 1%).",
+)
+@click.option(
     "--hardware-class",
     "hardware_classes",
     multiple=True,
-    default=("generic",),
-    show_default=True,
-    help="Build a bundle for this hardware class (repeatable).",
+    help="Without --profile: publish the source as-is for these classes (default: generic).",
 )
 @click.option(
     "--sample",
@@ -210,15 +238,29 @@ def model_register(
     source: Path,
     name: str,
     version: str,
+    profile_names: tuple[str, ...],
+    profiles_file: Path | None,
+    calibration: Path | None,
+    validation: Path | None,
+    tolerance: float,
     hardware_classes: tuple[str, ...],
     sample: Path | None,
     as_json: bool,
 ) -> None:
-    """Register SOURCE (an .onnx file) and publish signed bundles for it."""
+    """Register SOURCE (an .onnx file) and publish signed bundles for it.
+
+    With --profile, the model is compiled for each profile first and the
+    variant that passes the accuracy gate and runs best is published for that
+    profile (plus the fp32 source as the generic fallback); the compile
+    reports are stored with the bundles (`edgefleet model report`).
+    """
     import numpy as np
 
-    from edgefleet.controller.catalog import register_model
+    from edgefleet.controller.catalog import register_compiled, register_model
+    from edgefleet.controller.compiler import BUILTIN_PROFILES, get_profile, load_profiles
 
+    if profile_names and hardware_classes:
+        raise click.UsageError("use --profile (compile) or --hardware-class (as-is), not both")
     with friendly_errors():
         sample_inputs = None
         if sample is not None:
@@ -226,21 +268,42 @@ def model_register(
                 sample_inputs = {k: npz[k] for k in npz.files}
         registry = ctx.registry()
         try:
-            result = register_model(
-                registry,
-                ctx.repository(),
-                source.read_bytes(),
-                name=name,
-                version=version,
-                hardware_classes=hardware_classes,
-                sample_inputs=sample_inputs,
-            )
+            if profile_names:
+                known = dict(BUILTIN_PROFILES)
+                if profiles_file is not None:
+                    known.update(load_profiles(profiles_file))
+                profiles = [get_profile(p, known) for p in profile_names]
+                compiled = register_compiled(
+                    registry,
+                    ctx.repository(),
+                    source.read_bytes(),
+                    name=name,
+                    version=version,
+                    profiles=profiles,
+                    calibration=calibration,
+                    validation=validation,
+                    tolerance=tolerance,
+                    sample_inputs=sample_inputs,
+                )
+                release, bundles = compiled.version.release, compiled.bundles
+                reports = compiled.reports
+            else:
+                result = register_model(
+                    registry,
+                    ctx.repository(),
+                    source.read_bytes(),
+                    name=name,
+                    version=version,
+                    hardware_classes=hardware_classes or ("generic",),
+                    sample_inputs=sample_inputs,
+                )
+                release, bundles, reports = result.version.release, result.bundles, {}
         finally:
             registry.close()
     data: dict[str, Any] = {
         "name": name,
         "version": version,
-        "release": result.version.release,
+        "release": release,
         "bundles": [
             {
                 "target": b.target_path,
@@ -249,23 +312,53 @@ def model_register(
                 "bytes": b.length,
                 "sha256": b.sha256,
             }
-            for b in result.bundles
+            for b in bundles
         ],
+        "reports": {k: r.to_dict() for k, r in reports.items()},
     }
-    emit(
-        as_json,
-        data,
-        lambda: (
-            f"registered {name}@{version} (release {result.version.release})\n"
-            + render_table(
+
+    def table() -> str:
+        parts = [
+            f"registered {name}@{version} (release {release})",
+            render_table(
                 ["target", "hardware class", "precision", "bytes"],
                 [
                     [b["target"], b["hardware_class"], b["precision"], b["bytes"]]
                     for b in data["bundles"]
                 ],
-            )
-        ),
-    )
+            ),
+        ]
+        parts += [f"\ncompile report for {k}:\n{r.format_table()}" for k, r in reports.items()]
+        return "\n".join(parts)
+
+    emit(as_json, data, table)
+
+
+@model.command("report")
+@click.argument("name")
+@click.argument("version")
+@json_option
+@pass_ctx
+def model_report(ctx: Context, name: str, version: str, as_json: bool) -> None:
+    """Show the compile reports stored with NAME VERSION's bundles."""
+    from edgefleet.controller.compiler import CompileReport
+
+    with friendly_errors():
+        registry = ctx.registry()
+        try:
+            mv = registry.get_model_version(name, version)
+            bundles = registry.bundles_for(mv.id)
+        finally:
+            registry.close()
+    stored = {b.hardware_class: b.report for b in bundles if b.report}
+    if as_json:
+        emit(True, stored, str)
+        return
+    if not stored:
+        click.echo(f"{name}@{version} was registered without compiling; no reports stored")
+        return
+    for hardware_class, raw in stored.items():
+        click.echo(f"{hardware_class}:\n{CompileReport.from_dict(raw).format_table()}\n")
 
 
 def _attach_compile() -> None:
@@ -606,11 +699,12 @@ def demo(agents: int, requests_per_agent: int, broker_addr: str | None, as_json:
         result.to_dict(),
         lambda: (
             render_table(
-                ["device", "model version", "status", "inferences", "p50 ms"],
+                ["device", "model version", "variant", "status", "inferences", "p50 ms"],
                 [
                     [
                         d.id,
                         d.model_version,
+                        d.variant,
                         d.status,
                         d.inferences,
                         None if d.p50_ms is None else f"{d.p50_ms:.3f}",

@@ -2,10 +2,12 @@
 
 An embedded broker (unless one is given), a controller on SQLite and a fresh
 TUF repository in a temporary directory, N agents with their own MQTT
-connections, state directories and HTTP endpoints. The demo registers the
-packaged demo model, signs it, deploys it to every agent, sends inference
-requests through each agent's local endpoint and reads the results back from
-the controller's registry - so what it prints is what the controller saw.
+connections, state directories and HTTP endpoints. The demo compiles the
+packaged demo model for the profile this machine matches (the compile report
+says which variant won and why), signs the bundles, deploys to every agent -
+each gets the variant for its profile - sends inference requests through each
+agent's local endpoint and reads the results back from the controller's
+registry, so what it prints is what the controller saw.
 """
 
 from __future__ import annotations
@@ -25,9 +27,11 @@ from typing import Any
 from edgefleet.agent.config import AgentConfig, HttpSettings
 from edgefleet.agent.daemon import Agent
 from edgefleet.agent.fetcher import TransferSettings
+from edgefleet.agent.hardware import detect_hardware
 from edgefleet.agent.link import BrokerSettings
 from edgefleet.controller.broker import EmbeddedBroker
-from edgefleet.controller.catalog import register_model
+from edgefleet.controller.catalog import register_compiled
+from edgefleet.controller.compiler import match_profile
 from edgefleet.controller.demo_model import build_demo_model, demo_inputs
 from edgefleet.controller.registry import Registry
 from edgefleet.controller.service import ControllerService, ServiceSettings
@@ -48,6 +52,7 @@ class DemoDevice:
     status: str
     inferences: int
     p50_ms: float | None
+    variant: str | None = None
     error: str | None = None
 
 
@@ -58,6 +63,8 @@ class DemoResult:
     broker: str
     elapsed_s: float
     devices: list[DemoDevice] = field(default_factory=list)
+    profile: str | None = None
+    compile_report: dict[str, Any] | None = None
 
     @property
     def ok(self) -> bool:
@@ -73,6 +80,8 @@ class DemoResult:
             "version": self.version,
             "broker": self.broker,
             "elapsed_s": round(self.elapsed_s, 2),
+            "profile": self.profile,
+            "compile_report": self.compile_report,
             "devices": [asdict(d) for d in self.devices],
         }
 
@@ -133,19 +142,42 @@ def run_demo(
         stack.callback(registry.close)
         repository = TrustRepository.init(work / "repository")
         service = ControllerService(
-            registry, repository, broker,
-            ServiceSettings(client_id=f"edgefleet-demo-controller-{work.name}",
-                            maintenance_interval_s=1.0, ingest_flush_s=0.2),
+            registry,
+            repository,
+            broker,
+            ServiceSettings(
+                client_id=f"edgefleet-demo-controller-{work.name}",
+                maintenance_interval_s=1.0,
+                ingest_flush_s=0.2,
+            ),
         )
         service.start()
         stack.callback(service.stop)
 
-        registered = register_model(
-            registry, repository, build_demo_model(), name=DEMO_MODEL, version=DEMO_VERSION,
+        profile = match_profile(detect_hardware())
+        say(
+            f"compiling {DEMO_MODEL}@{DEMO_VERSION} for profile {profile.name} "
+            "(this machine's class)"
+        )
+        registered = register_compiled(
+            registry,
+            repository,
+            build_demo_model(),
+            name=DEMO_MODEL,
+            version=DEMO_VERSION,
+            profiles=[profile],
+            calibration=demo_inputs(64, seed=3),
+            validation=demo_inputs(300, seed=2),
+            latency_iterations=30,
             description="edgefleet demo MLP classifier",
         )
-        say(f"registered {DEMO_MODEL}@{DEMO_VERSION} release {registered.version.release}, "
-            f"signed as TUF target {registered.bundles[0].target_path}")
+        report = registered.reports[profile.name]
+        for line in report.format_table().splitlines():
+            say(f"  {line}")
+        say(
+            f"registered release {registered.version.release}; signed TUF targets: "
+            + ", ".join(b.target_path for b in registered.bundles)
+        )
 
         root_file = work / "root.json"
         root_file.write_bytes(repository.root_bytes())
@@ -153,27 +185,48 @@ def run_demo(
         for i in range(agents):
             device_id = f"gw-{i + 1:02d}"
             registry.enroll_device(device_id, hardware_class="generic", tags=("demo",))
-            agent = Agent(AgentConfig(
-                device_id=device_id,
-                state_dir=work / "agents" / device_id,
-                trust_root=root_file,
-                telemetry_interval_s=1.0,
-                broker=broker,
-                http=HttpSettings(port=0),
-                transfer=TransferSettings(request_timeout_s=5.0),
-            ))
+            agent = Agent(
+                AgentConfig(
+                    device_id=device_id,
+                    state_dir=work / "agents" / device_id,
+                    trust_root=root_file,
+                    telemetry_interval_s=1.0,
+                    broker=broker,
+                    http=HttpSettings(port=0),
+                    transfer=TransferSettings(request_timeout_s=5.0),
+                )
+            )
             agent.start()
             stack.callback(agent.stop)
             fleet.append(agent)
         say(f"started {agents} agents")
 
         device_ids = [a.device_id for a in fleet]
+
+        def all_reported() -> bool:
+            devices = {d.id: d for d in registry.list_devices()}
+            return all(devices[i].profile is not None for i in device_ids)
+
+        # Deploy once every device has reported its hardware, so each gets the
+        # variant for its profile straight away (a later report would re-target
+        # it, at the cost of a second download).
+        _wait(all_reported, 10.0)
         deployment = service.deploy(DEMO_MODEL, DEMO_VERSION, device_ids)
         say(f"deployment {deployment.id} to {len(device_ids)} devices")
 
         def all_settled() -> bool:
-            return all(a.active_model is not None or a.reported_state().last_error is not None
-                       for a in fleet)
+            for agent in fleet:
+                desired = registry.desired_for(agent.device_id)
+                active = agent.active_model
+                done = (
+                    desired is not None
+                    and desired.model is not None
+                    and active is not None
+                    and active.target == desired.model.target
+                )
+                if not done and agent.reported_state().last_error is None:
+                    return False
+            return True
 
         _wait(all_settled, timeout_s)
         inputs = demo_inputs(1)
@@ -198,17 +251,32 @@ def run_demo(
             )
 
         _wait(telemetry_stored, 10.0)
-        result = DemoResult(DEMO_MODEL, DEMO_VERSION, f"{broker.host}:{broker.port}", 0.0)
+        result = DemoResult(
+            DEMO_MODEL,
+            DEMO_VERSION,
+            f"{broker.host}:{broker.port}",
+            0.0,
+            profile=profile.name,
+            compile_report=report.to_dict(),
+        )
+        variants = {
+            a.device_id: a.active_model.target.rsplit("/", 1)[-1].removesuffix(".bundle")
+            for a in fleet
+            if a.active_model is not None
+        }
         for summary in sorted(registry.device_summaries(), key=lambda s: s.device_id):
             active = summary.active_version == DEMO_VERSION and summary.last_error_code is None
-            result.devices.append(DemoDevice(
-                id=summary.device_id,
-                model_version=summary.active_version,
-                status="active" if active else (summary.state or "unknown"),
-                inferences=summary.inferences,
-                p50_ms=None if summary.p50_ms is None else round(summary.p50_ms, 3),
-                error=summary.last_error_message,
-            ))
+            result.devices.append(
+                DemoDevice(
+                    id=summary.device_id,
+                    model_version=summary.active_version,
+                    status="active" if active else (summary.state or "unknown"),
+                    inferences=summary.inferences,
+                    p50_ms=None if summary.p50_ms is None else round(summary.p50_ms, 3),
+                    variant=variants.get(summary.device_id),
+                    error=summary.last_error_message,
+                )
+            )
         result.elapsed_s = time.monotonic() - started
         return result
     raise AssertionError("unreachable")  # pragma: no cover - ExitStack re-raises

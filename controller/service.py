@@ -122,6 +122,7 @@ class ControllerService:
         self._rejected: Counter[str] = Counter()
         self._rejected_lock = threading.Lock()
         self._known: set[str] = set()
+        self._profiles_seen: dict[str, str | None] = {}
         self._known_at = 0.0
         self.ingested = 0
 
@@ -265,7 +266,12 @@ class ControllerService:
             elif channel is Channel.REPORTED:
                 message = self._decode(topic, payload, ReportedState)
                 if isinstance(message, ReportedState):
-                    self.registry.record_reported(message, profile=self._profile_of(message))
+                    profile = self._profile_of(message)
+                    self.registry.record_reported(message, profile=profile)
+                    if self._profiles_seen.get(topic.device_id) != profile:
+                        # A new profile may re-target the desired bundle; send it now.
+                        self._profiles_seen[topic.device_id] = profile
+                        self._wake_outbox.set()
             elif channel is Channel.EVENTS:
                 message = self._decode(topic, payload, Event)
                 if isinstance(message, Event):

@@ -22,6 +22,7 @@ from typing import Any
 
 from edgefleet.protocols import _fields as f
 from edgefleet.protocols.errors import MessageError
+from edgefleet.protocols.hardware import satisfies
 
 __all__ = [
     "BUNDLE_FORMAT",
@@ -109,11 +110,30 @@ class TargetCustom:
     hardware_class: str
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
+    requires_arch: str | None = None
+    requires_features: tuple[str, ...] = ()
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
+    def runs_on(self, arch: str, features: tuple[str, ...] | list[str]) -> bool | None:
+        """Whether a CPU meets the signed requirements; None when there are none."""
+        if self.requires_arch is None:
+            return None
+        return satisfies(self.requires_arch, self.requires_features, arch, features)
+
     def to_dict(self) -> dict[str, Any]:
+        requires = (
+            {}
+            if self.requires_arch is None
+            else {
+                "requires": {
+                    "arch": self.requires_arch,
+                    "cpu_features": sorted(self.requires_features),
+                }
+            }
+        )
         return {
             **self.extra,
+            **requires,
             "model": self.model,
             "version": self.version,
             "release": self.release,
@@ -133,6 +153,9 @@ class TargetCustom:
         io = d.get("io")
         if not isinstance(io, Mapping):
             raise MessageError("target custom field 'io' must be an object")
+        requires = d.get("requires")
+        if requires is not None and not isinstance(requires, Mapping):
+            raise MessageError("target custom field 'requires' must be an object")
         return cls(
             model=f.text(d, "model", max_len=128),
             version=f.text(d, "version", max_len=64),
@@ -142,8 +165,22 @@ class TargetCustom:
             hardware_class=f.text(d, "hardware_class", max_len=64),
             inputs=_specs(io, "inputs"),
             outputs=_specs(io, "outputs"),
+            requires_arch=None if requires is None else f.text(requires, "arch", max_len=32),
+            requires_features=()
+            if requires is None
+            else tuple(f.text_list(requires, "cpu_features", max_items=64)),
             extra=f.extra(
-                d, {"model", "version", "release", "runtime", "precision", "hardware_class", "io"}
+                d,
+                {
+                    "model",
+                    "version",
+                    "release",
+                    "runtime",
+                    "precision",
+                    "hardware_class",
+                    "io",
+                    "requires",
+                },
             ),
         )
 

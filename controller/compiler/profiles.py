@@ -36,6 +36,9 @@ from pathlib import Path
 from typing import Any
 
 from edgefleet.controller.compiler.errors import ProfileError
+
+# Normalisation is shared with the agent, which checks signed requirements.
+from edgefleet.protocols.hardware import normalize_arch, normalize_features
 from edgefleet.protocols.messages import HardwareInfo
 
 if sys.version_info >= (3, 11):
@@ -66,62 +69,6 @@ _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 
 # Canonical capability names for the spellings that differ between CPUs,
 # kernels and tools. Left: a lower-cased reported flag; right: the alias added.
-_ALIASES: Mapping[str, str] = {
-    "avx512_vnni": "vnni",
-    "avx512vnni": "vnni",
-    "avx_vnni": "vnni",
-    "avxvnni": "vnni",
-    "asimddp": "dotprod",
-    "asimd_dp": "dotprod",
-    "asimd": "neon",
-    "asimdhp": "fp16arith",
-    "avx512_fp16": "fp16arith",
-    "avx512fp16": "fp16arith",
-}
-_ARCH_ALIASES: Mapping[str, str] = {
-    "x86_64": "x86_64",
-    "amd64": "x86_64",
-    "x64": "x86_64",
-    "aarch64": "arm64",
-    "arm64": "arm64",
-    "aarch64_be": "arm64",
-    "any": "any",
-}
-# Instructions every CPU of an architecture has, so a device that reports no
-# flags at all still matches the basic profile of its architecture.
-_BASELINE: Mapping[str, frozenset[str]] = {
-    "x86_64": frozenset({"sse2"}),
-    "arm64": frozenset({"neon", "asimd"}),
-}
-
-
-def normalize_arch(arch: str) -> str:
-    """One spelling per architecture (``aarch64`` -> ``arm64``, ``AMD64`` -> ``x86_64``)."""
-    key = arch.strip().lower()
-    return _ARCH_ALIASES.get(key, key)
-
-
-def normalize_features(features: Iterable[str], arch: str | None = None) -> frozenset[str]:
-    """Lower-case the flags and add the canonical alias of each one.
-
-    Args:
-        features: CPU flags as reported (``/proc/cpuinfo`` spelling) or aliases.
-        arch: if given, the architecture's baseline features are added too.
-    """
-    out: set[str] = set()
-    for raw in features:
-        flag = raw.strip().lower()
-        if not flag:
-            continue
-        out.add(flag)
-        alias = _ALIASES.get(flag)
-        if alias:
-            out.add(alias)
-    if arch is not None:
-        out |= _BASELINE.get(normalize_arch(arch), frozenset())
-    return frozenset(out)
-
-
 @dataclass(frozen=True)
 class Profile:
     """A class of devices and the rules for choosing a variant for it.

@@ -16,7 +16,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from edgefleet.controller.bundle import build_bundle, default_sample, inspect_onnx
-from edgefleet.controller.demo_model import build_demo_model, demo_inputs
+from edgefleet.controller.demo_model import CLASSES, FEATURES, build_demo_model, demo_inputs
 from edgefleet.controller.errors import ModelError
 from edgefleet.protocols.bundle import BundleManifest, TensorSpec
 from edgefleet.protocols.errors import MessageError
@@ -233,26 +233,26 @@ def test_default_sample_uses_one_for_inner_dynamic_dims() -> None:
 
 def test_demo_model_is_small_valid_and_reproducible() -> None:
     model = build_demo_model()
-    assert len(model) < 8 * 1024
+    assert len(model) < 512 * 1024
     assert model == build_demo_model()
     assert model != build_demo_model(seed=1)
     proto = onnx.load_model_from_string(model)
     assert proto.ir_version <= 9
     assert [(o.domain, o.version) for o in proto.opset_import] == [("", 17)]
     inputs, outputs = inspect_onnx(model)
-    assert inputs == (TensorSpec("features", "float32", (None, 16)),)
-    assert outputs == (TensorSpec("probabilities", "float32", (None, 4)),)
+    assert inputs == (TensorSpec("features", "float32", (None, FEATURES)),)
+    assert outputs == (TensorSpec("probabilities", "float32", (None, CLASSES)),)
 
 
 def test_demo_model_outputs_probabilities_and_scale_keeps_labels() -> None:
     features = demo_inputs(8)
-    assert features["features"].shape == (8, 16)
+    assert features["features"].shape == (8, FEATURES)
     assert features["features"].dtype == np.float32
     base = ort.InferenceSession(build_demo_model(), providers=["CPUExecutionProvider"])
     sharp = ort.InferenceSession(build_demo_model(scale=3.0), providers=["CPUExecutionProvider"])
     p = base.run(None, features)[0]
     q = sharp.run(None, features)[0]
-    assert p.shape == (8, 4)
+    assert p.shape == (8, CLASSES)
     np.testing.assert_allclose(p.sum(axis=1), 1.0, rtol=1e-5)
     np.testing.assert_array_equal(p.argmax(axis=1), q.argmax(axis=1))
     assert q.max(axis=1).mean() > p.max(axis=1).mean()  # sharper

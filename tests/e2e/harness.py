@@ -234,7 +234,14 @@ class Harness:
 
 
 def infer(agent: Agent, features: list[list[float]] | None = None) -> dict[str, Any]:
-    body = {"inputs": {"features": features or [[0.5] * 16]}}
+    """One inference through the agent's HTTP endpoint, sized for its active model."""
+    if features is None:
+        current = agent.holder.current()
+        assert current is not None, "no model loaded"
+        width = current[0].inputs[0].shape[1]
+        assert isinstance(width, int)
+        features = [[0.5] * width]
+    body = {"inputs": {"features": features}}
     request = urllib.request.Request(
         f"{agent.server.url}/v1/infer",
         data=json.dumps(body).encode(),

@@ -68,3 +68,36 @@ def test_target_custom_requires_io() -> None:
         )
     with pytest.raises(MessageError, match="custom"):
         TargetCustom.from_dict(None)
+
+
+def test_target_custom_requirements_round_trip_and_check() -> None:
+    custom = TargetCustom(
+        "m",
+        "1.0",
+        2,
+        "onnxruntime",
+        "int8",
+        "x86-vnni",
+        SPEC_IN,
+        SPEC_OUT,
+        requires_arch="x86_64",
+        requires_features=("avx2", "vnni"),
+    )
+    again = TargetCustom.from_dict(json.loads(json.dumps(custom.to_dict())))
+    assert again == custom
+    assert again.runs_on("x86_64", ("avx2", "avx512_vnni")) is True
+    assert again.runs_on("x86_64", ("avx2",)) is False
+    assert again.runs_on("aarch64", ("asimddp",)) is False
+    plain = TargetCustom("m", "1.0", 2, "onnxruntime", "fp32", "generic", SPEC_IN, SPEC_OUT)
+    assert "requires" not in plain.to_dict()
+    assert plain.runs_on("x86_64", ()) is None
+
+
+def test_target_custom_refuses_malformed_requirements() -> None:
+    body = TargetCustom(
+        "m", "1.0", 2, "onnxruntime", "fp32", "generic", SPEC_IN, SPEC_OUT
+    ).to_dict()
+    with pytest.raises(MessageError, match="requires"):
+        TargetCustom.from_dict(body | {"requires": ["x86_64"]})
+    with pytest.raises(MessageError, match="cpu_features"):
+        TargetCustom.from_dict(body | {"requires": {"arch": "x86_64", "cpu_features": [1]}})

@@ -165,7 +165,9 @@ def serve(ctx: Context, embedded_broker: bool) -> None:
             broker = EmbeddedBroker(cfg.broker.host, cfg.broker.port)
             broker.start()
         registry = ctx.registry()
-        service = ControllerService(registry, ctx.repository(), cfg.broker, cfg.service)
+        service = ControllerService(
+            registry, ctx.repository(), cfg.broker, cfg.service, profiles=cfg.device_profiles()
+        )
         click.echo(
             f"controller serving via MQTT {cfg.broker.host}:{cfg.broker.port}; Ctrl-C to stop",
             err=True,
@@ -269,7 +271,7 @@ def model_register(
         registry = ctx.registry()
         try:
             if profile_names:
-                known = dict(BUILTIN_PROFILES)
+                known = dict(BUILTIN_PROFILES) | ctx.config().device_profiles()
                 if profiles_file is not None:
                     known.update(load_profiles(profiles_file))
                 profiles = [get_profile(p, known) for p in profile_names]
@@ -723,7 +725,13 @@ def demo(agents: int, requests_per_agent: int, broker_addr: str | None, as_json:
 # --------------------------------------------------------------------------- feature commands
 # Each feature keeps its commands in its own module; register them here, one line each.
 def _attach_features() -> None:
-    pass
+    from edgefleet.controller import security_cli as sec
+
+    cli.add_command(sec.ca)
+    cli.add_command(sec.broker_config)
+    cli.add_command(sec.enroll_server)
+    device.add_command(sec.device_token)
+    device.add_command(sec.device_revoke)
 
 
 _attach_features()

@@ -6,6 +6,7 @@ Precedence (highest first): CLI flags, environment (``EDGEFLEET_HOME``,
 
     home = "/var/lib/edgefleet"                 # TUF repository, keys, SQLite file
     database_url = "postgresql+psycopg://edgefleet@db/edgefleet"
+    profiles = "profiles.toml"                  # custom device profiles (optional)
 
     [broker]
     host = "mqtt.example.net"
@@ -44,12 +45,26 @@ class ControllerConfig:
 
     home: Path = DEFAULT_HOME
     database_url: str | None = None
+    profiles_file: Path | None = None
     broker: BrokerSettings = field(default_factory=BrokerSettings)
     service: ServiceSettings = field(default_factory=ServiceSettings)
 
     @property
     def repository_dir(self) -> Path:
         return self.home / "repository"
+
+    def device_profiles(self) -> dict[str, Any]:
+        """Built-in profiles plus those of ``profiles_file`` (which win on name clashes).
+
+        Raises:
+            ProfileError: the profiles file is unreadable or invalid.
+        """
+        from edgefleet.controller.compiler import BUILTIN_PROFILES, load_profiles
+
+        profiles: dict[str, Any] = dict(BUILTIN_PROFILES)
+        if self.profiles_file is not None:
+            profiles.update(load_profiles(self.profiles_file))
+        return profiles
 
     @property
     def registry_url(self) -> str:
@@ -98,7 +113,7 @@ def load_controller_config(
         try:
             broker = _section(raw, "broker", BrokerSettings)
             service = _section(raw, "service", ServiceSettings)
-            unknown = set(raw) - {"home", "database_url"}
+            unknown = set(raw) - {"home", "database_url", "profiles"}
             if unknown:
                 raise ConfigError(f"unknown setting(s): {', '.join(sorted(unknown))}")
         except ConfigError as exc:
@@ -107,6 +122,7 @@ def load_controller_config(
         config = ControllerConfig(
             home=base / raw["home"] if "home" in raw else DEFAULT_HOME,
             database_url=raw.get("database_url"),
+            profiles_file=base / raw["profiles"] if "profiles" in raw else None,
             broker=broker,
             service=service,
         )

@@ -9,6 +9,7 @@ from datetime import datetime, timedelta, timezone
 
 from edgefleet.agent.fetcher import PartialStore, TransferSettings
 from edgefleet.controller.demo import run_demo
+from edgefleet.controller.demo_model import CLASSES
 from edgefleet.protocols.messages import DesiredState
 from edgefleet.protocols.topics import Channel, DeviceTopic
 from tests.e2e.harness import Harness, infer, wait_for, wide_model
@@ -22,7 +23,7 @@ def test_deploy_install_serve_and_report(harness: Harness) -> None:
     harness.wait_active(agent, "1.0")
     result = infer(agent)
     assert result["model"]["version"] == "1.0"
-    assert len(result["outputs"]["probabilities"][0]) == 4
+    assert len(result["outputs"]["probabilities"][0]) == CLASSES
     wait_for(lambda: harness.summary("gw-a").inferences >= 1, what="telemetry stored")
     summary = harness.summary("gw-a")
     assert summary.active_version == "1.0"

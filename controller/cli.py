@@ -725,13 +725,7 @@ def demo(agents: int, requests_per_agent: int, broker_addr: str | None, as_json:
 # --------------------------------------------------------------------------- feature commands
 # Each feature keeps its commands in its own module; register them here, one line each.
 def _attach_features() -> None:
-    from edgefleet.controller import security_cli as sec
-
-    cli.add_command(sec.ca)
-    cli.add_command(sec.broker_config)
-    cli.add_command(sec.enroll_server)
-    device.add_command(sec.device_token)
-    device.add_command(sec.device_revoke)
+    pass
 
 
 _attach_features()

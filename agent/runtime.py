@@ -1,11 +1,11 @@
-"""The runtime backend interface and the onnxruntime backend.
+"""The runtime backend interface and the onnxruntime and TFLite backends.
 
 The rest of the agent never talks to an inference library directly: it asks
 :func:`get_backend` for a :class:`Backend` by the runtime name a bundle
 declares (``"onnxruntime"``, ``"tflite"``), loads the bundle's model file into
 a :class:`LoadedModel` and calls :meth:`LoadedModel.run`. Keeping that surface
-this small is what lets a second runtime (TFLite/LiteRT) arrive later without
-touching the install pipeline or the HTTP endpoint.
+this small is what let the second runtime (TFLite/LiteRT, :class:`TfliteBackend`)
+arrive without touching the install pipeline or the HTTP endpoint.
 
 Inputs are checked *before* they reach the runtime. A native runtime that is
 handed a wrong dtype or rank fails with an opaque message at best; here the
@@ -15,14 +15,17 @@ the runtime itself on valid-looking input raise :class:`InferenceError`.
 
 Inference libraries are imported lazily: importing this module (for example
 to report :func:`available_runtimes` in the hardware description) must not
-pay for loading onnxruntime.
+pay for loading onnxruntime or LiteRT.
 """
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import logging
+import threading
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
@@ -37,10 +40,13 @@ __all__ = [
     "InferenceInputError",
     "LoadedModel",
     "OnnxRuntimeBackend",
+    "TfliteBackend",
     "available_runtimes",
     "check_feeds",
     "coerce_inputs",
     "get_backend",
+    "is_tflite",
+    "tflite_interpreter_class",
 ]
 
 log = logging.getLogger(__name__)
@@ -361,56 +367,324 @@ class OnnxRuntimeBackend:
         return _OnnxModel(session)
 
 
+# --------------------------------------------------------------------------- tflite
+# The interpreter modules, in order of preference. ai-edge-litert is the
+# maintained LiteRT package (wheels for numpy 1 and 2); tflite-runtime is the
+# legacy one some gateway images still ship, and its last release (2.14) is
+# built against numpy 1.x.
+TFLITE_MODULES = ("ai_edge_litert", "tflite_runtime")
+TFLITE_MAGIC = b"TFL3"
+
+# TFLite tensor types the agent serves, as numpy dtype names. Strings and
+# complex numbers have no JSON form; a model using them at its boundary is
+# refused at load time.
+_TFLITE_TYPES = frozenset(
+    {
+        "float32", "float16", "float64", "int8", "uint8", "int16", "uint16",
+        "int32", "uint32", "int64", "uint64", "bool",
+    }
+)  # fmt: skip
+
+
+def _numpy_major() -> int:
+    return int(np.__version__.split(".", 1)[0])
+
+
+def tflite_interpreter_class(modules: Sequence[str] = TFLITE_MODULES) -> Any:
+    """The ``Interpreter`` class of the first usable TFLite runtime in ``modules``.
+
+    ai-edge-litert is preferred; tflite-runtime is the fallback. tflite-runtime
+    2.14 is compiled against numpy 1.x: imported next to numpy 2 it fails with
+    a long ABI message (or crashes later), so that combination is refused up
+    front with an explanation instead of being imported.
+
+    Raises:
+        UnsupportedRuntimeError: no module is installed, the only one is
+            tflite-runtime next to numpy >= 2, or the installed one cannot be
+            imported.
+    """
+    refusals: list[str] = []
+    for module in modules:
+        if importlib.util.find_spec(module) is None:
+            continue
+        if module == "tflite_runtime" and _numpy_major() >= 2:
+            refusals.append(
+                f"tflite-runtime 2.14 needs numpy<2, but numpy {np.__version__} is installed; "
+                "install ai-edge-litert instead (pip install 'edgefleet[tflite]'), "
+                "or pin numpy<2 for tflite-runtime"
+            )
+            continue
+        try:
+            interpreter = importlib.import_module(f"{module}.interpreter")
+        except ImportError as exc:
+            refusals.append(f"{module} is installed but cannot be imported: {exc}")
+            continue
+        return interpreter.Interpreter
+    if refusals:
+        raise UnsupportedRuntimeError("; ".join(refusals))
+    raise UnsupportedRuntimeError(
+        "no TFLite interpreter is installed on this device; "
+        "install one with: pip install 'edgefleet[tflite]' (ai-edge-litert)"
+    )
+
+
+def _tflite_usable() -> bool:
+    """Whether :func:`tflite_interpreter_class` would find a runtime, without importing one."""
+    for module in TFLITE_MODULES:
+        if importlib.util.find_spec(module) is None:
+            continue
+        if module == "tflite_runtime" and _numpy_major() >= 2:
+            continue
+        return True
+    return False
+
+
+def is_tflite(data: bytes) -> bool:
+    """Whether ``data`` carries the TFLite flatbuffer file identifier (``TFL3`` at bytes 4..8)."""
+    return len(data) >= 8 and data[4:8] == TFLITE_MAGIC
+
+
+@dataclass(frozen=True)
+class _Boundary:
+    """How one model input or output maps between the caller and the interpreter.
+
+    ``scale``/``zero_point`` are set for a quantized boundary tensor (a
+    full-integer model's int8 input, say): the caller then sees float32 and the
+    value is (de)quantized here, so every variant of a model, fp32 or int8,
+    takes and returns the same arrays.
+    """
+
+    spec: TensorSpec
+    index: int
+    raw_dtype: np.dtype[Any]
+    scale: float | None = None
+    zero_point: int = 0
+
+
+def _tflite_boundary(detail: Mapping[str, Any], name: str, what: str) -> _Boundary:
+    raw = np.dtype(detail["dtype"])
+    if raw.name not in _TFLITE_TYPES:
+        raise ModelLoadError(f"model {what} {name!r} has unsupported type {raw.name}")
+    signature = detail.get("shape_signature")
+    dims = detail["shape"] if signature is None or len(signature) == 0 else signature
+    shape = tuple(int(d) if int(d) >= 0 else None for d in dims)
+    params = detail.get("quantization_parameters") or {}
+    scales = np.asarray(params.get("scales", ()), dtype=np.float64)
+    zeros = np.asarray(params.get("zero_points", ()), dtype=np.int64)
+    if raw.kind in "iu" and scales.size == 1 and float(scales[0]) > 0:
+        spec = TensorSpec(name=name, dtype="float32", shape=shape)
+        zero = int(zeros[0]) if zeros.size else 0
+        return _Boundary(spec, int(detail["index"]), raw, float(scales[0]), zero)
+    if raw.kind in "iu" and scales.size > 1:
+        raise ModelLoadError(
+            f"model {what} {name!r} is quantized per channel; only per-tensor "
+            "quantized inputs and outputs can be served"
+        )
+    return _Boundary(TensorSpec(name=name, dtype=raw.name, shape=shape), int(detail["index"]), raw)
+
+
+def _signature_names(interpreter: Any) -> tuple[dict[int, str], dict[int, str]] | None:
+    """Tensor index -> signature name for inputs and outputs, if there is one usable signature.
+
+    Converters name boundary tensors ``serving_default_image:0`` and
+    ``StatefulPartitionedCall:0``; the signature keeps the names the model
+    author chose (``image``, ``probs``), which are what callers and sample
+    files should use. Only a single signature covering exactly the main
+    graph's inputs and outputs is used; otherwise tensor names are kept.
+    """
+    try:
+        signatures = interpreter.get_signature_list()
+        if len(signatures) != 1:
+            return None
+        runner = interpreter.get_signature_runner(next(iter(signatures)))
+        ins = {int(d["index"]): str(k) for k, d in runner.get_input_details().items()}
+        outs = {int(d["index"]): str(k) for k, d in runner.get_output_details().items()}
+    except (ValueError, RuntimeError, KeyError, AttributeError):
+        return None
+    main_in = {int(d["index"]) for d in interpreter.get_input_details()}
+    main_out = {int(d["index"]) for d in interpreter.get_output_details()}
+    if set(ins) != main_in or set(outs) != main_out:
+        return None
+    return ins, outs
+
+
+class _TfliteModel:
+    """A TFLite interpreter behind the :class:`LoadedModel` interface.
+
+    An interpreter is not thread-safe (its tensors are shared buffers), so
+    every inference holds a lock: concurrent HTTP requests are served one at
+    a time per model, which on a gateway core costs nothing over what the
+    kernels already serialise. A dynamic axis (batch) is resized only when the
+    incoming shape differs from the allocated one.
+    """
+
+    def __init__(self, interpreter: Any) -> None:
+        self._interpreter = interpreter
+        self._lock = threading.Lock()
+        names = _signature_names(interpreter)
+        in_names, out_names = names if names is not None else ({}, {})
+        self._in = tuple(
+            _tflite_boundary(d, in_names.get(int(d["index"]), str(d["name"])), "input")
+            for d in interpreter.get_input_details()
+        )
+        self._out = tuple(
+            _tflite_boundary(d, out_names.get(int(d["index"]), str(d["name"])), "output")
+            for d in interpreter.get_output_details()
+        )
+        seen = [b.spec.name for b in (*self._in, *self._out)]
+        if len(set(seen)) != len(seen):
+            raise ModelLoadError(f"model tensor names are not unique: {seen}")
+        self.inputs = tuple(b.spec for b in self._in)
+        self.outputs = tuple(b.spec for b in self._out)
+        self._shapes = {
+            int(d["index"]): tuple(int(x) for x in d["shape"])
+            for d in interpreter.get_input_details()
+        }
+
+    @staticmethod
+    def _to_raw(b: _Boundary, value: np.ndarray) -> np.ndarray:
+        # float32 arithmetic in place: exact for 8-bit codes, and cheaper than
+        # float64 on a model whose inference takes microseconds.
+        if b.scale is None:
+            return np.ascontiguousarray(value)
+        info = np.iinfo(b.raw_dtype)
+        q: np.ndarray = np.multiply(value, np.float32(1.0 / b.scale), dtype=np.float32)
+        q += np.float32(b.zero_point)
+        np.rint(q, out=q)
+        np.clip(q, info.min, info.max, out=q)
+        return q.astype(b.raw_dtype)
+
+    @staticmethod
+    def _from_raw(b: _Boundary, value: np.ndarray) -> np.ndarray:
+        if b.scale is None:
+            return value
+        out = value.astype(np.float32)
+        out -= np.float32(b.zero_point)
+        out *= np.float32(b.scale)
+        return out
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        check_feeds(feeds, self.inputs)
+        it = self._interpreter
+        with self._lock:
+            try:
+                resized = False
+                for b in self._in:
+                    shape = tuple(int(x) for x in feeds[b.spec.name].shape)
+                    if self._shapes[b.index] != shape:
+                        it.resize_tensor_input(b.index, list(shape), strict=True)
+                        self._shapes[b.index] = shape
+                        resized = True
+                if resized:
+                    it.allocate_tensors()
+                for b in self._in:
+                    it.set_tensor(b.index, self._to_raw(b, feeds[b.spec.name]))
+                it.invoke()
+                return {b.spec.name: self._from_raw(b, it.get_tensor(b.index)) for b in self._out}
+            except Exception as exc:  # the interpreter raises ValueError/RuntimeError alike
+                raise InferenceError(f"tflite failed: {exc}") from exc
+
+
+class TfliteBackend:
+    """Loads ``.tflite`` files into a LiteRT (or legacy tflite-runtime) interpreter.
+
+    One kernel thread by default, like the onnxruntime backend: gateways are
+    small shared machines. Models are read into memory and checked for the
+    TFLite file identifier before the interpreter sees them, so a wrong file
+    is reported as such instead of as a flatbuffer verification failure.
+    """
+
+    name = "tflite"
+
+    def __init__(self, threads: int = 1) -> None:
+        if threads < 1:
+            raise ValueError("threads must be at least 1")
+        self.threads = threads
+
+    def load(self, model_path: Path) -> LoadedModel:
+        """Create an interpreter from ``model_path``.
+
+        Raises:
+            UnsupportedRuntimeError: no usable TFLite runtime is installed.
+            ModelLoadError: the file is missing, not a TFLite model, or the
+                interpreter refuses it (corrupt, unknown op), or its inputs and
+                outputs use types the agent cannot serve.
+        """
+        interpreter_class = tflite_interpreter_class()
+        if not model_path.is_file():
+            raise ModelLoadError(f"model file {model_path} does not exist")
+        try:
+            data = model_path.read_bytes()
+        except OSError as exc:
+            raise ModelLoadError(f"cannot read {model_path.name}: {exc.strerror or exc}") from exc
+        return self._load(data, model_path.name, interpreter_class)
+
+    def load_bytes(self, data: bytes, what: str = "model") -> LoadedModel:
+        """Like :meth:`load`, from the model's bytes (the controller's compiler uses this)."""
+        return self._load(bytes(data), what, tflite_interpreter_class())
+
+    def _load(self, data: bytes, what: str, interpreter_class: Any) -> _TfliteModel:
+        if not is_tflite(data):
+            raise ModelLoadError(f"{what} is not a TFLite model (no TFL3 file identifier)")
+        try:
+            interpreter = interpreter_class(model_content=data, num_threads=self.threads)
+            interpreter.allocate_tensors()
+        except Exception as exc:  # ValueError/RuntimeError from the native side alike
+            text = " ".join(str(exc).split())[:300] or type(exc).__name__
+            raise ModelLoadError(f"tflite cannot load {what}: {text}") from exc
+        return _TfliteModel(interpreter)
+
+
 # --------------------------------------------------------------------------- registry
 def _onnxruntime(threads: int) -> Backend:
     return OnnxRuntimeBackend(threads=threads)
 
 
 def _tflite(threads: int) -> Backend:
-    raise UnsupportedRuntimeError(
-        "the tflite runtime is not supported by this agent yet; "
-        "a later release supports it with: pip install 'edgefleet[tflite]'"
-    )
+    tflite_interpreter_class()  # refuse now, with the reason, rather than at load time
+    return TfliteBackend(threads=threads)
 
 
-# runtime name -> (module that must be importable, factory)
-_BACKENDS: dict[str, tuple[str, Callable[[int], Backend]]] = {
-    "onnxruntime": ("onnxruntime", _onnxruntime),
+def _onnxruntime_usable() -> bool:
+    return importlib.util.find_spec("onnxruntime") is not None
+
+
+# runtime name -> (cheap "is it installed" check, factory, what to install)
+_BACKENDS: dict[str, tuple[Callable[[], bool], Callable[[int], Backend], str]] = {
+    "onnxruntime": (_onnxruntime_usable, _onnxruntime, "edgefleet[agent]"),
+    "tflite": (_tflite_usable, _tflite, "edgefleet[tflite]"),
 }
-_PLANNED = {"tflite": _tflite}
 
 
 def available_runtimes() -> tuple[str, ...]:
     """Runtimes this agent can load models for, in a stable order.
 
     Only checks that the runtime's module can be found, without importing it,
-    so it is cheap enough to call when describing the hardware.
+    so it is cheap enough to call when describing the hardware. ``tflite`` is
+    reported when ai-edge-litert is installed, or tflite-runtime next to
+    numpy < 2 (the only combination tflite-runtime 2.14 works in).
     """
-    return tuple(
-        name
-        for name, (module, _) in _BACKENDS.items()
-        if importlib.util.find_spec(module) is not None
-    )
+    return tuple(name for name, (usable, _, _) in _BACKENDS.items() if usable())
 
 
 def get_backend(runtime: str, *, threads: int = 1) -> Backend:
     """Return a backend for a bundle's declared runtime.
 
     Raises:
-        UnsupportedRuntimeError: the runtime is unknown, not implemented yet
-            (``tflite``), or its library is not installed.
+        UnsupportedRuntimeError: the runtime is unknown or its library is not
+            installed (for ``tflite``: also tflite-runtime next to numpy >= 2).
     """
-    if runtime in _PLANNED:
-        return _PLANNED[runtime](threads)
     entry = _BACKENDS.get(runtime)
     if entry is None:
         raise UnsupportedRuntimeError(
             f"unknown runtime {runtime!r}; this agent supports "
             f"{', '.join(sorted(_BACKENDS)) or 'none'}"
         )
-    module, factory = entry
-    if importlib.util.find_spec(module) is None:
+    usable, factory, extra = entry
+    if threads < 1:
+        raise ValueError("threads must be at least 1")
+    if runtime != "tflite" and not usable():
         raise UnsupportedRuntimeError(
-            f"runtime {runtime!r} is not installed on this device; install edgefleet[agent]"
+            f"runtime {runtime!r} is not installed on this device; install {extra}"
         )
     return factory(threads)

@@ -1,7 +1,8 @@
-"""Build bundle archives (see :mod:`edgefleet.protocols.bundle`) from ONNX models.
+"""Build bundle archives (see :mod:`edgefleet.protocols.bundle`) from ONNX and TFLite models.
 
-A bundle carries, next to the model, the inputs and the outputs onnxruntime
-produced for them on the controller. The agent re-runs that sample after
+A bundle carries, next to the model, the inputs and the outputs the runtime
+(onnxruntime, or the TFLite interpreter for ``runtime="tflite"``) produced
+for them on the controller. The agent re-runs that sample after
 installing and refuses to go live if its outputs differ (beyond the manifest's
 tolerances), which catches a broken runtime, a wrong CPU build or a corrupted
 model before it serves a single request.
@@ -40,7 +41,7 @@ from edgefleet.protocols.bundle import (
     TensorSpec,
 )
 
-__all__ = ["build_bundle", "default_sample", "inspect_onnx"]
+__all__ = ["build_bundle", "default_sample", "inspect_onnx", "inspect_tflite_io"]
 
 # The earliest date a zip entry can carry; any fixed value makes archives reproducible.
 _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
@@ -77,6 +78,46 @@ def inspect_onnx(model: bytes) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec
     return inputs, outputs
 
 
+def _tflite_model(model: bytes) -> Any:
+    """Load a ``.tflite`` model with the agent's own TFLite backend.
+
+    The agent loads the bundle with exactly this code, so the input/output
+    specs written into the manifest (signature names, dynamic axes, float32
+    at the boundary of a full-integer model) are the ones it will find.
+    """
+    from edgefleet.agent.errors import ModelLoadError, UnsupportedRuntimeError
+    from edgefleet.agent.runtime import TfliteBackend
+
+    if not model:
+        raise ModelError("the model file is empty")
+    try:
+        return TfliteBackend(threads=1).load_bytes(model, "the model file")
+    except UnsupportedRuntimeError as exc:
+        raise ModelError(f"cannot build a tflite bundle here: {exc}") from None
+    except ModelLoadError as exc:
+        raise ModelError(str(exc)) from None
+
+
+def inspect_tflite_io(model: bytes) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
+    """The input and output tensors of a TFLite model, as the agent will serve them.
+
+    Names come from the model's signature when it has exactly one (``image``
+    rather than ``serving_default_image:0``); a ``-1`` in the shape signature
+    is a dynamic axis (``None``); quantized int8 inputs and outputs of a
+    full-integer model are served as float32.
+
+    Raises:
+        ModelError: no TFLite interpreter is installed, the bytes are not a
+            TFLite model, the interpreter refuses them, or the model has no
+            input or output.
+    """
+    loaded = _tflite_model(model)
+    inputs, outputs = tuple(loaded.inputs), tuple(loaded.outputs)
+    if not inputs or not outputs:
+        raise ModelError("the TFLite model must have at least one input and one output")
+    return inputs, outputs
+
+
 def build_bundle(
     model: bytes,
     *,
@@ -92,12 +133,12 @@ def build_bundle(
 ) -> tuple[bytes, BundleManifest]:
     """Package ``model`` with its manifest and smoke-test sample as a bundle.
 
-    The expected outputs come from onnxruntime on the CPU with one thread,
+    The expected outputs come from the runtime on the CPU with one thread,
     the most reproducible configuration, so the agent's tolerances only have
     to absorb differences between CPUs and kernels, not threading noise.
 
     Args:
-        model: ONNX model bytes.
+        model: ONNX model bytes, or ``.tflite`` bytes with ``runtime="tflite"``.
         name: Model name (``BundleManifest.model``).
         version: Model version string.
         release: Release counter; agents refuse to go backwards.
@@ -105,7 +146,7 @@ def build_bundle(
         precision: One of ``edgefleet.protocols.bundle.PRECISIONS``.
         sample_inputs: Input name -> array; must name exactly the model's
             inputs with matching dtypes and ranks (see :func:`default_sample`).
-        runtime: Only ``"onnxruntime"`` can be built here.
+        runtime: ``"onnxruntime"`` or ``"tflite"``.
         smoke_atol: Absolute tolerance for the agent's smoke test.
         smoke_rtol: Relative tolerance for the agent's smoke test.
 
@@ -114,18 +155,29 @@ def build_bundle(
 
     Raises:
         ModelError: The model is invalid or cannot run, the sample does not
-            fit it, the outputs are not finite, the runtime is not
-            onnxruntime, or the tolerances are negative.
+            fit it, the outputs are not finite, the runtime is unknown (or,
+            for tflite, no TFLite interpreter is installed), or the
+            tolerances are negative.
         MessageError: A manifest field is invalid (e.g. an unknown precision
             or a release below 1), as the agent would find it.
     """
-    if runtime != "onnxruntime":
-        raise ModelError(f"bundles can only be built for onnxruntime here, not {runtime!r}")
+    if runtime not in MODEL_NAMES:
+        raise ModelError(
+            f"bundles can be built for {', '.join(sorted(MODEL_NAMES))}, not {runtime!r}"
+        )
     if not (_finite_non_negative(smoke_atol) and _finite_non_negative(smoke_rtol)):
         raise ModelError("smoke_atol and smoke_rtol must be finite and non-negative")
-    inputs, outputs = inspect_onnx(model)
-    feeds = _check_sample(inputs, sample_inputs)
-    expected = _run(model, feeds, outputs)
+    if runtime == "tflite":
+        loaded = _tflite_model(model)
+        inputs, outputs = tuple(loaded.inputs), tuple(loaded.outputs)
+        if not inputs or not outputs:
+            raise ModelError("the TFLite model must have at least one input and one output")
+        feeds = _check_sample(inputs, sample_inputs)
+        expected = _run_tflite(loaded, feeds, outputs)
+    else:
+        inputs, outputs = inspect_onnx(model)
+        feeds = _check_sample(inputs, sample_inputs)
+        expected = _run(model, feeds, outputs)
 
     model_file = MODEL_NAMES[runtime]
     manifest = BundleManifest(
@@ -286,6 +338,24 @@ def _run(
         results = session.run(names, dict(feeds))
     except Exception as exc:  # onnxruntime's errors derive directly from Exception
         raise ModelError(f"onnxruntime cannot run the model on the sample: {exc}") from exc
+    return _finite_outputs(names, results)
+
+
+def _run_tflite(
+    loaded: Any, feeds: Mapping[str, npt.NDArray[Any]], outputs: Sequence[TensorSpec]
+) -> dict[str, npt.NDArray[Any]]:
+    """Run the TFLite interpreter (one thread, as loaded); return finite outputs by name."""
+    from edgefleet.agent.runtime import InferenceError, InferenceInputError
+
+    names = [spec.name for spec in outputs]
+    try:
+        results = loaded.run(dict(feeds))
+    except (InferenceError, InferenceInputError) as exc:
+        raise ModelError(f"tflite cannot run the model on the sample: {exc}") from None
+    return _finite_outputs(names, [results[n] for n in names])
+
+
+def _finite_outputs(names: Sequence[str], results: Sequence[Any]) -> dict[str, npt.NDArray[Any]]:
     expected: dict[str, npt.NDArray[Any]] = {}
     for name, value in zip(names, results, strict=True):
         array = np.ascontiguousarray(value)

@@ -32,8 +32,9 @@ def _one_line(text: str) -> str:
 def _write_outputs(result: CompileResult, out_dir: Path, *, every: bool) -> list[dict[str, Any]]:
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
+    suffix = ".tflite" if result.report.profile.runtime == "tflite" else ".onnx"
     for v in result.chosen if every else result.chosen[:1]:
-        path = out_dir / f"{v.profile}.{v.name.replace('+', '-')}.onnx"
+        path = out_dir / f"{v.profile}.{v.name.replace('+', '-')}{suffix}"
         path.write_bytes(v.model)
         written.append({"name": v.name, "rank": v.metrics.rank, "path": str(path)})
     (out_dir / "report.json").write_text(result.report.to_json() + "\n")
@@ -119,7 +120,7 @@ def compile_command(
     output_dir: Path | None,
     all_eligible: bool,
 ) -> None:
-    """Compile SOURCE (an fp32 ONNX model) into accuracy-gated variants for a profile.
+    """Compile SOURCE (an fp32 ONNX or .tflite model) into accuracy-gated variants for a profile.
 
     Every candidate the profile allows is built, compared with the fp32 model
     on the validation data, and timed against it on this machine; the report

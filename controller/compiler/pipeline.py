@@ -26,7 +26,7 @@ import hashlib
 import math
 import platform
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -85,6 +85,8 @@ def host_info(profile: Profile | None = None) -> dict[str, Any]:
     """The machine latencies are measured on, and whether it has ``profile``'s features."""
     import onnxruntime as ort
 
+    from edgefleet.controller.compiler.tflite import litert_versions
+
     cpu = platform.processor() or platform.machine()
     flags: set[str] = set()
     try:
@@ -110,6 +112,8 @@ def host_info(profile: Profile | None = None) -> dict[str, Any]:
         "features": sorted(features & interesting),
         "onnxruntime": ort.__version__,
     }
+    if profile is not None and profile.runtime == "tflite":
+        info.update(litert_versions())
     if profile is not None:
         # Extra int8 instructions matter as much as missing ones: a VNNI host
         # times int8 far faster than an AVX2-only device would run it.
@@ -167,6 +171,15 @@ def _check_reference(outputs: list[list[Any]], names: Sequence[str]) -> None:
                 )
 
 
+def _session_factory(src: SourceModel) -> Callable[[bytes], Any]:
+    """How candidates of this source are loaded for measuring: onnxruntime or TFLite."""
+    if src.format == "tflite":
+        from edgefleet.controller.compiler.tflite import make_tflite_session
+
+        return make_tflite_session
+    return make_session
+
+
 def _describe_error(exc: BaseException) -> str:
     if isinstance(exc, RecipeError):
         return str(exc)
@@ -197,9 +210,17 @@ class _Compiler:
         self.notes: list[str] = []
         self.reports: list[CandidateReport] = []
         self.lives: dict[str, _Live] = {}
+        self.session = _session_factory(src)
+        self.runtime = "tflite" if src.format == "tflite" else "onnxruntime"
 
     def prepare(self) -> BuildInput:
-        """Pre-process once for the quantizers; a failure only fails the recipes needing it."""
+        """Pre-process once for the quantizers; a failure only fails the recipes needing it.
+
+        TFLite sources are quantized as they are (litert-quantizer reads the
+        flatbuffer directly), so there is nothing to prepare.
+        """
+        if self.src.format == "tflite":
+            return BuildInput(self.src, None, None, self.calibration)
         prepared: bytes | None = None
         error: str | None = None
         try:
@@ -266,7 +287,7 @@ class _Compiler:
         """Time fp32 and every live candidate interleaved; fill in the latency fields."""
         feed, feed_name = self.latency_feed()
         baseline_key = "\x00fp32-baseline"
-        sessions: dict[str, Any] = {baseline_key: make_session(self.src.data)}
+        sessions: dict[str, Any] = {baseline_key: self.session(self.src.data)}
         sessions.update(
             {
                 name: lv.session
@@ -304,11 +325,11 @@ class _Compiler:
         return baseline, feed_name
 
     def reference_outputs(self) -> None:
-        session = make_session(self.src.data)
+        session = self.session(self.src.data)
         if self.calibration is not None:
             try:
                 session.run(None, self.calibration.feed(0))
-            except Exception as exc:  # noqa: BLE001 - onnxruntime raises RuntimeError subclasses
+            except Exception as exc:  # noqa: BLE001 - the runtimes raise RuntimeError subclasses
                 raise DataError(
                     f"the fp32 source cannot run calibration sample 0: {first_line(exc)}"
                 ) from None
@@ -365,16 +386,16 @@ class _Compiler:
             sha256=hashlib.sha256(built.model).hexdigest(),
         )
         try:
-            session = make_session(built.model)
-        except Exception as exc:  # noqa: BLE001 - onnxruntime raises RuntimeError subclasses
+            session = self.session(built.model)
+        except Exception as exc:  # noqa: BLE001 - the runtimes raise RuntimeError subclasses
             return None, dataclasses.replace(
-                base, reason=f"onnxruntime cannot load it: {first_line(exc)}"
+                base, reason=f"{self.runtime} cannot load it: {first_line(exc)}"
             )
         try:
             accuracy = self.score(session)
         except Exception as exc:  # noqa: BLE001 - as above
             return None, dataclasses.replace(
-                base, reason=f"onnxruntime failed running it: {first_line(exc)}"
+                base, reason=f"{self.runtime} failed running it: {first_line(exc)}"
             )
         report = dataclasses.replace(base, status="measured", accuracy=accuracy)
         return _Live(recipe, built, session, report), report
@@ -457,10 +478,15 @@ def compile_model(
     max_validation_samples: int = 500,
     sensitivity_attempts: int = 3,
 ) -> CompileResult:
-    """Compile an fp32 ONNX model into accuracy-gated variants for one device profile.
+    """Compile an fp32 model into accuracy-gated variants for one device profile.
+
+    An ``onnxruntime`` profile compiles an ONNX source; a ``tflite`` profile
+    compiles a float ``.tflite`` source with the TFLite recipes
+    (:mod:`~edgefleet.controller.compiler.tflite`). The gate, the latency
+    rounds and the report are the same for both.
 
     Args:
-        source: the fp32 ONNX model (path or bytes).
+        source: the fp32 ONNX or ``.tflite`` model (path or bytes).
         profile: the device class to compile for.
         calibration: ``.npz`` path or mapping of input name to samples, for
             static int8 (see :mod:`~edgefleet.controller.compiler.data`).
@@ -482,8 +508,9 @@ def compile_model(
         The report and the eligible variants, best first.
 
     Raises:
-        CompileError: bad tolerance, unsupported runtime, unknown recipe or metric.
-        SourceModelError: the source is unreadable, not ONNX, or cannot run.
+        CompileError: bad tolerance, a source format the profile's runtime
+            cannot use, unknown recipe or metric.
+        SourceModelError: the source is unreadable, not ONNX or TFLite, or cannot run.
         DataError: calibration/validation data do not fit the model.
         ToleranceError: with validation data, no candidate met the tolerance.
         NoVariantError: candidates passed the gate but none fits the budget or
@@ -492,6 +519,7 @@ def compile_model(
     _check_job(profile, tolerance, latency_iterations, latency_warmup, sensitivity_attempts)
     started = time.time()
     src = load_source(source)
+    _check_format(src, profile)
     _check_metrics(src, metrics)
     chosen_recipes = _resolve_recipes(profile, recipes)
     val = (
@@ -546,6 +574,7 @@ def compile_model(
             "iterations": latency_iterations,
             "warmup": latency_warmup,
             "intra_op_threads": 1,
+            "runtime": comp.runtime,
             "input": feed_name,
             "interleaved": True,
         },
@@ -583,13 +612,28 @@ def _check_job(
         or not (0.0 <= tolerance < 1.0)
     ):
         raise CompileError(f"tolerance must be a number in [0, 1), got {tolerance!r}")
-    if profile.runtime != "onnxruntime":
+    if profile.runtime not in ("onnxruntime", "tflite"):
         raise CompileError(
             f"profile {profile.name!r} targets {profile.runtime}; this compiler builds "
-            "onnxruntime variants only"
+            "onnxruntime and tflite variants only"
         )
     if iterations < 1 or warmup < 0 or attempts < 0:
         raise CompileError("latency_iterations must be >= 1, warmup and attempts >= 0")
+
+
+def _check_format(src: SourceModel, profile: Profile) -> None:
+    """Refuse a source the profile's runtime cannot run; there is no converter in between."""
+    if profile.runtime == "tflite" and src.format != "tflite":
+        raise CompileError(
+            f"profile {profile.name!r} targets tflite, but the source is an ONNX model: "
+            "converting ONNX to TFLite needs full TensorFlow and is not built in; convert "
+            "it to a float .tflite first (for example with onnx2tf) and compile that"
+        )
+    if profile.runtime == "onnxruntime" and src.format != "onnx":
+        raise CompileError(
+            f"profile {profile.name!r} targets onnxruntime, but the source is a TFLite "
+            "model; compile it for a tflite profile (such as arm64-litert) instead"
+        )
 
 
 def _check_metrics(src: SourceModel, metrics: Mapping[str, str] | None) -> None:

@@ -62,10 +62,12 @@ __all__ = [
 ARCHES = ("x86_64", "arm64", "any")
 OBJECTIVES = ("latency", "size")
 PROFILE_RUNTIMES = ("onnxruntime", "tflite")
-# What this compiler can produce; the bundle format also knows int4, which no
-# recipe builds yet, so a profile asking for it would silently get nothing.
-COMPILER_PRECISIONS = ("fp32", "fp16", "int8")
+# What this compiler can produce. int4 (weight-only) is built for TFLite only;
+# an onnxruntime profile asking for it would silently get nothing, so it is
+# refused there.
+COMPILER_PRECISIONS = ("fp32", "fp16", "int8", "int4")
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+
 
 # Canonical capability names for the spellings that differ between CPUs,
 # kernels and tools. Left: a lower-cased reported flag; right: the alias added.
@@ -75,7 +77,7 @@ class Profile:
 
     Attributes:
         name: the hardware class name (also used as the bundle's hardware class).
-        runtime: ``"onnxruntime"`` or ``"tflite"`` (this compiler builds ONNX only).
+        runtime: ``"onnxruntime"`` (ONNX sources) or ``"tflite"`` (``.tflite`` sources).
         arch: ``"x86_64"``, ``"arm64"``, or ``"any"`` for a portable profile.
         cpu_features: features a device must have to use this profile.
         precisions: precisions a variant may have on these devices.
@@ -203,6 +205,8 @@ def _profile_problems(p: Profile) -> list[str]:
             f"precisions {', '.join(map(repr, bad))} not supported; "
             f"use {', '.join(COMPILER_PRECISIONS)}"
         )
+    if "int4" in p.precisions and p.runtime != "tflite":
+        problems.append("precision 'int4' is not supported for onnxruntime profiles (tflite only)")
     if len(set(p.precisions)) != len(p.precisions):
         problems.append("precisions must not repeat")
     if p.objective not in OBJECTIVES:
@@ -268,6 +272,16 @@ BUILTIN_PROFILES: Mapping[str, Profile] = {
             max_bundle_bytes=None,
             objective="latency",
             description="anything onnxruntime runs on; fp32 only, nothing assumed",
+        ),
+        Profile(
+            name="arm64-litert",
+            runtime="tflite",
+            arch="arm64",
+            cpu_features=frozenset({"asimd"}),
+            precisions=("fp32", "int8", "int4"),
+            max_bundle_bytes=128 * _MB,
+            objective="latency",
+            description="ARMv8 gateways running LiteRT (TFLite) models with ai-edge-litert",
         ),
     )
 }

@@ -614,8 +614,13 @@ def default_recipes(profile: Profile) -> list[Recipe]:
     """Every recipe the compiler knows, configured for ``profile``.
 
     ``skip_reason`` then narrows them to what the profile allows and the
-    model's op mix calls for; this is the ``auto`` set.
+    model's op mix calls for; this is the ``auto`` set. A ``tflite`` profile
+    gets the TFLite recipes (:func:`~edgefleet.controller.compiler.tflite.tflite_recipes`).
     """
+    if profile.runtime == "tflite":
+        from edgefleet.controller.compiler.tflite import tflite_recipes
+
+        return tflite_recipes(profile)
     return [
         SourceRecipe(),
         OptimizedFp32Recipe(),

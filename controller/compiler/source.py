@@ -104,6 +104,9 @@ class SourceModel:
         kind: ``cnn``, ``transformer``, ``rnn``, ``mlp`` or ``other``: the op
             mix that decides static versus dynamic int8.
         weight_bytes: bytes in float initializers (what quantization shrinks).
+        format: ``"onnx"``, or ``"tflite"`` for a ``.tflite`` source (see
+            :mod:`~edgefleet.controller.compiler.tflite`); a TFLite source
+            has an empty ``proto``, its flatbuffer is ``data``.
     """
 
     data: bytes
@@ -115,6 +118,7 @@ class SourceModel:
     kind: str
     weight_bytes: int
     sha256: str = field(default="")
+    format: str = "onnx"
 
     @property
     def size_bytes(self) -> int:
@@ -181,7 +185,7 @@ def _read(source: Path | str | bytes) -> tuple[bytes, str]:
         try:
             data = path.read_bytes()
         except IsADirectoryError:
-            raise SourceModelError(f"{where} is a directory, not an ONNX file") from None
+            raise SourceModelError(f"{where} is a directory, not a model file") from None
         except OSError as exc:
             raise SourceModelError(f"cannot read {where}: {exc.strerror or exc}") from None
     if not data:
@@ -235,12 +239,21 @@ def _io(
 def load_source(source: Path | str | bytes) -> SourceModel:
     """Read, parse, check and trial-load the fp32 source model.
 
+    A file with the TFLite identifier (``TFL3`` at bytes 4..8) is loaded as a
+    TFLite source instead (:func:`~edgefleet.controller.compiler.tflite.load_tflite_source`);
+    anything else must be ONNX.
+
     Raises:
         SourceModelError: the file cannot be read, is empty, is not an ONNX
             model, fails the ONNX checker, stores weights externally, has no
-            inputs, or onnxruntime cannot load it.
+            inputs, or onnxruntime cannot load it (for TFLite: the flatbuffer
+            is corrupt or the interpreter refuses it).
     """
     data, where = _read(source)
+    if len(data) >= 8 and data[4:8] == b"TFL3":
+        from edgefleet.controller.compiler.tflite import load_tflite_source
+
+        return load_tflite_source(data, where)
     proto = _parse(data, where)
     inputs, outputs, dim_params = _io(proto, where)
     try:

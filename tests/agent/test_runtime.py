@@ -205,8 +205,6 @@ def test_get_backend_names() -> None:
     assert backend.name == "onnxruntime"
     assert isinstance(backend, OnnxRuntimeBackend)
     assert backend.threads == 3
-    with pytest.raises(UnsupportedRuntimeError, match=r"edgefleet\[tflite\]"):
-        get_backend("tflite")
     with pytest.raises(UnsupportedRuntimeError, match="unknown runtime 'tensorrt'"):
         get_backend("tensorrt")
     with pytest.raises(ValueError, match="threads"):
@@ -214,7 +212,8 @@ def test_get_backend_names() -> None:
 
 
 def test_available_runtimes_follow_installed_modules(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert available_runtimes() == ("onnxruntime",)
+    litert = importlib.util.find_spec("ai_edge_litert") is not None
+    assert available_runtimes() == ("onnxruntime", "tflite") if litert else ("onnxruntime",)
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     assert available_runtimes() == ()
     with pytest.raises(UnsupportedRuntimeError, match="not installed"):

@@ -202,8 +202,10 @@ def test_invalid_manifest_fields_are_refused() -> None:
         build(precision="fp64")
     with pytest.raises(MessageError, match="release"):
         build(release=0)
-    with pytest.raises(ModelError, match="onnxruntime"):
-        build(runtime="tflite")
+    with pytest.raises(ModelError, match="onnxruntime, tflite, not 'tensorrt'"):
+        build(runtime="tensorrt")
+    with pytest.raises(ModelError, match="not a TFLite model"):
+        build(runtime="tflite")  # an ONNX model declared as tflite
 
 
 def test_default_sample_fits_the_model_and_is_seeded() -> None:

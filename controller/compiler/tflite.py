@@ -1,0 +1,465 @@
+"""TFLite (LiteRT) sources and recipes.
+
+A profile whose runtime is ``tflite`` compiles a float ``.tflite`` source into
+these candidates, all built with litert-quantizer (the LiteRT quantizer, the
+successor of the TFLite converter's post-training quantization that needs no
+TensorFlow):
+
+* ``fp32``: the source unchanged, the reference every variant is judged by;
+* ``int8-dynamic``: int8 weights, activations quantized at run time by the
+  kernels (integer compute where LiteRT has hybrid kernels);
+* ``int8-static``: int8 weights and activations with ranges calibrated on the
+  calibration samples (full-integer model; its int8 inputs and outputs are
+  (de)quantized at the agent's boundary, so callers still send float32);
+* ``int8-weight-only`` and ``int4-weight-only``: weights stored in 8 or 4
+  bits and dequantized before float compute: smaller files, float accuracy,
+  rarely faster.
+
+Every candidate then goes through the same gate as an ONNX one: scored
+against the fp32 source on the validation samples and timed against it in
+interleaved rounds, through :class:`TfliteSession`, which runs models with the
+agent's own :class:`~edgefleet.agent.runtime.TfliteBackend` so the compiler
+measures exactly what a device will run.
+
+When the quantizer refuses to quantize every supported op (it raises on an op
+it cannot handle), the recipe retries with only the weight-heavy core ops
+(fully connected, convolutions, batch matmul, embedding lookup) and the
+candidate's notes say so; ops left with float weights are listed too.
+
+Variants are verified with ai-edge-litert. Devices should run it too: with
+the legacy tflite-runtime 2.14, ``int4-weight-only`` models do not load (no
+int4 DEQUANTIZE kernel) and ``int8-dynamic`` models from this quantizer
+compute wrong outputs; the bundle smoke test refuses both on such a device.
+
+Converting ONNX to TFLite is not done here: it needs full TensorFlow (via
+onnx2tf), which is far too heavy a dependency for the controller.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata
+import io
+import logging
+import warnings
+from collections import Counter
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import onnx
+
+from edgefleet.agent.errors import ModelLoadError, UnsupportedRuntimeError
+from edgefleet.agent.runtime import LoadedModel, TfliteBackend, is_tflite
+from edgefleet.controller.compiler.data import Feed
+from edgefleet.controller.compiler.errors import RecipeError, SourceModelError
+from edgefleet.controller.compiler.profiles import Profile
+from edgefleet.controller.compiler.recipes import BuildInput, Built, Recipe, SourceRecipe
+from edgefleet.controller.compiler.source import SourceModel, first_line
+
+__all__ = [
+    "CORE_OPS",
+    "ModelFacts",
+    "TfliteQuantRecipe",
+    "TfliteSession",
+    "inspect_tflite",
+    "is_tflite",
+    "litert_versions",
+    "load_tflite_source",
+    "make_tflite_session",
+    "tflite_recipes",
+]
+
+# Weight-heavy ops every quantizer mode supports: the fallback scope.
+CORE_OPS = ("FULLY_CONNECTED", "CONV_2D", "DEPTHWISE_CONV_2D", "BATCH_MATMUL", "EMBEDDING_LOOKUP")
+_CONV = frozenset({"CONV_2D", "DEPTHWISE_CONV_2D", "CONV_3D", "TRANSPOSE_CONV"})
+_MATMUL = frozenset({"FULLY_CONNECTED", "BATCH_MATMUL"})
+_RNN = frozenset(
+    {
+        "LSTM", "UNIDIRECTIONAL_SEQUENCE_LSTM", "BIDIRECTIONAL_SEQUENCE_LSTM",
+        "UNIDIRECTIONAL_SEQUENCE_RNN", "BIDIRECTIONAL_SEQUENCE_RNN", "RNN",
+    }
+)  # fmt: skip
+_FLOAT_TYPES = frozenset({"FLOAT32", "FLOAT16", "FLOAT64"})
+_INT_WEIGHT_TYPES = frozenset({"INT8", "INT4", "UINT8", "INT16"})
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What the flatbuffer says about a TFLite model, without running it.
+
+    Attributes:
+        op_counts: builtin (or custom) op name -> number of uses, all subgraphs.
+        float_weight_bytes: bytes of float constant tensors (what quantization shrinks).
+        int_weights: number of integer constant tensors of rank >= 2 (quantized
+            weights; 0 means nothing was quantized).
+        float_weight_ops: op types that still read a float constant of rank >= 2
+            (a weight matrix or kernel the quantizer left in float).
+        signatures: the model's signature keys.
+    """
+
+    op_counts: Mapping[str, int]
+    float_weight_bytes: int
+    int_weights: int
+    float_weight_ops: tuple[str, ...]
+    signatures: tuple[str, ...]
+
+
+def _enum_names(cls: type) -> dict[int, str]:
+    return {v: k for k, v in vars(cls).items() if not k.startswith("_") and isinstance(v, int)}
+
+
+def inspect_tflite(data: bytes) -> ModelFacts:
+    """Read op counts, weight sizes and signatures from a TFLite flatbuffer.
+
+    Uses the flatbuffer schema module ai-edge-litert ships, so it works on
+    any model the interpreter accepts without allocating or running it.
+
+    Raises:
+        ValueError: ``data`` is not a readable TFLite flatbuffer.
+    """
+    from ai_edge_litert import schema_py_generated as schema
+
+    if not is_tflite(data):
+        raise ValueError("no TFL3 file identifier")
+    ops = _enum_names(schema.BuiltinOperator)
+    types = _enum_names(schema.TensorType)
+    try:
+        model = schema.Model.GetRootAs(data, 0)
+        counts: Counter[str] = Counter()
+        float_bytes = 0
+        int_weights = 0
+        float_ops: set[str] = set()
+        for si in range(model.SubgraphsLength()):
+            graph = model.Subgraphs(si)
+            constant: dict[int, tuple[str, int, int]] = {}
+            for ti in range(graph.TensorsLength()):
+                tensor = graph.Tensors(ti)
+                buf = model.Buffers(tensor.Buffer())
+                size = max(buf.DataLength(), int(buf.Size()))
+                if size:
+                    kind = types.get(tensor.Type(), str(tensor.Type()))
+                    constant[ti] = (kind, tensor.ShapeLength(), size)
+                    if kind in _FLOAT_TYPES:
+                        float_bytes += size
+                    elif kind in _INT_WEIGHT_TYPES and tensor.ShapeLength() >= 2:
+                        int_weights += 1
+            for oi in range(graph.OperatorsLength()):
+                op = graph.Operators(oi)
+                code = model.OperatorCodes(op.OpcodeIndex())
+                builtin = max(code.BuiltinCode(), code.DeprecatedBuiltinCode())
+                name = ops.get(builtin, f"OP_{builtin}")
+                if name == "CUSTOM" and code.CustomCode():
+                    name = f"CUSTOM:{code.CustomCode().decode('utf-8', 'replace')}"
+                counts[name] += 1
+                for ti in op.InputsAsNumpy() if op.InputsLength() else ():
+                    kind, rank, _ = constant.get(int(ti), ("", 0, 0))
+                    if kind in _FLOAT_TYPES and rank >= 2:
+                        float_ops.add(name)
+        signatures = tuple(
+            model.SignatureDefs(i).SignatureKey().decode("utf-8", "replace")
+            for i in range(model.SignatureDefsLength())
+        )
+    except (IndexError, AttributeError, TypeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"corrupt flatbuffer ({type(exc).__name__})") from None
+    return ModelFacts(dict(counts), float_bytes, int_weights, tuple(sorted(float_ops)), signatures)
+
+
+def _classify(counts: Mapping[str, int]) -> str:
+    conv = sum(counts.get(o, 0) for o in _CONV)
+    mm = sum(counts.get(o, 0) for o in _MATMUL)
+    if any(counts.get(o, 0) for o in _RNN):
+        return "rnn"
+    if conv and conv >= mm:
+        return "cnn"
+    if mm:
+        return "mlp"
+    return "cnn" if conv else "other"
+
+
+def _load(data: bytes, what: str) -> LoadedModel:
+    return TfliteBackend(threads=1).load_bytes(data, what)
+
+
+def load_tflite_source(data: bytes, where: str) -> SourceModel:
+    """Inspect and trial-load a float ``.tflite`` source.
+
+    The model is loaded with the agent's TFLite backend: a source the
+    interpreter refuses is refused here, because no variant of it could be
+    verified.
+
+    Raises:
+        SourceModelError: no TFLite runtime is installed, the flatbuffer is
+            corrupt, the interpreter refuses it, or it has no inputs.
+    """
+    import hashlib
+
+    try:
+        model = _load(data, where)
+    except UnsupportedRuntimeError as exc:
+        raise SourceModelError(f"cannot compile {where}: {exc}") from None
+    except ModelLoadError as exc:
+        raise SourceModelError(str(exc)) from None
+    try:
+        facts = inspect_tflite(data)
+    except ValueError as exc:
+        raise SourceModelError(f"{where} is not a readable TFLite model: {exc}") from None
+    if not model.inputs:
+        raise SourceModelError(f"{where} has no inputs")
+    return SourceModel(
+        data=data,
+        proto=onnx.ModelProto(),
+        inputs=model.inputs,
+        outputs=model.outputs,
+        dim_params={s.name: tuple(None for _ in s.shape) for s in model.inputs},
+        op_counts=facts.op_counts,
+        kind=_classify(facts.op_counts),
+        weight_bytes=facts.float_weight_bytes,
+        sha256=hashlib.sha256(data).hexdigest(),
+        format="tflite",
+    )
+
+
+class TfliteSession:
+    """A TFLite model shaped like an onnxruntime session, for the evaluator.
+
+    :func:`~edgefleet.controller.compiler.evaluate.run_samples` and
+    :func:`~edgefleet.controller.compiler.evaluate.measure_latency` call
+    ``session.run(output_names or None, feed)`` and expect a list of arrays;
+    this adapter gives them that over the agent's :class:`TfliteBackend`
+    model (input checks, dynamic batch resize and the int8 boundary included).
+    """
+
+    def __init__(self, model: LoadedModel) -> None:
+        self._model = model
+        self._names = [o.name for o in model.outputs]
+
+    def run(self, output_names: Sequence[str] | None, feed: Feed) -> list[np.ndarray]:
+        outputs = self._model.run(feed)
+        return [outputs[n] for n in (output_names or self._names)]
+
+
+def make_tflite_session(model: bytes, *, threads: int = 1) -> TfliteSession:
+    """Load ``model`` bytes for evaluation (one interpreter thread, like the agent default).
+
+    Raises:
+        ModelLoadError / UnsupportedRuntimeError: the interpreter refuses it.
+    """
+    return TfliteSession(TfliteBackend(threads=threads).load_bytes(model, "candidate"))
+
+
+def litert_versions() -> dict[str, str]:
+    """Versions of the LiteRT packages in use, for the report's host section."""
+    out: dict[str, str] = {}
+    for dist in ("ai-edge-litert", "litert-quantizer"):
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            out[dist] = importlib.metadata.version(dist)
+    return out
+
+
+@contextlib.contextmanager
+def _quiet(notes: list[str]) -> Iterator[None]:
+    """Collect the quantizer's warnings and log records into ``notes``; mute its console output.
+
+    litert-quantizer logs through absl (the root logger), warns through
+    ``warnings`` (e.g. about preserving all tensors during calibration) and
+    draws tqdm progress bars on stderr. Inside a compile those belong in the
+    report or nowhere, and warnings must not become errors in a test run.
+    """
+
+    class _Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            text = record.getMessage().strip()
+            if text:
+                notes.append(f"litert: {text.splitlines()[0][:200]}")
+
+    handler = _Collect(level=logging.WARNING)
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        with (
+            warnings.catch_warnings(record=True) as caught,
+            contextlib.redirect_stdout(io.StringIO()),
+            contextlib.redirect_stderr(io.StringIO()),
+        ):
+            warnings.simplefilter("always")
+            yield
+        for w in caught:
+            text = str(w.message).strip()
+            if "experimental_preserve_all_tensors" in text:
+                continue  # the calibrator's own debug-mode warning, not about the model
+            notes.append(f"warning: {text.splitlines()[0][:200]}")
+    finally:
+        root.removeHandler(handler)
+
+
+def _dedupe(notes: Sequence[str], limit: int = 8) -> tuple[str, ...]:
+    out: list[str] = []
+    for n in notes:
+        if n not in out:
+            out.append(n)
+    if len(out) > limit:
+        out = [*out[:limit], f"... and {len(out) - limit} more notes"]
+    return tuple(out)
+
+
+_MODES = {
+    # name suffix, description
+    "dynamic": "dynamic range: {bits}-bit weights, activations quantized at run time",
+    "weight_only": "weight-only: {bits}-bit weights dequantized to float before compute",
+    "static": "static: int{bits} weights and activations, ranges from calibration",
+}
+
+
+class TfliteQuantRecipe(Recipe):
+    """One litert-quantizer configuration applied to a float ``.tflite`` source.
+
+    Args:
+        mode: ``dynamic``, ``weight_only`` or ``static``.
+        bits: weight bits, 8 or 4 (static: activations use the same bits, 8 only).
+        ops: TFLite op names to quantize; ``None`` means every op the
+            quantizer supports for this mode. A named op the quantizer cannot
+            handle makes it raise, which triggers the core-op fallback.
+    """
+
+    def __init__(self, mode: str, bits: int = 8, *, ops: Sequence[str] | None = None) -> None:
+        if mode not in _MODES:
+            raise ValueError(f"unknown TFLite quantization mode {mode!r}")
+        if bits not in (4, 8) or (mode == "static" and bits != 8):
+            raise ValueError(f"{mode} quantization with {bits}-bit weights is not offered")
+        self.mode = mode
+        self.bits = bits
+        self.ops = None if ops is None else tuple(ops)
+        self.name = f"int{bits}-{mode.replace('_', '-')}"
+        self.precision = f"int{bits}"
+        self.description = _MODES[mode].format(bits=bits)
+        self.needs_calibration = mode == "static"
+
+    def options(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "mode": self.mode,
+            "weight_bits": self.bits,
+            "granularity": "channelwise",
+            "ops": "all supported" if self.ops is None else list(self.ops),
+            "quantizer": "litert-quantizer",
+        }
+        if self.mode == "static":
+            out["activation_bits"] = self.bits
+            out["io"] = "int8 in the model, float32 at the agent boundary"
+        return out
+
+    def skip_reason(
+        self, profile: Profile, source: SourceModel, *, has_calibration: bool = True
+    ) -> str | None:
+        reason = super().skip_reason(profile, source, has_calibration=has_calibration)
+        if reason is not None:
+            return reason
+        if source.weight_bytes == 0:
+            return "model has no float weights to quantize"
+        return None
+
+    def _configure(self, quantizer: Any, ops: Sequence[str] | None) -> None:
+        from litert_quantizer import qtyping
+
+        names = (
+            [qtyping.TFLOperationName.ALL_SUPPORTED]
+            if ops is None
+            else [qtyping.TFLOperationName(o) for o in ops]
+        )
+        for op in names:
+            if self.mode == "dynamic":
+                quantizer.add_dynamic_config(".*", op, self.bits)
+            elif self.mode == "weight_only":
+                quantizer.add_weight_only_config(".*", op, self.bits)
+            else:
+                quantizer.add_static_config(".*", op, self.bits, self.bits)
+
+    def _calibration(self, inp: BuildInput, facts: ModelFacts) -> dict[str, list[Feed]] | None:
+        if self.mode != "static":
+            return None
+        if inp.calibration is None:
+            raise RecipeError("needs calibration data")
+        if len(facts.signatures) != 1:
+            raise RecipeError(
+                f"static calibration needs exactly one model signature, the model has "
+                f"{len(facts.signatures)}"
+            )
+        return {facts.signatures[0]: list(inp.calibration.feeds())}
+
+    def _quantize(
+        self, data: bytes, ops: Sequence[str] | None, calibration: dict[str, list[Feed]] | None
+    ) -> bytes:
+        from litert_quantizer import quantizer as lq
+
+        q = lq.Quantizer(data)
+        self._configure(q, ops)
+        qsv = None
+        if calibration is not None and q.need_calibration:
+            qsv = q.calibrate(calibration, num_threads=1)
+        result = q.quantize(qsv, enable_progress_bar=False, enable_progress_report=False)
+        if result.quantized_model is None:
+            raise RecipeError("the quantizer returned no model")
+        return bytes(result.quantized_model)
+
+    def build(self, inp: BuildInput, *, nodes_to_exclude: Sequence[str] = ()) -> Built:
+        try:
+            import litert_quantizer  # noqa: F401
+        except ImportError:
+            raise RecipeError(
+                "litert-quantizer is not installed; pip install 'edgefleet[tflite-compiler]'"
+            ) from None
+        source = inp.source.data
+        facts = inspect_tflite(source)
+        calibration = self._calibration(inp, facts)
+        notes: list[str] = []
+        options = self.options()
+        try:
+            with _quiet(notes):
+                out = self._quantize(source, self.ops, calibration)
+        except RecipeError:
+            raise
+        except Exception as first:  # noqa: BLE001 - the quantizer raises anything
+            core = [o for o in CORE_OPS if o in facts.op_counts]
+            if not core or (self.ops is not None and set(self.ops) <= set(core)):
+                raise RecipeError(f"quantizer failed: {first_line(first)}") from None
+            notes.append(
+                f"quantizing {'all supported ops' if self.ops is None else ', '.join(self.ops)} "
+                f"failed ({first_line(first)}); retried with only {', '.join(core)}, "
+                "the rest stays float"
+            )
+            options["ops"] = core
+            try:
+                with _quiet(notes):
+                    out = self._quantize(source, core, calibration)
+            except Exception as second:  # noqa: BLE001 - as above
+                raise RecipeError(
+                    f"quantizer failed: {first_line(first)}; retry with {', '.join(core)} "
+                    f"only also failed: {first_line(second)}"
+                ) from None
+        try:
+            built = inspect_tflite(out)
+        except ValueError as exc:
+            raise RecipeError(f"the quantizer wrote an unreadable model: {exc}") from None
+        if built.int_weights == 0:
+            raise RecipeError("the quantizer left every weight in float: nothing to gain")
+        if built.float_weight_ops:
+            notes.append(f"weights left in float: {', '.join(built.float_weight_ops)}")
+        return Built(out, _dedupe(notes), options)
+
+
+def tflite_recipes(profile: Profile) -> list[Recipe]:
+    """Every TFLite recipe; ``skip_reason`` then narrows them to the profile's precisions.
+
+    litert-quantizer has no reduced-range (7-bit) option like onnxruntime's,
+    so the profile's CPU features do not change how a recipe quantizes; the
+    interleaved latency measurement decides what pays off.
+    """
+    del profile  # same recipes for every TFLite device class, see above
+    return [
+        SourceRecipe(),
+        TfliteQuantRecipe("dynamic", 8),
+        TfliteQuantRecipe("static", 8),
+        TfliteQuantRecipe("weight_only", 8),
+        TfliteQuantRecipe("weight_only", 4),
+    ]

@@ -21,7 +21,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from edgefleet.controller.bundle import build_bundle, default_sample, inspect_onnx
+from edgefleet.agent.runtime import is_tflite
+from edgefleet.controller.bundle import (
+    build_bundle,
+    default_sample,
+    inspect_onnx,
+    inspect_tflite_io,
+)
 from edgefleet.controller.compiler import BUILTIN_PROFILES, CompileReport, Profile, compile_model
 from edgefleet.controller.compiler.data import DataSource
 from edgefleet.controller.registry import BundleInfo, ModelVersionInfo, Registry
@@ -86,6 +92,7 @@ def _publish(
     profile: Profile | None = None,
     report: dict[str, object] | None = None,
 ) -> BundleInfo:
+    runtime = runtime_of(model)
     atol, rtol = SMOKE_TOLERANCE.get(precision, SMOKE_TOLERANCE["int8"])
     data, _manifest = build_bundle(
         model,
@@ -97,12 +104,13 @@ def _publish(
         sample_inputs=sample,
         smoke_atol=atol,
         smoke_rtol=rtol,
+        runtime=runtime,
     )
     custom = TargetCustom(
         model=info.name,
         version=info.version,
         release=info.release,
-        runtime="onnxruntime",
+        runtime=runtime,
         precision=precision,
         hardware_class=hardware_class,
         inputs=inputs,
@@ -116,7 +124,7 @@ def _publish(
     return registry.add_bundle(
         info.id,
         hardware_class=hardware_class,
-        runtime="onnxruntime",
+        runtime=runtime,
         precision=precision,
         target_path=published.path,
         sha256=published.sha256,
@@ -148,7 +156,7 @@ def register_compiled(
         ModelError, DuplicateError, ValueError: as :func:`register_model`.
     """
     _check_names(name, version, [p.name for p in profiles])
-    inputs, outputs = inspect_onnx(source)
+    inputs, outputs = inspect_model(source)
     results = {
         p.name: compile_model(
             source,
@@ -169,6 +177,7 @@ def register_compiled(
         hardware_class="generic",
         precision="fp32",
         sample_inputs=sample,
+        runtime=runtime_of(source),
     )
     info = registry.register_model_version(
         name,
@@ -212,6 +221,16 @@ def register_compiled(
     return CompiledModel(info, tuple(bundles), {k: r.report for k, r in results.items()})
 
 
+def runtime_of(model: bytes) -> str:
+    """``tflite`` for a TFLite flatbuffer, else ``onnxruntime``."""
+    return "tflite" if is_tflite(model) else "onnxruntime"
+
+
+def inspect_model(model: bytes) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
+    """Input and output specs of an ONNX or TFLite model."""
+    return inspect_tflite_io(model) if is_tflite(model) else inspect_onnx(model)
+
+
 def bundle_target_path(name: str, version: str, hardware_class: str, precision: str) -> str:
     return f"{name}/{version}/{hardware_class}-{precision}.bundle"
 
@@ -238,7 +257,7 @@ def register_model(
     _check_names(name, version, hardware_classes)
     if not hardware_classes:
         raise ValueError("at least one hardware class is needed")
-    inputs, outputs = inspect_onnx(model)
+    inputs, outputs = inspect_model(model)
     sample = dict(sample_inputs) if sample_inputs is not None else default_sample(inputs)
     # Build the first bundle before touching the registry, so a model that
     # cannot run never leaves a version behind.
@@ -250,6 +269,7 @@ def register_model(
         hardware_class=hardware_classes[0],
         precision=precision,
         sample_inputs=sample,
+        runtime=runtime_of(model),
     )
     info = registry.register_model_version(
         name,

@@ -7,9 +7,9 @@ events, so an operator can tell a tampered bundle from a full disk::
     EdgefleetError
     ├── TransferError (code "transfer_failed")
     │   ├── TransferTimeoutError      "transfer_timeout"   the controller stopped answering
-    │   ├── FileNotFoundOnServerError "not_found"          the repository has no such file
-    │   └── OversizedTransferError    "endless_data"       more bytes than TUF promised
+    │   └── FileNotFoundOnServerError "not_found"          the repository has no such file
     ├── VerificationError (code "verification_failed")
+    │   ├── OversizedTransferError    "endless_data"       more bytes than TUF promised
     │   ├── TamperedBundleError       "tampered"           length or hash mismatch
     │   ├── ExpiredMetadataError      "expired_metadata"   freeze attack or stale repository
     │   ├── MetadataRollbackError     "metadata_rollback"  metadata version went backwards
@@ -70,12 +70,14 @@ class FileNotFoundOnServerError(TransferError):
     code = "not_found"
 
 
-class OversizedTransferError(TransferError):
-    code = "endless_data"
-
-
 class VerificationError(AgentError):
     code = "verification_failed"
+
+
+class OversizedTransferError(VerificationError):
+    """The server sent (or announced) more bytes than the signed length: an attack."""
+
+    code = "endless_data"
 
 
 class TamperedBundleError(VerificationError):

@@ -16,7 +16,9 @@ Only MQTT 3.1.1 features are used: QoS 0/1, retained messages, a Last Will.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import socket
 import ssl
 import threading
 from collections.abc import Callable
@@ -80,6 +82,20 @@ class Will:
     payload: bytes
     qos: int = 1
     retain: bool = True
+
+
+def _match_filter(topic_filter: str) -> str:
+    """The part of a filter that topics match: ``$share/<group>/`` is not part of it.
+
+    A shared subscription (``$share/<group>/<filter>``, MQTT 5 and Mosquitto
+    for 3.1.1 clients too) delivers each message to one member of the group,
+    on the topic it was published to.
+    """
+    if topic_filter.startswith("$share/"):
+        _group, sep, rest = topic_filter[len("$share/") :].partition("/")
+        if sep:
+            return rest
+    return topic_filter
 
 
 class MqttLink:
@@ -236,6 +252,13 @@ class MqttLink:
             self._refused = str(reason)
             log.warning("broker refused connection: %s", reason)
             return
+        # Request/response over MQTT (block transfers) is a train of small
+        # packets; with Nagle's algorithm each one can wait for a delayed ACK
+        # (40 ms on Linux). paho does not disable it, so we do.
+        sock = client.socket()
+        if isinstance(sock, socket.socket):
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         with self._lock:
             subs = [(f, q) for f, (q, _h) in self._handlers.items()]
         if subs:
@@ -258,7 +281,9 @@ class MqttLink:
     def _on_message(self, _client: mqtt.Client, _userdata: Any, msg: mqtt.MQTTMessage) -> None:
         with self._lock:
             handlers = [
-                h for f, (_q, h) in self._handlers.items() if mqtt.topic_matches_sub(f, msg.topic)
+                h
+                for f, (_q, h) in self._handlers.items()
+                if mqtt.topic_matches_sub(_match_filter(f), msg.topic)
             ]
         for handler in handlers:
             try:

@@ -63,6 +63,7 @@ class MosquittoProcess:
         self.config = workdir / "mosquitto.conf"
         self.config.write_text(
             f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
+            "set_tcp_nodelay true\n"
             f"log_dest file {workdir / 'mosquitto.log'}\n{extra_config}"
         )
         self.proc: subprocess.Popen[bytes] | None = None

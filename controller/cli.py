@@ -725,7 +725,9 @@ def demo(agents: int, requests_per_agent: int, broker_addr: str | None, as_json:
 # --------------------------------------------------------------------------- feature commands
 # Each feature keeps its commands in its own module; register them here, one line each.
 def _attach_features() -> None:
-    pass
+    from edgefleet.controller.keys_cli import keys
+
+    cli.add_command(keys)
 
 
 _attach_features()

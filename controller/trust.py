@@ -149,10 +149,20 @@ class TrustRepository:
     every operation, so several processes can share one repository.
     """
 
-    def __init__(self, root: Path, *, expiry: Expiry, signers: Mapping[str, list[Signer]]) -> None:
+    def __init__(
+        self,
+        root: Path,
+        *,
+        expiry: Expiry,
+        signers: Mapping[str, list[Signer]],
+        root_version: int = 1,
+    ) -> None:
         self._root = root
         self._expiry = expiry
         self._signers = dict(signers)
+        # The root version the signers were loaded for: another process may
+        # rotate keys, and this object must then sign with the new ones.
+        self._root_version = root_version
 
     @property
     def root(self) -> Path:
@@ -243,7 +253,7 @@ class TrustRepository:
             raise TrustError(f"{root} is not a TUF repository (no metadata/timestamp.json)")
         state = _load_state(root)
         signers = _load_signers(root, state.root.signed)
-        return cls(root, expiry=expiry, signers=signers)
+        return cls(root, expiry=expiry, signers=signers, root_version=state.root.signed.version)
 
     @classmethod
     def open_or_init(cls, root: Path, *, expiry: Expiry = Expiry()) -> TrustRepository:
@@ -341,6 +351,97 @@ class TrustRepository:
             self._bump(state.timestamp)
             return True
 
+    # -- keys -----------------------------------------------------------------
+
+    @property
+    def root_key_online(self) -> bool:
+        """Whether the root key is in ``keys/`` (else it is kept offline)."""
+        return (self._root / "keys" / "root.key").exists()
+
+    def rotate_key(self, role: str, *, root_key: Path | None = None) -> str:
+        """Replace the key of ``role`` (targets, snapshot or timestamp); return the new key id.
+
+        A new root version names the new key and is signed with the root key;
+        agents fetch it through TUF's root chain on their next refresh and
+        trust only the new key from then on, so no device needs a visit.
+        Targets, snapshot and timestamp are re-signed with the new keys.
+
+        Args:
+            role: The role whose key to replace.
+            root_key: The root private key file, when it is kept offline.
+
+        Raises:
+            TrustError: unknown role, or the root key is offline and not given.
+        """
+        if role not in _PUBLISHED_ROLES:
+            raise TrustError(f"can rotate {', '.join(_PUBLISHED_ROLES)} keys; not {role!r}")
+        new = CryptoSigner.generate_ed25519()
+        key_path = self._root / "keys" / f"{role}.key"
+        with self._locked() as state:
+            root_signers = self._root_signers(root_key, state.root.signed)
+            _atomic_write(key_path.with_suffix(".key.next"), new.private_bytes, mode=0o600)
+            root = state.root.signed
+            for keyid in list(root.roles[role].keyids):
+                root.revoke_key(keyid, role)
+            root.add_key(new.public_key, role)
+            self._new_root(state, root_signers)
+            os.replace(key_path.with_suffix(".key.next"), key_path)
+            _fsync_dir(key_path.parent)
+            self._signers[role] = [new]
+            self._publish(state)
+        return str(new.public_key.keyid)
+
+    def renew_root(self, *, root_key: Path | None = None) -> int:
+        """Sign a new root version with a fresh expiry; return its version.
+
+        Raises:
+            TrustError: the root key is offline and not given.
+        """
+        with self._locked() as state:
+            self._new_root(state, self._root_signers(root_key, state.root.signed))
+            return state.root.signed.version
+
+    def take_root_key_offline(self, destination: Path) -> None:
+        """Move the root private key out of the repository to ``destination``.
+
+        From then on, root changes (key rotation, renewal) need the file
+        passed back explicitly; day-to-day publishing does not use it.
+
+        Raises:
+            TrustError: the key is already offline or ``destination`` exists.
+        """
+        source = self._root / "keys" / "root.key"
+        if not source.exists():
+            raise TrustError("the root key is already offline")
+        if destination.exists():
+            raise TrustError(f"{destination} exists; refusing to overwrite a key file")
+        _atomic_write(destination, _read_private_file(source), mode=0o600)
+        source.unlink()
+        _fsync_dir(source.parent)
+        self._signers["root"] = []
+
+    def _root_signers(self, root_key: Path | None, root: Root) -> list[Signer]:
+        if root_key is not None:
+            signer = _load_signer(root_key)
+            if signer.public_key.keyid not in root.roles["root"].keyids:
+                raise TrustError(f"{root_key} is not the root key of this repository")
+            return [signer]
+        if not self._signers.get("root"):
+            raise TrustError("the root key is offline: pass the root key file (--root-key)")
+        return list(self._signers["root"])
+
+    def _new_root(self, state: _State, signers: list[Signer]) -> None:
+        """Version, expire, sign (with ``signers``) and store the next root."""
+        md = state.root
+        md.signed.version += 1
+        md.signed.expires = _now() + self._expiry.lifetime("root")
+        md.signatures.clear()
+        for signer in signers:
+            md.sign(signer, append=True)
+        raw = md.to_bytes(_SERIALIZER)
+        _atomic_write(self._root / "metadata" / f"{md.signed.version}.root.json", raw, mode=0o644)
+        self._root_version = md.signed.version
+
     # -- serving --------------------------------------------------------------
 
     def root_bytes(self) -> bytes:
@@ -402,7 +503,11 @@ class TrustRepository:
             raise TrustError(f"cannot lock {self._root}: {exc}") from exc
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
-            yield _load_state(self._root)
+            state = _load_state(self._root)
+            if state.root.signed.version != self._root_version:
+                self._signers = _load_signers(self._root, state.root.signed)
+                self._root_version = state.root.signed.version
+            yield state
         finally:
             os.close(fd)  # closing releases the flock
 
@@ -461,6 +566,14 @@ def _load_signers(root_dir: Path, root: Root) -> dict[str, list[Signer]]:
     signers: dict[str, list[Signer]] = {}
     for role in ROLES:
         path = root_dir / "keys" / f"{role}.key"
+        pending = path.with_suffix(".key.next")
+        if pending.exists():
+            # A rotation was interrupted after writing the new key: keep
+            # whichever of the two keys the current root names.
+            _finish_rotation(path, pending, root.roles[role].keyids)
+        if role == "root" and not path.exists():
+            signers[role] = []  # kept offline; root changes need --root-key
+            continue
         pem = _read_private_file(path)
         try:
             private_key = load_pem_private_key(pem, password=None)
@@ -471,6 +584,29 @@ def _load_signers(root_dir: Path, root: Root) -> dict[str, list[Signer]]:
             raise TrustError(f"{path} is not a {role} key of the current root metadata")
         signers[role] = [CryptoSigner(private_key, candidate)]
     return signers
+
+
+def _load_signer(path: Path) -> CryptoSigner:
+    """A signer from a PEM private key file (owner-only permissions required)."""
+    pem = _read_private_file(path)
+    try:
+        private_key = load_pem_private_key(pem, password=None)
+        return CryptoSigner(private_key, SSlibKey.from_crypto(private_key.public_key()))
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
+        raise TrustError(f"{path} is not a usable private key: {exc}") from exc
+
+
+def _finish_rotation(path: Path, pending: Path, keyids: list[str]) -> None:
+    try:
+        new = _load_signer(pending)
+    except TrustError:
+        pending.unlink(missing_ok=True)
+        return
+    if new.public_key.keyid in keyids:
+        os.replace(pending, path)
+        _fsync_dir(path.parent)
+    else:
+        pending.unlink(missing_ok=True)
 
 
 def _read_private_file(path: Path) -> bytes:

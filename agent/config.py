@@ -16,6 +16,10 @@ Example (``deploy/agent.example.toml`` has the full, commented version)::
     [http]
     port = 8470
 
+    [enrollment]                      # optional: enroll on first start instead
+    token_file = "enrollment.json"    # from `edgefleet device token`; then [broker]
+                                      # host/port/TLS files and trust_root come from it
+
 Relative paths are resolved against the directory of the config file, so an
 enrollment bundle (config + root.json + certificates) can be copied anywhere.
 Unknown keys are refused: a typo must not silently fall back to a default.
@@ -28,6 +32,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from edgefleet.agent.enroll import EnrollmentSettings
 from edgefleet.agent.fetcher import TransferSettings
 from edgefleet.agent.link import BrokerSettings
 from edgefleet.protocols.errors import ConfigError, TopicError
@@ -66,6 +71,7 @@ class AgentConfig:
     broker: BrokerSettings = field(default_factory=BrokerSettings)
     http: HttpSettings = field(default_factory=HttpSettings)
     transfer: TransferSettings = field(default_factory=TransferSettings)
+    enrollment: EnrollmentSettings | None = None
 
     def __post_init__(self) -> None:
         try:
@@ -98,6 +104,17 @@ def _table(raw: dict[str, Any], key: str, kind: type[Any], base: Path) -> Any:
         raise ConfigError(f"invalid [{key}] settings: {exc}") from None
 
 
+def _enrollment(raw: dict[str, Any], base: Path) -> EnrollmentSettings | None:
+    """The optional ``[enrollment]`` table: enroll on first start (see agent/enroll.py)."""
+    if "enrollment" not in raw:
+        return None
+    value: EnrollmentSettings = _table(raw, "enrollment", EnrollmentSettings, base)
+    token_file: object = value.token_file  # still the raw TOML value here
+    if not isinstance(token_file, str):
+        raise ConfigError("[enrollment] token_file must be a path string")
+    return replace(value, token_file=base / token_file)
+
+
 def load_agent_config(path: Path | str) -> AgentConfig:
     """Read and validate an agent config file.
 
@@ -117,7 +134,8 @@ def load_agent_config(path: Path | str) -> AgentConfig:
         broker = _table(raw, "broker", BrokerSettings, base)
         http = _table(raw, "http", HttpSettings, base)
         transfer = _table(raw, "transfer", TransferSettings, base)
-        known = set(AgentConfig.__dataclass_fields__) - {"broker", "http", "transfer"}
+        enrollment = _enrollment(raw, base)
+        known = set(AgentConfig.__dataclass_fields__) - {"broker", "http", "transfer", "enrollment"}
         unknown = set(raw) - known
         if unknown:
             raise ConfigError(f"unknown setting(s): {', '.join(sorted(unknown))}")
@@ -128,7 +146,9 @@ def load_agent_config(path: Path | str) -> AgentConfig:
                 if not isinstance(raw[key], str):
                     raise ConfigError(f"{key} must be a path string")
                 raw[key] = base / raw[key]
-        return AgentConfig(broker=broker, http=http, transfer=transfer, **raw)
+        return AgentConfig(
+            broker=broker, http=http, transfer=transfer, enrollment=enrollment, **raw
+        )
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
     except TypeError as exc:

@@ -27,6 +27,7 @@ from typing import Any
 
 from edgefleet import __version__
 from edgefleet.agent.config import AgentConfig
+from edgefleet.agent.enroll import prepare_identity
 from edgefleet.agent.errors import AgentError, TransferError, VerificationError
 from edgefleet.agent.fetcher import MqttFetcher, PartialStore
 from edgefleet.agent.hardware import detect_hardware
@@ -61,6 +62,15 @@ class Agent:
     """One gateway's agent. ``start()``/``stop()`` for embedding, ``run()`` for a daemon."""
 
     def __init__(self, config: AgentConfig) -> None:
+        # Enroll on first start; refuse a private key others can read (agent/enroll.py).
+        broker, trust_root = prepare_identity(
+            config.device_id,
+            config.state_dir,
+            config.broker,
+            config.trust_root,
+            config.enrollment,
+        )
+        config = config.with_overrides(broker=broker, trust_root=trust_root)
         self.config = config
         self.device_id = config.device_id
         state_dir = config.state_dir

@@ -728,6 +728,13 @@ def _attach_features() -> None:
     from edgefleet.controller.keys_cli import keys
 
     cli.add_command(keys)
+    from edgefleet.controller import security_cli as sec
+
+    cli.add_command(sec.ca)
+    cli.add_command(sec.broker_config)
+    cli.add_command(sec.enroll_server)
+    device.add_command(sec.device_token)
+    device.add_command(sec.device_revoke)
 
 
 _attach_features()

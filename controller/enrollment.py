@@ -1,0 +1,393 @@
+"""Device enrollment: one-time tokens and the HTTPS endpoint that redeems them.
+
+Why HTTPS and not an MQTT enrollment topic: see ``docs/adr/0005-enrollment.md``.
+In short, the broker then never needs a listener that admits clients without a
+certificate.
+
+Flow::
+
+    operator:  edgefleet device token gw-1 --out DIR    -> DIR/enrollment.json
+               (token, URL, the CA certificate; copied to the device with agent.toml)
+    agent:     generates its key (never leaves the device), builds a CSR with CN=gw-1,
+               POST https://controller:8443/v1/enroll {"token", "csr_pem"}
+               (server certificate checked against the CA from the token file)
+    server:    token known, unused, unexpired, for gw-1? -> sign the CSR, mark used
+               <- {"device_id", "certificate", "ca_chain", "broker", "tuf_root"}
+
+The token store keeps only SHA-256 hashes of tokens: reading the store (a
+backup, a debug copy) does not let anyone enroll.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import secrets
+import ssl
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+from edgefleet.controller.ca import (
+    CertificateAuthority,
+    CertificateError,
+    write_private_file,
+    write_public_file,
+)
+from edgefleet.controller.errors import TrustError
+from edgefleet.protocols.errors import EdgefleetError, TopicError
+from edgefleet.protocols.topics import validate_device_id
+
+__all__ = [
+    "ENROLL_PATH",
+    "EnrollmentError",
+    "EnrollmentServer",
+    "TokenStore",
+    "token_file_document",
+]
+
+log = logging.getLogger(__name__)
+
+ENROLL_PATH = "/v1/enroll"
+DEFAULT_TTL_S = 24 * 3600
+MAX_BODY_BYTES = 64 * 1024
+DRAIN_MAX_BYTES = 1024 * 1024
+TOKEN_FILE_KIND = "edgefleet-enrollment/v1"  # noqa: S105 - a format tag, not a secret
+
+
+class EnrollmentError(EdgefleetError):
+    """An enrollment was refused. ``reason`` is a stable code, ``status`` the HTTP status."""
+
+    def __init__(self, reason: str, message: str, status: int = HTTPStatus.FORBIDDEN) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.status = status
+
+
+def _hash(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class TokenInfo:
+    device_id: str
+    expires_at: float
+    used_at: float | None
+
+
+class TokenStore:
+    """One-time, expiring enrollment tokens in ``<home>/enrollment/tokens.json``.
+
+    Every read-modify-write holds an ``fcntl`` lock, so the CLI creating a
+    token and the server redeeming one (in another process) cannot lose each
+    other's update, and two concurrent redemptions of one token cannot both win.
+    """
+
+    def __init__(self, directory: Path, *, clock: Callable[[], float] = time.time) -> None:
+        self.directory = directory
+        self._clock = clock
+        directory.mkdir(parents=True, exist_ok=True)
+        os.chmod(directory, 0o700)
+        self._file = directory / "tokens.json"
+
+    def create(self, device_id: str, ttl_s: float = DEFAULT_TTL_S) -> str:
+        """A new token for ``device_id``; only its hash is stored.
+
+        Raises:
+            EnrollmentError: invalid device id or non-positive TTL.
+        """
+        try:
+            validate_device_id(device_id)
+        except TopicError as exc:
+            raise EnrollmentError("bad_request", str(exc), HTTPStatus.BAD_REQUEST) from None
+        if ttl_s <= 0:
+            raise EnrollmentError("bad_request", "token TTL must be positive", 400)
+        token = secrets.token_urlsafe(32)
+        with self._locked() as tokens:
+            now = self._clock()
+            # Forget tokens that expired long ago, so the file does not grow forever.
+            for key in [k for k, v in tokens.items() if v["expires_at"] < now - 7 * 86400]:
+                del tokens[key]
+            tokens[_hash(token)] = {
+                "device_id": device_id,
+                "expires_at": now + ttl_s,
+                "used_at": None,
+                "created_at": now,
+            }
+        return token
+
+    @contextlib.contextmanager
+    def redeem(self, token: str) -> Iterator[str]:
+        """Check ``token`` and yield its device id; mark it used if the block succeeds.
+
+        The lock is held for the whole block (signing one certificate), so a
+        token is used at most once even under concurrent requests. If the block
+        raises (say, the CSR is malformed), the token stays unused: a client bug
+        should not burn the operator's token.
+
+        Raises:
+            EnrollmentError: the token is unknown (401), used (403) or expired (403).
+        """
+        if not isinstance(token, str) or not token:
+            raise EnrollmentError("unknown_token", "no enrollment token", 401)
+        key = _hash(token)
+        with self._locked() as tokens:
+            entry = tokens.get(key)
+            if entry is None:
+                raise EnrollmentError("unknown_token", "unknown enrollment token", 401)
+            if entry["used_at"] is not None:
+                raise EnrollmentError(
+                    "used_token",
+                    f"enrollment token for {entry['device_id']} was already used; "
+                    "create a new one with `edgefleet device token`",
+                )
+            if entry["expires_at"] <= self._clock():
+                raise EnrollmentError(
+                    "expired_token",
+                    f"enrollment token for {entry['device_id']} has expired; "
+                    "create a new one with `edgefleet device token`",
+                )
+            yield str(entry["device_id"])
+            entry["used_at"] = self._clock()
+
+    def info(self, token: str) -> TokenInfo | None:
+        with self._locked() as tokens:
+            entry = tokens.get(_hash(token))
+        if entry is None:
+            return None
+        return TokenInfo(entry["device_id"], entry["expires_at"], entry["used_at"])
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[dict[str, dict[str, Any]]]:
+        fd = os.open(self.directory / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                tokens: dict[str, dict[str, Any]] = json.loads(self._file.read_text())["tokens"]
+            except FileNotFoundError:
+                tokens = {}
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                raise TrustError(f"token store {self._file} is unreadable: {exc}") from exc
+            before = json.dumps(tokens, sort_keys=True)
+            yield tokens
+            if json.dumps(tokens, sort_keys=True) != before:
+                write_private_file(self._file, json.dumps({"tokens": tokens}, indent=1).encode())
+        finally:
+            os.close(fd)
+
+
+def token_file_document(
+    device_id: str, token: str, url: str, ca_pem: bytes, expires_at: float
+) -> dict[str, Any]:
+    """What the device receives out of band: enough to authenticate the controller.
+
+    The CA certificate is included (not just a fingerprint) so the agent can
+    verify the enrollment server's TLS certificate with the stdlib alone.
+    """
+    return {
+        "kind": TOKEN_FILE_KIND,
+        "device_id": device_id,
+        "token": token,
+        "url": url,
+        "ca_pem": ca_pem.decode(),
+        "expires_at": expires_at,
+    }
+
+
+@dataclass(frozen=True)
+class DeviceBroker:
+    """The broker address handed to devices (what *they* dial, not the controller)."""
+
+    host: str
+    port: int = 8883
+
+    def to_json(self) -> dict[str, Any]:
+        return {"host": self.host, "port": self.port, "tls": True}
+
+
+class EnrollmentServer:
+    """The HTTPS enrollment endpoint (stdlib ``http.server`` + ``ssl``).
+
+    Args:
+        ca: signs device certificates.
+        tokens: the token store.
+        root_bytes: returns the current TUF root metadata (a callable, so a
+            root rotated while the server runs is what new devices get).
+        broker: what to tell devices about the broker.
+        hostnames: names/IPs in the server's TLS certificate; devices dial one.
+        host, port: where to listen (port 0: pick a free one).
+        on_refusal: called with the reason code of every refusal (e.g. to
+            bump a registry counter); refusals are also logged and counted in
+            :attr:`refusals`.
+    """
+
+    def __init__(
+        self,
+        ca: CertificateAuthority,
+        tokens: TokenStore,
+        root_bytes: Callable[[], bytes],
+        broker: DeviceBroker,
+        *,
+        hostnames: tuple[str, ...] = ("localhost", "127.0.0.1"),
+        host: str = "127.0.0.1",
+        port: int = 8443,
+        on_refusal: Callable[[str], None] | None = None,
+        on_enrolled: Callable[[str], None] | None = None,
+    ) -> None:
+        self.ca = ca
+        self.tokens = tokens
+        self.root_bytes = root_bytes
+        self.broker = broker
+        self.refusals: Counter[str] = Counter()
+        self.enrolled: Counter[str] = Counter()
+        self._on_refusal = on_refusal
+        self._on_enrolled = on_enrolled
+        server_dir = tokens.directory / "server"
+        pair = ca.issue_server_cert(hostnames)
+        write_private_file(server_dir / "server.key", pair.key_pem)
+        write_public_file(server_dir / "server.pem", pair.cert_pem)
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context.load_cert_chain(server_dir / "server.pem", server_dir / "server.key")
+        self._httpd = ThreadingHTTPServer((host, port), _make_handler(self))
+        self._httpd.daemon_threads = True
+        self._httpd.socket = context.wrap_socket(self._httpd.socket, server_side=True)
+        self._thread: threading.Thread | None = None
+
+    @property
+    def port(self) -> int:
+        return int(self._httpd.server_address[1])
+
+    @property
+    def url(self) -> str:
+        host = self._httpd.server_address[0]
+        return f"https://{host if isinstance(host, str) else host.decode()}:{self.port}"
+
+    def start(self) -> None:
+        self._thread = threading.Thread(
+            target=self._httpd.serve_forever, name="enrollment-https", daemon=True
+        )
+        self._thread.start()
+        log.info("enrollment endpoint on %s%s", self.url, ENROLL_PATH)
+
+    def serve_forever(self) -> None:
+        self._httpd.serve_forever()
+
+    def stop(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+        if self._thread is not None:
+            self._thread.join(5)
+
+    # ------------------------------------------------------------------ the one operation
+    def enroll(self, body: Any) -> dict[str, Any]:
+        """Redeem a token for a certificate. Pure request -> response, used by the handler.
+
+        Raises:
+            EnrollmentError: malformed request (400), bad token (401/403), or a
+                CSR the CA refuses (400).
+        """
+        if not isinstance(body, dict):
+            raise EnrollmentError("bad_request", "expected a JSON object", 400)
+        token, csr_pem = body.get("token"), body.get("csr_pem")
+        if not isinstance(token, str) or not isinstance(csr_pem, str):
+            raise EnrollmentError("bad_request", "'token' and 'csr_pem' must be strings", 400)
+        with self.tokens.redeem(token) as device_id:
+            try:
+                cert = self.ca.issue_device_cert(csr_pem.encode(), device_id)
+            except CertificateError as exc:
+                raise EnrollmentError("bad_csr", str(exc), 400) from None
+            root = self.root_bytes()
+        self.enrolled[device_id] += 1
+        if self._on_enrolled is not None:
+            self._on_enrolled(device_id)
+        log.info("enrolled device %s", device_id)
+        return {
+            "device_id": device_id,
+            "certificate": cert.decode(),
+            "ca_chain": [self.ca.cert_pem.decode()],
+            "broker": self.broker.to_json(),
+            "tuf_root": base64.b64encode(root).decode(),
+        }
+
+    def refused(self, reason: str, peer: str, message: str) -> None:
+        self.refusals[reason] += 1
+        log.warning("enrollment refused (%s) from %s: %s", reason, peer, message)
+        if self._on_refusal is not None:
+            try:
+                self._on_refusal(reason)
+            except Exception:  # counting must never turn a 4xx into a 500
+                log.exception("on_refusal hook failed")
+
+
+def _make_handler(server: EnrollmentServer) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        server_version = "edgefleet-enroll"
+        sys_version = ""
+
+        def log_message(self, format: str, *args: Any) -> None:
+            log.debug("%s " + format, self.client_address[0], *args)
+
+        def _reply(self, status: int, doc: dict[str, Any]) -> None:
+            data = json.dumps(doc).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def _refuse(self, exc: EnrollmentError) -> None:
+            server.refused(exc.reason, self.client_address[0], str(exc))
+            self._reply(exc.status, {"error": {"code": exc.reason, "message": str(exc)}})
+
+        def do_GET(self) -> None:
+            self._refuse(EnrollmentError("not_found", "only POST /v1/enroll exists", 404))
+
+        def do_POST(self) -> None:
+            if self.path != ENROLL_PATH:
+                self._refuse(EnrollmentError("not_found", "only POST /v1/enroll exists", 404))
+                return
+            try:
+                length = int(self.headers.get("Content-Length", ""))
+            except ValueError:
+                self._refuse(EnrollmentError("bad_request", "Content-Length required", 411))
+                return
+            if not 0 < length <= MAX_BODY_BYTES:
+                if MAX_BODY_BYTES < length <= DRAIN_MAX_BYTES:
+                    # Read what the client is still sending, so it sees the 413
+                    # instead of a reset; anything bigger is simply cut off.
+                    self.rfile.read(length)
+                else:
+                    self.close_connection = True
+                self._refuse(
+                    EnrollmentError("too_large", f"body must be 1-{MAX_BODY_BYTES} bytes", 413)
+                )
+                return
+            try:
+                body = json.loads(self.rfile.read(length))
+            except ValueError:
+                self._refuse(EnrollmentError("bad_request", "body is not JSON", 400))
+                return
+            try:
+                response = server.enroll(body)
+            except EnrollmentError as exc:
+                self._refuse(exc)
+                return
+            except (TrustError, OSError) as exc:
+                log.exception("enrollment failed on the controller side")
+                self._reply(500, {"error": {"code": "internal", "message": str(exc)}})
+                return
+            self._reply(200, response)
+
+    return Handler

@@ -93,6 +93,8 @@ per_listener_settings false
 
 # Bundles travel as 64 KiB blocks; allow headroom, refuse anything huge.
 message_size_limit 1048576
+# Block transfers are trains of small request/response packets: no Nagle delay.
+set_tcp_nodelay true
 max_inflight_messages 64
 max_queued_messages 1000
 

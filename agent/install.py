@@ -300,10 +300,28 @@ class Installer:
 
     @staticmethod
     def _check_manifest(manifest: BundleManifest, custom: TargetCustom) -> None:
+        """The manifest inside the bundle must say what the signed custom says.
+
+        One exception: a *re-issue* (the controller rolling devices back to an
+        older bundle under a new, higher release, because agents refuse
+        releases below their high-water mark) carries the original bytes, so
+        its manifest names the original release. That is accepted only when
+        the signed custom says so itself: ``reissue_of`` equal to the
+        manifest's release, and that release lower than the signed one.
+        """
+        release = custom.release
+        reissue_of = custom.extra.get("reissue_of")
+        if (
+            isinstance(reissue_of, int)
+            and not isinstance(reissue_of, bool)
+            and reissue_of == manifest.release
+            and manifest.release < custom.release
+        ):
+            release = manifest.release
         signed = (
             custom.model,
             custom.version,
-            custom.release,
+            release,
             custom.runtime,
             custom.precision,
             custom.hardware_class,

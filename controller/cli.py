@@ -735,6 +735,9 @@ def _attach_features() -> None:
     cli.add_command(sec.enroll_server)
     device.add_command(sec.device_token)
     device.add_command(sec.device_revoke)
+    from edgefleet.controller.rollout.cli import rollout_group
+
+    cli.add_command(rollout_group)
 
 
 _attach_features()

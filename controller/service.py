@@ -7,6 +7,9 @@ Threads, and why:
   separate from ingestion so a burst of telemetry never delays an install.
 - The *ingest* worker decodes reports, status, events and telemetry and writes
   them to the registry in batches (one transaction per batch, not per message).
+- The *rollouts* loop steps every active staged rollout (one transaction
+  per rollout under its row lock, so controllers sharing a database never
+  take a step twice) and wakes the outbox when desired states changed.
 - The *maintenance* loop publishes desired states the registry marks as
   unpublished (an outbox: a deploy made while the broker was down is sent
   later, and a restart re-sends nothing twice that changes anything), and
@@ -32,6 +35,8 @@ from edgefleet.agent.link import BrokerSettings, MqttLink
 from edgefleet.controller.compiler.errors import ProfileError
 from edgefleet.controller.compiler.profiles import BUILTIN_PROFILES, Profile, match_profile
 from edgefleet.controller.registry import DeploymentInfo, Registry
+from edgefleet.controller.registry.telemetry import rollup_telemetry
+from edgefleet.controller.rollout.runner import RolloutRunner
 from edgefleet.controller.transfer import TransferServer
 from edgefleet.controller.trust import TrustRepository
 from edgefleet.protocols.errors import ProtocolError, TopicError
@@ -64,6 +69,18 @@ class ServiceSettings:
     refresh_metadata: bool = True
     known_devices_ttl_s: float = 2.0
     max_blocks_per_request: int = 64
+    # Staged rollouts (controller/rollout): how often each active one is stepped.
+    run_rollouts: bool = True
+    rollout_interval_s: float = 2.0
+    # MQTT shared-subscription group for ingestion and transfers
+    # ("$share/<group>/..."), so several controllers split the work. Empty:
+    # plain subscriptions (amqtt has no shared subscriptions; Mosquitto has).
+    share_group: str = ""
+    # Raw telemetry windows fold into per-minute aggregates this often; raw
+    # windows and minutes are deleted after their retentions.
+    telemetry_rollup_interval_s: float = 60.0
+    telemetry_raw_retention_s: float = 24 * 3600.0
+    telemetry_minute_retention_s: float = 30 * 24 * 3600.0
 
 
 def publish_desired_states(
@@ -123,8 +140,9 @@ class ControllerService:
         self._rejected_lock = threading.Lock()
         self._known: set[str] = set()
         self._profiles_seen: dict[str, str | None] = {}
-        self._known_at = 0.0
+        self._unknown: dict[str, float] = {}
         self.ingested = 0
+        self.rollouts = RolloutRunner(registry, repository, actor=settings.client_id)
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -133,13 +151,16 @@ class ControllerService:
         Raises:
             BrokerError: the broker cannot be reached.
         """
+        group = self.settings.share_group
         for topic_filter in controller_subscriptions():
-            self.link.subscribe(topic_filter, self._on_message, qos=1)
+            shared = f"$share/{group}/{topic_filter}" if group else topic_filter
+            self.link.subscribe(shared, self._on_message, qos=1)
         self.link.start(wait=True)
         for name, target in (
             ("transfer", self._transfer_loop),
             ("ingest", self._ingest_loop),
             ("maintenance", self._maintenance_loop),
+            *([("rollouts", self._rollout_loop)] if self.settings.run_rollouts else []),
         ):
             t = threading.Thread(target=target, name=f"controller-{name}", daemon=True)
             t.start()
@@ -197,14 +218,28 @@ class ControllerService:
 
     # ------------------------------------------------------------------ workers
     def _is_known(self, device_id: str) -> bool:
+        """Whether the device is enrolled.
+
+        Enrolled ids are cached for good (devices are not deleted); a miss
+        asks the registry for that one id at once - a device enrolled a moment
+        ago must not lose its retained status or report - and is remembered as
+        unknown for ``known_devices_ttl_s`` so a flood of strangers costs at
+        most one lookup per id and period.
+        """
+        if device_id in self._known:
+            return True
         now = time.monotonic()
-        if (
-            device_id not in self._known
-            and now - self._known_at > self.settings.known_devices_ttl_s
-        ):
-            self._known = {d.id for d in self.registry.list_devices()}
-            self._known_at = now
-        return device_id in self._known
+        checked = self._unknown.get(device_id)
+        if checked is not None and now - checked < self.settings.known_devices_ttl_s:
+            return False
+        if self.registry.get_device(device_id) is not None:
+            self._known.add(device_id)
+            self._unknown.pop(device_id, None)
+            return True
+        if len(self._unknown) > 10_000:
+            self._unknown.clear()
+        self._unknown[device_id] = now
+        return False
 
     def _decode(self, topic: DeviceTopic, payload: bytes, kind: type[Message]) -> Message | None:
         try:
@@ -314,6 +349,25 @@ class ControllerService:
                 self.flush_rejections()
             except Exception:
                 log.exception("maintenance step failed; retrying in %ss", s.maintenance_interval_s)
+
+    def _rollout_loop(self) -> None:
+        """Step rollouts every interval; roll telemetry up every rollup interval."""
+        s = self.settings
+        next_rollup = time.monotonic() + s.telemetry_rollup_interval_s
+        while not self._stop.wait(s.rollout_interval_s):
+            try:
+                results = self.rollouts.step_all()
+                if any(r.desired_changed for r in results):
+                    self._wake_outbox.set()
+                if time.monotonic() >= next_rollup:
+                    next_rollup = time.monotonic() + s.telemetry_rollup_interval_s
+                    rollup_telemetry(
+                        self.registry,
+                        raw_retention_s=s.telemetry_raw_retention_s,
+                        minute_retention_s=s.telemetry_minute_retention_s,
+                    )
+            except Exception:  # the database may be back next time
+                log.exception("rollout step failed; retrying in %ss", s.rollout_interval_s)
 
     def flush_rejections(self) -> None:
         """Add the rejections counted in memory to the registry's counters."""

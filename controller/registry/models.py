@@ -42,6 +42,10 @@ __all__ = [
     "DeviceEvent",
     "Model",
     "ModelVersion",
+    "Rollout",
+    "RolloutDecision",
+    "RolloutDevice",
+    "TelemetryMinute",
     "TelemetryRecord",
     "UTCDateTime",
     "utcnow",
@@ -173,6 +177,11 @@ class Bundle(Base):
     length: Mapped[int] = mapped_column(sa.BigInteger)
     report: Mapped[dict[str, Any] | None] = mapped_column(NullableJSON, nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    # A re-issue (migration 0003) signs the bytes of bundle ``reissue_of`` again
+    # under a new target path with a newer ``release``, so agents that refuse
+    # older releases accept going back to it. NULL: the version's own release.
+    release: Mapped[int | None] = mapped_column(sa.Integer, nullable=True)
+    reissue_of: Mapped[int | None] = mapped_column(sa.Integer, nullable=True)
 
 
 # --------------------------------------------------------------------------- devices
@@ -307,3 +316,115 @@ class Counter(Base):
 
     name: Mapped[str] = mapped_column(sa.String(128), primary_key=True)
     value: Mapped[int] = mapped_column(sa.BigInteger, default=0)
+
+
+# --------------------------------------------------------------------------- rollouts
+class Rollout(Base):
+    """A staged rollout of one model version to a selection of devices (migration 0003).
+
+    Everything the rollout engine knows lives in this row, its
+    :class:`RolloutDevice` rows and its decision log, so a controller killed
+    at any point resumes exactly where the last committed step left off.
+    ``selector`` says which devices belong (ids, tags, profiles or all) and
+    ``config`` holds the strategy (canary, waves, thresholds, timeouts). The
+    forward deployment's id equals the rollout's id, so a device can be
+    started at most once (``deployment_targets`` is keyed by deployment and
+    device).
+    """
+
+    __tablename__ = "rollouts"
+
+    id: Mapped[str] = mapped_column(sa.String(32), primary_key=True)
+    model_version_id: Mapped[int] = mapped_column(sa.ForeignKey("model_versions.id"), index=True)
+    status: Mapped[str] = mapped_column(sa.String(16), index=True)
+    selector: Mapped[dict[str, Any]] = mapped_column(sa.JSON)
+    config: Mapped[dict[str, Any]] = mapped_column(sa.JSON)
+    wave: Mapped[int] = mapped_column(sa.Integer, default=0)
+    wave_started_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    next_wave_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    deadline_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    reason: Mapped[str] = mapped_column(sa.Text, default="")
+    steps: Mapped[int] = mapped_column(sa.Integer, default=0)
+
+
+class RolloutDevice(Base):
+    """One device's progress through one rollout.
+
+    ``previous_bundle_id`` is the bundle the device ran when it was started:
+    what a rollback re-issues. ``telemetry_mark`` is the newest telemetry id
+    when observation began; health is judged only from windows after it, so
+    device clock skew cannot smuggle old windows into the judgement.
+    """
+
+    __tablename__ = "rollout_devices"
+    __table_args__ = (sa.Index(None, "rollout_id", "state"),)
+
+    rollout_id: Mapped[str] = mapped_column(sa.ForeignKey("rollouts.id"), primary_key=True)
+    device_id: Mapped[str] = mapped_column(
+        sa.ForeignKey("devices.id", ondelete="CASCADE"), primary_key=True, index=True
+    )
+    state: Mapped[str] = mapped_column(sa.String(16))
+    wave: Mapped[int | None] = mapped_column(sa.Integer, nullable=True)
+    generation: Mapped[int | None] = mapped_column(sa.Integer, nullable=True)
+    bundle_id: Mapped[int | None] = mapped_column(sa.Integer, nullable=True)
+    previous_bundle_id: Mapped[int | None] = mapped_column(sa.Integer, nullable=True)
+    baseline_p95_ms: Mapped[float | None] = mapped_column(sa.Double, nullable=True)
+    telemetry_mark: Mapped[int | None] = mapped_column(sa.BigInteger, nullable=True)
+    rollback_deployment_id: Mapped[str | None] = mapped_column(sa.String(32), nullable=True)
+    rollback_generation: Mapped[int | None] = mapped_column(sa.Integer, nullable=True)
+    rollback_bundle_id: Mapped[int | None] = mapped_column(sa.Integer, nullable=True)
+    joined_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    state_since: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    observed_p95_ms: Mapped[float | None] = mapped_column(sa.Double, nullable=True)
+    observed_requests: Mapped[int | None] = mapped_column(sa.BigInteger, nullable=True)
+    observed_errors: Mapped[int | None] = mapped_column(sa.BigInteger, nullable=True)
+    reason: Mapped[str] = mapped_column(sa.Text, default="")
+
+
+class RolloutDecision(Base):
+    """One decision of a rollout, with its reason: the story ``rollout show`` tells."""
+
+    __tablename__ = "rollout_decisions"
+    __table_args__ = (sa.Index(None, "rollout_id", "id"),)
+
+    id: Mapped[int] = mapped_column(BigIntKey, primary_key=True)
+    rollout_id: Mapped[str] = mapped_column(sa.ForeignKey("rollouts.id"))
+    at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    kind: Mapped[str] = mapped_column(sa.String(32))
+    device_id: Mapped[str | None] = mapped_column(sa.String(64), nullable=True)
+    wave: Mapped[int | None] = mapped_column(sa.Integer, nullable=True)
+    actor: Mapped[str] = mapped_column(sa.String(128), default="")
+    reason: Mapped[str] = mapped_column(sa.Text, default="")
+
+
+class TelemetryMinute(Base):
+    """Per-minute telemetry aggregate of one device and model version.
+
+    Raw windows roll up into these rows and are then deleted after their
+    retention; minutes are kept for their own, longer retention. Every column
+    is a sum or a max, so folding more windows into a minute is associative
+    (late windows and several controllers rolling up are harmless).
+    ``p95_weighted_ms`` is the sum of ``p95 * requests`` over windows that
+    measured latency, ``p95_weight`` the sum of their requests.
+    """
+
+    __tablename__ = "telemetry_minutes"
+
+    device_id: Mapped[str] = mapped_column(
+        sa.ForeignKey("devices.id", ondelete="CASCADE"), primary_key=True
+    )
+    minute: Mapped[datetime] = mapped_column(UTCDateTime(), primary_key=True, index=True)
+    model_version: Mapped[str] = mapped_column(sa.String(64), primary_key=True)
+    windows: Mapped[int] = mapped_column(sa.Integer)
+    requests: Mapped[int] = mapped_column(sa.BigInteger)
+    errors: Mapped[int] = mapped_column(sa.BigInteger)
+    p95_weighted_ms: Mapped[float] = mapped_column(sa.Double)
+    p95_weight: Mapped[int] = mapped_column(sa.BigInteger)
+    p95_max_ms: Mapped[float | None] = mapped_column(sa.Double, nullable=True)
+    rss_max_bytes: Mapped[int] = mapped_column(sa.BigInteger)
+    cpu_percent_sum: Mapped[float] = mapped_column(sa.Double)

@@ -125,6 +125,8 @@ class BundleInfo:
     length: int
     report: dict[str, Any] | None
     created_at: datetime
+    release: int | None = None
+    reissue_of: int | None = None
 
 
 @dataclass(frozen=True)
@@ -312,6 +314,8 @@ def _bundle_info(row: m.Bundle) -> BundleInfo:
         length=row.length,
         report=row.report,
         created_at=row.created_at,
+        release=row.release,
+        reissue_of=row.reissue_of,
     )
 
 
@@ -392,9 +396,61 @@ def _pick_bundle(device: m.Device, bundles: Sequence[m.Bundle]) -> m.Bundle | No
 
 
 def _model_ref(model: m.Model, version: m.ModelVersion, bundle: m.Bundle) -> ModelRef:
+    # A re-issued bundle carries its own, newer release (see models.Bundle).
+    release = version.release if bundle.release is None else bundle.release
     return ModelRef(
-        name=model.name, version=version.version, release=version.release, target=bundle.target_path
+        name=model.name, version=version.version, release=release, target=bundle.target_path
     )
+
+
+def assign_desired(
+    s: Session,
+    deployment_id: str,
+    version: m.ModelVersion,
+    chosen: Mapping[str, m.Bundle],
+    now: datetime,
+) -> list[DeploymentTargetInfo]:
+    """Point each device's desired state at its chosen bundle, inside ``s``.
+
+    Bumps every device's generation and records a deployment target. The
+    caller must have created the deployment row and locked the device rows;
+    :meth:`Registry.create_deployment` and the rollout engine share this.
+    """
+    ids = sorted(chosen)
+    desired = {
+        d.device_id: d
+        for d in s.scalars(
+            sa.select(m.DesiredStateRecord).where(m.DesiredStateRecord.device_id.in_(ids))
+        )
+    }
+    targets: list[DeploymentTargetInfo] = []
+    for device_id in ids:
+        bundle = chosen[device_id]
+        record = desired.get(device_id)
+        if record is None:
+            record = m.DesiredStateRecord(device_id=device_id, generation=0, published_generation=0)
+            s.add(record)
+        record.generation += 1
+        record.deployment_id = deployment_id
+        record.bundle_id = bundle.id
+        record.updated_at = now
+        s.add(
+            m.DeploymentTarget(
+                deployment_id=deployment_id,
+                device_id=device_id,
+                bundle_id=bundle.id,
+                generation=record.generation,
+            )
+        )
+        targets.append(
+            DeploymentTargetInfo(
+                device_id=device_id,
+                generation=record.generation,
+                model=_model_ref(version.model, version, bundle),
+                bundle_id=bundle.id,
+            )
+        )
+    return targets
 
 
 # --------------------------------------------------------------------------- engine
@@ -746,6 +802,13 @@ class Registry:
         replay retained reports of devices that are long gone, so only the
         status channel (with its last will) says whether a device is online.
 
+        When ``profile`` (matched by the controller from the reported
+        hardware) differs from the stored one and the device's desired bundle
+        is no longer the best fit among its model version's bundles, the
+        desired state is re-targeted (new generation, unpublished): a device
+        deployed to before it ever reported gets its own variant, not the
+        generic fallback.
+
         Returns:
             ``False``, writing nothing, if the device is not enrolled.
         """
@@ -754,6 +817,9 @@ class Registry:
             if row is None:
                 return False
             hardware = reported.hardware
+            profile_changed = (
+                profile is not None and profile != row.profile
+            ) or hardware.hardware_class != row.hardware_class
             row.hardware_class = hardware.hardware_class
             if profile is not None:
                 row.profile = profile
@@ -768,7 +834,45 @@ class Registry:
             row.last_error = None if reported.last_error is None else reported.last_error.to_dict()
             row.reported = json.loads(reported.encode())
             row.last_seen = m.utcnow()
+            if profile_changed:
+                self._retarget(s, row)
             return True
+
+    @staticmethod
+    def _retarget(s: Session, device: m.Device) -> bool:
+        """Point the device's desired state at the best bundle of the same version."""
+        record = s.get(m.DesiredStateRecord, device.id)
+        if record is None or record.bundle_id is None:
+            return False
+        current = s.get(m.Bundle, record.bundle_id)
+        if current is None:
+            return False
+        bundles = list(
+            s.scalars(
+                sa.select(m.Bundle)
+                .where(
+                    m.Bundle.model_version_id == current.model_version_id,
+                    # Stay on the same release: moving a device from a
+                    # re-issue back to the original bundle would go backwards.
+                    m.Bundle.release.is_(None)
+                    if current.release is None
+                    else m.Bundle.release == current.release,
+                )
+                .order_by(m.Bundle.id)
+            )
+        )
+        best = _pick_bundle(device, bundles)
+        if best is None or best.id == current.id:
+            return False
+        record.generation += 1
+        record.bundle_id = best.id
+        record.updated_at = m.utcnow()
+        if record.deployment_id is not None:
+            target = s.get(m.DeploymentTarget, (record.deployment_id, device.id))
+            if target is not None:
+                target.bundle_id = best.id
+                target.generation = record.generation
+        return True
 
     def set_online(self, device_id: str, online: bool) -> bool:
         """Record a device's connection status; going online also counts as seen.
@@ -825,7 +929,11 @@ class Registry:
             bundles = list(
                 s.scalars(
                     sa.select(m.Bundle)
-                    .where(m.Bundle.model_version_id == model_version_id)
+                    # Re-issues (rollbacks) are chosen by the rollout engine only.
+                    .where(
+                        m.Bundle.model_version_id == model_version_id,
+                        m.Bundle.reissue_of.is_(None),
+                    )
                     .order_by(m.Bundle.id)
                 )
             )
@@ -853,41 +961,7 @@ class Registry:
             )
             s.add(deployment)
             s.flush()  # the desired states and targets reference it
-            desired = {
-                d.device_id: d
-                for d in s.scalars(
-                    sa.select(m.DesiredStateRecord).where(m.DesiredStateRecord.device_id.in_(ids))
-                )
-            }
-            targets: list[DeploymentTargetInfo] = []
-            for device_id in ids:
-                bundle = chosen[device_id]
-                record = desired.get(device_id)
-                if record is None:
-                    record = m.DesiredStateRecord(
-                        device_id=device_id, generation=0, published_generation=0
-                    )
-                    s.add(record)
-                record.generation += 1
-                record.deployment_id = deployment.id
-                record.bundle_id = bundle.id
-                record.updated_at = now
-                s.add(
-                    m.DeploymentTarget(
-                        deployment_id=deployment.id,
-                        device_id=device_id,
-                        bundle_id=bundle.id,
-                        generation=record.generation,
-                    )
-                )
-                targets.append(
-                    DeploymentTargetInfo(
-                        device_id=device_id,
-                        generation=record.generation,
-                        model=_model_ref(version.model, version, bundle),
-                        bundle_id=bundle.id,
-                    )
-                )
+            targets = assign_desired(s, deployment.id, version, chosen, now)
             return DeploymentInfo(
                 id=deployment.id,
                 model_version_id=model_version_id,

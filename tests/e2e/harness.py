@@ -98,7 +98,9 @@ def swap_model_in_bundle(bundle: bytes, model: bytes) -> bytes:
 class Harness:
     """A running controller with helpers to register, enroll, deploy and inspect."""
 
-    def __init__(self, tmp: Path, broker: BrokerSettings, database_url: str) -> None:
+    def __init__(
+        self, tmp: Path, broker: BrokerSettings, database_url: str, **service: Any
+    ) -> None:
         self.tmp = tmp
         self.broker = broker
         self.token = secrets.token_hex(3)
@@ -112,8 +114,7 @@ class Harness:
             broker,
             ServiceSettings(
                 client_id=f"e2e-controller-{self.token}",
-                maintenance_interval_s=0.5,
-                ingest_flush_s=0.1,
+                **{"maintenance_interval_s": 0.5, "ingest_flush_s": 0.1, **service},
             ),
         )
         self.service.start()

@@ -816,6 +816,12 @@ class Registry:
             row = s.get(m.Device, reported.device_id)
             if row is None:
                 return False
+            stored_at = (row.reported or {}).get("updated_at")
+            if isinstance(stored_at, int | float) and reported.updated_at < stored_at:
+                # An older report arriving late (several controllers share the
+                # ingestion, or the broker replayed a retained one) must not
+                # overwrite a newer state; the agent stamps every report.
+                return True
             hardware = reported.hardware
             profile_changed = (
                 profile is not None and profile != row.profile

@@ -12,6 +12,7 @@ from __future__ import annotations
 import sqlite3
 import threading
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -370,6 +371,24 @@ def test_record_reported_updates_device(registry: Registry) -> None:
     assert device is not None
     assert device.last_error is None
     assert device.active_version is None
+
+
+def test_late_older_report_does_not_overwrite_a_newer_one(registry: Registry) -> None:
+    registry.enroll_device("gw-1")
+    active = ModelRef("clf", "1.0", 3, "clf/1.0/generic.tar")
+    newer = replace(_report("gw-1", active=active), updated_at=200.0)
+    older = replace(_report("gw-1", state=AgentState.INSTALLING), updated_at=100.0)
+    assert registry.record_reported(newer)
+    # Shared subscriptions let two controllers store one device's reports out of order.
+    assert registry.record_reported(older)
+    device = registry.get_device("gw-1")
+    assert device is not None
+    assert device.state == "idle"
+    assert device.active_version == "1.0"
+    assert registry.record_reported(replace(older, updated_at=300.0))
+    device = registry.get_device("gw-1")
+    assert device is not None
+    assert device.state == "installing"
 
 
 def test_set_online(registry: Registry) -> None:

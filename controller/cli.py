@@ -605,6 +605,16 @@ def deploy(
     )
 
 
+def _agent_rejections(counters: dict[str, int]) -> dict[str, int]:
+    """Sum the per-device ``agent_rejected.<device>.<reason>`` counters by reason."""
+    totals: dict[str, int] = {}
+    for name, value in counters.items():
+        if name.startswith("agent_rejected."):
+            reason = name.rsplit(".", 1)[-1]
+            totals[reason] = totals.get(reason, 0) + value
+    return totals
+
+
 @cli.command()
 @json_option
 @pass_ctx
@@ -629,6 +639,7 @@ def status(ctx: Context, as_json: bool) -> None:
             for k, v in fleet.counters.items()
             if k.startswith("rejected.")
         },
+        "agent_rejected": _agent_rejections(fleet.counters),
     }
 
     def table() -> str:
@@ -638,6 +649,10 @@ def status(ctx: Context, as_json: bool) -> None:
         )
         versions = render_table(["model version", "devices"], sorted(fleet.versions.items()))
         rejected = ", ".join(f"{k}={v}" for k, v in sorted(data["rejected"].items())) or "none"
+        by_agents = (
+            ", ".join(f"{k}={v}" for k, v in sorted(data["agent_rejected"].items())) or "none"
+        )
+        rejected += f"\nrefused by agents: {by_agents}"
         return f"{head}\n\n{versions}\n\nrejected messages: {rejected}"
 
     emit(as_json, data, table)

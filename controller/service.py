@@ -141,6 +141,7 @@ class ControllerService:
         self._known: set[str] = set()
         self._profiles_seen: dict[str, str | None] = {}
         self._unknown: dict[str, float] = {}
+        self._agent_rejected: dict[str, int] = {}
         self.ingested = 0
         self.rollouts = RolloutRunner(registry, repository, actor=settings.client_id)
 
@@ -321,7 +322,24 @@ class ControllerService:
             self.registry.add_events(events)
         if points:
             self.registry.add_telemetry(points)
+            self._record_agent_rejections(points)
         self.ingested += len(batch)
+
+    def _record_agent_rejections(self, points: list[Telemetry]) -> None:
+        """Keep each device's cumulative count of messages it refused, by reason.
+
+        Agents report these totals in every telemetry window; storing the
+        latest value per device and reason (not adding windows) keeps the
+        numbers right across lost telemetry and controller restarts.
+        """
+        latest: dict[str, int] = {}
+        for point in points:
+            for reason, count in point.rejected.items():
+                latest[f"agent_rejected.{point.device_id}.{reason}"[:128]] = count
+        for name, count in latest.items():
+            if self._agent_rejected.get(name) != count:
+                self.registry.set_counter(name, count)
+                self._agent_rejected[name] = count
 
     def _profile_of(self, reported: ReportedState) -> str | None:
         """The compiler profile this device's reported hardware matches, if any."""

@@ -1346,6 +1346,20 @@ class Registry:
 
         self._write_retrying(work)
 
+    def set_counter(self, name: str, value: int) -> None:
+        """Set a named counter to ``value`` (for totals a device reports cumulatively)."""
+        _text(name, "counter name", 128)
+
+        def work(s: Session) -> None:
+            result = s.execute(
+                sa.update(m.Counter).where(m.Counter.name == name).values(value=value)
+            )
+            if not _rowcount(result):
+                s.add(m.Counter(name=name, value=value))
+                s.flush()
+
+        self._write_retrying(work)
+
     @staticmethod
     def _counters(s: Session) -> dict[str, int]:
         rows = s.execute(sa.select(m.Counter.name, m.Counter.value).order_by(m.Counter.name))

@@ -63,6 +63,13 @@ def test_agent_counts_and_survives_hostile_messages(harness: Harness) -> None:
 
     wait_for(counted, what=f"agent rejections, have {agent.rejections.snapshot()}")
     assert infer(agent)["model"]["version"] == "1.0"
+    # The agent's refusals reach the controller in its telemetry.
+    agent.flush_telemetry()
+    name = f"agent_rejected.{device_id}.malformed_desired"
+    wait_for(
+        lambda: harness.registry.counters().get(name, 0) >= 10,
+        what="agent rejections stored by the controller",
+    )
     # The retained desired state is still the controller's, and a new deploy works.
     harness.register("2.0")
     harness.deploy("2.0", "gw-h")

@@ -133,6 +133,41 @@ def _publish(
     )
 
 
+def _register_version(
+    registry: Registry,
+    model: bytes,
+    *,
+    name: str,
+    version: str,
+    sample: Mapping[str, np.ndarray],
+    inputs: tuple[TensorSpec, ...],
+    outputs: tuple[TensorSpec, ...],
+    description: str,
+) -> ModelVersionInfo:
+    """Allocate the release, after a trial build proves the model runs on the sample.
+
+    Building first means a model that cannot run never leaves a version behind.
+    """
+    build_bundle(
+        model,
+        name=name,
+        version=version,
+        release=1,
+        hardware_class="generic",
+        precision="fp32",
+        sample_inputs=sample,
+        runtime=runtime_of(model),
+    )
+    return registry.register_model_version(
+        name,
+        version,
+        source_sha256=hashlib.sha256(model).hexdigest(),
+        inputs=inputs,
+        outputs=outputs,
+        description=description,
+    )
+
+
 def register_compiled(
     registry: Registry,
     repository: TrustRepository,
@@ -169,20 +204,12 @@ def register_compiled(
         for p in profiles
     }
     sample = dict(sample_inputs) if sample_inputs is not None else default_sample(inputs)
-    build_bundle(
+    info = _register_version(
+        registry,
         source,
         name=name,
         version=version,
-        release=1,
-        hardware_class="generic",
-        precision="fp32",
-        sample_inputs=sample,
-        runtime=runtime_of(source),
-    )
-    info = registry.register_model_version(
-        name,
-        version,
-        source_sha256=hashlib.sha256(source).hexdigest(),
+        sample=sample,
         inputs=inputs,
         outputs=outputs,
         description=description,
@@ -259,22 +286,12 @@ def register_model(
         raise ValueError("at least one hardware class is needed")
     inputs, outputs = inspect_model(model)
     sample = dict(sample_inputs) if sample_inputs is not None else default_sample(inputs)
-    # Build the first bundle before touching the registry, so a model that
-    # cannot run never leaves a version behind.
-    build_bundle(
+    info = _register_version(
+        registry,
         model,
         name=name,
         version=version,
-        release=1,
-        hardware_class=hardware_classes[0],
-        precision=precision,
-        sample_inputs=sample,
-        runtime=runtime_of(model),
-    )
-    info = registry.register_model_version(
-        name,
-        version,
-        source_sha256=hashlib.sha256(model).hexdigest(),
+        sample=sample,
         inputs=inputs,
         outputs=outputs,
         description=description,

@@ -8,7 +8,6 @@ rollouts in its service loop exactly as ``edgefleet serve`` does.
 from __future__ import annotations
 
 import threading
-import time
 import urllib.error
 from collections import Counter
 from collections.abc import Iterator
@@ -121,9 +120,6 @@ def start_fleet(h: Harness, n: int, tag: str = "fleet") -> list[Agent]:
     ids = [h.device_id(f"gw{i:02d}") for i in range(n)]
     for device_id in ids:
         h.registry.enroll_device(device_id, tags=[tag])
-    # The service caches enrolled ids for known_devices_ttl_s; retained status
-    # messages arrive once, so let the cache see the new devices first.
-    time.sleep(h.service.settings.known_devices_ttl_s + 0.3)
     agents = [h.start_agent(h.agent_config(f"gw{i:02d}")) for i in range(n)]
     online = set(ids)
     wait_for(

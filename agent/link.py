@@ -34,6 +34,9 @@ __all__ = ["BrokerSettings", "Handler", "MqttLink", "Will"]
 
 log = logging.getLogger(__name__)
 
+# Bound on the topic -> handlers cache (one entry per device and channel seen).
+_MAX_ROUTES = 100_000
+
 Handler = Callable[[str, bytes, bool], None]
 """``handler(topic, payload, retained)``, called on paho's network thread."""
 
@@ -124,6 +127,10 @@ class MqttLink:
         self.client_id = client_id
         self._on_connect_hook = on_connect
         self._handlers: dict[str, tuple[int, Handler]] = {}
+        # topic -> handlers whose filter matches it. paho's topic_matches_sub
+        # builds a matcher tree per call; once per filter per message it was
+        # most of the controller's receive cost. Cleared when filters change.
+        self._routes: dict[str, list[Handler]] = {}
         self._lock = threading.Lock()
         self._connected = threading.Event()
         self._refused: str | None = None
@@ -211,6 +218,7 @@ class MqttLink:
         """Route messages matching ``topic_filter`` to ``handler``, now and after reconnects."""
         with self._lock:
             self._handlers[topic_filter] = (qos, handler)
+            self._routes.clear()
         if self.connected:
             self._client.subscribe(topic_filter, qos)
 
@@ -279,14 +287,20 @@ class MqttLink:
             log.warning("lost broker connection (%s); paho will reconnect", reason)
 
     def _on_message(self, _client: mqtt.Client, _userdata: Any, msg: mqtt.MQTTMessage) -> None:
-        with self._lock:
-            handlers = [
-                h
-                for f, (_q, h) in self._handlers.items()
-                if mqtt.topic_matches_sub(_match_filter(f), msg.topic)
-            ]
+        topic = msg.topic
+        handlers = self._routes.get(topic)
+        if handlers is None:
+            with self._lock:
+                handlers = [
+                    h
+                    for f, (_q, h) in self._handlers.items()
+                    if mqtt.topic_matches_sub(_match_filter(f), topic)
+                ]
+                if len(self._routes) >= _MAX_ROUTES:
+                    self._routes.clear()
+                self._routes[topic] = handlers
         for handler in handlers:
             try:
-                handler(msg.topic, bytes(msg.payload), bool(msg.retain))
+                handler(topic, bytes(msg.payload), bool(msg.retain))
             except Exception:  # a handler bug must not kill paho's network thread
                 log.exception("handler for %s failed", msg.topic)

@@ -152,6 +152,9 @@ class ControllerService:
         Raises:
             BrokerError: the broker cannot be reached.
         """
+        # Enrolled ids are cached for good (see _is_known); load them in one
+        # query instead of one lookup per device as its first message arrives.
+        self._known.update(d.id for d in self.registry.list_devices())
         group = self.settings.share_group
         for topic_filter in controller_subscriptions():
             shared = f"$share/{group}/{topic_filter}" if group else topic_filter
@@ -336,10 +339,9 @@ class ControllerService:
         for point in points:
             for reason, count in point.rejected.items():
                 latest[f"agent_rejected.{point.device_id}.{reason}"[:128]] = count
-        for name, count in latest.items():
-            if self._agent_rejected.get(name) != count:
-                self.registry.set_counter(name, count)
-                self._agent_rejected[name] = count
+        changed = {n: c for n, c in latest.items() if self._agent_rejected.get(n) != c}
+        self.registry.set_counters(changed)
+        self._agent_rejected.update(changed)
 
     def _profile_of(self, reported: ReportedState) -> str | None:
         """The compiler profile this device's reported hardware matches, if any."""

@@ -484,6 +484,52 @@ def device_enroll(
     )
 
 
+@device.command("events")
+@click.argument("device_id")
+@click.option("--limit", default=30, show_default=True, type=click.IntRange(1, 10_000))
+@json_option
+@pass_ctx
+def device_events(ctx: Context, device_id: str, limit: int, as_json: bool) -> None:
+    """Show DEVICE_ID's recent events, newest first: installs, refusals and why."""
+    with friendly_errors():
+        registry = ctx.registry()
+        try:
+            if registry.get_device(device_id) is None:
+                raise click.ClickException(f"no device {device_id!r} is enrolled")
+            events = registry.events_for(device_id, limit)
+        finally:
+            registry.close()
+    rows = [
+        {
+            "at": e.at.isoformat(),
+            "kind": e.kind,
+            "deployment": e.deployment_id,
+            "generation": e.generation,
+            "code": None if e.error is None else e.error.code,
+            "message": None if e.error is None else e.error.message,
+            "detail": e.detail,
+        }
+        for e in events
+    ]
+    emit(
+        as_json,
+        rows,
+        lambda: render_table(
+            ["at", "event", "generation", "code", "message"],
+            [
+                [
+                    r["at"][:19],
+                    r["kind"],
+                    r["generation"],
+                    r["code"],
+                    None if r["message"] is None else r["message"][:80],
+                ]
+                for r in rows
+            ],
+        ),
+    )
+
+
 def _device_rows(registry: Any) -> list[dict[str, Any]]:
     return [
         {

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 
+from click.testing import CliRunner
+
 from edgefleet.agent.fetcher import PartialStore, TransferSettings
+from edgefleet.controller.cli import cli
 from edgefleet.controller.demo import run_demo
 from edgefleet.controller.demo_model import CLASSES
 from edgefleet.protocols.messages import DesiredState
@@ -82,6 +86,24 @@ def test_tampered_bundle_is_refused_and_old_model_keeps_serving(harness: Harness
     assert infer(agent)["model"]["version"] == "1.0"
     kinds = [e.kind for e in harness.registry.events_for(harness.device_id("gw-t"))]
     assert "rejected" in kinds
+    # An operator sees the refusal and its reason.
+    shown = CliRunner().invoke(
+        cli,
+        [
+            "--database-url",
+            harness.registry.url,
+            "--home",
+            str(harness.tmp / "cli"),
+            "device",
+            "events",
+            harness.device_id("gw-t"),
+            "--json",
+        ],
+        catch_exceptions=False,
+    )
+    assert shown.exit_code == 0, shown.output
+    refused = [e for e in json.loads(shown.output) if e["kind"] == "rejected"]
+    assert refused[0]["code"] == "tampered"
 
 
 def test_expired_metadata_is_refused(harness: Harness) -> None:

@@ -9,10 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from edgefleet.controller.bundle import build_bundle, default_sample, inspect_onnx
 from edgefleet.controller.catalog import register_compiled
 from edgefleet.controller.compiler import BUILTIN_PROFILES
 from edgefleet.controller.demo_model import build_demo_model, demo_inputs
-from edgefleet.protocols.bundle import BundleManifest
+from edgefleet.protocols.bundle import BundleManifest, TargetCustom
 from tests.e2e.harness import MODEL, Harness, infer, wait_for
 
 
@@ -108,3 +109,49 @@ def test_tflite_model_deploys_and_serves(harness: Harness) -> None:
     with urllib.request.urlopen(request, timeout=10) as response:
         result = json.loads(response.read())
     assert np.asarray(result["outputs"]["probs"]).shape == (2, 4)
+
+
+def test_signed_cpu_requirements_override_a_matching_class_label(harness: Harness) -> None:
+    """A bundle labelled for this device's class but signed as arm64-only is refused."""
+    model = build_demo_model()
+    inputs, outputs = inspect_onnx(model)
+    info = harness.registry.register_model_version(
+        MODEL, "1.0", source_sha256="0" * 64, inputs=inputs, outputs=outputs
+    )
+    data, _ = build_bundle(
+        model,
+        name=MODEL,
+        version="1.0",
+        release=info.release,
+        hardware_class="generic",
+        precision="fp32",
+        sample_inputs=default_sample(inputs),
+    )
+    custom = TargetCustom(
+        MODEL,
+        "1.0",
+        info.release,
+        "onnxruntime",
+        "fp32",
+        "generic",
+        inputs,
+        outputs,
+        requires_arch="arm64",
+        requires_features=("dotprod",),
+    )
+    published = harness.repository.add_target(f"{MODEL}/1.0/generic-fp32.bundle", data, custom)
+    harness.registry.add_bundle(
+        info.id,
+        hardware_class="generic",
+        runtime="onnxruntime",
+        precision="fp32",
+        target_path=published.path,
+        sha256=published.sha256,
+        length=published.length,
+    )
+    harness.enroll("gw-arm")
+    agent = harness.start_agent(harness.agent_config("gw-arm"))
+    harness.deploy("1.0", "gw-arm")
+    summary = harness.wait_error("gw-arm", "wrong_hardware")
+    assert "arm64" in (summary.last_error_message or "")
+    assert agent.active_model is None

@@ -34,9 +34,9 @@ from typing import Any
 
 from edgefleet.agent.enroll import EnrollmentSettings
 from edgefleet.agent.fetcher import TransferSettings
-from edgefleet.agent.link import BrokerSettings
 from edgefleet.protocols.errors import ConfigError, TopicError
 from edgefleet.protocols.topics import validate_device_id
+from edgefleet.shared.link import BrokerSettings
 
 if sys.version_info >= (3, 11):
     import tomllib

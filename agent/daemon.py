@@ -28,16 +28,13 @@ from typing import Any
 from edgefleet import __version__
 from edgefleet.agent.config import AgentConfig
 from edgefleet.agent.enroll import prepare_identity
-from edgefleet.agent.errors import AgentError, TransferError, VerificationError
 from edgefleet.agent.fetcher import MqttFetcher, PartialStore
-from edgefleet.agent.hardware import detect_hardware
 from edgefleet.agent.install import Installer
-from edgefleet.agent.link import MqttLink, Will
 from edgefleet.agent.metrics import ProcessSampler, RejectionCounter, ServingMetrics
 from edgefleet.agent.reconcile import Attempt, IntentKey, decide, intent_key
 from edgefleet.agent.serving import InferenceServer, ModelHolder
 from edgefleet.agent.slots import SlotStore
-from edgefleet.protocols.errors import ProtocolError
+from edgefleet.protocols.errors import AgentError, ProtocolError, TransferError, VerificationError
 from edgefleet.protocols.messages import (
     AgentState,
     DesiredState,
@@ -49,6 +46,8 @@ from edgefleet.protocols.messages import (
     Telemetry,
 )
 from edgefleet.protocols.topics import Channel, DeviceTopic
+from edgefleet.shared.hardware import detect_hardware
+from edgefleet.shared.link import MqttLink, Will
 
 __all__ = ["STATUS_OFFLINE", "STATUS_ONLINE", "Agent"]
 

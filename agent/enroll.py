@@ -41,8 +41,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from edgefleet.agent.link import BrokerSettings
 from edgefleet.protocols.errors import ConfigError
+from edgefleet.shared.link import BrokerSettings
 
 __all__ = [
     "EnrollmentFailedError",

@@ -42,13 +42,12 @@ from pathlib import Path
 from tuf.api.exceptions import DownloadHTTPError
 from tuf.ngclient import FetcherInterface
 
-from edgefleet.agent.errors import (
+from edgefleet.protocols.errors import (
+    FrameError,
     OversizedTransferError,
     TransferError,
     TransferTimeoutError,
 )
-from edgefleet.agent.link import MqttLink
-from edgefleet.protocols.errors import FrameError
 from edgefleet.protocols.framing import (
     DEFAULT_BLOCK_SIZE,
     BlockFrame,
@@ -59,6 +58,7 @@ from edgefleet.protocols.framing import (
 )
 from edgefleet.protocols.messages import FileRequest
 from edgefleet.protocols.topics import Channel, DeviceTopic
+from edgefleet.shared.link import MqttLink
 
 __all__ = ["URL_PREFIX", "MqttFetcher", "PartialFile", "PartialStore", "TransferSettings"]
 

@@ -15,7 +15,7 @@ Order matters, and each step can only make things safer:
    rollback needs no download), then hand the loaded model to the server.
 
 Any exception before step 5 leaves the previous model serving. TUF's
-exceptions are translated to :mod:`edgefleet.agent.errors`, one per attack,
+exceptions are translated to :mod:`edgefleet.protocols.errors`, one per attack,
 so the controller sees *why* an update was refused.
 """
 
@@ -32,10 +32,17 @@ from pathlib import Path
 from tuf.api import exceptions as tuf_errors
 from tuf.ngclient import Updater, UpdaterConfig
 
-from edgefleet.agent.errors import (
+from edgefleet.agent.fetcher import URL_PREFIX, MqttFetcher
+from edgefleet.agent.serving import ModelHolder
+from edgefleet.agent.slots import SlotRecord, SlotStore
+from edgefleet.agent.unpack import smoke_test, unpack_bundle
+from edgefleet.protocols.bundle import BundleManifest, TargetCustom
+from edgefleet.protocols.errors import (
     AgentError,
     BundleFormatError,
+    ConfigError,
     ExpiredMetadataError,
+    MessageError,
     MetadataRollbackError,
     OversizedTransferError,
     ReleaseRollbackError,
@@ -47,14 +54,8 @@ from edgefleet.agent.errors import (
     VerificationError,
     WrongHardwareError,
 )
-from edgefleet.agent.fetcher import URL_PREFIX, MqttFetcher
-from edgefleet.agent.runtime import LoadedModel, get_backend
-from edgefleet.agent.serving import ModelHolder
-from edgefleet.agent.slots import SlotRecord, SlotStore
-from edgefleet.agent.unpack import smoke_test, unpack_bundle
-from edgefleet.protocols.bundle import BundleManifest, TargetCustom
-from edgefleet.protocols.errors import ConfigError, MessageError
 from edgefleet.protocols.messages import HardwareInfo, ModelRef
+from edgefleet.shared.runtime import LoadedModel, get_backend
 
 __all__ = ["InstallOutcome", "Installer", "translate_tuf_error"]
 

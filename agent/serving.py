@@ -18,7 +18,7 @@ Endpoints
 
     Every model input must be given, with the rank and fixed dimensions the
     model declares; numbers are converted strictly to the input's dtype (see
-    :func:`edgefleet.agent.runtime.coerce_inputs`). Responses:
+    :func:`edgefleet.shared.runtime.coerce_inputs`). Responses:
 
     * 200 ``{"outputs": {"<output name>": <nested list>}, "model":
       {"name", "version", "release"}, "latency_ms": <float>}``; non-finite
@@ -72,8 +72,8 @@ from typing import Any, ClassVar
 import numpy as np
 
 from edgefleet.agent.metrics import ServingMetrics
-from edgefleet.agent.runtime import InferenceInputError, LoadedModel, coerce_inputs
 from edgefleet.protocols.messages import ModelRef
+from edgefleet.shared.runtime import InferenceInputError, LoadedModel, coerce_inputs
 
 __all__ = ["DEFAULT_MAX_BODY_BYTES", "InferenceServer", "ModelHolder"]
 

@@ -10,7 +10,7 @@ model file the manifest names and ``sample.npz`` as plain regular files, and
 write each one ourselves with ``O_EXCL|O_NOFOLLOW`` into the destination.
 Anything else (links, directories, devices, path tricks, duplicates, missing
 or extra members, oversize members, compression, non-tar data) is a
-:class:`~edgefleet.agent.errors.BundleFormatError`.
+:class:`~edgefleet.protocols.errors.BundleFormatError`.
 
 Files are fsynced, then the directory, so that once a slot is committed and
 activated a power cut cannot leave a half-written model behind.
@@ -34,8 +34,6 @@ from typing import IO, Any
 
 import numpy as np
 
-from edgefleet.agent.errors import BundleFormatError, SmokeTestError
-from edgefleet.agent.runtime import LoadedModel
 from edgefleet.protocols.bundle import (
     MANIFEST_NAME,
     MODEL_NAMES,
@@ -44,7 +42,8 @@ from edgefleet.protocols.bundle import (
     SAMPLE_OUTPUT_PREFIX,
     BundleManifest,
 )
-from edgefleet.protocols.errors import MessageError
+from edgefleet.protocols.errors import BundleFormatError, MessageError, SmokeTestError
+from edgefleet.shared.runtime import LoadedModel
 
 __all__ = [
     "MAX_MANIFEST_BYTES",

@@ -193,10 +193,10 @@ def _controller(
     """A real controller in its own process, so its CPU and RSS are its own."""
     import logging
 
-    from edgefleet.agent.link import BrokerSettings
     from edgefleet.controller.registry import Registry
     from edgefleet.controller.service import ControllerService, ServiceSettings
     from edgefleet.controller.trust import TrustRepository
+    from edgefleet.shared.link import BrokerSettings
 
     logging.basicConfig(level=logging.ERROR)
     registry = Registry(db_url, migrate=False)

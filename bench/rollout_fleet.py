@@ -66,10 +66,10 @@ def _controller(
     """The controller in its own process. Commands: ("deploy", version), ("stop",)."""
     import logging
 
-    from edgefleet.agent.link import BrokerSettings
     from edgefleet.controller.registry import Registry
     from edgefleet.controller.service import ControllerService, ServiceSettings
     from edgefleet.controller.trust import TrustRepository
+    from edgefleet.shared.link import BrokerSettings
 
     raise_nofile()
     logging.basicConfig(level=logging.ERROR)
@@ -118,7 +118,7 @@ def _agents(
 
     from edgefleet.agent.config import AgentConfig, HttpSettings
     from edgefleet.agent.daemon import Agent
-    from edgefleet.agent.link import BrokerSettings
+    from edgefleet.shared.link import BrokerSettings
 
     raise_nofile()
     logging.basicConfig(level=logging.ERROR)

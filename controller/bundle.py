@@ -85,8 +85,8 @@ def _tflite_model(model: bytes) -> Any:
     specs written into the manifest (signature names, dynamic axes, float32
     at the boundary of a full-integer model) are the ones it will find.
     """
-    from edgefleet.agent.errors import ModelLoadError, UnsupportedRuntimeError
-    from edgefleet.agent.runtime import TfliteBackend
+    from edgefleet.protocols.errors import ModelLoadError, UnsupportedRuntimeError
+    from edgefleet.shared.runtime import TfliteBackend
 
     if not model:
         raise ModelError("the model file is empty")
@@ -345,7 +345,7 @@ def _run_tflite(
     loaded: Any, feeds: Mapping[str, npt.NDArray[Any]], outputs: Sequence[TensorSpec]
 ) -> dict[str, npt.NDArray[Any]]:
     """Run the TFLite interpreter (one thread, as loaded); return finite outputs by name."""
-    from edgefleet.agent.runtime import InferenceError, InferenceInputError
+    from edgefleet.shared.runtime import InferenceError, InferenceInputError
 
     names = [spec.name for spec in outputs]
     try:

@@ -21,7 +21,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from edgefleet.agent.runtime import is_tflite
 from edgefleet.controller.bundle import (
     build_bundle,
     default_sample,
@@ -33,6 +32,7 @@ from edgefleet.controller.compiler.data import DataSource
 from edgefleet.controller.registry import BundleInfo, ModelVersionInfo, Registry
 from edgefleet.controller.trust import TrustRepository
 from edgefleet.protocols.bundle import TargetCustom, TensorSpec
+from edgefleet.shared.runtime import is_tflite
 
 __all__ = [
     "NAME_PATTERN",

@@ -610,8 +610,8 @@ def deploy(
     as_json: bool,
 ) -> None:
     """Deploy NAME VERSION: set the desired model of the target devices."""
-    from edgefleet.agent.link import MqttLink
     from edgefleet.controller.service import publish_desired_states
+    from edgefleet.shared.link import MqttLink
 
     if bool(device_ids) == all_devices:
         raise click.UsageError("give --device ID (repeatable) or --all")
@@ -744,8 +744,8 @@ def agent_run(config_file: Path) -> None:
 @json_option
 def demo(agents: int, requests_per_agent: int, broker_addr: str | None, as_json: bool) -> None:
     """Run the whole path on this machine: broker, controller, N agents, deploy, infer."""
-    from edgefleet.agent.link import BrokerSettings
     from edgefleet.controller.demo import run_demo
+    from edgefleet.shared.link import BrokerSettings
 
     broker = None
     if broker_addr:

@@ -25,9 +25,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from edgefleet.agent.link import BrokerSettings
 from edgefleet.controller.service import ServiceSettings
 from edgefleet.protocols.errors import ConfigError
+from edgefleet.shared.link import BrokerSettings
 
 if sys.version_info >= (3, 11):
     import tomllib

@@ -27,8 +27,6 @@ from typing import Any
 from edgefleet.agent.config import AgentConfig, HttpSettings
 from edgefleet.agent.daemon import Agent
 from edgefleet.agent.fetcher import TransferSettings
-from edgefleet.agent.hardware import detect_hardware
-from edgefleet.agent.link import BrokerSettings
 from edgefleet.controller.broker import EmbeddedBroker
 from edgefleet.controller.catalog import register_compiled
 from edgefleet.controller.compiler import match_profile
@@ -36,6 +34,8 @@ from edgefleet.controller.demo_model import build_demo_model, demo_inputs
 from edgefleet.controller.registry import Registry
 from edgefleet.controller.service import ControllerService, ServiceSettings
 from edgefleet.controller.trust import TrustRepository
+from edgefleet.shared.hardware import detect_hardware
+from edgefleet.shared.link import BrokerSettings
 
 __all__ = ["DemoDevice", "DemoResult", "run_demo"]
 

@@ -31,7 +31,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 
-from edgefleet.agent.link import BrokerSettings, MqttLink
 from edgefleet.controller.compiler.errors import ProfileError
 from edgefleet.controller.compiler.profiles import BUILTIN_PROFILES, Profile, match_profile
 from edgefleet.controller.registry import DeploymentInfo, Registry
@@ -48,6 +47,7 @@ from edgefleet.protocols.messages import (
     Telemetry,
 )
 from edgefleet.protocols.topics import Channel, DeviceTopic, controller_subscriptions
+from edgefleet.shared.link import BrokerSettings, MqttLink
 
 __all__ = ["ControllerService", "ServiceSettings", "publish_desired_states"]
 

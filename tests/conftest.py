@@ -23,8 +23,8 @@ from pathlib import Path
 
 import pytest
 
-from edgefleet.agent.link import BrokerSettings
 from edgefleet.controller.broker import EmbeddedBroker, free_port
+from edgefleet.shared.link import BrokerSettings
 
 POSTGRES_URL = os.environ.get("EDGEFLEET_TEST_DATABASE_URL")
 

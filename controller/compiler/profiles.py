@@ -8,7 +8,7 @@ also saturate, which is why the recipes quantize differently for them (7-bit
 weights, unsigned activations) and why the profile has to say so.
 
 Feature names are the ones Linux prints in ``/proc/cpuinfo`` (what the agent
-reports, see ``edgefleet.agent.hardware``). Because the same capability has
+reports, see ``edgefleet.shared.hardware``). Because the same capability has
 several spellings (``avx512_vnni`` and ``avx_vnni`` are both VNNI), matching
 expands every feature set with canonical aliases first; a profile may use
 either the raw flag or the alias (``vnni``, ``dotprod``, ``neon``,

@@ -18,7 +18,7 @@ TensorFlow):
 Every candidate then goes through the same gate as an ONNX one: scored
 against the fp32 source on the validation samples and timed against it in
 interleaved rounds, through :class:`TfliteSession`, which runs models with the
-agent's own :class:`~edgefleet.agent.runtime.TfliteBackend` so the compiler
+agent's own :class:`~edgefleet.shared.runtime.TfliteBackend` so the compiler
 measures exactly what a device will run.
 
 When the quantizer refuses to quantize every supported op (it raises on an op
@@ -50,13 +50,13 @@ from typing import Any
 import numpy as np
 import onnx
 
-from edgefleet.agent.errors import ModelLoadError, UnsupportedRuntimeError
-from edgefleet.agent.runtime import LoadedModel, TfliteBackend, is_tflite
 from edgefleet.controller.compiler.data import Feed
 from edgefleet.controller.compiler.errors import RecipeError, SourceModelError
 from edgefleet.controller.compiler.profiles import Profile
 from edgefleet.controller.compiler.recipes import BuildInput, Built, Recipe, SourceRecipe
 from edgefleet.controller.compiler.source import SourceModel, first_line
+from edgefleet.protocols.errors import ModelLoadError, UnsupportedRuntimeError
+from edgefleet.shared.runtime import LoadedModel, TfliteBackend, is_tflite
 
 __all__ = [
     "CORE_OPS",

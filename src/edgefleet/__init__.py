@@ -5,6 +5,7 @@ runs:
 
 - :mod:`edgefleet.protocols` - pure, shared wire types (no I/O).
 - :mod:`edgefleet.controller` - registry, TUF repository, MQTT side, CLI.
+- :mod:`edgefleet.shared` - what both sides run: MQTT link, runtimes, durable files.
 - :mod:`edgefleet.agent` - the gateway daemon; never imports the controller.
 """
 

@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 from tuf.api.exceptions import DownloadError, DownloadHTTPError
 
-from edgefleet.agent.errors import OversizedTransferError, TransferTimeoutError
 from edgefleet.agent.fetcher import (
     URL_PREFIX,
     MqttFetcher,
@@ -18,10 +17,11 @@ from edgefleet.agent.fetcher import (
     PartialStore,
     TransferSettings,
 )
-from edgefleet.agent.link import BrokerSettings, MqttLink
 from edgefleet.controller.transfer import TransferServer
+from edgefleet.protocols.errors import OversizedTransferError, TransferTimeoutError
 from edgefleet.protocols.messages import FileRequest
 from edgefleet.protocols.topics import Channel, DeviceTopic
+from edgefleet.shared.link import BrokerSettings, MqttLink
 
 BS = 4096
 

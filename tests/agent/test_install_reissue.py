@@ -6,9 +6,9 @@ from dataclasses import replace
 
 import pytest
 
-from edgefleet.agent.errors import BundleFormatError
 from edgefleet.agent.install import Installer
 from edgefleet.protocols.bundle import BundleManifest, TargetCustom, TensorSpec
+from edgefleet.protocols.errors import BundleFormatError
 
 SPEC = (TensorSpec("x", "float32", (None, 4)),)
 MANIFEST = BundleManifest(

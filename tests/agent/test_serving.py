@@ -16,11 +16,11 @@ import numpy as np
 import pytest
 
 from edgefleet.agent.metrics import ServingMetrics
-from edgefleet.agent.runtime import LoadedModel, OnnxRuntimeBackend
 from edgefleet.agent.serving import InferenceServer, ModelHolder
 from edgefleet.protocols.bundle import TensorSpec
 from edgefleet.protocols.messages import ModelRef
-from tests.agent.test_runtime import affine, write_affine_model
+from edgefleet.shared.runtime import LoadedModel, OnnxRuntimeBackend
+from tests.shared.test_runtime import affine, write_affine_model
 
 REF_A = ModelRef(name="affine", version="1.0.0", release=1, target="affine-1.tar")
 REF_B = ModelRef(name="affine", version="2.0.0", release=2, target="affine-2.tar")

@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 
 from edgefleet.agent import unpack
-from edgefleet.agent.errors import BundleFormatError, SmokeTestError
-from edgefleet.agent.runtime import InferenceInputError, OnnxRuntimeBackend
 from edgefleet.agent.unpack import load_manifest, load_sample, smoke_test, unpack_bundle
 from edgefleet.protocols.bundle import BundleManifest, TensorSpec
-from tests.agent.test_runtime import affine, affine_model_bytes
+from edgefleet.protocols.errors import BundleFormatError, SmokeTestError
+from edgefleet.shared.runtime import InferenceInputError, OnnxRuntimeBackend
+from tests.shared.test_runtime import affine, affine_model_bytes
 
 MODEL = affine_model_bytes()
 SAMPLE_X = np.arange(6, dtype=np.float32).reshape(2, 3)

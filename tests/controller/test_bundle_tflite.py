@@ -9,12 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgefleet.agent.errors import SmokeTestError
-from edgefleet.agent.runtime import get_backend
 from edgefleet.agent.unpack import smoke_test, unpack_bundle
 from edgefleet.controller.bundle import build_bundle, default_sample, inspect_tflite_io
 from edgefleet.controller.errors import ModelError
 from edgefleet.protocols.bundle import TensorSpec
+from edgefleet.protocols.errors import SmokeTestError
+from edgefleet.shared.runtime import get_backend
 from tests.tflite_fixture import FIXTURE, quadrant_images, require_litert, require_quantizer
 
 

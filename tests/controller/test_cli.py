@@ -10,9 +10,9 @@ import pytest
 from click.testing import CliRunner, Result
 
 from edgefleet.agent.config import load_agent_config
-from edgefleet.agent.link import BrokerSettings
 from edgefleet.controller.cli import cli
 from edgefleet.controller.demo_model import build_demo_model, demo_inputs
+from edgefleet.shared.link import BrokerSettings
 
 
 @pytest.fixture

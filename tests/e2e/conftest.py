@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from edgefleet.agent.link import BrokerSettings
+from edgefleet.shared.link import BrokerSettings
 from tests.e2e.harness import Harness
 
 

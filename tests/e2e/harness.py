@@ -26,7 +26,6 @@ from onnx import TensorProto, helper, numpy_helper
 from edgefleet.agent.config import AgentConfig, HttpSettings
 from edgefleet.agent.daemon import Agent
 from edgefleet.agent.fetcher import TransferSettings
-from edgefleet.agent.link import BrokerSettings
 from edgefleet.controller.bundle import build_bundle, default_sample, inspect_onnx
 from edgefleet.controller.catalog import RegisteredModel, bundle_target_path, register_model
 from edgefleet.controller.demo_model import build_demo_model
@@ -34,6 +33,7 @@ from edgefleet.controller.registry import DeviceSummary, Registry
 from edgefleet.controller.service import ControllerService, ServiceSettings
 from edgefleet.controller.trust import TrustRepository
 from edgefleet.protocols.bundle import TargetCustom
+from edgefleet.shared.link import BrokerSettings
 
 MODEL = "e2e-mlp"
 

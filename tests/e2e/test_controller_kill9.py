@@ -21,13 +21,13 @@ import pytest
 from edgefleet.agent.config import AgentConfig, HttpSettings
 from edgefleet.agent.daemon import Agent
 from edgefleet.agent.fetcher import TransferSettings
-from edgefleet.agent.link import BrokerSettings
 from edgefleet.controller.catalog import register_model
 from edgefleet.controller.demo_model import build_demo_model
 from edgefleet.controller.registry import Registry
 from edgefleet.controller.registry.rollouts import RolloutStore, Selector
 from edgefleet.controller.rollout.engine import RolloutConfig, RolloutStatus
 from edgefleet.controller.trust import TrustRepository
+from edgefleet.shared.link import BrokerSettings
 from tests.e2e.harness import wait_for
 
 pytestmark = pytest.mark.slow

@@ -16,7 +16,6 @@ from hypothesis import strategies as st
 
 from edgefleet.agent.config import AgentConfig, HttpSettings
 from edgefleet.agent.daemon import Agent
-from edgefleet.agent.link import BrokerSettings
 from edgefleet.controller.registry import Registry
 from edgefleet.controller.service import ControllerService
 from edgefleet.controller.trust import TrustRepository
@@ -31,6 +30,7 @@ from edgefleet.protocols.messages import (
     Telemetry,
 )
 from edgefleet.protocols.topics import Channel, DeviceTopic
+from edgefleet.shared.link import BrokerSettings
 
 DEVICE = "gw-fuzz"
 

@@ -9,10 +9,10 @@ from __future__ import annotations
 import json
 import random
 
-from edgefleet.agent.link import MqttLink
 from edgefleet.protocols.framing import BlockFrame
 from edgefleet.protocols.messages import DesiredState, FileRequest, ModelRef
 from edgefleet.protocols.topics import Channel, DeviceTopic
+from edgefleet.shared.link import MqttLink
 from tests.e2e.harness import Harness, infer, wait_for
 
 

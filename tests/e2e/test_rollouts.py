@@ -17,7 +17,6 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from edgefleet.agent.daemon import Agent
-from edgefleet.agent.link import BrokerSettings
 from edgefleet.controller.bundle import default_sample, inspect_onnx
 from edgefleet.controller.catalog import register_model
 from edgefleet.controller.demo_model import CLASSES, FEATURES, build_demo_model
@@ -26,6 +25,7 @@ from edgefleet.controller.registry.rollouts import RolloutStore, Selector
 from edgefleet.controller.rollout.engine import DeviceState, RolloutConfig, RolloutStatus
 from edgefleet.controller.service import ControllerService, ServiceSettings
 from edgefleet.controller.trust import TrustRepository
+from edgefleet.shared.link import BrokerSettings
 from tests.conftest import POSTGRES_URL, _postgres_schema_url
 from tests.e2e.harness import MODEL, Harness, infer, wait_for
 

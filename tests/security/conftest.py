@@ -29,7 +29,6 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from edgefleet.agent.link import BrokerSettings, MqttLink
 from edgefleet.controller.broker import free_port
 from edgefleet.controller.ca import (
     CONTROLLER_COMMON_NAME,
@@ -42,6 +41,7 @@ from edgefleet.controller.mosquitto_config import (
     render_acl,
     render_mosquitto_conf,
 )
+from edgefleet.shared.link import BrokerSettings, MqttLink
 from tests.conftest import _wait_port
 
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from edgefleet.agent.link import BrokerSettings, MqttLink
 from edgefleet.controller.ca import CertificateAuthority
 from edgefleet.controller.mosquitto_config import MosquittoPaths, render_acl, render_mosquitto_conf
 from edgefleet.protocols.errors import BrokerError
 from edgefleet.protocols.topics import Channel, DeviceTopic
+from edgefleet.shared.link import BrokerSettings, MqttLink
 from tests.security.conftest import Recorder, TlsBroker, connect, issue_device_files
 
 pytestmark = pytest.mark.mosquitto

@@ -22,7 +22,6 @@ from edgefleet.agent.enroll import (
     enroll,
     prepare_identity,
 )
-from edgefleet.agent.link import BrokerSettings
 from edgefleet.controller.ca import CertificateAuthority
 from edgefleet.controller.enrollment import (
     DeviceBroker,
@@ -31,6 +30,7 @@ from edgefleet.controller.enrollment import (
     token_file_document,
 )
 from edgefleet.protocols.errors import ConfigError
+from edgefleet.shared.link import BrokerSettings
 from tests.security.conftest import key_and_csr
 
 ROOT = b'{"signed": {"_type": "root"}, "signatures": []}'

@@ -18,8 +18,8 @@ import logging
 import platform
 from pathlib import Path
 
-from edgefleet.agent.runtime import available_runtimes
 from edgefleet.protocols.messages import HardwareInfo
+from edgefleet.shared.runtime import available_runtimes
 
 __all__ = ["RELEVANT_FEATURES", "detect_hardware", "normalize_arch", "parse_cpu_features"]
 

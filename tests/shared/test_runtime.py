@@ -16,9 +16,10 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from edgefleet.agent import runtime
-from edgefleet.agent.errors import AgentError, ModelLoadError, UnsupportedRuntimeError
-from edgefleet.agent.runtime import (
+from edgefleet.shared import runtime
+from edgefleet.protocols.bundle import TensorSpec
+from edgefleet.protocols.errors import AgentError, ModelLoadError, UnsupportedRuntimeError
+from edgefleet.shared.runtime import (
     InferenceError,
     InferenceInputError,
     OnnxRuntimeBackend,
@@ -26,7 +27,6 @@ from edgefleet.agent.runtime import (
     coerce_inputs,
     get_backend,
 )
-from edgefleet.protocols.bundle import TensorSpec
 
 OPSET = 17
 

@@ -6,15 +6,15 @@ import platform
 
 import pytest
 
-from edgefleet.agent.hardware import (
+from edgefleet.protocols.messages import HardwareInfo
+from edgefleet.shared.hardware import (
     CPUINFO,
     RELEVANT_FEATURES,
     detect_hardware,
     normalize_arch,
     parse_cpu_features,
 )
-from edgefleet.agent.runtime import available_runtimes
-from edgefleet.protocols.messages import HardwareInfo
+from edgefleet.shared.runtime import available_runtimes
 
 X86_CPUINFO = """\
 processor\t: 0

@@ -27,12 +27,17 @@ import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
-from edgefleet.agent.errors import AgentError, ModelLoadError, UnsupportedRuntimeError
 from edgefleet.protocols.bundle import TensorSpec
+from edgefleet.protocols.errors import (
+    InferenceError,
+    InferenceInputError,
+    ModelLoadError,
+    UnsupportedRuntimeError,
+)
 
 __all__ = [
     "Backend",
@@ -50,22 +55,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-
-class InferenceInputError(AgentError, ValueError):
-    """The caller's inputs do not fit the model (names, dtypes, ranks, values).
-
-    It is a :class:`ValueError` too, so generic callers that treat "bad
-    argument" uniformly still catch it.
-    """
-
-    code: ClassVar[str] = "bad_input"
-
-
-class InferenceError(AgentError):
-    """The runtime failed while running a model on inputs that passed validation."""
-
-    code: ClassVar[str] = "inference_failed"
 
 
 class LoadedModel(Protocol):

@@ -9,8 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgefleet.agent.errors import ModelLoadError, UnsupportedRuntimeError
-from edgefleet.agent.runtime import (
+from edgefleet.protocols.bundle import TensorSpec
+from edgefleet.protocols.errors import ModelLoadError, UnsupportedRuntimeError
+from edgefleet.shared.runtime import (
     InferenceInputError,
     LoadedModel,
     TfliteBackend,
@@ -18,7 +19,6 @@ from edgefleet.agent.runtime import (
     get_backend,
     tflite_interpreter_class,
 )
-from edgefleet.protocols.bundle import TensorSpec
 from tests.tflite_fixture import FIXTURE, quadrant_images, require_litert, require_quantizer
 
 

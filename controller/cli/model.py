@@ -105,8 +105,6 @@ def model_register(
     profile (plus the fp32 source as the generic fallback); the compile
     reports are stored with the bundles (`edgefleet model report`).
     """
-    import numpy as np
-
     from edgefleet.controller.catalog import register_compiled, register_model
     from edgefleet.controller.compiler import (
         BUILTIN_PROFILES,
@@ -115,13 +113,16 @@ def model_register(
         load_profiles,
     )
 
+    # The compiler's .npz reader turns every way a data file can be bad into a
+    # DataError, so a wrong --sample file is a one-line error, not a traceback.
+    from edgefleet.controller.compiler.data import _load_npz as load_npz
+
     if profile_names and hardware_classes:
         raise click.UsageError("use --profile (compile) or --hardware-class (as-is), not both")
     with friendly_errors():
         sample_inputs = None
         if sample is not None:
-            with np.load(sample, allow_pickle=False) as npz:
-                sample_inputs = {k: npz[k] for k in npz.files}
+            sample_inputs = load_npz(sample, "sample")
         registry = ctx.registry()
         reports: dict[str, CompileReport]
         try:

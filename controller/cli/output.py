@@ -50,9 +50,13 @@ def json_option(f: F) -> F:
 
 
 def error_message(exc: EdgefleetError) -> str:
-    """The error's sentence followed by its stable code, which scripts and docs can match on."""
+    """The error's sentence followed by its stable code, which scripts and docs can match on.
+
+    The base class's generic code says nothing the word "Error" does not, so it
+    is left out.
+    """
     code = getattr(exc, "code", None)
-    return f"{exc} [{code}]" if code else str(exc)
+    return f"{exc} [{code}]" if code and code != EdgefleetError.code else str(exc)
 
 
 @contextmanager

@@ -49,7 +49,6 @@ def test_register_with_profiles_compiles_and_stores_reports(home: Path, tmp_path
     assert "x86-avx2" in table and "chosen" in table.lower()
 
 
-
 def test_register_refuses_unknown_profile(home: Path, tmp_path: Path) -> None:
     model = tmp_path / "m.onnx"
     model.write_bytes(build_demo_model())
@@ -67,4 +66,19 @@ def test_register_refuses_unknown_profile(home: Path, tmp_path: Path) -> None:
     )
     assert result.exit_code == 1
     assert "no-such-profile" in result.output
+    assert json.loads(run(home, "model", "list", "--json").output) == []
+
+
+def test_register_refuses_a_sample_file_that_is_not_npz(home: Path, tmp_path: Path) -> None:
+    model = tmp_path / "m.onnx"
+    model.write_bytes(build_demo_model())
+    sample = tmp_path / "sample.npz"
+    sample.write_bytes(b"not an archive")
+    result = run(
+        home, "model", "register", str(model), "--name", "clf", "--version", "4.0",
+        "--sample", str(sample),
+    )  # fmt: skip
+    assert result.exit_code == 1
+    assert result.output.startswith("Error: sample file ")
+    assert "not a .npz archive" in result.output
     assert json.loads(run(home, "model", "list", "--json").output) == []

@@ -56,6 +56,9 @@ def test_friendly_errors_turn_our_errors_into_one_line_with_the_code() -> None:
     with pytest.raises(click.ClickException) as caught, friendly_errors():
         raise _NoCodeError("plain")
     assert caught.value.message == "plain"
+    with pytest.raises(click.ClickException) as caught, friendly_errors():
+        raise EdgefleetError("generic")
+    assert caught.value.message == "generic"
 
 
 def test_friendly_errors_name_the_file_an_os_error_is_about(tmp_path: Path) -> None:

@@ -5,12 +5,13 @@ defined here::
 
     EdgefleetError
     ├── RegistryError            "registry"
-    │   ├── NotFoundError        "not_found"    a model, version, device or deployment does not exist
+    │   ├── NotFoundError        "not_found"    a model, version, device or deployment is unknown
     │   ├── DuplicateError       "duplicate"    it exists already (model version, device id)
     │   ├── NoMatchingBundleError "no_matching_bundle"
     │   │                        a device's hardware class has no bundle of that version
     │   └── InvalidNameError     "bad_name"     a model name, version or hardware class is unsafe
-    ├── TrustError               "trust"        the TUF repository cannot be opened, signed or written
+    ├── TrustError               "trust"        the TUF repository cannot be opened, signed
+    │                                           or written
     │   └── KeyPermissionError   "key_permissions"
     │                            a private key file is readable by group or others
     ├── ModelError               "bad_model"    a model file is corrupt, not ONNX, or cannot run

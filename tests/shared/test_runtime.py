@@ -16,7 +16,6 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from edgefleet.shared import runtime
 from edgefleet.protocols.bundle import TensorSpec
 from edgefleet.protocols.errors import (
     AgentError,
@@ -24,6 +23,7 @@ from edgefleet.protocols.errors import (
     ModelLoadError,
     UnsupportedRuntimeError,
 )
+from edgefleet.shared import runtime
 from edgefleet.shared.runtime import (
     InferenceError,
     InferenceInputError,

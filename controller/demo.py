@@ -30,9 +30,10 @@ from edgefleet.agent.fetcher import TransferSettings
 from edgefleet.controller.broker import EmbeddedBroker
 from edgefleet.controller.catalog import register_compiled
 from edgefleet.controller.compiler import match_profile
+from edgefleet.controller.config import ServiceSettings
 from edgefleet.controller.demo_model import build_demo_model, demo_inputs
 from edgefleet.controller.registry import Registry
-from edgefleet.controller.service import ControllerService, ServiceSettings
+from edgefleet.controller.service import ControllerService
 from edgefleet.controller.trust import TrustRepository
 from edgefleet.shared.hardware import detect_hardware
 from edgefleet.shared.link import BrokerSettings

@@ -28,9 +28,10 @@ from edgefleet.agent.daemon import Agent
 from edgefleet.agent.fetcher import TransferSettings
 from edgefleet.controller.bundle import build_bundle, default_sample, inspect_onnx
 from edgefleet.controller.catalog import RegisteredModel, bundle_target_path, register_model
+from edgefleet.controller.config import ServiceSettings
 from edgefleet.controller.demo_model import build_demo_model
 from edgefleet.controller.registry import DeviceSummary, Registry
-from edgefleet.controller.service import ControllerService, ServiceSettings
+from edgefleet.controller.service import ControllerService
 from edgefleet.controller.trust import TrustRepository
 from edgefleet.protocols.bundle import TargetCustom
 from edgefleet.shared.link import BrokerSettings

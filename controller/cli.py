@@ -364,7 +364,7 @@ def model_report(ctx: Context, name: str, version: str, as_json: bool) -> None:
 
 
 def _attach_compile() -> None:
-    from edgefleet.controller.compiler import compile_command
+    from edgefleet.controller.compiler.cli import compile_command
 
     model.add_command(compile_command, "compile")
 

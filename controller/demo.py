@@ -204,11 +204,12 @@ def _start_agent(
     work: Path, device_id: str, trust_root: Path, broker: BrokerSettings
 ) -> _AgentProcess:
     """``python -m edgefleet.agent --config agents/ID/agent.toml``, logging to ``agent.log``."""
-    home = work / "agents" / device_id
+    # Absolute paths: the agent resolves relative ones against its config's folder.
+    home = (work / "agents" / device_id).resolve()
     home.mkdir(parents=True, exist_ok=True)
     port = _free_port()
     config = home / "agent.toml"
-    _write_agent_config(config, device_id, home / "state", trust_root, broker, port)
+    _write_agent_config(config, device_id, home / "state", trust_root.resolve(), broker, port)
     log_file = home / "agent.log"
     with log_file.open("wb") as out:  # the child keeps its own descriptor
         process = subprocess.Popen(

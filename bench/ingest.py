@@ -193,8 +193,9 @@ def _controller(
     """A real controller in its own process, so its CPU and RSS are its own."""
     import logging
 
+    from edgefleet.controller.config import ServiceSettings
     from edgefleet.controller.registry import Registry
-    from edgefleet.controller.service import ControllerService, ServiceSettings
+    from edgefleet.controller.service import ControllerService
     from edgefleet.controller.trust import TrustRepository
     from edgefleet.shared.link import BrokerSettings
 

@@ -66,8 +66,9 @@ def _controller(
     """The controller in its own process. Commands: ("deploy", version), ("stop",)."""
     import logging
 
+    from edgefleet.controller.config import ServiceSettings
     from edgefleet.controller.registry import Registry
-    from edgefleet.controller.service import ControllerService, ServiceSettings
+    from edgefleet.controller.service import ControllerService
     from edgefleet.controller.trust import TrustRepository
     from edgefleet.shared.link import BrokerSettings
 

@@ -28,11 +28,11 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from datetime import timedelta
 
 from edgefleet.controller.compiler.errors import ProfileError
 from edgefleet.controller.compiler.profiles import BUILTIN_PROFILES, Profile, match_profile
+from edgefleet.controller.config import ServiceSettings
 from edgefleet.controller.registry import DeploymentInfo, Registry
 from edgefleet.controller.registry.telemetry import rollup_telemetry
 from edgefleet.controller.rollout.runner import RolloutRunner
@@ -49,38 +49,11 @@ from edgefleet.protocols.messages import (
 from edgefleet.protocols.topics import Channel, DeviceTopic, controller_subscriptions
 from edgefleet.shared.link import BrokerSettings, MqttLink
 
-__all__ = ["ControllerService", "ServiceSettings", "publish_desired_states"]
+__all__ = ["ControllerService", "publish_desired_states"]
 
 log = logging.getLogger(__name__)
 
 _STATUS_VALUES = {b"online": True, b"offline": False}
-
-
-@dataclass(frozen=True)
-class ServiceSettings:
-    """Controller loop timings. Units are in the field names."""
-
-    client_id: str = "edgefleet-controller"
-    ingest_batch_max: int = 500
-    ingest_flush_s: float = 0.5
-    maintenance_interval_s: float = 5.0
-    timestamp_refresh_within_s: float = 6 * 3600
-    # Off only to reproduce a freeze (tests) or while an operator investigates.
-    refresh_metadata: bool = True
-    known_devices_ttl_s: float = 2.0
-    max_blocks_per_request: int = 64
-    # Staged rollouts (controller/rollout): how often each active one is stepped.
-    run_rollouts: bool = True
-    rollout_interval_s: float = 2.0
-    # MQTT shared-subscription group for ingestion and transfers
-    # ("$share/<group>/..."), so several controllers split the work. Empty:
-    # plain subscriptions (amqtt has no shared subscriptions; Mosquitto has).
-    share_group: str = ""
-    # Raw telemetry windows fold into per-minute aggregates this often; raw
-    # windows and minutes are deleted after their retentions.
-    telemetry_rollup_interval_s: float = 60.0
-    telemetry_raw_retention_s: float = 24 * 3600.0
-    telemetry_minute_retention_s: float = 30 * 24 * 3600.0
 
 
 def publish_desired_states(

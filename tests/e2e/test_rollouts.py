@@ -19,11 +19,12 @@ from onnx import TensorProto, helper, numpy_helper
 from edgefleet.agent.daemon import Agent
 from edgefleet.controller.bundle import default_sample, inspect_onnx
 from edgefleet.controller.catalog import register_model
+from edgefleet.controller.config import ServiceSettings
 from edgefleet.controller.demo_model import CLASSES, FEATURES, build_demo_model
 from edgefleet.controller.registry import Registry
 from edgefleet.controller.registry.rollouts import RolloutStore, Selector
 from edgefleet.controller.rollout.engine import DeviceState, RolloutConfig, RolloutStatus
-from edgefleet.controller.service import ControllerService, ServiceSettings
+from edgefleet.controller.service import ControllerService
 from edgefleet.controller.trust import TrustRepository
 from edgefleet.shared.link import BrokerSettings
 from tests.conftest import POSTGRES_URL, _postgres_schema_url

@@ -44,7 +44,6 @@ __all__ = [
     "ensure_dir",
     "file_lock",
     "fsync_dir",
-    "fsync_file",
     "read_private",
     "write_private",
 ]
@@ -83,19 +82,6 @@ def fsync_dir(directory: Path) -> None:
         OSError: the directory cannot be opened or synced.
     """
     fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_file(path: Path) -> None:
-    """Flush a file's data written earlier through another descriptor.
-
-    Raises:
-        OSError: the file cannot be opened or synced.
-    """
-    fd = os.open(path, os.O_RDONLY | _NOFOLLOW)
     try:
         os.fsync(fd)
     finally:

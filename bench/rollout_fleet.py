@@ -40,8 +40,9 @@ import psutil
 from _common import (
     DEFAULT_PG_URL,
     ROOT,
-    Mosquitto,
     machine_line,
+    mosquitto,
+    mosquitto_release,
     postgres_schema,
     raise_nofile,
     table,
@@ -224,7 +225,7 @@ def run(args: argparse.Namespace, tmp: Path, db_url: str) -> tuple[list[Phase], 
 
     extra: dict[str, Any] = {}
     phases: list[Phase] = []
-    with Mosquitto(tmp) as broker:
+    with mosquitto(tmp) as broker:
         commands, replies = _ctx.Queue(), _ctx.Queue()
         controller = _ctx.Process(
             target=_controller,
@@ -444,7 +445,7 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="edgefleet-bench-fleet-") as tmp_s:
         tmp = Path(tmp_s)
-        broker_version = Mosquitto(tmp).version
+        broker_version = mosquitto_release()
         if args.db == "sqlite":
             phases, extra = run(args, tmp, f"sqlite:///{tmp / 'registry.db'}")
         else:

@@ -20,18 +20,13 @@ Precedence (highest first): CLI flags, environment (``EDGEFLEET_HOME``,
 from __future__ import annotations
 
 import os
-import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from edgefleet.protocols.errors import ConfigError
 from edgefleet.shared.link import BrokerSettings
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - exercised on 3.10 only
-    import tomli as tomllib
+from edgefleet.shared.settings import read_toml, refuse_unknown_keys, settings_from_table
 
 __all__ = ["DEFAULT_HOME", "ControllerConfig", "ServiceSettings", "load_controller_config"]
 
@@ -109,13 +104,7 @@ def _section(raw: dict[str, Any], key: str, kind: type[Any]) -> Any:
     table = raw.pop(key, {})
     if not isinstance(table, dict):
         raise ConfigError(f"[{key}] must be a table")
-    unknown = set(table) - set(kind.__dataclass_fields__)
-    if unknown:
-        raise ConfigError(f"unknown [{key}] setting(s): {', '.join(sorted(unknown))}")
-    try:
-        return kind(**table)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"invalid [{key}] settings: {exc}") from None
+    return settings_from_table(kind, table, section=f"[{key}]")
 
 
 def load_controller_config(
@@ -133,19 +122,11 @@ def load_controller_config(
     env = os.environ if environ is None else environ
     config = ControllerConfig()
     if path is not None:
-        try:
-            raw = tomllib.loads(Path(path).read_text())
-        except OSError as exc:
-            reason = exc.strerror or exc
-            raise ConfigError(f"cannot read controller config {path}: {reason}") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"controller config {path} is not valid TOML: {exc}") from None
+        raw = read_toml(Path(path), "controller config")
         try:
             broker = _section(raw, "broker", BrokerSettings)
             service = _section(raw, "service", ServiceSettings)
-            unknown = set(raw) - {"home", "database_url", "profiles"}
-            if unknown:
-                raise ConfigError(f"unknown setting(s): {', '.join(sorted(unknown))}")
+            refuse_unknown_keys(raw, {"home", "database_url", "profiles"})
         except ConfigError as exc:
             raise ConfigError(f"{path}: {exc}") from None
         base = Path(path).resolve().parent

@@ -45,6 +45,7 @@ from edgefleet.controller.service import ControllerService
 from edgefleet.controller.trust import TrustRepository
 from edgefleet.protocols.errors import ProtocolError
 from edgefleet.protocols.messages import ModelRef, ReportedState
+from edgefleet.shared.durable import atomic_write
 from edgefleet.shared.hardware import detect_hardware
 from edgefleet.shared.link import BrokerSettings
 
@@ -287,7 +288,7 @@ def run_demo(
         # it. The compile times its candidates in interleaved rounds, so the
         # extra load slows all of them alike rather than skewing the choice.
         root_file = work / "root.json"
-        root_file.write_bytes(repository.root_bytes())
+        atomic_write(root_file, repository.root_bytes())
         device_ids = [f"gw-{i + 1:02d}" for i in range(agents)]
         for device_id in device_ids:
             registry.enroll_device(device_id, hardware_class="generic", tags=("demo",))

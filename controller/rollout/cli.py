@@ -26,14 +26,14 @@ from edgefleet.controller.cli import (
     pass_ctx,
     render_table,
 )
-from edgefleet.controller.registry.rollouts import (
+from edgefleet.controller.rollout.engine import RolloutConfig, RolloutStatus
+from edgefleet.controller.rollout.store import (
     DecisionInfo,
     RolloutInfo,
     RolloutStore,
     Selector,
     WaveInfo,
 )
-from edgefleet.controller.rollout.engine import RolloutConfig, RolloutStatus
 
 __all__ = ["rollout_group"]
 

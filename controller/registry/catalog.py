@@ -9,6 +9,8 @@ its TUF target path is unique because agents name what to fetch by it alone.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
@@ -20,7 +22,14 @@ from edgefleet.controller.registry.database import Database, require_text
 from edgefleet.controller.registry.dto import BundleInfo, ModelVersionInfo
 from edgefleet.protocols.bundle import TensorSpec
 
-__all__ = ["GENERIC_HARDWARE_CLASS", "Catalog", "bundle_info", "model_version_info"]
+__all__ = [
+    "GENERIC_HARDWARE_CLASS",
+    "Catalog",
+    "Reissued",
+    "bundle_info",
+    "model_version_info",
+    "reissue_bundle",
+]
 
 # Bundles of this class run anywhere the runtime does; they are the fallback
 # when a model version has no bundle built for a device's own class.
@@ -58,6 +67,71 @@ def bundle_info(row: m.Bundle) -> BundleInfo:
         release=row.release,
         reissue_of=row.reissue_of,
     )
+
+
+@dataclass(frozen=True)
+class Reissued:
+    """The outcome of :func:`reissue_bundle`: the re-issue, what it copies, and if it is new.
+
+    A new re-issue (``created``) still has to be signed as a TUF target before
+    the transaction commits; an existing one was signed when it was made.
+    """
+
+    bundle: m.Bundle
+    source: m.Bundle
+    version: m.ModelVersion
+    created: bool
+
+
+def reissue_bundle(s: Session, original: m.Bundle, *, above: int, now: datetime) -> Reissued:
+    """A re-issue of ``original`` with a release above ``above``: reused, or made, inside ``s``.
+
+    A re-issue signs the bytes of a bundle again under a new target path with
+    a newer release (taken from the model's release counter under its row
+    lock, like a new version's), so agents that refuse older releases accept
+    going back to it. Re-issues always carry the bytes of the version's own
+    bundle (a re-issue of a re-issue points at the same original), so the
+    manifest inside still says the version's release; agents accept that
+    because the signed custom says ``reissue_of`` that release.
+    """
+    source = original
+    if original.reissue_of is not None:
+        found = s.get(m.Bundle, original.reissue_of)
+        if found is not None:
+            source = found
+    version = s.get(m.ModelVersion, source.model_version_id)
+    assert version is not None
+    existing = s.scalars(
+        sa.select(m.Bundle)
+        .where(m.Bundle.reissue_of == source.id, m.Bundle.release > above)
+        .order_by(m.Bundle.release.desc())
+        .limit(1)
+    ).one_or_none()
+    if existing is not None:
+        return Reissued(existing, source, version, created=False)
+    model = s.scalars(
+        sa.select(m.Model).where(m.Model.id == version.model_id).with_for_update()
+    ).one()
+    model.last_release += 1
+    release = model.last_release
+    head, _, tail = source.target_path.rpartition("/")
+    path = f"{head}/reissue-{release}/{tail}" if head else f"reissue-{release}/{tail}"
+    row = m.Bundle(
+        model_version_id=source.model_version_id,
+        hardware_class=source.hardware_class,
+        runtime=source.runtime,
+        precision=source.precision,
+        target_path=path,
+        sha256=source.sha256,
+        length=source.length,
+        report=None,
+        created_at=now,
+        release=release,
+        reissue_of=source.id,
+    )
+    s.add(row)
+    s.flush()
+    return Reissued(row, source, version, created=True)
 
 
 class Catalog:

@@ -40,6 +40,7 @@ from sqlalchemy.orm import Session
 from edgefleet.controller.errors import NotFoundError
 from edgefleet.controller.registry import Registry
 from edgefleet.controller.registry import models as m
+from edgefleet.controller.registry.catalog import reissue_bundle
 from edgefleet.controller.registry.deployments import assign_desired, pick_bundle
 from edgefleet.controller.rollout.engine import (
     ACTIVE_STATUSES,
@@ -946,50 +947,23 @@ class RolloutStore:
     ) -> m.Bundle:
         """A re-issue of ``original`` with a release above ``above``: reused, or made and signed.
 
-        Re-issues always carry the bytes of the version's own bundle (a
-        re-issue of a re-issue points at the same original), so the manifest
-        inside still says the version's release; agents accept that because
-        the signed custom says ``reissue_of`` that release.
+        The catalog makes the bundle row (:func:`reissue_bundle`); a new one is
+        signed here, inside the step's transaction, so a desired state never
+        names a target that is not signed yet.
         """
-        source = original
-        if original.reissue_of is not None:
-            found = s.get(m.Bundle, original.reissue_of)
-            if found is not None:
-                source = found
-        existing = s.scalars(
-            sa.select(m.Bundle)
-            .where(m.Bundle.reissue_of == source.id, m.Bundle.release > above)
-            .order_by(m.Bundle.release.desc())
-            .limit(1)
-        ).one_or_none()
-        if existing is not None:
-            return existing
-        version = s.get(m.ModelVersion, source.model_version_id)
-        assert version is not None
-        model = s.scalars(
-            sa.select(m.Model).where(m.Model.id == version.model_id).with_for_update()
-        ).one()
-        model.last_release += 1
-        release = model.last_release
-        head, _, tail = source.target_path.rpartition("/")
-        path = f"{head}/reissue-{release}/{tail}" if head else f"reissue-{release}/{tail}"
-        row = m.Bundle(
-            model_version_id=source.model_version_id,
-            hardware_class=source.hardware_class,
-            runtime=source.runtime,
-            precision=source.precision,
-            target_path=path,
-            sha256=source.sha256,
-            length=source.length,
-            report=None,
-            created_at=now,
-            release=release,
-            reissue_of=source.id,
-        )
-        s.add(row)
-        s.flush()
-        sign(Reissue(source.target_path, path, release, version.release))
-        return row
+        reissued = reissue_bundle(s, original, above=above, now=now)
+        if reissued.created:
+            bundle = reissued.bundle
+            assert bundle.release is not None
+            sign(
+                Reissue(
+                    reissued.source.target_path,
+                    bundle.target_path,
+                    bundle.release,
+                    reissued.version.release,
+                )
+            )
+        return reissued.bundle
 
     def _health(self, s: Session, rollout_id: str, version: str) -> dict[str, Health]:
         """Telemetry of observing devices since their mark, with the new version, in one query."""

@@ -12,6 +12,8 @@ from edgefleet.controller.errors import (
     NotFoundError,
 )
 from edgefleet.controller.registry import Registry
+from edgefleet.controller.registry import models as m
+from edgefleet.controller.registry.catalog import reissue_bundle
 from tests.controller.registry.builders import (
     INPUTS,
     OUTPUTS,
@@ -104,3 +106,26 @@ def test_bundles_for_lists_report_json(registry: Registry) -> None:
     make_bundle(registry, mv, "generic")
     bundles = registry.bundles_for(mv.id)
     assert [(b.hardware_class, b.report) for b in bundles] == [("rpi4", report), ("generic", None)]
+
+
+def test_reissue_takes_a_new_release_and_is_reused(registry: Registry) -> None:
+    v1 = make_version(registry, "clf", "1.0")
+    original = make_bundle(registry, v1, "generic")
+    make_version(registry, "clf", "2.0")  # release 2: the re-issue must go above it
+    with registry.database.write() as s:
+        row = s.get(m.Bundle, original.id)
+        assert row is not None
+        first = reissue_bundle(s, row, above=2, now=m.utcnow())
+        assert first.created and first.source.id == original.id
+        assert (first.bundle.release, first.bundle.reissue_of) == (3, original.id)
+        assert first.bundle.target_path == "clf/1.0/reissue-3/generic-onnxruntime.tar"
+        assert first.version.release == 1
+        # Asked again for a release above 2: the same re-issue, nothing new.
+        again = reissue_bundle(s, row, above=2, now=m.utcnow())
+        assert (again.created, again.bundle.id) == (False, first.bundle.id)
+        # A re-issue of the re-issue copies the original, with a newer release.
+        newer = reissue_bundle(s, first.bundle, above=3, now=m.utcnow())
+        assert newer.created and newer.source.id == original.id
+        assert (newer.bundle.release, newer.bundle.reissue_of) == (4, original.id)
+    # The counter moved for good: the next version is registered above the re-issues.
+    assert make_version(registry, "clf", "3.0").release == 5

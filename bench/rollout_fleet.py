@@ -208,8 +208,8 @@ def run(args: argparse.Namespace, tmp: Path, db_url: str) -> tuple[list[Phase], 
     from edgefleet.controller.catalog import register_model
     from edgefleet.controller.demo_model import build_demo_model
     from edgefleet.controller.registry import Registry
-    from edgefleet.controller.registry.rollouts import RolloutStore, Selector
     from edgefleet.controller.rollout.engine import RolloutConfig, RolloutStatus
+    from edgefleet.controller.rollout.store import RolloutStore, Selector
     from edgefleet.controller.trust import TrustRepository
 
     ids = device_ids(args.agents)

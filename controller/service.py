@@ -9,7 +9,12 @@ Threads, and why:
   them to the registry in batches (one transaction per batch, not per message).
 - The *rollouts* loop steps every active staged rollout (one transaction
   per rollout under its row lock, so controllers sharing a database never
-  take a step twice) and wakes the outbox when desired states changed.
+  take a step twice) and wakes the outbox when desired states changed. It
+  runs only with ``run_rollouts``.
+- The *telemetry* loop folds raw telemetry windows into per-minute rows and
+  applies both retentions, every ``telemetry_rollup_interval_s``. It runs
+  whether or not this controller steps rollouts: a controller that does not
+  must still keep the telemetry tables bounded.
 - The *maintenance* loop publishes desired states the registry marks as
   unpublished (an outbox: a deploy made while the broker was down is sent
   later, and a restart re-sends nothing twice that changes anything), and
@@ -137,6 +142,7 @@ class ControllerService:
             ("transfer", self._transfer_loop),
             ("ingest", self._ingest_loop),
             ("maintenance", self._maintenance_loop),
+            ("telemetry", self._telemetry_loop),
             *([("rollouts", self._rollout_loop)] if self.settings.run_rollouts else []),
         ):
             t = threading.Thread(target=target, name=f"controller-{name}", daemon=True)
@@ -344,23 +350,30 @@ class ControllerService:
                 log.exception("maintenance step failed; retrying in %ss", s.maintenance_interval_s)
 
     def _rollout_loop(self) -> None:
-        """Step rollouts every interval; roll telemetry up every rollup interval."""
+        """Step every active rollout each ``rollout_interval_s``."""
         s = self.settings
-        next_rollup = time.monotonic() + s.telemetry_rollup_interval_s
         while not self._stop.wait(s.rollout_interval_s):
             try:
                 results = self.rollouts.step_all()
                 if any(r.desired_changed for r in results):
                     self._wake_outbox.set()
-                if time.monotonic() >= next_rollup:
-                    next_rollup = time.monotonic() + s.telemetry_rollup_interval_s
-                    rollup_telemetry(
-                        self.registry,
-                        raw_retention_s=s.telemetry_raw_retention_s,
-                        minute_retention_s=s.telemetry_minute_retention_s,
-                    )
             except Exception:  # the database may be back next time
                 log.exception("rollout step failed; retrying in %ss", s.rollout_interval_s)
+
+    def _telemetry_loop(self) -> None:
+        """Roll telemetry up and apply retention each ``telemetry_rollup_interval_s``."""
+        s = self.settings
+        while not self._stop.wait(s.telemetry_rollup_interval_s):
+            try:
+                rollup_telemetry(
+                    self.registry,
+                    raw_retention_s=s.telemetry_raw_retention_s,
+                    minute_retention_s=s.telemetry_minute_retention_s,
+                )
+            except Exception:  # the database may be back next time
+                log.exception(
+                    "telemetry rollup failed; retrying in %ss", s.telemetry_rollup_interval_s
+                )
 
     def flush_rejections(self) -> None:
         """Add the rejections counted in memory to the registry's counters."""

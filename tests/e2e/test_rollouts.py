@@ -23,8 +23,8 @@ from edgefleet.controller.catalog import register_model
 from edgefleet.controller.config import ServiceSettings
 from edgefleet.controller.demo_model import CLASSES, FEATURES, build_demo_model
 from edgefleet.controller.registry import Registry
-from edgefleet.controller.registry.rollouts import RolloutStore, Selector
 from edgefleet.controller.rollout.engine import DeviceState, RolloutConfig, RolloutStatus
+from edgefleet.controller.rollout.store import RolloutStore, Selector
 from edgefleet.controller.service import ControllerService
 from edgefleet.controller.trust import TrustRepository
 from edgefleet.shared.link import BrokerSettings

@@ -16,6 +16,8 @@ Mosquitto or amqtt:
 - the Last Will, published when a client goes away without a clean stop:
   ``stop(clean=False)``, :meth:`MemoryBroker.drop` (a network failure, after
   which the link reconnects like paho does) or a client-id takeover;
+  :meth:`MemoryBroker.restart` drops everyone without wills and forgets the
+  retained messages;
 - client-id takeover: a second client with the same id disconnects the first,
   as a broker does;
 - QoS 0 and 1 between clients of one broker. Nothing is lost in memory, so
@@ -182,7 +184,21 @@ class MemoryBroker:
         self._sessions: dict[str, _Session] = {}
         self._retained: dict[str, _Retained] = {}
         self._turns: dict[tuple[str, str], itertools.count[int]] = {}
+        self._links: list[MemoryLink] = []
         self.published = 0
+
+    def __enter__(self) -> MemoryBroker:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop every link made by :meth:`link` (cleanly: no wills), ending their threads."""
+        with self._lock:
+            links, self._links = self._links, []
+        for link in links:
+            link.stop()
 
     def link(
         self,
@@ -192,7 +208,10 @@ class MemoryBroker:
         on_connect: Callable[[], None] | None = None,
     ) -> MemoryLink:
         """A new, not yet started link to this broker (a :class:`LinkFactory`)."""
-        return MemoryLink(self, client_id, will=will, on_connect=on_connect)
+        link = MemoryLink(self, client_id, will=will, on_connect=on_connect)
+        with self._lock:
+            self._links.append(link)
+        return link
 
     # ------------------------------------------------------------------ inspection
     def retained(self, topic: str) -> bytes | None:
@@ -221,6 +240,20 @@ class MemoryBroker:
             self._publish_will(session)
         session.link._lost(reconnect=True)
         return True
+
+    def restart(self) -> None:
+        """Lose every connection and every retained message, as a broker restart does.
+
+        No wills are sent (the broker itself went away); every link reconnects
+        on its delivery thread, renews its subscriptions and runs its
+        ``on_connect`` hook, as paho does.
+        """
+        with self._lock:
+            sessions = list(self._sessions.values())
+            self._sessions.clear()
+            self._retained.clear()
+        for session in sessions:
+            session.link._lost(reconnect=True)
 
     # ------------------------------------------------------------------ link side
     def _connect(

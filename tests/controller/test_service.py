@@ -136,7 +136,7 @@ def test_answers_a_file_request_with_block_frames(controller: Controller) -> Non
             qos=1,
         )
         expected = min(asked_from + cap, count)
-        wait_for(lambda n=expected: frames.count() == n, what=f"{expected} frames")  # type: ignore[misc]
+        wait_for(lambda: frames.count() == expected, what=f"{expected} frames")  # noqa: B023
     assert {f.kind for f in frames.frames} == {FrameKind.DATA}
     assert {f.total_size for f in frames.frames} == {len(data)}
     blocks = sorted(frames.frames, key=lambda f: f.index)
@@ -196,11 +196,12 @@ def test_status_reports_and_last_will_reach_the_registry(controller: Controller)
 
     def seen() -> bool:
         info = registry.get_device("gw-1")
-        return info is not None and info.online and info.state == AgentState.IDLE.value
+        assert info is not None
+        return info.online and info.state == AgentState.IDLE.value
 
     wait_for(seen, what="gw-1 online and idle")
     link.stop(clean=False)  # a crash: the broker publishes the will
-    wait_for(lambda: not registry.get_device("gw-1").online, what="gw-1 offline")  # type: ignore[union-attr]
+    wait_for(lambda: not seen(), what="gw-1 offline")
 
 
 def test_deploy_publishes_a_retained_desired_state_and_republishes_on_reconnect(

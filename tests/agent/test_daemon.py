@@ -104,11 +104,9 @@ def test_agent_installs_what_the_controller_deploys(fleet: Fleet) -> None:
     try:
         wait_for(lambda: fleet.online("gw-1") is True, what="gw-1 online")
         deployment = fleet.service.deploy("m", "1", ["gw-1"])
-        wait_for(
-            lambda: agent.active_model is not None and agent.active_model.version == "1",
-            what="gw-1 to run version 1",
-        )
-        assert agent.installs == 1
+        # installs counts after the model went live: wait for it, not the model.
+        wait_for(lambda: agent.installs == 1, what="gw-1 to install version 1")
+        assert agent.active_model is not None and agent.active_model.version == "1"
         assert agent.fetcher.blocks_received > 0
         # The controller hears the outcome through the agent's retained report and events.
         wait_for(
@@ -119,8 +117,13 @@ def test_agent_installs_what_the_controller_deploys(fleet: Fleet) -> None:
             ),
             what="registry to show gw-1 running version 1",
         )
-        kinds = {e.kind for e in fleet.registry.events_for("gw-1")}
-        assert {"download_started", "verified", "installed"} <= kinds
+        wait_for(
+            lambda: (
+                {"download_started", "verified", "installed"}
+                <= {e.kind for e in fleet.registry.events_for("gw-1")}
+            ),
+            what="the install's events in the registry",
+        )
         assert fleet.registry.get_deployment(deployment.id).id == deployment.id
     finally:
         agent.stop()

@@ -99,8 +99,8 @@ class Frames:
             return len(self.frames)
 
 
-def device(broker: MemoryBroker, device_id: str, **kwargs: Will) -> tuple[MemoryLink, Frames]:
-    link = broker.link(f"device-{device_id}", **kwargs)
+def device(broker: MemoryBroker, device_id: str) -> tuple[MemoryLink, Frames]:
+    link = broker.link(f"device-{device_id}")
     frames = Frames()
     link.subscribe(topic(device_id, Channel.FILE_BLOCKS), frames)
     link.start()

@@ -282,8 +282,12 @@ def test_a_slow_handler_does_not_block_the_publisher_or_other_clients(
 ) -> None:
     release = threading.Event()
     fast = Inbox()
+
+    def stuck(_topic: str, _payload: bytes, _retained: bool) -> None:
+        release.wait(5)
+
     slow = broker.link("slow")
-    slow.subscribe("t", lambda _t, _p, _r: release.wait(5))
+    slow.subscribe("t", stuck)
     slow.start()
     quick = broker.link("quick")
     quick.subscribe("t", fast)

@@ -54,7 +54,6 @@ __all__ = [
     "MAX_PAYLOAD_BYTES",
     "MemoryBroker",
     "MemoryLink",
-    "TopicFilterError",
     "split_shared",
     "topic_matches",
     "validate_filter",
@@ -69,45 +68,39 @@ MAX_PAYLOAD_BYTES = 268_435_455
 _SHARE_PREFIX = "$share/"
 
 
-class TopicFilterError(BrokerError):
-    """A topic or topic filter that an MQTT 3.1.1 broker would refuse."""
-
-    code = "topic_filter_invalid"
-
-
 # ---------------------------------------------------------------------- topics
 def validate_topic(topic: str) -> None:
     """Refuse a topic a client may not publish to: empty, wildcards or NUL.
 
     Raises:
-        TopicFilterError: the topic is not a valid MQTT 3.1.1 topic name.
+        BrokerError: the topic is not a valid MQTT 3.1.1 topic name.
     """
     if not topic:
-        raise TopicFilterError("topic must not be empty")
+        raise BrokerError("topic must not be empty")
     if "+" in topic or "#" in topic:
-        raise TopicFilterError(f"cannot publish to a wildcard topic: {topic!r}")
+        raise BrokerError(f"cannot publish to a wildcard topic: {topic!r}")
     if "\x00" in topic:
-        raise TopicFilterError("topic must not contain NUL")
+        raise BrokerError("topic must not contain NUL")
     if len(topic.encode()) > 65535:
-        raise TopicFilterError("topic longer than 65535 bytes")
+        raise BrokerError("topic longer than 65535 bytes")
 
 
 def validate_filter(topic_filter: str) -> None:
     """Refuse a filter MQTT 3.1.1 forbids (``a#``, ``a/#/b``, ``a+``, empty).
 
     Raises:
-        TopicFilterError: the filter is not valid.
+        BrokerError: the filter is not valid.
     """
     if not topic_filter:
-        raise TopicFilterError("topic filter must not be empty")
+        raise BrokerError("topic filter must not be empty")
     if "\x00" in topic_filter:
-        raise TopicFilterError("topic filter must not contain NUL")
+        raise BrokerError("topic filter must not contain NUL")
     levels = topic_filter.split("/")
     for i, level in enumerate(levels):
         if "#" in level and (level != "#" or i != len(levels) - 1):
-            raise TopicFilterError(f"'#' must be a whole, last level: {topic_filter!r}")
+            raise BrokerError(f"'#' must be a whole, last level: {topic_filter!r}")
         if "+" in level and level != "+":
-            raise TopicFilterError(f"'+' must be a whole level: {topic_filter!r}")
+            raise BrokerError(f"'+' must be a whole level: {topic_filter!r}")
 
 
 def split_shared(topic_filter: str) -> tuple[str | None, str]:
@@ -117,13 +110,13 @@ def split_shared(topic_filter: str) -> tuple[str | None, str]:
     as :class:`MqttLink` treats it.
 
     Raises:
-        TopicFilterError: the group name holds a wildcard.
+        BrokerError: the group name holds a wildcard.
     """
     if topic_filter.startswith(_SHARE_PREFIX):
         group, sep, rest = topic_filter[len(_SHARE_PREFIX) :].partition("/")
         if sep and group and rest:
             if "+" in group or "#" in group:
-                raise TopicFilterError(f"share group must not hold wildcards: {topic_filter!r}")
+                raise BrokerError(f"share group must not hold wildcards: {topic_filter!r}")
             return group, rest
     return None, topic_filter
 
@@ -433,7 +426,7 @@ class MemoryLink:
         """Route messages matching ``topic_filter`` to ``handler``, now and after reconnects.
 
         Raises:
-            TopicFilterError: the filter is not valid MQTT 3.1.1 (a broker
+            BrokerError: the filter is not valid MQTT 3.1.1 (a broker
                 would refuse the subscription).
         """
         _group, match = split_shared(topic_filter)

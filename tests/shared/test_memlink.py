@@ -17,7 +17,6 @@ from edgefleet.shared.link import Link, Will
 from edgefleet.shared.memlink import (
     MemoryBroker,
     MemoryLink,
-    TopicFilterError,
     split_shared,
     topic_matches,
     validate_filter,
@@ -92,7 +91,7 @@ def test_spec_examples(topic_filter: str, topic: str, matches: bool) -> None:
 
 @pytest.mark.parametrize("bad", ["", "a#", "a/#/b", "a+", "a/b+/c", "#/a"])
 def test_invalid_filters_are_refused(bad: str) -> None:
-    with pytest.raises(TopicFilterError):
+    with pytest.raises(BrokerError):
         validate_filter(bad)
 
 
@@ -365,5 +364,5 @@ def test_refuses_what_a_broker_would(broker: MemoryBroker) -> None:
         link.publish("", b"")
     with pytest.raises(BrokerError):
         link.publish("a", b"", qos=2)
-    with pytest.raises(TopicFilterError):
+    with pytest.raises(BrokerError):
         link.subscribe("a/#/b", Inbox())

@@ -63,6 +63,8 @@ MAX_RESPONSE_BYTES = 1024 * 1024
 class EnrollmentFailedError(ConfigError):
     """Enrollment could not complete; the message says why and what to do."""
 
+    code = "enrollment_failed"
+
 
 @dataclass(frozen=True)
 class EnrollmentSettings:

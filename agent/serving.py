@@ -72,6 +72,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from edgefleet.agent.metrics import ServingMetrics
+from edgefleet.protocols.errors import ConfigError
 from edgefleet.protocols.messages import ModelRef
 from edgefleet.shared.runtime import InferenceInputError, LoadedModel, coerce_inputs
 
@@ -356,16 +357,16 @@ class InferenceServer:
             poll_interval: how often the serving loop checks for :meth:`stop`.
 
         Raises:
-            ValueError: ``host`` is not a loopback address and ``allow_remote``
+            ConfigError: ``host`` is not a loopback address and ``allow_remote``
                 is false, or ``max_body_bytes`` is not positive.
         """
         if not allow_remote and not _is_loopback(host):
-            raise ValueError(
+            raise ConfigError(
                 f"refusing to serve inference on non-loopback address {host!r}; "
                 "pass allow_remote=True to expose the unauthenticated endpoint"
             )
         if max_body_bytes < 1:
-            raise ValueError("max_body_bytes must be positive")
+            raise ConfigError("max_body_bytes must be positive")
         self.holder = holder
         self.metrics = metrics
         self.host = host

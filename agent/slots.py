@@ -45,7 +45,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edgefleet.protocols.errors import MessageError
+from edgefleet.protocols.errors import MessageError, SlotError
 from edgefleet.protocols.messages import ModelRef
 
 __all__ = ["CURRENT_NAME", "SlotRecord", "SlotStore"]
@@ -72,7 +72,7 @@ def _fsync_dir(path: Path) -> None:
 
 def _check_name(name: str) -> str:
     if not _SAFE_NAME.match(name):
-        raise ValueError(f"unsafe slot name {name!r}")
+        raise SlotError(f"unsafe slot name {name!r}")
     return name
 
 
@@ -129,13 +129,13 @@ class SlotStore:
         the hash prefix tells apart two bundles that claim the same release.
 
         Raises:
-            ValueError: ``bundle_sha256`` is not 64 lowercase hex characters
+            SlotError: ``bundle_sha256`` is not 64 lowercase hex characters
                 or the release is negative.
         """
         if not _SHA256.match(bundle_sha256):
-            raise ValueError("bundle_sha256 must be 64 lowercase hex characters")
+            raise SlotError("bundle_sha256 must be 64 lowercase hex characters")
         if model.release < 0:
-            raise ValueError("release must not be negative")
+            raise SlotError("release must not be negative")
         return f"{model.release:010d}-{bundle_sha256[:16]}"
 
     def slot_path(self, name: str) -> Path:
@@ -178,7 +178,7 @@ class SlotStore:
             The slot's path.
 
         Raises:
-            ValueError: ``staging`` is not a staging directory of this store.
+            SlotError: ``staging`` is not a staging directory of this store.
         """
         target = self.slot_path(name)
         with self._lock:
@@ -188,7 +188,7 @@ class SlotStore:
                 or staging.is_symlink()
                 or not staging.is_dir()
             ):
-                raise ValueError(f"{staging} is not a staging directory of {self.slots_dir}")
+                raise SlotError(f"{staging} is not a staging directory of {self.slots_dir}")
             trash: Path | None = None
             if target.exists() or target.is_symlink():
                 # os.replace cannot replace a non-empty directory: rename the
@@ -274,11 +274,11 @@ class SlotStore:
         the previous slot (a rollback) swaps the two.
 
         Raises:
-            ValueError: the record's slot does not exist in this store.
+            SlotError: the record's slot does not exist in this store.
         """
         path = self.slot_path(record.slot)
         if path.is_symlink() or not path.is_dir():
-            raise ValueError(f"slot {record.slot!r} is not installed in {self.slots_dir}")
+            raise SlotError(f"slot {record.slot!r} is not installed in {self.slots_dir}")
         record = SlotRecord(record.slot, record.model, record.bundle_sha256, path)
         with self._lock:
             active, previous = self._read()

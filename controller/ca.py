@@ -75,6 +75,8 @@ _MIN_RSA_BITS = 2048
 class CertificateError(TrustError):
     """A CSR or certificate request was refused (bad signature, wrong CN, weak key)."""
 
+    code = "certificate"
+
 
 @dataclass(frozen=True)
 class IssuedCert:

@@ -29,6 +29,7 @@ from edgefleet.controller.bundle import (
 )
 from edgefleet.controller.compiler import BUILTIN_PROFILES, CompileReport, Profile, compile_model
 from edgefleet.controller.compiler.data import DataSource
+from edgefleet.controller.errors import InvalidNameError, RegistryError
 from edgefleet.controller.registry import BundleInfo, ModelVersionInfo, Registry
 from edgefleet.controller.trust import TrustRepository
 from edgefleet.protocols.bundle import TargetCustom, TensorSpec
@@ -73,7 +74,7 @@ def _check_names(name: str, version: str, hardware_classes: Sequence[str]) -> No
         *(("hardware class", h) for h in hardware_classes),
     ):
         if not NAME_PATTERN.match(value):
-            raise ValueError(
+            raise InvalidNameError(
                 f"invalid {label} {value!r}: use letters, digits, '.', '_' or '-' (max 64)"
             )
 
@@ -188,7 +189,7 @@ def register_compiled(
     Raises:
         CompileError: the source or the data is unusable, or a profile has no
             variant within ``tolerance`` (nothing is registered then).
-        ModelError, DuplicateError, ValueError: as :func:`register_model`.
+        ModelError, DuplicateError, InvalidNameError: as :func:`register_model`.
     """
     _check_names(name, version, [p.name for p in profiles])
     inputs, outputs = inspect_model(source)
@@ -279,11 +280,12 @@ def register_model(
     Raises:
         ModelError: the model is not valid ONNX or cannot run on the sample.
         DuplicateError: ``name@version`` is registered already.
-        ValueError: a name, version or hardware class has unsafe characters.
+        InvalidNameError: a name, version or hardware class has unsafe characters.
+        RegistryError: no hardware class is given.
     """
     _check_names(name, version, hardware_classes)
     if not hardware_classes:
-        raise ValueError("at least one hardware class is needed")
+        raise RegistryError("at least one hardware class is needed")
     inputs, outputs = inspect_model(model)
     sample = dict(sample_inputs) if sample_inputs is not None else default_sample(inputs)
     info = _register_version(

@@ -69,6 +69,8 @@ TOKEN_FILE_KIND = "edgefleet-enrollment/v1"  # noqa: S105 - a format tag, not a 
 class EnrollmentError(EdgefleetError):
     """An enrollment was refused. ``reason`` is a stable code, ``status`` the HTTP status."""
 
+    code = "enrollment"
+
     def __init__(self, reason: str, message: str, status: int = HTTPStatus.FORBIDDEN) -> None:
         super().__init__(message)
         self.reason = reason

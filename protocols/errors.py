@@ -38,13 +38,15 @@ in the module named in brackets::
     │   │   ├── BundleFormatError          "bad_bundle"         archive or manifest unusable
     │   │   ├── UnsupportedRuntimeError    "unsupported_runtime"
     │   │   ├── ModelLoadError             "model_load_failed"
-    │   │   └── SmokeTestError             "smoke_test_failed"
+    │   │   ├── SmokeTestError             "smoke_test_failed"
+    │   │   └── SlotError                  "bad_slot"           install slot state on disk unusable
     │   ├── InferenceInputError            "bad_input"          inputs don't fit the model
     │   └── InferenceError                 "inference_failed"   the runtime failed on valid input
     ├── RegistryError                      "registry"      [controller.errors]
     │   ├── NotFoundError                  "not_found"
     │   ├── DuplicateError                 "duplicate"
-    │   └── NoMatchingBundleError          "no_matching_bundle"
+    │   ├── NoMatchingBundleError          "no_matching_bundle"
+    │   └── InvalidNameError               "bad_name"      a model, version or class name
     ├── TrustError                         "trust"         [controller.errors]
     │   ├── KeyPermissionError             "key_permissions"
     │   └── CertificateError               "certificate"   [controller.ca]
@@ -56,9 +58,17 @@ in the module named in brackets::
     └── CompileError                       "compile"       [controller.compiler.errors]
         ├── SourceModelError               "bad_source_model"
         ├── DataError                      "bad_data"
+        ├── ProfileError                   "bad_profile"   (also a ConfigError, drawn above)
         ├── RecipeError                    "recipe_failed"
+        ├── ReportFormatError              "bad_report"    a stored compile report is unreadable
         └── NoVariantError                 "no_variant"
             └── ToleranceError             "tolerance"
+
+Codes are unique per class, with one deliberate exception: ``"not_found"`` is
+both :class:`FileNotFoundOnServerError` (the agent asked the repository for a
+file it does not have) and the controller's ``NotFoundError`` (a registry
+lookup found nothing). Both mean "no such thing"; the class tells them apart.
+``tests/protocols/test_errors.py`` checks this tree against the code.
 """
 
 from __future__ import annotations
@@ -83,6 +93,7 @@ __all__ = [
     "OversizedTransferError",
     "ProtocolError",
     "ReleaseRollbackError",
+    "SlotError",
     "SmokeTestError",
     "TamperedBundleError",
     "TopicError",
@@ -213,6 +224,18 @@ class ModelLoadError(InstallError):
 
 class SmokeTestError(InstallError):
     code = "smoke_test_failed"
+
+
+class SlotError(InstallError):
+    """The agent's install slots on disk cannot be used as asked.
+
+    A slot name or bundle hash that is unsafe as a directory name, a staging
+    directory that is not ours, or a slot that should be installed but is not.
+    The agent reports it like any failed install, so the code reaches the
+    controller instead of a bare "agent_error".
+    """
+
+    code = "bad_slot"
 
 
 class InferenceInputError(AgentError, ValueError):

@@ -33,6 +33,7 @@ import numpy as np
 
 from edgefleet.protocols.bundle import TensorSpec
 from edgefleet.protocols.errors import (
+    ConfigError,
     InferenceError,
     InferenceInputError,
     ModelLoadError,
@@ -323,7 +324,7 @@ class OnnxRuntimeBackend:
 
     def __init__(self, threads: int = 1) -> None:
         if threads < 1:
-            raise ValueError("threads must be at least 1")
+            raise ConfigError("threads must be at least 1")
         self.threads = threads
 
     def load(self, model_path: Path) -> LoadedModel:
@@ -587,7 +588,7 @@ class TfliteBackend:
 
     def __init__(self, threads: int = 1) -> None:
         if threads < 1:
-            raise ValueError("threads must be at least 1")
+            raise ConfigError("threads must be at least 1")
         self.threads = threads
 
     def load(self, model_path: Path) -> LoadedModel:
@@ -662,6 +663,7 @@ def get_backend(runtime: str, *, threads: int = 1) -> Backend:
     Raises:
         UnsupportedRuntimeError: the runtime is unknown or its library is not
             installed (for ``tflite``: also tflite-runtime next to numpy >= 2).
+        ConfigError: ``threads`` is below 1 (a runtime_threads setting).
     """
     entry = _BACKENDS.get(runtime)
     if entry is None:
@@ -671,7 +673,7 @@ def get_backend(runtime: str, *, threads: int = 1) -> Backend:
         )
     usable, factory, extra = entry
     if threads < 1:
-        raise ValueError("threads must be at least 1")
+        raise ConfigError("threads must be at least 1")
     if runtime != "tflite" and not usable():
         raise UnsupportedRuntimeError(
             f"runtime {runtime!r} is not installed on this device; install {extra}"

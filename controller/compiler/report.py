@@ -33,6 +33,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from edgefleet.controller.compiler.errors import ReportFormatError
 from edgefleet.controller.compiler.evaluate import Accuracy, LatencyStats
 from edgefleet.controller.compiler.profiles import Profile
 from edgefleet.controller.compiler.sensitivity import NodeSensitivity
@@ -371,12 +372,12 @@ class CompileReport:
         """Rebuild a report from :meth:`to_dict` output.
 
         Raises:
-            ValueError: the mapping is not a compile report of a known format.
+            ReportFormatError: the mapping is not a compile report of a known format.
         """
         try:
             fmt = int(d.get("format", 0))
             if fmt != REPORT_FORMAT:
-                raise ValueError(f"unsupported compile report format {fmt}")
+                raise ReportFormatError(f"unsupported compile report format {fmt}")
             base = d.get("baseline_latency")
             return cls(
                 source=dict(d["source"]),
@@ -394,8 +395,8 @@ class CompileReport:
                 created_at=float(d.get("created_at", 0.0)),
                 format=fmt,
             )
-        except (KeyError, TypeError) as exc:
-            raise ValueError(f"not a compile report: {exc!r}") from None
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ReportFormatError(f"not a compile report: {exc!r}") from None
 
     @classmethod
     def from_json(cls, text: str | bytes) -> CompileReport:

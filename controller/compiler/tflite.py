@@ -117,12 +117,12 @@ def inspect_tflite(data: bytes) -> ModelFacts:
     any model the interpreter accepts without allocating or running it.
 
     Raises:
-        ValueError: ``data`` is not a readable TFLite flatbuffer.
+        SourceModelError: ``data`` is not a readable TFLite flatbuffer.
     """
     from ai_edge_litert import schema_py_generated as schema
 
     if not is_tflite(data):
-        raise ValueError("no TFL3 file identifier")
+        raise SourceModelError("no TFL3 file identifier")
     ops = _enum_names(schema.BuiltinOperator)
     types = _enum_names(schema.TensorType)
     try:
@@ -162,7 +162,7 @@ def inspect_tflite(data: bytes) -> ModelFacts:
             for i in range(model.SignatureDefsLength())
         )
     except (IndexError, AttributeError, TypeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"corrupt flatbuffer ({type(exc).__name__})") from None
+        raise SourceModelError(f"corrupt flatbuffer ({type(exc).__name__})") from None
     return ModelFacts(dict(counts), float_bytes, int_weights, tuple(sorted(float_ops)), signatures)
 
 
@@ -203,7 +203,7 @@ def load_tflite_source(data: bytes, where: str) -> SourceModel:
         raise SourceModelError(str(exc)) from None
     try:
         facts = inspect_tflite(data)
-    except ValueError as exc:
+    except SourceModelError as exc:
         raise SourceModelError(f"{where} is not a readable TFLite model: {exc}") from None
     if not model.inputs:
         raise SourceModelError(f"{where} has no inputs")
@@ -439,7 +439,7 @@ class TfliteQuantRecipe(Recipe):
                 ) from None
         try:
             built = inspect_tflite(out)
-        except ValueError as exc:
+        except SourceModelError as exc:
             raise RecipeError(f"the quantizer wrote an unreadable model: {exc}") from None
         if built.int_weights == 0:
             raise RecipeError("the quantizer left every weight in float: nothing to gain")

@@ -24,6 +24,7 @@ from sqlalchemy.orm import Session
 
 from edgefleet.controller.registry import models as m
 from edgefleet.controller.registry.store import Registry
+from edgefleet.protocols.errors import ConfigError
 
 __all__ = ["ROLLUP_MARK", "RollupResult", "rollup_telemetry"]
 
@@ -68,14 +69,14 @@ def rollup_telemetry(
         What was done, or ``None`` if another controller is rolling up now.
 
     Raises:
-        ValueError: a retention is negative, or raw windows would outlive
+        ConfigError: a retention is negative, or raw windows would outlive
             nothing (``raw_retention_s`` must not exceed ``minute_retention_s``
             for the minutes to cover what raw data is dropped).
     """
     if raw_retention_s < 0 or minute_retention_s < 0:
-        raise ValueError("telemetry retentions must be >= 0 seconds")
+        raise ConfigError("telemetry retentions must be >= 0 seconds")
     if raw_retention_s > minute_retention_s:
-        raise ValueError(
+        raise ConfigError(
             f"raw telemetry retention ({raw_retention_s:g}s) must not exceed the per-minute "
             f"retention ({minute_retention_s:g}s)"
         )

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import random
+import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -72,20 +74,51 @@ def test_reservoir_bounds_memory_but_counts_exactly() -> None:
 
 
 def test_record_is_thread_safe() -> None:
-    metrics = ServingMetrics()
+    """Concurrent record() and take_window() lose and double-count nothing.
 
-    def worker() -> None:
-        for _ in range(2000):
-            metrics.record(0.001, ok=False)
+    Without the lock this fails every run: take_window() reads the counters,
+    then calls the clock, then resets them, so any record() in between is
+    counted in no window. The clock here sleeps, which hands the GIL to the
+    recorders at exactly that point; a tiny switch interval adds interleavings
+    inside record() itself. (A bare counter loop cannot show the race: on
+    CPython ``self.n += 1`` is not interrupted between load and store.)
+    """
+    recorders, per_thread = 8, 2_000
 
-    threads = [threading.Thread(target=worker) for _ in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    stats = metrics.take_window()
-    assert stats.requests == stats.errors == 16_000
-    assert metrics.total_requests == 16_000
+    def slow_clock() -> float:
+        time.sleep(0.0002)  # releases the GIL in the middle of take_window()
+        return time.monotonic()
+
+    metrics = ServingMetrics(max_samples=10 * recorders * per_thread, clock=slow_clock)
+    start = threading.Barrier(recorders + 1)
+
+    def record() -> None:
+        start.wait()
+        for i in range(per_thread):
+            metrics.record(0.001, ok=i % 4 != 0)
+
+    windows: list[WindowStats] = []
+    threads = [threading.Thread(target=record) for _ in range(recorders)]
+    previous = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        for t in threads:
+            t.start()
+        start.wait()
+        while any(t.is_alive() for t in threads):
+            windows.append(metrics.take_window())
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(previous)
+    windows.append(metrics.take_window())
+
+    total = recorders * per_thread
+    assert len(windows) > 2, "the recorders finished before a window was taken"
+    assert sum(w.requests for w in windows) == total
+    assert sum(w.errors for w in windows) == total // 4
+    assert metrics.total_requests == total
+    assert metrics.total_errors == total // 4
 
 
 def test_rejection_counter_is_cumulative_and_bounded() -> None:

@@ -18,6 +18,7 @@ import pytest
 from edgefleet.agent.metrics import ServingMetrics
 from edgefleet.agent.serving import InferenceServer, ModelHolder
 from edgefleet.protocols.bundle import TensorSpec
+from edgefleet.protocols.errors import ConfigError
 from edgefleet.protocols.messages import ModelRef
 from edgefleet.shared.runtime import LoadedModel, OnnxRuntimeBackend
 from tests.shared.test_runtime import affine, write_affine_model
@@ -310,7 +311,7 @@ def test_refuses_non_loopback_bind_unless_allowed(
     holder: ModelHolder, metrics: ServingMetrics
 ) -> None:
     for host in ("0.0.0.0", "192.168.1.10", "gateway.local", "::"):  # noqa: S104
-        with pytest.raises(ValueError, match="non-loopback"):
+        with pytest.raises(ConfigError, match="non-loopback"):
             InferenceServer(holder, metrics, host=host)
     for host in ("127.0.0.1", "127.0.0.2", "localhost", "::1"):
         InferenceServer(holder, metrics, host=host)

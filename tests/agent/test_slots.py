@@ -11,6 +11,7 @@ import pytest
 
 from edgefleet.agent import slots as slots_module
 from edgefleet.agent.slots import SlotRecord, SlotStore
+from edgefleet.protocols.errors import SlotError
 from edgefleet.protocols.messages import ModelRef
 
 SHA_A = "a" * 64
@@ -42,9 +43,9 @@ def store(tmp_path: Path) -> SlotStore:
 # --------------------------------------------------------------------------- naming & staging
 def test_slot_name_is_sortable_and_safe() -> None:
     assert SlotStore.slot_name(ref(42), "0123456789abcdef" * 4) == "0000000042-0123456789abcdef"
-    with pytest.raises(ValueError, match="64 lowercase hex"):
+    with pytest.raises(SlotError, match="64 lowercase hex"):
         SlotStore.slot_name(ref(1), "../../etc/passwd")
-    with pytest.raises(ValueError, match="64 lowercase hex"):
+    with pytest.raises(SlotError, match="64 lowercase hex"):
         SlotStore.slot_name(ref(1), "A" * 64)
 
 
@@ -69,7 +70,7 @@ def test_staging_is_fresh_and_cleans_leftovers_of_same_name(store: SlotStore) ->
 
 @pytest.mark.parametrize("name", ["../evil", ".hidden", "a/b", "", "x" * 200])
 def test_staging_refuses_unsafe_names(store: SlotStore, name: str) -> None:
-    with pytest.raises(ValueError, match="unsafe slot name"):
+    with pytest.raises(SlotError, match="unsafe slot name"):
         store.staging(name)
 
 
@@ -97,11 +98,11 @@ def test_commit_fsyncs_slots_dir(store: SlotStore, monkeypatch: pytest.MonkeyPat
 def test_commit_refuses_foreign_directories(store: SlotStore, tmp_path: Path) -> None:
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    with pytest.raises(ValueError, match="not a staging directory"):
+    with pytest.raises(SlotError, match="not a staging directory"):
         store.commit(elsewhere, "0000000001-aaaaaaaaaaaaaaaa")
     not_staging = store.slots_dir / "0000000009-aaaaaaaaaaaaaaaa"
     not_staging.mkdir()
-    with pytest.raises(ValueError, match="not a staging directory"):
+    with pytest.raises(SlotError, match="not a staging directory"):
         store.commit(not_staging, "0000000001-aaaaaaaaaaaaaaaa")
 
 
@@ -151,7 +152,7 @@ def test_rollback_swaps_active_and_previous(store: SlotStore) -> None:
 
 def test_activate_refuses_missing_slot(store: SlotStore) -> None:
     ghost = SlotRecord("0000000001-aaaaaaaaaaaaaaaa", ref(1), SHA_A, store.slots_dir / "x")
-    with pytest.raises(ValueError, match="not installed"):
+    with pytest.raises(SlotError, match="not installed"):
         store.activate(ghost)
     assert store.active() is None
 

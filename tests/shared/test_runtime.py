@@ -16,9 +16,14 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from edgefleet.shared import runtime
 from edgefleet.protocols.bundle import TensorSpec
-from edgefleet.protocols.errors import AgentError, ModelLoadError, UnsupportedRuntimeError
+from edgefleet.protocols.errors import (
+    AgentError,
+    ConfigError,
+    ModelLoadError,
+    UnsupportedRuntimeError,
+)
+from edgefleet.shared import runtime
 from edgefleet.shared.runtime import (
     InferenceError,
     InferenceInputError,
@@ -207,7 +212,7 @@ def test_get_backend_names() -> None:
     assert backend.threads == 3
     with pytest.raises(UnsupportedRuntimeError, match="unknown runtime 'tensorrt'"):
         get_backend("tensorrt")
-    with pytest.raises(ValueError, match="threads"):
+    with pytest.raises(ConfigError, match="threads"):
         get_backend("onnxruntime", threads=0)
 
 

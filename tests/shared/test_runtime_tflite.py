@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from edgefleet.protocols.bundle import TensorSpec
-from edgefleet.protocols.errors import ModelLoadError, UnsupportedRuntimeError
+from edgefleet.protocols.errors import ConfigError, ModelLoadError, UnsupportedRuntimeError
 from edgefleet.shared.runtime import (
     InferenceInputError,
     LoadedModel,
@@ -35,7 +35,7 @@ def test_registry_reports_and_returns_the_tflite_backend() -> None:
     assert isinstance(backend, TfliteBackend)
     assert backend.name == "tflite"
     assert backend.threads == 2
-    with pytest.raises(ValueError, match="threads"):
+    with pytest.raises(ConfigError, match="threads"):
         get_backend("tflite", threads=0)
 
 

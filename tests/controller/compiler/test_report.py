@@ -15,6 +15,7 @@ from edgefleet.controller.compiler import (
     OutputScore,
     select,
 )
+from edgefleet.controller.compiler.errors import ReportFormatError
 from edgefleet.controller.compiler.sensitivity import NodeSensitivity
 
 VNNI = BUILTIN_PROFILES["x86-vnni"]
@@ -207,9 +208,9 @@ def test_report_round_trips_through_json() -> None:
 def test_report_from_dict_refuses_garbage() -> None:
     import pytest
 
-    with pytest.raises(ValueError, match="format"):
+    with pytest.raises(ReportFormatError, match="format"):
         CompileReport.from_dict({"format": 99})
-    with pytest.raises(ValueError, match="not a compile report"):
+    with pytest.raises(ReportFormatError, match="not a compile report"):
         CompileReport.from_dict({"format": 1})
 
 

@@ -11,6 +11,7 @@ import sqlalchemy as sa
 from edgefleet.controller.registry import Registry
 from edgefleet.controller.registry import models as m
 from edgefleet.controller.registry.telemetry import rollup_telemetry
+from edgefleet.protocols.errors import ConfigError
 from edgefleet.protocols.messages import LatencySummary, ModelRef, Telemetry
 
 T0 = datetime(2026, 3, 1, 12, 0, 0, tzinfo=timezone.utc)
@@ -94,7 +95,7 @@ def test_rollup_folds_exactly_once_and_applies_retention(registry: Registry) -> 
 
 
 def test_bad_retentions_are_refused(registry: Registry) -> None:
-    with pytest.raises(ValueError, match="must not exceed the per-minute retention"):
+    with pytest.raises(ConfigError, match="must not exceed the per-minute retention"):
         rollup_telemetry(registry, raw_retention_s=100, minute_retention_s=10)
-    with pytest.raises(ValueError, match=">= 0"):
+    with pytest.raises(ConfigError, match=">= 0"):
         rollup_telemetry(registry, raw_retention_s=-1, minute_retention_s=10)

@@ -14,26 +14,21 @@ import shutil
 import sys
 import time
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from edgefleet.controller.cli import (
-    Context,
-    emit,
-    friendly_errors,
-    json_option,
-    pass_ctx,
-    render_table,
-)
-from edgefleet.controller.registry.rollouts import (
-    DecisionInfo,
-    RolloutInfo,
-    RolloutStore,
-    Selector,
-    WaveInfo,
-)
+from edgefleet.controller.cli.context import Context, pass_ctx
+from edgefleet.controller.cli.output import emit, friendly_errors, json_option, render_table
 from edgefleet.controller.rollout.engine import RolloutConfig, RolloutStatus
+
+if TYPE_CHECKING:
+    from edgefleet.controller.registry.rollouts import (
+        DecisionInfo,
+        RolloutInfo,
+        RolloutStore,
+        WaveInfo,
+    )
 
 __all__ = ["rollout_group"]
 
@@ -53,6 +48,9 @@ def _actor() -> str:
 
 
 def _store(ctx: Context) -> RolloutStore:
+    # The store (SQLAlchemy) loads when a rollout command runs, not for --help.
+    from edgefleet.controller.registry.rollouts import RolloutStore
+
     return RolloutStore(ctx.registry(), actor=_actor())
 
 
@@ -229,6 +227,8 @@ def create(
     **strategy: Any,
 ) -> None:
     """Create (and start) a rollout of MODEL VERSION."""
+    from edgefleet.controller.registry.rollouts import Selector
+
     with friendly_errors():
         selector = Selector(devices=devices, tags=tags, profiles=profiles, all=all_devices)
         config = RolloutConfig(**_canary(canary), **strategy)

@@ -1,4 +1,4 @@
-"""The security commands through click's CliRunner, with real files."""
+"""The security commands (``ca``, ``broker-config``, ``device token|revoke``), with real files."""
 
 from __future__ import annotations
 
@@ -6,17 +6,12 @@ import json
 import stat
 from pathlib import Path
 
-from click.testing import CliRunner, Result
 from cryptography import x509
 
 from edgefleet.agent.config import load_agent_config
 from edgefleet.controller.ca import CertificateAuthority
-from edgefleet.controller.cli import cli
 from edgefleet.controller.enrollment import TokenStore
-
-
-def run(home: Path, *args: str) -> Result:
-    return CliRunner().invoke(cli, ["--home", str(home), *args], catch_exceptions=False)
+from tests.controller.cli.runner import run_in_home as run
 
 
 def test_ca_broker_config_token_and_revoke(tmp_path: Path) -> None:

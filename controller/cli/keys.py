@@ -15,16 +15,10 @@ from typing import Any
 
 import click
 
-from edgefleet.controller.cli import (
-    Context,
-    emit,
-    friendly_errors,
-    json_option,
-    pass_ctx,
-    render_table,
-)
+from edgefleet.controller.cli.context import Context, pass_ctx
+from edgefleet.controller.cli.output import emit, friendly_errors, json_option, render_table
 
-__all__ = ["keys"]
+__all__ = ["keys_group"]
 
 _ROOT_KEY = click.option(
     "--root-key",
@@ -33,12 +27,12 @@ _ROOT_KEY = click.option(
 )
 
 
-@click.group()
-def keys() -> None:
+@click.group("keys")
+def keys_group() -> None:
     """Rotate TUF signing keys and manage the root key."""
 
 
-@keys.command("show")
+@keys_group.command("show")
 @json_option
 @pass_ctx
 def keys_show(ctx: Context, as_json: bool) -> None:
@@ -70,7 +64,7 @@ def keys_show(ctx: Context, as_json: bool) -> None:
     )
 
 
-@keys.command("rotate")
+@keys_group.command("rotate")
 @click.argument("role", type=click.Choice(["targets", "snapshot", "timestamp"]))
 @_ROOT_KEY
 @json_option
@@ -86,7 +80,7 @@ def keys_rotate(ctx: Context, role: str, root_key: Path | None, as_json: bool) -
     )
 
 
-@keys.command("offline-root")
+@keys_group.command("offline-root")
 @click.option(
     "--out",
     "out",
@@ -102,7 +96,7 @@ def keys_offline_root(ctx: Context, out: Path) -> None:
     click.echo(f"root key moved to {out}; pass it with --root-key for root changes")
 
 
-@keys.command("renew-root")
+@keys_group.command("renew-root")
 @_ROOT_KEY
 @pass_ctx
 def keys_renew_root(ctx: Context, root_key: Path | None) -> None:

@@ -1,6 +1,7 @@
-"""CLI commands of "secure by default": CA, enrollment tokens, revocation, broker config.
+"""The "secure by default" commands: CA, broker config, enrollment tokens, revocation.
 
-Registered in ``controller/cli.py``'s ``_attach_features()``::
+The root group (``controller/cli/__init__.py``) registers them; ``token`` and
+``revoke`` go under ``edgefleet device``::
 
     edgefleet ca init                     # the CA in <home>/ca (key 0600)
     edgefleet ca crl [--crl-out PATH]     # re-sign the CRL before it expires
@@ -11,6 +12,9 @@ Registered in ``controller/cli.py``'s ``_attach_features()``::
     edgefleet device token gw-1 --url https://controller.example.net:8443 --out DIR
                                           # one-time token file + agent.toml for the device
     edgefleet device revoke gw-1 [--crl-out /etc/mosquitto/certs/crl.pem]
+
+The CA (and with it the cryptography package) is loaded when a command runs,
+not when the command line is built.
 """
 
 from __future__ import annotations
@@ -18,18 +22,16 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from edgefleet.controller.ca import (
-    CONTROLLER_COMMON_NAME,
-    CertificateAuthority,
-    write_private_file,
-    write_public_file,
-)
-from edgefleet.controller.cli import Context, emit, friendly_errors, json_option, pass_ctx
+from edgefleet.controller.cli.context import Context, pass_ctx
+from edgefleet.controller.cli.output import emit, friendly_errors, json_option
 from edgefleet.controller.errors import DuplicateError
+
+if TYPE_CHECKING:
+    from edgefleet.controller.ca import CertificateAuthority
 
 __all__ = ["broker_config", "ca", "device_revoke", "device_token", "enroll_server"]
 
@@ -39,10 +41,14 @@ def _ca_dir(ctx: Context) -> Path:
 
 
 def _open_ca(ctx: Context) -> CertificateAuthority:
+    from edgefleet.controller.ca import CertificateAuthority
+
     return CertificateAuthority.open(_ca_dir(ctx))
 
 
 def _copy_crl(ca_: CertificateAuthority, crl_out: Path | None) -> None:
+    from edgefleet.controller.ca import write_public_file
+
     if crl_out is not None:
         write_public_file(crl_out, ca_.crl_file.read_bytes())
 
@@ -58,6 +64,8 @@ def ca() -> None:
 @pass_ctx
 def ca_init(ctx: Context, as_json: bool) -> None:
     """Create the CA in <home>/ca (private key readable by its owner only)."""
+    from edgefleet.controller.ca import CertificateAuthority
+
     with friendly_errors():
         authority = CertificateAuthority.init(_ca_dir(ctx))
     data = {"ca_dir": str(authority.directory), "ca_file": str(authority.ca_file)}
@@ -127,6 +135,11 @@ def broker_config(
     mosquitto user, mode 0600); controller/ holds the controller's client
     certificate for its config's [broker] table.
     """
+    from edgefleet.controller.ca import (
+        CONTROLLER_COMMON_NAME,
+        write_private_file,
+        write_public_file,
+    )
     from edgefleet.controller.mosquitto_config import (
         MosquittoPaths,
         render_acl,
@@ -261,6 +274,7 @@ def device_token(
     start the agent makes its own key, redeems the token at --url for a
     certificate, and gets the broker address and the TUF root with it.
     """
+    from edgefleet.controller.ca import write_private_file, write_public_file
     from edgefleet.controller.enrollment import TokenStore, token_file_document
 
     if not url.startswith("https://"):

@@ -1,0 +1,196 @@
+"""The fleet at a glance and the one-shot deploy: ``edgefleet devices``, ``deploy``, ``status``.
+
+Staged rollouts with waves and health gates are ``edgefleet rollout``
+(:mod:`edgefleet.controller.cli.rollout`); ``deploy`` sets the desired model
+of its targets at once.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import click
+
+from edgefleet.controller.cli.context import Context, pass_ctx
+from edgefleet.controller.cli.output import emit, friendly_errors, json_option, render_table
+from edgefleet.protocols.errors import EdgefleetError
+
+if TYPE_CHECKING:
+    from edgefleet.controller.registry import Registry
+
+__all__ = ["deploy", "devices", "status"]
+
+
+def _device_rows(registry: Registry) -> list[dict[str, Any]]:
+    return [
+        {
+            "id": s.device_id,
+            "online": s.online,
+            "hardware_class": s.hardware_class,
+            "state": s.state,
+            "active_version": s.active_version,
+            "desired_version": s.desired_version,
+            "inferences": s.inferences,
+            "errors": s.errors,
+            "p50_ms": s.p50_ms,
+            "last_error": s.last_error_code,
+            "last_seen": s.last_seen,
+        }
+        for s in registry.device_summaries()
+    ]
+
+
+@click.command()
+@json_option
+@pass_ctx
+def devices(ctx: Context, as_json: bool) -> None:
+    """List devices with what they run and how they are doing."""
+    with friendly_errors():
+        registry = ctx.registry()
+        try:
+            rows = _device_rows(registry)
+        finally:
+            registry.close()
+    emit(
+        as_json,
+        rows,
+        lambda: render_table(
+            [
+                "device",
+                "online",
+                "class",
+                "state",
+                "active",
+                "desired",
+                "inferences",
+                "p50 ms",
+                "last error",
+            ],
+            [
+                [
+                    r["id"],
+                    "yes" if r["online"] else "no",
+                    r["hardware_class"],
+                    r["state"],
+                    r["active_version"],
+                    r["desired_version"],
+                    r["inferences"],
+                    None if r["p50_ms"] is None else f"{r['p50_ms']:.2f}",
+                    r["last_error"],
+                ]
+                for r in rows
+            ],
+        ),
+    )
+
+
+@click.command()
+@click.argument("name")
+@click.argument("version")
+@click.option("--device", "device_ids", multiple=True, help="Target device id (repeatable).")
+@click.option("--all", "all_devices", is_flag=True, help="Target every enrolled device.")
+@json_option
+@pass_ctx
+def deploy(
+    ctx: Context,
+    name: str,
+    version: str,
+    device_ids: tuple[str, ...],
+    all_devices: bool,
+    as_json: bool,
+) -> None:
+    """Deploy NAME VERSION: set the desired model of the target devices."""
+    from edgefleet.controller.service import publish_desired_states
+    from edgefleet.shared.link import MqttLink
+
+    if bool(device_ids) == all_devices:
+        raise click.UsageError("give --device ID (repeatable) or --all")
+    with friendly_errors():
+        cfg = ctx.config()
+        registry = ctx.registry()
+        try:
+            targets = [d.id for d in registry.list_devices()] if all_devices else list(device_ids)
+            if not targets:
+                raise click.ClickException("no devices enrolled")
+            mv = registry.get_model_version(name, version)
+            deployment = registry.create_deployment(mv.id, targets)
+            published = 0
+            link = MqttLink(cfg.broker, f"edgefleet-cli-{deployment.id[:8]}")
+            try:
+                link.start(wait=True)
+                published = publish_desired_states(registry, link)
+                link.stop()
+            except EdgefleetError as exc:
+                click.echo(f"warning: {exc}; `edgefleet serve` will publish it", err=True)
+        finally:
+            registry.close()
+    data = {
+        "deployment": deployment.id,
+        "model": name,
+        "version": version,
+        "devices": targets,
+        "published": published,
+    }
+    emit(
+        as_json,
+        data,
+        lambda: (
+            f"deployment {deployment.id}: {name}@{version} -> "
+            f"{len(targets)} device(s); {published} desired state(s) published"
+        ),
+    )
+
+
+def _agent_rejections(counters: dict[str, int]) -> dict[str, int]:
+    """Sum the per-device ``agent_rejected.<device>.<reason>`` counters by reason."""
+    totals: dict[str, int] = {}
+    for name, value in counters.items():
+        if name.startswith("agent_rejected."):
+            reason = name.rsplit(".", 1)[-1]
+            totals[reason] = totals.get(reason, 0) + value
+    return totals
+
+
+@click.command()
+@json_option
+@pass_ctx
+def status(ctx: Context, as_json: bool) -> None:
+    """Fleet overview: devices online, version distribution, health."""
+    with friendly_errors():
+        registry = ctx.registry()
+        try:
+            fleet = registry.fleet_status()
+        finally:
+            registry.close()
+    rejected_by_controller = {
+        k.removeprefix("rejected."): v
+        for k, v in fleet.counters.items()
+        if k.startswith("rejected.")
+    }
+    rejected_by_agents = _agent_rejections(fleet.counters)
+    data = {
+        "devices": fleet.devices,
+        "online": fleet.online,
+        "offline": fleet.offline,
+        "failed": fleet.failed,
+        "versions": fleet.versions,
+        "inferences": fleet.inferences,
+        "errors": fleet.errors,
+        "rejected": rejected_by_controller,
+        "agent_rejected": rejected_by_agents,
+    }
+
+    def table() -> str:
+        head = (
+            f"devices: {fleet.devices} ({fleet.online} online, {fleet.offline} offline, "
+            f"{fleet.failed} failed)\ninferences: {fleet.inferences}, errors: {fleet.errors}"
+        )
+        versions = render_table(["model version", "devices"], sorted(fleet.versions.items()))
+        rejected = (
+            ", ".join(f"{k}={v}" for k, v in sorted(rejected_by_controller.items())) or "none"
+        )
+        by_agents = ", ".join(f"{k}={v}" for k, v in sorted(rejected_by_agents.items())) or "none"
+        rejected += f"\nrefused by agents: {by_agents}"
+        return f"{head}\n\n{versions}\n\nrejected messages: {rejected}"
+
+    emit(as_json, data, table)

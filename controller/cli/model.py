@@ -1,0 +1,250 @@
+"""``edgefleet model ...``: register a model (compiled per profile or as-is), list, report.
+
+``model compile`` is the compiler's own command
+(:mod:`edgefleet.controller.compiler.cli`); the group loads it, and with it
+numpy and onnx, only when a ``model`` subcommand is asked for.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+
+from edgefleet.controller.cli.context import Context, pass_ctx
+from edgefleet.controller.cli.output import emit, friendly_errors, json_option, render_table
+
+__all__ = ["model_group"]
+
+
+class _ModelGroup(click.Group):
+    """The ``model`` group, with ``compile`` attached on first use."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), "compile"})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name == "compile":
+            from edgefleet.controller.compiler.cli import compile_command
+
+            return compile_command
+        return super().get_command(ctx, cmd_name)
+
+
+@click.group("model", cls=_ModelGroup)
+def model_group() -> None:
+    """Register and list models."""
+
+
+@model_group.command("register")
+@click.argument("source", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--name", required=True, help="Model name, e.g. 'defect-detector'.")
+@click.option("--version", "version", required=True, help="Model version, e.g. '1.4.0'.")
+@click.option(
+    "--profile",
+    "profile_names",
+    multiple=True,
+    help="Compile for this device profile and publish its chosen variant "
+    "(repeatable; see `edgefleet model compile --help`).",
+)
+@click.option(
+    "--profiles",
+    "profiles_file",
+    type=click.Path(exists=True, path_type=Path),
+    help="TOML file with custom profiles.",
+)
+@click.option(
+    "--calibration",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help=".npz calibration data (static int8).",
+)
+@click.option(
+    "--validation",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help=".npz validation data for the accuracy gate.",
+)
+@click.option(
+    "--tolerance",
+    default=0.01,
+    show_default=True,
+    type=click.FloatRange(0, 1),
+    help="Accuracy gate: allowed loss vs fp32 (0.01 = 1%).",
+)
+@click.option(
+    "--hardware-class",
+    "hardware_classes",
+    multiple=True,
+    help="Without --profile: publish the source as-is for these classes (default: generic).",
+)
+@click.option(
+    "--sample",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help=".npz with smoke-test inputs named like the model's inputs.",
+)
+@json_option
+@pass_ctx
+def model_register(
+    ctx: Context,
+    source: Path,
+    name: str,
+    version: str,
+    profile_names: tuple[str, ...],
+    profiles_file: Path | None,
+    calibration: Path | None,
+    validation: Path | None,
+    tolerance: float,
+    hardware_classes: tuple[str, ...],
+    sample: Path | None,
+    as_json: bool,
+) -> None:
+    """Register SOURCE (an .onnx file) and publish signed bundles for it.
+
+    With --profile, the model is compiled for each profile first and the
+    variant that passes the accuracy gate and runs best is published for that
+    profile (plus the fp32 source as the generic fallback); the compile
+    reports are stored with the bundles (`edgefleet model report`).
+    """
+    from edgefleet.controller.catalog import register_compiled, register_model
+    from edgefleet.controller.compiler import (
+        BUILTIN_PROFILES,
+        CompileReport,
+        get_profile,
+        load_profiles,
+    )
+
+    # The compiler's .npz reader turns every way a data file can be bad into a
+    # DataError, so a wrong --sample file is a one-line error, not a traceback.
+    from edgefleet.controller.compiler.data import _load_npz as load_npz
+
+    if profile_names and hardware_classes:
+        raise click.UsageError("use --profile (compile) or --hardware-class (as-is), not both")
+    with friendly_errors():
+        sample_inputs = None
+        if sample is not None:
+            sample_inputs = load_npz(sample, "sample")
+        registry = ctx.registry()
+        reports: dict[str, CompileReport]
+        try:
+            if profile_names:
+                known = dict(BUILTIN_PROFILES) | ctx.config().device_profiles()
+                if profiles_file is not None:
+                    known.update(load_profiles(profiles_file))
+                profiles = [get_profile(p, known) for p in profile_names]
+                compiled = register_compiled(
+                    registry,
+                    ctx.repository(),
+                    source.read_bytes(),
+                    name=name,
+                    version=version,
+                    profiles=profiles,
+                    calibration=calibration,
+                    validation=validation,
+                    tolerance=tolerance,
+                    sample_inputs=sample_inputs,
+                )
+                release, bundles = compiled.version.release, compiled.bundles
+                reports = compiled.reports
+            else:
+                result = register_model(
+                    registry,
+                    ctx.repository(),
+                    source.read_bytes(),
+                    name=name,
+                    version=version,
+                    hardware_classes=hardware_classes or ("generic",),
+                    sample_inputs=sample_inputs,
+                )
+                release, bundles, reports = result.version.release, result.bundles, {}
+        finally:
+            registry.close()
+    data: dict[str, Any] = {
+        "name": name,
+        "version": version,
+        "release": release,
+        "bundles": [
+            {
+                "target": b.target_path,
+                "hardware_class": b.hardware_class,
+                "precision": b.precision,
+                "bytes": b.length,
+                "sha256": b.sha256,
+            }
+            for b in bundles
+        ],
+        "reports": {k: r.to_dict() for k, r in reports.items()},
+    }
+
+    def table() -> str:
+        parts = [
+            f"registered {name}@{version} (release {release})",
+            render_table(
+                ["target", "hardware class", "precision", "bytes"],
+                [
+                    [b["target"], b["hardware_class"], b["precision"], b["bytes"]]
+                    for b in data["bundles"]
+                ],
+            ),
+        ]
+        parts += [f"\ncompile report for {k}:\n{r.format_table()}" for k, r in reports.items()]
+        return "\n".join(parts)
+
+    emit(as_json, data, table)
+
+
+@model_group.command("report")
+@click.argument("name")
+@click.argument("version")
+@json_option
+@pass_ctx
+def model_report(ctx: Context, name: str, version: str, as_json: bool) -> None:
+    """Show the compile reports stored with NAME VERSION's bundles."""
+    from edgefleet.controller.compiler import CompileReport
+
+    with friendly_errors():
+        registry = ctx.registry()
+        try:
+            mv = registry.get_model_version(name, version)
+            bundles = registry.bundles_for(mv.id)
+        finally:
+            registry.close()
+    stored = {b.hardware_class: b.report for b in bundles if b.report}
+    if as_json:
+        emit(True, stored, str)
+        return
+    if not stored:
+        click.echo(f"{name}@{version} was registered without compiling; no reports stored")
+        return
+    for hardware_class, raw in stored.items():
+        click.echo(f"{hardware_class}:\n{CompileReport.from_dict(raw).format_table()}\n")
+
+
+@model_group.command("list")
+@json_option
+@pass_ctx
+def model_list(ctx: Context, as_json: bool) -> None:
+    """List registered model versions."""
+    with friendly_errors():
+        registry = ctx.registry()
+        try:
+            versions = registry.list_model_versions()
+            rows = [
+                {
+                    "name": v.name,
+                    "version": v.version,
+                    "release": v.release,
+                    "bundles": len(registry.bundles_for(v.id)),
+                    "created_at": v.created_at,
+                }
+                for v in versions
+            ]
+        finally:
+            registry.close()
+    emit(
+        as_json,
+        rows,
+        lambda: render_table(
+            ["name", "version", "release", "bundles", "created"],
+            [[r["name"], r["version"], r["release"], r["bundles"], r["created_at"]] for r in rows],
+        ),
+    )

@@ -1,0 +1,87 @@
+"""How every ``edgefleet`` command talks to its user: tables, ``--json``, one-line errors.
+
+Each command builds one JSON-able value and hands it to :func:`emit` with a
+function that renders the human view, so the two outputs cannot drift apart
+and ``--json`` means the same thing everywhere. :func:`friendly_errors` is the
+one place where our errors become ``Error: ...`` on stderr and exit status 1:
+an operator sees a sentence and the error's stable code, never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+import click
+
+from edgefleet.protocols.errors import EdgefleetError
+
+__all__ = ["emit", "error_message", "friendly_errors", "json_option", "render_table"]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def render_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """A plain aligned text table; ``None`` renders as ``-``."""
+    cells = [[("-" if v is None else str(v)) for v in row] for row in rows]
+    widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
+    lines = ["  ".join(h.upper().ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip()]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in cells]
+    return "\n".join(lines)
+
+
+def emit(as_json: bool, data: object, table: Callable[[], str]) -> None:
+    """Print ``data`` as JSON, or the human view ``table()`` renders of it.
+
+    The table is a function so that commands never pay for formatting they
+    do not print.
+    """
+    if as_json:
+        click.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
+    else:
+        click.echo(table())
+
+
+def json_option(f: F) -> F:
+    """The ``--json`` flag every listing has, passed to the command as ``as_json``."""
+    return click.option("--json", "as_json", is_flag=True, help="Machine-readable JSON output.")(f)
+
+
+def error_message(exc: EdgefleetError) -> str:
+    """The error's sentence followed by its stable code, which scripts and docs can match on.
+
+    The base class's generic code says nothing the word "Error" does not, so it
+    is left out.
+    """
+    code = getattr(exc, "code", None)
+    return f"{exc} [{code}]" if code and code != EdgefleetError.code else str(exc)
+
+
+@contextmanager
+def friendly_errors() -> Iterator[None]:
+    """Turn our errors, and the file system's, into ``Error: ...`` and exit 1.
+
+    Only :class:`EdgefleetError` (whatever edgefleet refused on purpose) and
+    :class:`OSError` (a file or socket the operator named is missing, unreadable
+    or unreachable) are expected here. Anything else is a bug and keeps its
+    traceback, so that it gets reported rather than hidden behind a sentence.
+    """
+    try:
+        yield
+    except EdgefleetError as exc:
+        raise click.ClickException(error_message(exc)) from exc
+    except OSError as exc:
+        raise click.ClickException(_os_error_message(exc)) from exc
+
+
+def _os_error_message(exc: OSError) -> str:
+    # str(OSError) is "[Errno 2] No such file or directory: 'x'"; lead with the
+    # reason and the file, which is what the operator has to act on.
+    if exc.strerror is None:
+        return str(exc) or type(exc).__name__
+    where = f": {exc.filename}" if exc.filename is not None else ""
+    if exc.filename2 is not None:
+        where += f" -> {exc.filename2}"
+    return f"{exc.strerror}{where}"

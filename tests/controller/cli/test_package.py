@@ -1,0 +1,71 @@
+"""The CLI package's shape: lazy, acyclic, and blind to the agent."""
+
+from __future__ import annotations
+
+import ast
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from click.testing import CliRunner
+
+import edgefleet.controller.cli as cli_package
+from edgefleet.controller.cli import cli
+
+_PROBE = """
+import json, sys
+from edgefleet.controller.cli import cli
+try:
+    cli.main(["--help"], prog_name="edgefleet", standalone_mode=False)
+finally:
+    print(json.dumps(sorted(sys.modules)), file=sys.stderr)
+"""
+
+
+def test_help_loads_neither_the_agent_nor_heavy_libraries() -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", _PROBE], capture_output=True, text=True, timeout=120, check=True
+    )
+    assert "Commands:" in done.stdout
+    loaded = {name.split(".")[0] for name in json.loads(done.stderr)}
+    assert not loaded & {"numpy", "onnx", "onnxruntime", "sqlalchemy", "cryptography", "tuf"}
+    modules = set(json.loads(done.stderr))
+    assert not {m for m in modules if m == "edgefleet.agent" or m.startswith("edgefleet.agent.")}
+
+
+def test_command_modules_import_helpers_never_the_package() -> None:
+    package = Path(cli_package.__file__).parent
+    allowed = {"edgefleet.controller.cli.context", "edgefleet.controller.cli.output"}
+    for module in sorted(package.glob("*.py")):
+        if module.name == "__init__.py":
+            continue
+        for node in ast.walk(ast.parse(module.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module is not None:
+                names = {node.module}
+            elif isinstance(node, ast.Import):
+                names = {alias.name for alias in node.names}
+            else:
+                continue
+            for name in names:
+                assert not name.startswith("edgefleet.agent"), (module.name, name)
+                if name.startswith("edgefleet.controller.cli"):
+                    assert name in allowed, (module.name, name)
+
+
+def test_every_command_group_is_registered() -> None:
+    result = CliRunner().invoke(cli, ["--help"], catch_exceptions=False)
+    assert result.exit_code == 0
+    for command in [
+        "agent", "broker-config", "ca", "demo", "deploy", "device", "devices",
+        "enroll-server", "init", "keys", "model", "rollout", "serve", "status",
+    ]:  # fmt: skip
+        assert f"\n  {command} " in result.output, command
+    for group, commands in {
+        "device": ["enroll", "events", "revoke", "token"],
+        "model": ["compile", "list", "register", "report"],
+    }.items():
+        result = CliRunner().invoke(cli, [group, "--help"], catch_exceptions=False)
+        assert result.exit_code == 0
+        for command in commands:
+            assert f"\n  {command} " in result.output, (group, command)

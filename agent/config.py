@@ -27,7 +27,6 @@ Unknown keys are refused: a typo must not silently fall back to a default.
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -37,11 +36,7 @@ from edgefleet.agent.fetcher import TransferSettings
 from edgefleet.protocols.errors import ConfigError, TopicError
 from edgefleet.protocols.topics import validate_device_id
 from edgefleet.shared.link import BrokerSettings
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - exercised on 3.10 only
-    import tomli as tomllib
+from edgefleet.shared.settings import read_toml, refuse_unknown_keys, settings_from_table
 
 __all__ = ["AgentConfig", "HttpSettings", "load_agent_config"]
 
@@ -91,17 +86,10 @@ def _table(raw: dict[str, Any], key: str, kind: type[Any], base: Path) -> Any:
     value = raw.pop(key, {})
     if not isinstance(value, dict):
         raise ConfigError(f"[{key}] must be a table")
-    known = set(kind.__dataclass_fields__)
-    unknown = set(value) - known
-    if unknown:
-        raise ConfigError(f"unknown [{key}] setting(s): {', '.join(sorted(unknown))}")
     for path_key in ("ca_file", "cert_file", "key_file"):
         if isinstance(value.get(path_key), str):
             value[path_key] = str(base / value[path_key])
-    try:
-        return kind(**value)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"invalid [{key}] settings: {exc}") from None
+    return settings_from_table(kind, value, section=f"[{key}]")
 
 
 def _enrollment(raw: dict[str, Any], base: Path) -> EnrollmentSettings | None:
@@ -123,12 +111,7 @@ def load_agent_config(path: Path | str) -> AgentConfig:
             settings. The message names the file and the setting.
     """
     path = Path(path)
-    try:
-        raw = tomllib.loads(path.read_text())
-    except OSError as exc:
-        raise ConfigError(f"cannot read agent config {path}: {exc.strerror or exc}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"agent config {path} is not valid TOML: {exc}") from None
+    raw = read_toml(path, "agent config")
     base = path.resolve().parent
     try:
         broker = _table(raw, "broker", BrokerSettings, base)
@@ -136,9 +119,7 @@ def load_agent_config(path: Path | str) -> AgentConfig:
         transfer = _table(raw, "transfer", TransferSettings, base)
         enrollment = _enrollment(raw, base)
         known = set(AgentConfig.__dataclass_fields__) - {"broker", "http", "transfer", "enrollment"}
-        unknown = set(raw) - known
-        if unknown:
-            raise ConfigError(f"unknown setting(s): {', '.join(sorted(unknown))}")
+        refuse_unknown_keys(raw, known)
         if "device_id" not in raw or "state_dir" not in raw:
             raise ConfigError("device_id and state_dir are required")
         for key in ("state_dir", "trust_root"):

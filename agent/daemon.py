@@ -31,10 +31,17 @@ from edgefleet.agent.enroll import prepare_identity
 from edgefleet.agent.fetcher import MqttFetcher, PartialStore
 from edgefleet.agent.install import Installer
 from edgefleet.agent.metrics import ProcessSampler, RejectionCounter, ServingMetrics
-from edgefleet.agent.reconcile import Attempt, IntentKey, decide, intent_key
+from edgefleet.agent.reconcile import (
+    Attempt,
+    Backoff,
+    IntentKey,
+    decide,
+    intent_key,
+    record_failure,
+)
 from edgefleet.agent.serving import InferenceServer, ModelHolder
 from edgefleet.agent.slots import SlotStore
-from edgefleet.protocols.errors import AgentError, ProtocolError, TransferError, VerificationError
+from edgefleet.protocols.errors import AgentError, ProtocolError, VerificationError
 from edgefleet.protocols.messages import (
     AgentState,
     DesiredState,
@@ -118,6 +125,7 @@ class Agent:
         self._stop = threading.Event()
         self._desired: DesiredState | None = None
         self._attempts: dict[IntentKey, Attempt] = {}
+        self._backoff = Backoff(config.retry_backoff_s, config.retry_backoff_max_s)
         self._state = AgentState.IDLE
         self._last_error: ErrorInfo | None = None
         self._acked: tuple[str | None, int] = (None, 0)
@@ -358,14 +366,7 @@ class Agent:
     def _failed(self, desired: DesiredState, key: IntentKey, exc: AgentError) -> None:
         want = desired.model
         error = ErrorInfo(exc.code, str(exc))
-        attempt = self._attempts.setdefault(key, Attempt())
-        attempt.failures += 1
-        attempt.permanent = not isinstance(exc, TransferError)
-        backoff = min(
-            self.config.retry_backoff_s * 2 ** (attempt.failures - 1),
-            self.config.retry_backoff_max_s,
-        )
-        attempt.retry_at = time.monotonic() + backoff
+        record_failure(self._attempts, key, exc, time.monotonic(), self._backoff)
         with self._lock:
             self._acked = (desired.deployment_id, desired.generation)
         log.error("install of %s failed (%s): %s", want.label if want else "?", exc.code, exc)

@@ -23,11 +23,9 @@ small and never imports the controller.
 from __future__ import annotations
 
 import base64
-import contextlib
 import json
 import logging
 import os
-import secrets
 import ssl
 import stat
 import urllib.error
@@ -42,6 +40,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from edgefleet.protocols.errors import ConfigError
+from edgefleet.shared.durable import atomic_write
 from edgefleet.shared.link import BrokerSettings
 
 __all__ = [
@@ -297,21 +296,8 @@ def _error_message(exc: urllib.error.HTTPError) -> str:
 
 
 def _atomic_write(path: Path, data: bytes, mode: int) -> None:
-    tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
+    """Write via :func:`~edgefleet.shared.durable.atomic_write`; a failure is a ConfigError."""
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-        with os.fdopen(fd, "wb") as fh:
-            os.fchmod(fh.fileno(), mode)
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-        dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        atomic_write(path, data, mode=mode)
     except OSError as exc:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
         raise ConfigError(f"cannot write {path}: {exc.strerror}") from None

@@ -58,6 +58,7 @@ from edgefleet.protocols.framing import (
 )
 from edgefleet.protocols.messages import FileRequest
 from edgefleet.protocols.topics import Channel, DeviceTopic
+from edgefleet.shared.durable import atomic_write
 from edgefleet.shared.link import Link
 
 __all__ = ["URL_PREFIX", "MqttFetcher", "PartialFile", "PartialStore", "TransferSettings"]
@@ -84,10 +85,12 @@ class PartialFile:
     """A target being downloaded: a sparse data file and a log of finished blocks.
 
     The log is append-only (4-byte block indices) and written after the block
-    data, so a crash can at worst lose the last block or two; a torn trailing
-    record is ignored. A block logged whose data never reached the disk would
-    fail TUF's hash check, after which the installer discards the partial
-    file - a wasted download, never a wrong install.
+    data is synced to disk, so a block the log names survives a power cut; a
+    crash can at worst lose the last record or two (a torn trailing record is
+    ignored) and those blocks are fetched again. The size record (``meta``)
+    is replaced atomically. TUF's hash check still guards the whole file: a
+    damaged partial download fails it and the installer discards it - a
+    wasted download, never a wrong install.
     """
 
     def __init__(self, directory: Path, block_size: int) -> None:
@@ -128,9 +131,7 @@ class PartialFile:
         self.total_size = total_size
         with open(self.data_path, "wb") as f:
             f.truncate(total_size)
-        tmp = self._meta_path.with_suffix(".tmp")
-        tmp.write_text(f"{self.block_size} {total_size}")
-        os.replace(tmp, self._meta_path)
+        atomic_write(self._meta_path, f"{self.block_size} {total_size}".encode())
 
     def write_block(self, index: int, payload: bytes) -> None:
         if index in self.have:
@@ -138,6 +139,7 @@ class PartialFile:
         fd = os.open(self.data_path, os.O_WRONLY)
         try:
             os.pwrite(fd, payload, index * self.block_size)
+            os.fdatasync(fd)  # before the log names the block: logged means on disk
         finally:
             os.close(fd)
         with open(self._log_path, "ab") as log_file:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -55,6 +54,7 @@ from edgefleet.protocols.errors import (
     WrongHardwareError,
 )
 from edgefleet.protocols.messages import HardwareInfo, ModelRef
+from edgefleet.shared.durable import atomic_write
 from edgefleet.shared.runtime import LoadedModel, get_backend
 
 __all__ = ["InstallOutcome", "Installer", "translate_tuf_error"]
@@ -148,9 +148,7 @@ class Installer:
             data = trust_root.read_bytes()
         except OSError as exc:
             raise ConfigError(f"cannot read trust_root {trust_root}: {exc.strerror}") from None
-        tmp = self.metadata_dir / "root.json.tmp"
-        tmp.write_bytes(data)
-        os.replace(tmp, self.metadata_dir / "root.json")
+        atomic_write(self.metadata_dir / "root.json", data)
 
     def _updater(self) -> Updater:
         return Updater(
@@ -356,11 +354,9 @@ class Installer:
         releases = self._releases()
         if record.model.release > releases.get(record.model.name, 0):
             releases[record.model.name] = record.model.release
-            tmp = self._releases_path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(releases, sort_keys=True))
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, self._releases_path)
+            # The rollback guard trusts this file: atomic_write fsyncs the file
+            # and its directory, so a power cut cannot bring back a lower mark.
+            atomic_write(self._releases_path, json.dumps(releases, sort_keys=True).encode())
         removed = self.slots.gc()
         if removed:
             log.info("removed old slots: %s", ", ".join(removed))

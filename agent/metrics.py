@@ -7,7 +7,8 @@ current window and starts a new one in a single locked step: no inference
 is counted twice or lost between two windows. Rejection counts are
 cumulative since start, as the telemetry schema says.
 
-Latency percentiles use the nearest-rank method over the window's samples,
+Latency percentiles use the nearest-rank method over the window's samples
+(:func:`edgefleet.shared.latency.percentiles`, the compiler's definition too),
 so every reported value is a latency that actually happened. To keep memory
 bounded on a busy gateway, a window keeps at most ``max_samples`` latencies
 and beyond that a uniform reservoir sample of them; counts stay exact.
@@ -15,7 +16,6 @@ and beyond that a uniform reservoir sample of them; counts stay exact.
 
 from __future__ import annotations
 
-import math
 import os
 import random
 import threading
@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edgefleet.protocols.messages import LatencySummary
+from edgefleet.shared.latency import percentiles
 
 __all__ = ["ProcessSampler", "RejectionCounter", "ServingMetrics", "WindowStats"]
 
@@ -53,11 +54,6 @@ class WindowStats:
         if self.p50_ms is None or self.p95_ms is None or self.p99_ms is None:
             return None
         return LatencySummary(p50=self.p50_ms, p95=self.p95_ms, p99=self.p99_ms)
-
-
-def _nearest_rank(ordered: list[float], pct: float) -> float:
-    rank = max(1, math.ceil(pct / 100.0 * len(ordered)))
-    return ordered[rank - 1]
 
 
 class ServingMetrics:
@@ -111,13 +107,13 @@ class ServingMetrics:
             self._window_start = now
         if not samples:
             return WindowStats(requests, errors, None, None, None, window_s)
-        samples.sort()
+        p50, p95, p99 = percentiles(samples, 50, 95, 99)
         return WindowStats(
             requests=requests,
             errors=errors,
-            p50_ms=_nearest_rank(samples, 50),
-            p95_ms=_nearest_rank(samples, 95),
-            p99_ms=_nearest_rank(samples, 99),
+            p50_ms=p50,
+            p95_ms=p95,
+            p99_ms=p99,
             window_s=window_s,
         )
 

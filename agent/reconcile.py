@@ -15,15 +15,30 @@ Rules:
 - An attempt failed for a transient reason (link, timeout): retry after a
   backoff that doubles per failure, up to a ceiling.
 - Otherwise: install.
+
+:func:`record_failure` is the other half: after a failed install the daemon
+reports the error here, and this module decides whether retrying can help
+(only a :class:`~edgefleet.protocols.errors.TransferError` is transient) and
+when the next try is due; the daemon only sleeps for the ``wait_s`` that
+:func:`decide` then returns.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from edgefleet.protocols.errors import AgentError, TransferError
 from edgefleet.protocols.messages import DesiredState, ModelRef
 
-__all__ = ["Attempt", "Decision", "IntentKey", "decide", "intent_key"]
+__all__ = [
+    "Attempt",
+    "Backoff",
+    "Decision",
+    "IntentKey",
+    "decide",
+    "intent_key",
+    "record_failure",
+]
 
 IntentKey = tuple[str | None, int, str]
 
@@ -42,6 +57,43 @@ class Attempt:
     failures: int = 0
     permanent: bool = False
     retry_at: float = 0.0
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """Retry delays after transient failures: ``base_s`` doubling per failure, up to ``max_s``."""
+
+    base_s: float
+    max_s: float
+
+    def delay_s(self, failures: int) -> float:
+        """The wait after the ``failures``-th consecutive failure (1-based)."""
+        # The exponent is capped so that a long outage cannot overflow the float.
+        return min(self.base_s * 2.0 ** min(max(failures - 1, 0), 64), self.max_s)
+
+
+def record_failure(
+    attempts: dict[IntentKey, Attempt],
+    key: IntentKey,
+    error: AgentError,
+    now: float,
+    backoff: Backoff,
+) -> Attempt:
+    """Count a failed attempt at ``key`` and decide whether and when to retry it.
+
+    A transfer failure (link down, controller silent) may pass, so the intent
+    is retried after :meth:`Backoff.delay_s`; every other refusal (bad
+    signature, wrong hardware, failed smoke test) would fail the same way
+    again, so the intent is given up until the controller changes it.
+
+    Returns:
+        The updated attempt (also stored in ``attempts``).
+    """
+    attempt = attempts.setdefault(key, Attempt())
+    attempt.failures += 1
+    attempt.permanent = not isinstance(error, TransferError)
+    attempt.retry_at = now + backoff.delay_s(attempt.failures)
+    return attempt
 
 
 @dataclass(frozen=True)

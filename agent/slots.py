@@ -47,6 +47,7 @@ from typing import Any
 
 from edgefleet.protocols.errors import MessageError, SlotError
 from edgefleet.protocols.messages import ModelRef
+from edgefleet.shared.durable import atomic_write, fsync_dir
 
 __all__ = ["CURRENT_NAME", "SlotRecord", "SlotStore"]
 
@@ -60,14 +61,6 @@ _TRASH_PREFIX = ".trash-"
 # which we must not trust to stay inside slots/.
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _check_name(name: str) -> str:
@@ -198,7 +191,7 @@ class SlotStore:
                 os.replace(target, trash / "old")
             os.replace(staging, target)
             self._live_staging.discard(staging)
-            _fsync_dir(self.slots_dir)
+            fsync_dir(self.slots_dir)
             if trash is not None:
                 _remove(trash)
             return target
@@ -246,7 +239,7 @@ class SlotStore:
             aside.name,
         )
         os.replace(self._current, aside)
-        _fsync_dir(self.state_dir)
+        fsync_dir(self.state_dir)
         return None, None
 
     def _write(self, active: SlotRecord | None, previous: SlotRecord | None) -> None:
@@ -258,14 +251,7 @@ class SlotStore:
             indent=2,
             sort_keys=True,
         ).encode()
-        tmp = self._current.with_name(CURRENT_NAME + ".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0))
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(body)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, self._current)
-        _fsync_dir(self.state_dir)
+        atomic_write(self._current, body)
 
     def activate(self, record: SlotRecord) -> None:
         """Make ``record`` the active slot; the old active one becomes previous.

@@ -43,6 +43,7 @@ from edgefleet.protocols.bundle import (
     BundleManifest,
 )
 from edgefleet.protocols.errors import BundleFormatError, MessageError, SmokeTestError
+from edgefleet.shared.durable import fsync_dir
 from edgefleet.shared.runtime import LoadedModel
 
 __all__ = [
@@ -66,14 +67,6 @@ MAX_SAMPLE_BYTES = 256 * 1024 * 1024
 _CHUNK = 1024 * 1024
 _MODEL_FILES = frozenset(MODEL_NAMES.values())
 _ALLOWED = frozenset({MANIFEST_NAME, SAMPLE_NAME}) | _MODEL_FILES
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _member_problem(member: tarfile.TarInfo) -> str | None:
@@ -205,7 +198,7 @@ def unpack_bundle(bundle_path: Path, dest: Path) -> BundleManifest:
         raise BundleFormatError(f"bundle refused: not a readable uncompressed tar: {exc}") from exc
     except EOFError as exc:
         raise BundleFormatError(f"bundle refused: archive is truncated: {exc}") from exc
-    _fsync_dir(dest)
+    fsync_dir(dest)
     if digest.hexdigest() != manifest.model_sha256:
         raise BundleFormatError(
             f"bundle refused: {manifest.model_file} has SHA-256 {digest.hexdigest()}, "

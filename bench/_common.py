@@ -1,7 +1,9 @@
 """Shared pieces of the MQTT benchmarks: our own Mosquitto, PostgreSQL schemas, reporting.
 
 Not a benchmark itself; ``bench/ingest.py`` and ``bench/rollout_fleet.py``
-import it (``bench/`` is on ``sys.path`` when a script there runs).
+import it (``bench/`` is on ``sys.path`` when a script there runs). The
+Mosquitto and PostgreSQL helpers are the tests' own (``tests/support``), so a
+benchmark runs the broker exactly as the tests do.
 """
 
 from __future__ import annotations
@@ -11,15 +13,21 @@ import os
 import platform
 import re
 import resource
-import shutil
-import socket
 import subprocess
-import time
-import uuid
-from collections.abc import Iterator
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # benchmarks run from a checkout: reach tests.support
+    sys.path.append(str(ROOT))
+
+from tests.support import (  # noqa: E402 - needs ROOT on sys.path
+    MosquittoProcess,
+    find_mosquitto,
+    mosquitto_version,
+)
+from tests.support import postgres_schema as _postgres_schema  # noqa: E402
+
 DEFAULT_PG_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 
 
@@ -52,105 +60,28 @@ def raise_nofile(want: int = 65536) -> int:
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+def mosquitto(workdir: Path) -> MosquittoProcess:
+    """Our Mosquitto for a benchmark (not started): no connection limit, errors logged only."""
+    binary = find_mosquitto()
+    if binary is None:
+        raise SystemExit("mosquitto is not installed (apt-get install mosquitto)")
+    return MosquittoProcess.anonymous(
+        binary,
+        workdir,
+        "max_connections -1\nlog_type error\nlog_type warning\n",
+        open_files=65536,
+    )
 
 
-def _wait_port(port: int, timeout_s: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return True
-        except OSError:
-            time.sleep(0.05)
-    return False
+def mosquitto_release() -> str:
+    """The Mosquitto version line for the report."""
+    binary = find_mosquitto()
+    return mosquitto_version(binary) if binary else "mosquitto (not installed)"
 
 
-def mosquitto_version(binary: str) -> str:
-    try:
-        out = subprocess.run([binary, "-h"], capture_output=True, text=True, check=False).stdout
-    except OSError:
-        return "mosquitto"
-    first = out.splitlines()[0] if out else "mosquitto"
-    return first.strip()
-
-
-class Mosquitto:
-    """A Mosquitto we start on a free loopback port (the system one on 1883 is left alone)."""
-
-    def __init__(self, workdir: Path, extra_config: str = "") -> None:
-        binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-        if not Path(binary).exists():
-            raise SystemExit("mosquitto is not installed (apt-get install mosquitto)")
-        self.binary = binary
-        self.version = mosquitto_version(binary)
-        self.port = free_port()
-        self.workdir = workdir
-        self.config = workdir / "mosquitto.conf"
-        self.config.write_text(
-            f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
-            "set_tcp_nodelay true\nmax_connections -1\n"
-            f"log_dest file {workdir / 'mosquitto.log'}\nlog_type error\nlog_type warning\n"
-            f"{extra_config}"
-        )
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def __enter__(self) -> Mosquitto:
-        self.start()
-        return self
-
-    def __exit__(self, *_exc: object) -> None:
-        self.stop()
-
-    def start(self) -> None:
-        def _limits() -> None:
-            raise_nofile(65536)
-
-        self.proc = subprocess.Popen(
-            [self.binary, "-c", str(self.config)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            preexec_fn=_limits,  # noqa: PLW1509 - only setrlimit, before exec
-        )
-        if not _wait_port(self.port):
-            self.stop()
-            raise RuntimeError(f"mosquitto did not start; see {self.workdir / 'mosquitto.log'}")
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-
-
-@contextlib.contextmanager
-def postgres_schema(base: str) -> Iterator[str]:
+def postgres_schema(base: str) -> contextlib.AbstractContextManager[str]:
     """A fresh schema on ``base`` for one run, dropped afterwards; yields its URL."""
-    import sqlalchemy as sa
-
-    schema = f"bench_{uuid.uuid4().hex[:12]}"
-    engine = sa.create_engine(base)
-    with engine.begin() as conn:
-        conn.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
-    sep = "&" if "?" in base else "?"
-    try:
-        yield f"{base}{sep}options=-csearch_path%3D{schema}"
-    finally:
-        with engine.begin() as conn:
-            conn.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
-        engine.dispose()
+    return _postgres_schema(base, prefix="bench")
 
 
 def write_section(path: Path, heading: str, body: list[str]) -> None:

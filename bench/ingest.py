@@ -44,8 +44,9 @@ import psutil
 from _common import (
     DEFAULT_PG_URL,
     ROOT,
-    Mosquitto,
     machine_line,
+    mosquitto,
+    mosquitto_release,
     postgres_schema,
     table,
     write_section,
@@ -193,8 +194,9 @@ def _controller(
     """A real controller in its own process, so its CPU and RSS are its own."""
     import logging
 
+    from edgefleet.controller.config import ServiceSettings
     from edgefleet.controller.registry import Registry
-    from edgefleet.controller.service import ControllerService, ServiceSettings
+    from edgefleet.controller.service import ControllerService
     from edgefleet.controller.trust import TrustRepository
     from edgefleet.shared.link import BrokerSettings
 
@@ -353,7 +355,7 @@ def run_once(
     ids = device_ids(devices)
     _prepare_db(db_url, ids)
     messages = telemetry_payloads(ids)
-    with Mosquitto(workdir) as broker:
+    with mosquitto(workdir) as broker:
         stop = _ctx.Event()
         c_ready, r_ready = _ctx.Event(), _ctx.Event()
         stored = _ctx.Value("q", 0)
@@ -544,7 +546,7 @@ def main(argv: list[str] | None = None) -> int:
                     for f in [*workdir.glob("*.pstats"), *workdir.glob("*.pyspy.txt")]:
                         shutil.copy(f, args.keep / f"{db}-q{qos}-{f.name}")
                 if not broker_version:
-                    broker_version = Mosquitto(workdir).version
+                    broker_version = mosquitto_release()
                 one = table(HEADERS, result_rows([r]), set(range(2, len(HEADERS))))
                 print("\n".join(one), flush=True)
 

@@ -40,8 +40,9 @@ import psutil
 from _common import (
     DEFAULT_PG_URL,
     ROOT,
-    Mosquitto,
     machine_line,
+    mosquitto,
+    mosquitto_release,
     postgres_schema,
     raise_nofile,
     table,
@@ -66,8 +67,9 @@ def _controller(
     """The controller in its own process. Commands: ("deploy", version), ("stop",)."""
     import logging
 
+    from edgefleet.controller.config import ServiceSettings
     from edgefleet.controller.registry import Registry
-    from edgefleet.controller.service import ControllerService, ServiceSettings
+    from edgefleet.controller.service import ControllerService
     from edgefleet.controller.trust import TrustRepository
     from edgefleet.shared.link import BrokerSettings
 
@@ -206,8 +208,8 @@ def run(args: argparse.Namespace, tmp: Path, db_url: str) -> tuple[list[Phase], 
     from edgefleet.controller.catalog import register_model
     from edgefleet.controller.demo_model import build_demo_model
     from edgefleet.controller.registry import Registry
-    from edgefleet.controller.registry.rollouts import RolloutStore, Selector
     from edgefleet.controller.rollout.engine import RolloutConfig, RolloutStatus
+    from edgefleet.controller.rollout.store import RolloutStore, Selector
     from edgefleet.controller.trust import TrustRepository
 
     ids = device_ids(args.agents)
@@ -223,7 +225,7 @@ def run(args: argparse.Namespace, tmp: Path, db_url: str) -> tuple[list[Phase], 
 
     extra: dict[str, Any] = {}
     phases: list[Phase] = []
-    with Mosquitto(tmp) as broker:
+    with mosquitto(tmp) as broker:
         commands, replies = _ctx.Queue(), _ctx.Queue()
         controller = _ctx.Process(
             target=_controller,
@@ -443,7 +445,7 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="edgefleet-bench-fleet-") as tmp_s:
         tmp = Path(tmp_s)
-        broker_version = Mosquitto(tmp).version
+        broker_version = mosquitto_release()
         if args.db == "sqlite":
             phases, extra = run(args, tmp, f"sqlite:///{tmp / 'registry.db'}")
         else:

@@ -23,13 +23,10 @@ supports it in TLS 1.2 and 1.3, which is not true of Ed25519 certificates
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import ipaddress
 import json
 import os
-import secrets
-import stat
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -44,6 +41,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from edgefleet.controller.errors import KeyPermissionError, TrustError
 from edgefleet.protocols.errors import TopicError
 from edgefleet.protocols.topics import validate_device_id
+from edgefleet.shared.durable import InsecureFileError, atomic_write, file_lock, read_private
 
 __all__ = [
     "CONTROLLER_COMMON_NAME",
@@ -447,15 +445,9 @@ class CertificateAuthority:
         data = json.dumps({"issued": [e.to_json() for e in index]}, indent=1).encode()
         _atomic_write(self.directory / "index.json", data, 0o600)
 
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
+    def _locked(self) -> contextlib.AbstractContextManager[None]:
         # Re-entrant within one process would need bookkeeping; callers never nest.
-        fd = os.open(self.directory / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
-        finally:
-            os.close(fd)
+        return file_lock(self.directory / ".lock")
 
 
 # ---------------------------------------------------------------------- helpers
@@ -467,17 +459,14 @@ def read_private_file(path: Path) -> bytes:
         TrustError: the file cannot be read (or is a symlink).
     """
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        return read_private(path)
+    except InsecureFileError as exc:
+        raise KeyPermissionError(
+            f"key file {path} has mode {exc.mode:04o}; it must be readable by its owner "
+            f"only (chmod 600 {path})"
+        ) from None
     except OSError as exc:
         raise TrustError(f"cannot open key file {path}: {exc}") from exc
-    with os.fdopen(fd, "rb") as fh:
-        mode = stat.S_IMODE(os.fstat(fh.fileno()).st_mode)
-        if mode & 0o077:
-            raise KeyPermissionError(
-                f"key file {path} has mode {mode:04o}; it must be readable by its owner "
-                f"only (chmod 600 {path})"
-            )
-        return fh.read()
 
 
 def _check_key_strength(public_key: Any) -> None:
@@ -506,19 +495,10 @@ def _private_dir(directory: Path) -> None:
 
 
 def _atomic_write(path: Path, data: bytes, mode: int) -> None:
-    """Write via a temp file created with ``mode``: a key is never briefly world-readable."""
-    tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
+    """Write via :func:`~edgefleet.shared.durable.atomic_write`; a failure is a TrustError."""
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-        with os.fdopen(fd, "wb") as fh:
-            os.fchmod(fh.fileno(), mode)
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        atomic_write(path, data, mode=mode)
     except OSError as exc:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
         raise TrustError(f"cannot write {path}: {exc}") from exc
 
 

@@ -20,23 +20,48 @@ Precedence (highest first): CLI flags, environment (``EDGEFLEET_HOME``,
 from __future__ import annotations
 
 import os
-import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from edgefleet.controller.service import ServiceSettings
 from edgefleet.protocols.errors import ConfigError
 from edgefleet.shared.link import BrokerSettings
+from edgefleet.shared.settings import read_toml, refuse_unknown_keys, settings_from_table
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - exercised on 3.10 only
-    import tomli as tomllib
-
-__all__ = ["DEFAULT_HOME", "ControllerConfig", "load_controller_config"]
+__all__ = ["DEFAULT_HOME", "ControllerConfig", "ServiceSettings", "load_controller_config"]
 
 DEFAULT_HOME = Path("edgefleet-data")
+
+
+@dataclass(frozen=True)
+class ServiceSettings:
+    """The `[service]` table: the running controller's loop timings. Units are in the field names.
+
+    It lives beside the config (not in service.py) so that reading a config
+    file never loads the MQTT service.
+    """
+
+    client_id: str = "edgefleet-controller"
+    ingest_batch_max: int = 500
+    ingest_flush_s: float = 0.5
+    maintenance_interval_s: float = 5.0
+    timestamp_refresh_within_s: float = 6 * 3600
+    # Off only to reproduce a freeze (tests) or while an operator investigates.
+    refresh_metadata: bool = True
+    known_devices_ttl_s: float = 2.0
+    max_blocks_per_request: int = 64
+    # Staged rollouts (controller/rollout): how often each active one is stepped.
+    run_rollouts: bool = True
+    rollout_interval_s: float = 2.0
+    # MQTT shared-subscription group for ingestion and transfers
+    # ("$share/<group>/..."), so several controllers split the work. Empty:
+    # plain subscriptions (amqtt has no shared subscriptions; Mosquitto has).
+    share_group: str = ""
+    # Raw telemetry windows fold into per-minute aggregates this often; raw
+    # windows and minutes are deleted after their retentions.
+    telemetry_rollup_interval_s: float = 60.0
+    telemetry_raw_retention_s: float = 24 * 3600.0
+    telemetry_minute_retention_s: float = 30 * 24 * 3600.0
 
 
 @dataclass(frozen=True)
@@ -79,13 +104,7 @@ def _section(raw: dict[str, Any], key: str, kind: type[Any]) -> Any:
     table = raw.pop(key, {})
     if not isinstance(table, dict):
         raise ConfigError(f"[{key}] must be a table")
-    unknown = set(table) - set(kind.__dataclass_fields__)
-    if unknown:
-        raise ConfigError(f"unknown [{key}] setting(s): {', '.join(sorted(unknown))}")
-    try:
-        return kind(**table)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"invalid [{key}] settings: {exc}") from None
+    return settings_from_table(kind, table, section=f"[{key}]")
 
 
 def load_controller_config(
@@ -103,19 +122,11 @@ def load_controller_config(
     env = os.environ if environ is None else environ
     config = ControllerConfig()
     if path is not None:
-        try:
-            raw = tomllib.loads(Path(path).read_text())
-        except OSError as exc:
-            reason = exc.strerror or exc
-            raise ConfigError(f"cannot read controller config {path}: {reason}") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"controller config {path} is not valid TOML: {exc}") from None
+        raw = read_toml(Path(path), "controller config")
         try:
             broker = _section(raw, "broker", BrokerSettings)
             service = _section(raw, "service", ServiceSettings)
-            unknown = set(raw) - {"home", "database_url", "profiles"}
-            if unknown:
-                raise ConfigError(f"unknown setting(s): {', '.join(sorted(unknown))}")
+            refuse_unknown_keys(raw, {"home", "database_url", "profiles"})
         except ConfigError as exc:
             raise ConfigError(f"{path}: {exc}") from None
         base = Path(path).resolve().parent

@@ -8,32 +8,44 @@ says which variant won and why), signs the bundles, deploys to every agent -
 each gets the variant for its profile - sends inference requests through each
 agent's local endpoint and reads the results back from the controller's
 registry, so what it prints is what the controller saw.
+
+Each agent is a real process (``python -m edgefleet.agent --config FILE``)
+with its own config file and log under the work directory, exactly as on a
+gateway: the controller never imports the agent (docs/architecture.md), and
+everything the demo learns about an agent comes over MQTT into the registry
+or from the agent's HTTP endpoint.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import os
 import shutil
+import socket
+import subprocess
+import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edgefleet.agent.config import AgentConfig, HttpSettings
-from edgefleet.agent.daemon import Agent
-from edgefleet.agent.fetcher import TransferSettings
 from edgefleet.controller.broker import EmbeddedBroker
 from edgefleet.controller.catalog import register_compiled
 from edgefleet.controller.compiler import match_profile
+from edgefleet.controller.config import ServiceSettings
 from edgefleet.controller.demo_model import build_demo_model, demo_inputs
 from edgefleet.controller.registry import Registry
-from edgefleet.controller.service import ControllerService, ServiceSettings
+from edgefleet.controller.service import ControllerService
 from edgefleet.controller.trust import TrustRepository
+from edgefleet.protocols.errors import ProtocolError
+from edgefleet.protocols.messages import ModelRef, ReportedState
+from edgefleet.shared.durable import atomic_write
 from edgefleet.shared.hardware import detect_hardware
 from edgefleet.shared.link import BrokerSettings
 
@@ -119,6 +131,123 @@ def _workdir(path: Path | None) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+# Agents publish telemetry this often, so the demo sees its requests promptly.
+_TELEMETRY_INTERVAL_S = 0.5
+# How long a stopping agent may take to say goodbye (SIGTERM) before it is killed.
+_AGENT_STOP_S = 15.0
+
+
+@dataclass
+class _AgentProcess:
+    """One agent, run as its own process exactly as on a gateway."""
+
+    device_id: str
+    url: str
+    log_file: Path
+    process: subprocess.Popen[bytes]
+
+    @property
+    def exit_code(self) -> int | None:
+        """``None`` while the agent runs."""
+        return self.process.poll()
+
+
+def _free_port() -> int:
+    """A loopback port nobody listens on right now, for one agent's HTTP endpoint."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    return json.dumps(str(value))  # a JSON string is a valid TOML basic string
+
+
+def _toml_table(values: Mapping[str, object]) -> list[str]:
+    return [f"{key} = {_toml_value(value)}" for key, value in values.items() if value is not None]
+
+
+def _write_agent_config(
+    path: Path, device_id: str, state_dir: Path, trust_root: Path, broker: BrokerSettings, port: int
+) -> None:
+    """The agent's config file, in the format of ``deploy/agent.example.toml``."""
+    lines = [
+        *_toml_table(
+            {
+                "device_id": device_id,
+                "state_dir": state_dir,
+                "trust_root": trust_root,
+                "telemetry_interval_s": _TELEMETRY_INTERVAL_S,
+            }
+        ),
+        "",
+        "[broker]",
+        *_toml_table(dataclasses.asdict(broker)),
+        "",
+        "[http]",
+        *_toml_table({"port": port}),
+        "",
+        "[transfer]",
+        *_toml_table({"request_timeout_s": 5.0}),
+    ]
+    # Owner-only: the [broker] table may hold a password.
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write("\n".join(lines) + "\n")
+
+
+def _start_agent(
+    work: Path, device_id: str, trust_root: Path, broker: BrokerSettings
+) -> _AgentProcess:
+    """``python -m edgefleet.agent --config agents/ID/agent.toml``, logging to ``agent.log``."""
+    # Absolute paths: the agent resolves relative ones against its config's folder.
+    home = (work / "agents" / device_id).resolve()
+    home.mkdir(parents=True, exist_ok=True)
+    port = _free_port()
+    config = home / "agent.toml"
+    _write_agent_config(config, device_id, home / "state", trust_root.resolve(), broker, port)
+    log_file = home / "agent.log"
+    with log_file.open("wb") as out:  # the child keeps its own descriptor
+        process = subprocess.Popen(
+            [sys.executable, "-m", "edgefleet.agent", "--config", str(config)],
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=home,
+        )
+    return _AgentProcess(device_id, f"http://127.0.0.1:{port}", log_file, process)
+
+
+def _stop_agents(fleet: list[_AgentProcess]) -> None:
+    """SIGTERM every agent (a clean goodbye, as systemd stops it), then reap; kill stragglers."""
+    for agent in fleet:
+        if agent.exit_code is None:
+            agent.process.terminate()
+    deadline = time.monotonic() + _AGENT_STOP_S
+    for agent in fleet:
+        try:
+            agent.process.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            log.warning("agent %s did not stop in time; killing it", agent.device_id)
+            agent.process.kill()
+            agent.process.wait()
+
+
+def _active_model(reported: Mapping[str, Any] | None) -> ModelRef | None:
+    """The model a device reported it serves, from the registry's copy of its report."""
+    if reported is None:
+        return None
+    try:
+        return ReportedState.from_dict(reported).active
+    except ProtocolError:
+        return None
+
+
 def run_demo(
     agents: int = 5,
     *,
@@ -154,6 +283,21 @@ def run_demo(
         service.start()
         stack.callback(service.stop)
 
+        # The agents start (one process each) before the compile, so that their
+        # start-up (a Python process loading onnxruntime, TUF and paho) overlaps
+        # it. The compile times its candidates in interleaved rounds, so the
+        # extra load slows all of them alike rather than skewing the choice.
+        root_file = work / "root.json"
+        atomic_write(root_file, repository.root_bytes())
+        device_ids = [f"gw-{i + 1:02d}" for i in range(agents)]
+        for device_id in device_ids:
+            registry.enroll_device(device_id, hardware_class="generic", tags=("demo",))
+        fleet: list[_AgentProcess] = []
+        stack.callback(_stop_agents, fleet)
+        for device_id in device_ids:
+            fleet.append(_start_agent(work, device_id, root_file, broker))
+        say(f"started {agents} agents, one process each (logs under {work / 'agents'})")
+
         profile = match_profile(detect_hardware())
         say(
             f"compiling {DEMO_MODEL}@{DEMO_VERSION} for profile {profile.name} "
@@ -179,33 +323,11 @@ def run_demo(
             + ", ".join(b.target_path for b in registered.bundles)
         )
 
-        root_file = work / "root.json"
-        root_file.write_bytes(repository.root_bytes())
-        fleet: list[Agent] = []
-        for i in range(agents):
-            device_id = f"gw-{i + 1:02d}"
-            registry.enroll_device(device_id, hardware_class="generic", tags=("demo",))
-            agent = Agent(
-                AgentConfig(
-                    device_id=device_id,
-                    state_dir=work / "agents" / device_id,
-                    trust_root=root_file,
-                    telemetry_interval_s=1.0,
-                    broker=broker,
-                    http=HttpSettings(port=0),
-                    transfer=TransferSettings(request_timeout_s=5.0),
-                )
-            )
-            agent.start()
-            stack.callback(agent.stop)
-            fleet.append(agent)
-        say(f"started {agents} agents")
-
-        device_ids = [a.device_id for a in fleet]
-
         def all_reported() -> bool:
             devices = {d.id: d for d in registry.list_devices()}
-            return all(devices[i].profile is not None for i in device_ids)
+            return all(
+                devices[a.device_id].profile is not None or a.exit_code is not None for a in fleet
+            )
 
         # Deploy once every device has reported its hardware, so each gets the
         # variant for its profile straight away (a later report would re-target
@@ -215,39 +337,46 @@ def run_demo(
         say(f"deployment {deployment.id} to {len(device_ids)} devices")
 
         def all_settled() -> bool:
+            devices = {d.id: d for d in registry.list_devices()}
             for agent in fleet:
+                if agent.exit_code is not None:
+                    continue  # it will not settle; the result says why
+                info = devices[agent.device_id]
                 desired = registry.desired_for(agent.device_id)
-                active = agent.active_model
+                active = _active_model(info.reported)
                 done = (
                     desired is not None
                     and desired.model is not None
                     and active is not None
                     and active.target == desired.model.target
                 )
-                if not done and agent.reported_state().last_error is None:
+                if not done and info.last_error is None:
                     return False
             return True
 
         _wait(all_settled, timeout_s)
+        active_models = {
+            d.id: model
+            for d in registry.list_devices()
+            if (model := _active_model(d.reported)) is not None
+        }
+        serving = [a for a in fleet if a.device_id in active_models and a.exit_code is None]
         inputs = demo_inputs(1)
         body = {"inputs": {k: v.tolist() for k, v in inputs.items()}}
-        for agent in fleet:
-            if agent.active_model is None:
-                continue
+        for agent in serving:
             for _ in range(requests_per_agent):
                 try:
-                    _post_json(f"{agent.server.url}/v1/infer", body)
+                    _post_json(f"{agent.url}/v1/infer", body)
                 except OSError as exc:
                     log.warning("inference on %s failed: %s", agent.device_id, exc)
-            agent.flush_telemetry()
         say(f"sent {requests_per_agent} inference requests through each agent's local endpoint")
 
         def telemetry_stored() -> bool:
+            # Each agent publishes a telemetry window every _TELEMETRY_INTERVAL_S.
             rows = {s.device_id: s for s in registry.device_summaries()}
             return all(
-                a.active_model is None
-                or (a.device_id in rows and rows[a.device_id].inferences >= requests_per_agent)
-                for a in fleet
+                a.device_id in rows and rows[a.device_id].inferences >= requests_per_agent
+                for a in serving
             )
 
         _wait(telemetry_stored, 10.0)
@@ -260,9 +389,13 @@ def run_demo(
             compile_report=report.to_dict(),
         )
         variants = {
-            a.device_id: a.active_model.target.rsplit("/", 1)[-1].removesuffix(".bundle")
+            device_id: model.target.rsplit("/", 1)[-1].removesuffix(".bundle")
+            for device_id, model in active_models.items()
+        }
+        exited = {
+            a.device_id: f"agent process exited with code {a.exit_code} (log: {a.log_file})"
             for a in fleet
-            if a.active_model is not None
+            if a.exit_code is not None
         }
         for summary in sorted(registry.device_summaries(), key=lambda s: s.device_id):
             active = summary.active_version == DEMO_VERSION and summary.last_error_code is None
@@ -274,7 +407,7 @@ def run_demo(
                     inferences=summary.inferences,
                     p50_ms=None if summary.p50_ms is None else round(summary.p50_ms, 3),
                     variant=variants.get(summary.device_id),
-                    error=summary.last_error_message,
+                    error=summary.last_error_message or exited.get(summary.device_id),
                 )
             )
         result.elapsed_s = time.monotonic() - started

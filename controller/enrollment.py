@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import fcntl
 import hashlib
 import json
 import logging
@@ -48,6 +47,7 @@ from edgefleet.controller.ca import (
 from edgefleet.controller.errors import TrustError
 from edgefleet.protocols.errors import EdgefleetError, TopicError
 from edgefleet.protocols.topics import validate_device_id
+from edgefleet.shared.durable import file_lock
 
 __all__ = [
     "ENROLL_PATH",
@@ -172,9 +172,7 @@ class TokenStore:
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[dict[str, dict[str, Any]]]:
-        fd = os.open(self.directory / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+        with file_lock(self.directory / ".lock"):
             try:
                 tokens: dict[str, dict[str, Any]] = json.loads(self._file.read_text())["tokens"]
             except FileNotFoundError:
@@ -185,8 +183,6 @@ class TokenStore:
             yield tokens
             if json.dumps(tokens, sort_keys=True) != before:
                 write_private_file(self._file, json.dumps({"tokens": tokens}, indent=1).encode())
-        finally:
-            os.close(fd)
 
 
 def token_file_document(

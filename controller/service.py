@@ -9,7 +9,12 @@ Threads, and why:
   them to the registry in batches (one transaction per batch, not per message).
 - The *rollouts* loop steps every active staged rollout (one transaction
   per rollout under its row lock, so controllers sharing a database never
-  take a step twice) and wakes the outbox when desired states changed.
+  take a step twice) and wakes the outbox when desired states changed. It
+  runs only with ``run_rollouts``.
+- The *telemetry* loop folds raw telemetry windows into per-minute rows and
+  applies both retentions, every ``telemetry_rollup_interval_s``. It runs
+  whether or not this controller steps rollouts: a controller that does not
+  must still keep the telemetry tables bounded.
 - The *maintenance* loop publishes desired states the registry marks as
   unpublished (an outbox: a deploy made while the broker was down is sent
   later, and a restart re-sends nothing twice that changes anything), and
@@ -28,11 +33,11 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from datetime import timedelta
 
 from edgefleet.controller.compiler.errors import ProfileError
 from edgefleet.controller.compiler.profiles import BUILTIN_PROFILES, Profile, match_profile
+from edgefleet.controller.config import ServiceSettings
 from edgefleet.controller.registry import DeploymentInfo, Registry
 from edgefleet.controller.registry.telemetry import rollup_telemetry
 from edgefleet.controller.rollout.runner import RolloutRunner
@@ -49,38 +54,11 @@ from edgefleet.protocols.messages import (
 from edgefleet.protocols.topics import Channel, DeviceTopic, controller_subscriptions
 from edgefleet.shared.link import BrokerSettings, Link, LinkFactory, mqtt_links
 
-__all__ = ["ControllerService", "ServiceSettings", "publish_desired_states"]
+__all__ = ["ControllerService", "publish_desired_states"]
 
 log = logging.getLogger(__name__)
 
 _STATUS_VALUES = {b"online": True, b"offline": False}
-
-
-@dataclass(frozen=True)
-class ServiceSettings:
-    """Controller loop timings. Units are in the field names."""
-
-    client_id: str = "edgefleet-controller"
-    ingest_batch_max: int = 500
-    ingest_flush_s: float = 0.5
-    maintenance_interval_s: float = 5.0
-    timestamp_refresh_within_s: float = 6 * 3600
-    # Off only to reproduce a freeze (tests) or while an operator investigates.
-    refresh_metadata: bool = True
-    known_devices_ttl_s: float = 2.0
-    max_blocks_per_request: int = 64
-    # Staged rollouts (controller/rollout): how often each active one is stepped.
-    run_rollouts: bool = True
-    rollout_interval_s: float = 2.0
-    # MQTT shared-subscription group for ingestion and transfers
-    # ("$share/<group>/..."), so several controllers split the work. Empty:
-    # plain subscriptions (amqtt has no shared subscriptions; Mosquitto has).
-    share_group: str = ""
-    # Raw telemetry windows fold into per-minute aggregates this often; raw
-    # windows and minutes are deleted after their retentions.
-    telemetry_rollup_interval_s: float = 60.0
-    telemetry_raw_retention_s: float = 24 * 3600.0
-    telemetry_minute_retention_s: float = 30 * 24 * 3600.0
 
 
 def publish_desired_states(
@@ -166,6 +144,7 @@ class ControllerService:
             ("transfer", self._transfer_loop),
             ("ingest", self._ingest_loop),
             ("maintenance", self._maintenance_loop),
+            ("telemetry", self._telemetry_loop),
             *([("rollouts", self._rollout_loop)] if self.settings.run_rollouts else []),
         ):
             t = threading.Thread(target=target, name=f"controller-{name}", daemon=True)
@@ -373,23 +352,30 @@ class ControllerService:
                 log.exception("maintenance step failed; retrying in %ss", s.maintenance_interval_s)
 
     def _rollout_loop(self) -> None:
-        """Step rollouts every interval; roll telemetry up every rollup interval."""
+        """Step every active rollout each ``rollout_interval_s``."""
         s = self.settings
-        next_rollup = time.monotonic() + s.telemetry_rollup_interval_s
         while not self._stop.wait(s.rollout_interval_s):
             try:
                 results = self.rollouts.step_all()
                 if any(r.desired_changed for r in results):
                     self._wake_outbox.set()
-                if time.monotonic() >= next_rollup:
-                    next_rollup = time.monotonic() + s.telemetry_rollup_interval_s
-                    rollup_telemetry(
-                        self.registry,
-                        raw_retention_s=s.telemetry_raw_retention_s,
-                        minute_retention_s=s.telemetry_minute_retention_s,
-                    )
             except Exception:  # the database may be back next time
                 log.exception("rollout step failed; retrying in %ss", s.rollout_interval_s)
+
+    def _telemetry_loop(self) -> None:
+        """Roll telemetry up and apply retention each ``telemetry_rollup_interval_s``."""
+        s = self.settings
+        while not self._stop.wait(s.telemetry_rollup_interval_s):
+            try:
+                rollup_telemetry(
+                    self.registry,
+                    raw_retention_s=s.telemetry_raw_retention_s,
+                    minute_retention_s=s.telemetry_minute_retention_s,
+                )
+            except Exception:  # the database may be back next time
+                log.exception(
+                    "telemetry rollup failed; retrying in %ss", s.telemetry_rollup_interval_s
+                )
 
     def flush_rejections(self) -> None:
         """Add the rejections counted in memory to the registry's counters."""

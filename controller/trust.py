@@ -31,11 +31,9 @@ two different files with the same version number.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import os
 import re
-import secrets
 import stat
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -58,8 +56,10 @@ from tuf.api.metadata import (
 )
 from tuf.api.serialization.json import JSONSerializer
 
-from edgefleet.controller.errors import KeyPermissionError, TrustError
+from edgefleet.controller.ca import read_private_file
+from edgefleet.controller.errors import TrustError
 from edgefleet.protocols.bundle import TargetCustom
+from edgefleet.shared.durable import atomic_write, ensure_dir, file_lock, fsync_dir
 
 __all__ = ["ROLES", "Expiry", "PublishedTarget", "TrustRepository"]
 
@@ -386,7 +386,7 @@ class TrustRepository:
             root.add_key(new.public_key, role)
             self._new_root(state, root_signers)
             os.replace(key_path.with_suffix(".key.next"), key_path)
-            _fsync_dir(key_path.parent)
+            fsync_dir(key_path.parent)
             self._signers[role] = [new]
             self._publish(state)
         return str(new.public_key.keyid)
@@ -415,9 +415,9 @@ class TrustRepository:
             raise TrustError("the root key is already offline")
         if destination.exists():
             raise TrustError(f"{destination} exists; refusing to overwrite a key file")
-        _atomic_write(destination, _read_private_file(source), mode=0o600)
+        _atomic_write(destination, read_private_file(source), mode=0o600)
         source.unlink()
-        _fsync_dir(source.parent)
+        fsync_dir(source.parent)
         self._signers["root"] = []
 
     def _root_signers(self, root_key: Path | None, root: Root) -> list[Signer]:
@@ -497,19 +497,16 @@ class TrustRepository:
     @contextlib.contextmanager
     def _locked(self) -> Iterator[_State]:
         """Hold the repository's write lock; yield the state as on disk now."""
-        try:
-            fd = os.open(self._root / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
-        except OSError as exc:
-            raise TrustError(f"cannot lock {self._root}: {exc}") from exc
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+        with contextlib.ExitStack() as held:
+            try:
+                held.enter_context(file_lock(self._root / ".lock"))
+            except OSError as exc:
+                raise TrustError(f"cannot lock {self._root}: {exc}") from exc
             state = _load_state(self._root)
             if state.root.signed.version != self._root_version:
                 self._signers = _load_signers(self._root, state.root.signed)
                 self._root_version = state.root.signed.version
             yield state
-        finally:
-            os.close(fd)  # closing releases the flock
 
     def _publish(
         self,
@@ -574,7 +571,7 @@ def _load_signers(root_dir: Path, root: Root) -> dict[str, list[Signer]]:
         if role == "root" and not path.exists():
             signers[role] = []  # kept offline; root changes need --root-key
             continue
-        pem = _read_private_file(path)
+        pem = read_private_file(path)
         try:
             private_key = load_pem_private_key(pem, password=None)
             candidate = SSlibKey.from_crypto(private_key.public_key())
@@ -588,7 +585,7 @@ def _load_signers(root_dir: Path, root: Root) -> dict[str, list[Signer]]:
 
 def _load_signer(path: Path) -> CryptoSigner:
     """A signer from a PEM private key file (owner-only permissions required)."""
-    pem = _read_private_file(path)
+    pem = read_private_file(path)
     try:
         private_key = load_pem_private_key(pem, password=None)
         return CryptoSigner(private_key, SSlibKey.from_crypto(private_key.public_key()))
@@ -604,25 +601,9 @@ def _finish_rotation(path: Path, pending: Path, keyids: list[str]) -> None:
         return
     if new.public_key.keyid in keyids:
         os.replace(pending, path)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
     else:
         pending.unlink(missing_ok=True)
-
-
-def _read_private_file(path: Path) -> bytes:
-    """Read a key file, refusing it if anyone but its owner may access it."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-    except OSError as exc:
-        raise TrustError(f"cannot open key file {path}: {exc}") from exc
-    with os.fdopen(fd, "rb") as fh:
-        mode = os.fstat(fh.fileno()).st_mode
-        if mode & 0o077:
-            raise KeyPermissionError(
-                f"key file {path} has mode {stat.S_IMODE(mode):04o}; it must be readable "
-                f"by its owner only (chmod 600 {path})"
-            )
-        return fh.read()
 
 
 def _newest_root(root_dir: Path) -> Path:
@@ -716,45 +697,16 @@ def _check_target_path(path: str) -> None:
         )
 
 
-def _makedirs(directory: Path) -> None:
-    """Create ``directory`` and missing parents, syncing each new entry to disk."""
-    if directory.is_dir():
-        return
-    _makedirs(directory.parent)
-    with contextlib.suppress(FileExistsError):
-        directory.mkdir()
-        _fsync_dir(directory.parent)
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _atomic_write(path: Path, data: bytes, *, mode: int) -> None:
-    """Replace ``path`` with ``data`` so readers see the old or the new file, never half.
+    """Replace ``path`` with ``data`` (see :func:`~edgefleet.shared.durable.atomic_write`).
 
-    The temporary file is created with ``mode`` from the start (and chmod-ed
-    past the umask), so a private key is never briefly world-readable.
+    Missing parent directories are created durably first.
 
     Raises:
         TrustError: The file cannot be written.
     """
-    tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
     try:
-        _makedirs(path.parent)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-        with os.fdopen(fd, "wb") as fh:
-            os.fchmod(fh.fileno(), mode)
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        ensure_dir(path.parent)
+        atomic_write(path, data, mode=mode)
     except OSError as exc:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
         raise TrustError(f"cannot write {path}: {exc}") from exc

@@ -25,6 +25,8 @@ FEATURE_ALIASES: Mapping[str, str] = {
     "avx512_fp16": "fp16arith",
     "avx512fp16": "fp16arith",
 }
+# Linux says ``aarch64`` where macOS says ``arm64``, and Windows ``AMD64`` where
+# Linux says ``x86_64``: hardware classes must not depend on the OS.
 ARCH_ALIASES: Mapping[str, str] = {
     "x86_64": "x86_64",
     "amd64": "x86_64",
@@ -32,6 +34,10 @@ ARCH_ALIASES: Mapping[str, str] = {
     "aarch64": "arm64",
     "arm64": "arm64",
     "aarch64_be": "arm64",
+    "i386": "x86",
+    "i486": "x86",
+    "i586": "x86",
+    "i686": "x86",
     "any": "any",
 }
 # Instructions every CPU of an architecture has, so a device that reports no
@@ -43,9 +49,14 @@ BASELINE: Mapping[str, frozenset[str]] = {
 
 
 def normalize_arch(arch: str) -> str:
-    """One spelling per architecture (``aarch64`` -> ``arm64``, ``AMD64`` -> ``x86_64``)."""
+    """One spelling per architecture (``aarch64`` -> ``arm64``, ``AMD64`` -> ``x86_64``).
+
+    Used on ``platform.machine()`` by the agent's hardware report and the
+    compiler's host description, and on profile and bundle requirements.
+    Unknown names are returned lower-cased; an empty one is ``"unknown"``.
+    """
     key = arch.strip().lower()
-    return ARCH_ALIASES.get(key, key)
+    return ARCH_ALIASES.get(key, key or "unknown")
 
 
 def normalize_features(features: Iterable[str], arch: str | None = None) -> frozenset[str]:

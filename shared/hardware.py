@@ -1,4 +1,4 @@
-"""CPU architecture and feature detection for the agent's hardware report.
+"""CPU architecture and feature detection: the agent's hardware report, the compiler's host.
 
 The controller picks (and the compiler builds) bundles per hardware class;
 what the agent reports here lets an operator see whether a device can run an
@@ -10,18 +10,34 @@ just bloat every state report.
 On machines with several ``flags``/``Features`` lines (one per core) the
 *intersection* is reported: on a big.LITTLE Arm board a feature only some
 cores have cannot be relied on, because the scheduler may move us anywhere.
+
+``/proc/cpuinfo`` is parsed here only (:func:`parse_cpuinfo`); the compiler's
+description of the machine it measures on reads it through
+:func:`read_cpuinfo`. Architecture names are normalised by
+:func:`edgefleet.protocols.hardware.normalize_arch`, the one spelling both
+sides compare.
 """
 
 from __future__ import annotations
 
 import logging
 import platform
+from dataclasses import dataclass
 from pathlib import Path
 
+from edgefleet.protocols.hardware import normalize_arch
 from edgefleet.protocols.messages import HardwareInfo
 from edgefleet.shared.runtime import available_runtimes
 
-__all__ = ["RELEVANT_FEATURES", "detect_hardware", "normalize_arch", "parse_cpu_features"]
+__all__ = [
+    "CPUINFO",
+    "RELEVANT_FEATURES",
+    "CpuInfo",
+    "detect_hardware",
+    "parse_cpu_features",
+    "parse_cpuinfo",
+    "read_cpuinfo",
+]
 
 log = logging.getLogger(__name__)
 
@@ -54,33 +70,52 @@ RELEVANT_FEATURES = frozenset(
 # Every AMX variant (amx_tile, amx_int8, amx_bf16, amx_fp16, ...) is relevant.
 _RELEVANT_PREFIXES = ("amx",)
 
-_ARCH = {
-    "x86_64": "x86_64",
-    "amd64": "x86_64",
-    "x64": "x86_64",
-    "aarch64": "arm64",
-    "arm64": "arm64",
-    "aarch64_be": "arm64",
-    "i386": "x86",
-    "i486": "x86",
-    "i586": "x86",
-    "i686": "x86",
-}
+
+def _relevant(flags: frozenset[str]) -> tuple[str, ...]:
+    return tuple(
+        sorted(f for f in flags if f in RELEVANT_FEATURES or f.startswith(_RELEVANT_PREFIXES))
+    )
 
 
-def normalize_arch(machine: str) -> str:
-    """Map ``platform.machine()`` spellings to one name per architecture.
+@dataclass(frozen=True)
+class CpuInfo:
+    """What ``/proc/cpuinfo`` says about this CPU.
 
-    Linux says ``aarch64`` where macOS says ``arm64`` and Windows ``AMD64``
-    where Linux says ``x86_64``; hardware classes must not depend on the OS.
-    Unknown names are returned lower-cased.
+    Attributes:
+        model: the ``model name`` of the first core (x86); ``None`` when not
+            reported (most Arm kernels).
+        flags: every ``flags``/``Features`` entry all cores share, lower-cased.
     """
-    key = machine.strip().lower()
-    return _ARCH.get(key, key or "unknown")
+
+    model: str | None
+    flags: frozenset[str]
 
 
-def _relevant(flag: str) -> bool:
-    return flag in RELEVANT_FEATURES or flag.startswith(_RELEVANT_PREFIXES)
+def parse_cpuinfo(cpuinfo_text: str) -> CpuInfo:
+    """Parse ``/proc/cpuinfo`` text; the flags are those common to all cores."""
+    model: str | None = None
+    common: set[str] | None = None
+    for line in cpuinfo_text.splitlines():
+        key, sep, value = line.partition(":")
+        if not sep:
+            continue
+        key = key.strip()
+        if key == "model name" and model is None and value.strip():
+            model = value.strip()
+        elif key in ("flags", "Features"):
+            flags = set(value.lower().split())
+            common = flags if common is None else common & flags
+    return CpuInfo(model=model, flags=frozenset(common or ()))
+
+
+def read_cpuinfo(path: Path = CPUINFO) -> CpuInfo:
+    """This machine's :class:`CpuInfo`; empty where ``/proc/cpuinfo`` cannot be read."""
+    try:
+        text = path.read_text(errors="replace")
+    except OSError as exc:
+        log.debug("no CPU feature information: %s", exc)
+        text = ""
+    return parse_cpuinfo(text)
 
 
 def parse_cpu_features(cpuinfo_text: str) -> tuple[str, ...]:
@@ -89,14 +124,7 @@ def parse_cpu_features(cpuinfo_text: str) -> tuple[str, ...]:
     Reads ``flags`` lines (x86) and ``Features`` lines (Arm) and keeps the
     relevant features common to all of them.
     """
-    common: set[str] | None = None
-    for line in cpuinfo_text.splitlines():
-        key, sep, value = line.partition(":")
-        if not sep or key.strip() not in ("flags", "Features"):
-            continue
-        flags = {f for f in value.lower().split() if _relevant(f)}
-        common = flags if common is None else common & flags
-    return tuple(sorted(common or ()))
+    return _relevant(parse_cpuinfo(cpuinfo_text).flags)
 
 
 def detect_hardware(
@@ -114,15 +142,10 @@ def detect_hardware(
             the file (tests; or empty on systems without it).
         machine: ``platform.machine()`` value to use instead of the real one.
     """
-    if cpuinfo_text is None:
-        try:
-            cpuinfo_text = CPUINFO.read_text(errors="replace")
-        except OSError as exc:
-            log.debug("no CPU feature information: %s", exc)
-            cpuinfo_text = ""
+    cpu = read_cpuinfo() if cpuinfo_text is None else parse_cpuinfo(cpuinfo_text)
     return HardwareInfo(
         arch=normalize_arch(platform.machine() if machine is None else machine),
-        cpu_features=parse_cpu_features(cpuinfo_text),
+        cpu_features=_relevant(cpu.flags),
         runtimes=available_runtimes(),
         hardware_class=hardware_class or "generic",
     )

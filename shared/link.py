@@ -29,6 +29,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 
 from edgefleet.protocols.errors import BrokerError, ConfigError
+from edgefleet.shared.settings import settings_from_table
 
 __all__ = ["BrokerSettings", "Handler", "Link", "LinkFactory", "MqttLink", "Will", "mqtt_links"]
 
@@ -67,14 +68,7 @@ class BrokerSettings:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> BrokerSettings:
         """Build from a ``[broker]`` config table, refusing unknown keys."""
-        known = set(cls.__dataclass_fields__)
-        unknown = set(d) - known
-        if unknown:
-            raise ConfigError(f"unknown broker setting(s): {', '.join(sorted(unknown))}")
-        try:
-            return cls(**d)
-        except TypeError as exc:
-            raise ConfigError(f"invalid broker settings: {exc}") from None
+        return settings_from_table(cls, d, section="broker")
 
 
 @dataclass(frozen=True)

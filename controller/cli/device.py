@@ -14,6 +14,7 @@ import click
 
 from edgefleet.controller.cli.context import Context, pass_ctx
 from edgefleet.controller.cli.output import emit, friendly_errors, json_option, render_table
+from edgefleet.shared.durable import atomic_write
 
 __all__ = ["device_group"]
 
@@ -64,7 +65,7 @@ def device_enroll(
         finally:
             registry.close()
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "root.json").write_bytes(ctx.repository().root_bytes())
+        atomic_write(out_dir / "root.json", ctx.repository().root_bytes())
         b = cfg.broker
         lines = [
             f'device_id = "{device_id}"',
@@ -82,7 +83,7 @@ def device_enroll(
             'host = "127.0.0.1"',
             "port = 8470",
         ]
-        (out_dir / "agent.toml").write_text("\n".join(lines) + "\n")
+        atomic_write(out_dir / "agent.toml", ("\n".join(lines) + "\n").encode())
     data = {
         "device_id": device_id,
         "config": str(out_dir / "agent.toml"),

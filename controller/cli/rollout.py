@@ -23,7 +23,7 @@ from edgefleet.controller.cli.output import emit, friendly_errors, json_option, 
 from edgefleet.controller.rollout.engine import RolloutConfig, RolloutStatus
 
 if TYPE_CHECKING:
-    from edgefleet.controller.registry.rollouts import (
+    from edgefleet.controller.rollout.store import (
         DecisionInfo,
         RolloutInfo,
         RolloutStore,
@@ -49,7 +49,7 @@ def _actor() -> str:
 
 def _store(ctx: Context) -> RolloutStore:
     # The store (SQLAlchemy) loads when a rollout command runs, not for --help.
-    from edgefleet.controller.registry.rollouts import RolloutStore
+    from edgefleet.controller.rollout.store import RolloutStore
 
     return RolloutStore(ctx.registry(), actor=_actor())
 
@@ -227,7 +227,7 @@ def create(
     **strategy: Any,
 ) -> None:
     """Create (and start) a rollout of MODEL VERSION."""
-    from edgefleet.controller.registry.rollouts import Selector
+    from edgefleet.controller.rollout.store import Selector
 
     with friendly_errors():
         selector = Selector(devices=devices, tags=tags, profiles=profiles, all=all_devices)

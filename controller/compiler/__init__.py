@@ -17,9 +17,12 @@ The compiler measures and refuses rather than assumes (design section 5):
 every candidate is compared with the fp32 source on validation data and
 timed against it on this machine, and nothing that fails the gate or (for
 the latency objective) runs slower than fp32 is ever chosen.
+
+The ``edgefleet model compile`` command lives in
+:mod:`edgefleet.controller.compiler.cli` and is not imported here: the
+service and the catalog read profiles and compile without loading click.
 """
 
-from edgefleet.controller.compiler.cli import compile_command
 from edgefleet.controller.compiler.data import SampleSet, load_samples
 from edgefleet.controller.compiler.errors import (
     CompileError,
@@ -31,7 +34,7 @@ from edgefleet.controller.compiler.errors import (
     ToleranceError,
 )
 from edgefleet.controller.compiler.evaluate import Accuracy, LatencyStats, OutputScore
-from edgefleet.controller.compiler.pipeline import compile_model
+from edgefleet.controller.compiler.pipeline import compile_model, load_source
 from edgefleet.controller.compiler.profiles import (
     BUILTIN_PROFILES,
     Profile,
@@ -39,12 +42,8 @@ from edgefleet.controller.compiler.profiles import (
     load_profiles,
     match_profile,
 )
-from edgefleet.controller.compiler.recipes import (
-    BuildInput,
-    Built,
-    Recipe,
-    default_recipes,
-)
+from edgefleet.controller.compiler.recipe_base import BuildInput, Built, Recipe
+from edgefleet.controller.compiler.recipes import default_recipes
 from edgefleet.controller.compiler.report import (
     Attempt,
     CandidateReport,
@@ -53,7 +52,7 @@ from edgefleet.controller.compiler.report import (
     Variant,
     select,
 )
-from edgefleet.controller.compiler.source import SourceModel, load_source
+from edgefleet.controller.compiler.source import SourceModel
 
 __all__ = [
     "BUILTIN_PROFILES",
@@ -78,7 +77,6 @@ __all__ = [
     "SourceModelError",
     "ToleranceError",
     "Variant",
-    "compile_command",
     "compile_model",
     "default_recipes",
     "get_profile",

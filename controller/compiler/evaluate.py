@@ -24,7 +24,8 @@ Latency rule
 All sessions use one intra-op thread. After a warm-up, the timed runs go
 round-robin over fp32 and every candidate, rotating the order each round, so
 a burst of load from another process on a shared machine hits all models
-alike. p50 and p95 are per-model percentiles of the same rounds.
+alike. p50 and p95 are per-model percentiles of the same rounds, by nearest
+rank (:mod:`edgefleet.shared.latency`), the definition the agent reports.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ import numpy as np
 import numpy.typing as npt
 
 from edgefleet.controller.compiler.data import Feed, SampleSet
+from edgefleet.shared.latency import percentiles
 
 __all__ = [
     "METRICS",
@@ -297,12 +299,8 @@ def measure_latency(
             t0 = time.perf_counter_ns()
             sess.run(None, feed)
             times[name].append(time.perf_counter_ns() - t0)
-    stats = {
-        name: LatencyStats(
-            p50_ms=float(np.percentile(t, 50)) / 1e6,
-            p95_ms=float(np.percentile(t, 95)) / 1e6,
-            runs=len(t),
-        )
-        for name, t in times.items()
-    }
+    stats: dict[str, LatencyStats] = {}
+    for name, t in times.items():
+        p50_ns, p95_ns = percentiles(t, 50, 95)  # nearest rank, as the agent reports
+        stats[name] = LatencyStats(p50_ms=p50_ns / 1e6, p95_ms=p95_ns / 1e6, runs=len(t))
     return stats, errors

@@ -56,15 +56,9 @@ from edgefleet.controller.compiler.evaluate import (
     measure_latency,
     run_samples,
 )
-from edgefleet.controller.compiler.profiles import Profile, normalize_arch, normalize_features
-from edgefleet.controller.compiler.recipes import (
-    BuildInput,
-    Built,
-    Recipe,
-    SourceRecipe,
-    default_recipes,
-    prepare_for_quantization,
-)
+from edgefleet.controller.compiler.profiles import Profile
+from edgefleet.controller.compiler.recipe_base import BuildInput, Built, Recipe, SourceRecipe
+from edgefleet.controller.compiler.recipes import default_recipes, prepare_for_quantization
 from edgefleet.controller.compiler.report import (
     Attempt,
     CandidateReport,
@@ -74,36 +68,55 @@ from edgefleet.controller.compiler.report import (
     select,
 )
 from edgefleet.controller.compiler.sensitivity import rank_sensitive_nodes
-from edgefleet.controller.compiler.source import SourceModel, first_line, load_source, make_session
+from edgefleet.controller.compiler.source import (
+    SourceModel,
+    first_line,
+    load_onnx_source,
+    make_session,
+    read_source,
+)
+from edgefleet.controller.compiler.tflite import (
+    litert_versions,
+    load_tflite_source,
+    make_tflite_session,
+)
+from edgefleet.protocols.hardware import normalize_arch, normalize_features
+from edgefleet.shared.hardware import read_cpuinfo
+from edgefleet.shared.runtime import is_tflite
 
-__all__ = ["compile_model", "host_info"]
+__all__ = ["compile_model", "host_info", "load_source"]
 
-_CPUINFO = Path("/proc/cpuinfo")
+
+def load_source(source: Path | str | bytes) -> SourceModel:
+    """Read, parse, check and trial-load the fp32 source model.
+
+    A file with the TFLite identifier (``TFL3`` at bytes 4..8) is loaded as a
+    TFLite source (:func:`~edgefleet.controller.compiler.tflite.load_tflite_source`);
+    anything else must be ONNX (:func:`~edgefleet.controller.compiler.source.load_onnx_source`).
+    The choice is made here, above both loaders, so that neither imports the other.
+
+    Raises:
+        SourceModelError: the file cannot be read, is empty, is not an ONNX
+            model, fails the ONNX checker, stores weights externally, has no
+            inputs, or onnxruntime cannot load it (for TFLite: the flatbuffer
+            is corrupt or the interpreter refuses it).
+    """
+    data, where = read_source(source)
+    if is_tflite(data):
+        return load_tflite_source(data, where)
+    return load_onnx_source(data, where)
 
 
 def host_info(profile: Profile | None = None) -> dict[str, Any]:
     """The machine latencies are measured on, and whether it has ``profile``'s features."""
     import onnxruntime as ort
 
-    from edgefleet.controller.compiler.tflite import litert_versions
-
-    cpu = platform.processor() or platform.machine()
-    flags: set[str] = set()
-    try:
-        text = _CPUINFO.read_text(errors="replace")
-    except OSError:
-        text = ""
-    for line in text.splitlines():
-        key, sep, value = line.partition(":")
-        key = key.strip()
-        if not sep:
-            continue
-        if key == "model name" and value.strip():
-            cpu = value.strip()
-        elif key in ("flags", "Features"):
-            flags |= set(value.split())
+    # The same /proc/cpuinfo reading as the agent's hardware report (flags
+    # common to all cores), so "matches_profile" means what match_profile means.
+    cpuinfo = read_cpuinfo()
+    cpu = cpuinfo.model or platform.processor() or platform.machine()
     arch = normalize_arch(platform.machine())
-    features = normalize_features(flags, arch)
+    features = normalize_features(cpuinfo.flags, arch)
     interesting = {"avx2", "avx512f", "vnni", "avx512_vnni", "avx_vnni", "neon", "dotprod"}
     interesting |= {"asimddp", "fp16arith", "i8mm"}
     info: dict[str, Any] = {
@@ -174,8 +187,6 @@ def _check_reference(outputs: list[list[Any]], names: Sequence[str]) -> None:
 def _session_factory(src: SourceModel) -> Callable[[bytes], Any]:
     """How candidates of this source are loaded for measuring: onnxruntime or TFLite."""
     if src.format == "tflite":
-        from edgefleet.controller.compiler.tflite import make_tflite_session
-
         return make_tflite_session
     return make_session
 

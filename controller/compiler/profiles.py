@@ -29,7 +29,6 @@ Custom profiles come from a TOML file::
 from __future__ import annotations
 
 import re
-import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,11 +39,7 @@ from edgefleet.controller.compiler.errors import ProfileError
 # Normalisation is shared with the agent, which checks signed requirements.
 from edgefleet.protocols.hardware import normalize_arch, normalize_features
 from edgefleet.protocols.messages import HardwareInfo
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - exercised on Python 3.10 only
-    import tomli as tomllib  # type: ignore[import-not-found, unused-ignore]
+from edgefleet.shared.settings import read_toml, refuse_unknown_keys
 
 __all__ = [
     "ARCHES",
@@ -149,11 +144,12 @@ class Profile:
             "objective",
             "description",
         }
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ProfileError(
-                f"{where}: unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
-            )
+        refuse_unknown_keys(
+            d,
+            known,
+            what="field(s)",
+            error=lambda msg: ProfileError(f"{where}: {msg}; known: {', '.join(sorted(known))}"),
+        )
         features = _str_list(d, "cpu_features", where, default=[])
         precisions = _str_list(d, "precisions", where, default=list(COMPILER_PRECISIONS))
         max_bytes = d.get("max_bundle_bytes")
@@ -320,22 +316,16 @@ def load_profiles(path: Path | str, *, include_builtin: bool = True) -> dict[str
         ProfileError: the file cannot be read, is not TOML, or a profile is invalid.
     """
     p = Path(path)
-    try:
-        raw = p.read_bytes()
-    except OSError as exc:
-        raise ProfileError(f"cannot read profile file {p}: {exc.strerror or exc}") from None
-    try:
-        doc = tomllib.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError:
-        raise ProfileError(f"profile file {p} is not UTF-8 text") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ProfileError(f"profile file {p} is not valid TOML: {exc}") from None
+    doc = read_toml(p, "profile file", error=ProfileError)
     tables = doc.get("profiles")
     if not isinstance(tables, dict) or not tables:
         raise ProfileError(f"profile file {p} has no [profiles.<name>] tables")
-    extra = sorted(set(doc) - {"profiles"})
-    if extra:
-        raise ProfileError(f"profile file {p}: unknown top-level key(s) {', '.join(extra)}")
+    refuse_unknown_keys(
+        doc,
+        {"profiles"},
+        what="top-level key(s)",
+        error=lambda msg: ProfileError(f"profile file {p}: {msg}"),
+    )
     out: dict[str, Profile] = dict(BUILTIN_PROFILES) if include_builtin else {}
     for name, table in tables.items():
         if not isinstance(table, dict):

@@ -22,43 +22,45 @@ u8s8 kernels sum pairs of products in 16 bits, which saturates with full
 8-bit ranges.
 
 Every onnxruntime call runs on temporary files and its Python warnings and
-log warnings are captured into the candidate's notes rather than printed.
+log warnings are captured into the candidate's notes rather than printed
+(:func:`~edgefleet.controller.compiler.recipe_base.capture_notes`). The
+:class:`Recipe` interface and the unchanged-source recipe, which the TFLite
+recipes share, live in :mod:`~edgefleet.controller.compiler.recipe_base`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import io
-import logging
 import tempfile
-import warnings
-from abc import ABC, abstractmethod
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import onnx
 
-from edgefleet.controller.compiler.data import Feed, SampleSet
+from edgefleet.controller.compiler.data import Feed
 from edgefleet.controller.compiler.errors import RecipeError
-from edgefleet.controller.compiler.profiles import Profile
+from edgefleet.controller.compiler.profiles import BUILTIN_PROFILES, Profile
+from edgefleet.controller.compiler.recipe_base import (
+    BuildInput,
+    Built,
+    Recipe,
+    SourceRecipe,
+    capture_notes,
+    dedupe_notes,
+)
 from edgefleet.controller.compiler.source import (
     CONV_OPS,
     MATMUL_OPS,
     SourceModel,
     first_line,
 )
+from edgefleet.controller.compiler.tflite import tflite_recipes
 
 __all__ = [
     "DYNAMIC_OP_TYPES",
-    "BuildInput",
-    "Built",
     "DynamicInt8Recipe",
     "Float16Recipe",
     "OptimizedFp32Recipe",
-    "Recipe",
-    "SourceRecipe",
     "StaticInt8Recipe",
     "default_recipes",
     "prepare_for_quantization",
@@ -87,80 +89,6 @@ _QUANTIZED_OPS = frozenset(
         "DynamicQuantizeLSTM", "QAttention", "QEmbedLayerNormalization", "QGemm",
     }
 )  # fmt: skip
-
-
-@dataclass(frozen=True)
-class BuildInput:
-    """What every recipe builds from.
-
-    Attributes:
-        source: the fp32 source.
-        prepared: the source after shape inference and basic (portable) graph
-            optimisation, as the quantizers want it; ``None`` when that failed.
-        prepare_error: why preparation failed, for the candidates that need it.
-        calibration: calibration samples, if any.
-    """
-
-    source: SourceModel
-    prepared: bytes | None
-    prepare_error: str | None = None
-    calibration: SampleSet | None = None
-
-    def need_prepared(self) -> bytes:
-        if self.prepared is None:
-            raise RecipeError(f"pre-processing failed: {self.prepare_error or 'unknown error'}")
-        return self.prepared
-
-
-@dataclass(frozen=True)
-class Built:
-    """One recipe's output: the model and what the user should know about it."""
-
-    model: bytes
-    notes: tuple[str, ...] = ()
-    options: Mapping[str, Any] = field(default_factory=dict)
-
-
-@contextlib.contextmanager
-def _captured(notes: list[str]) -> Iterator[None]:
-    """Collect Python warnings and log warnings of onnxruntime's tools into ``notes``, mute stdout.
-
-    The quantization tools print advice through the root logger and emit
-    numpy warnings; inside a compile those belong in the report, not on the
-    terminal (and a test run with warnings-as-errors must not turn advice
-    into a failed candidate).
-    """
-
-    class _Collect(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            notes.append(f"onnxruntime: {record.getMessage().strip().splitlines()[0][:200]}")
-
-    handler = _Collect(level=logging.WARNING)
-    root = logging.getLogger()
-    root.addHandler(handler)
-    try:
-        # The histogram calibrators print progress to stdout; a CLI emitting
-        # JSON must not get that mixed in.
-        with (
-            warnings.catch_warnings(record=True) as caught,
-            contextlib.redirect_stdout(io.StringIO()),
-        ):
-            warnings.simplefilter("always")
-            yield
-        for w in caught:
-            notes.append(f"warning: {str(w.message).strip().splitlines()[0][:200]}")
-    finally:
-        root.removeHandler(handler)
-
-
-def _dedupe(notes: Sequence[str], limit: int = 8) -> tuple[str, ...]:
-    out: list[str] = []
-    for n in notes:
-        if n not in out:
-            out.append(n)
-    if len(out) > limit:
-        out = [*out[:limit], f"... and {len(out) - limit} more notes"]
-    return tuple(out)
 
 
 def _ort_optimize(model: bytes, level: str, path: Path) -> bytes:
@@ -219,68 +147,6 @@ def _op_types(model: bytes | onnx.ModelProto) -> set[str]:
     return {n.op_type for n in proto.graph.node}
 
 
-class Recipe(ABC):
-    """One way of turning the source into a candidate.
-
-    Subclasses set ``name`` (unique, shown in the report), ``precision``
-    (``fp32``/``fp16``/``int8``) and ``description``, and implement
-    :meth:`build`. ``static_int8`` marks recipes whose failures the pipeline
-    may retry with sensitive nodes excluded.
-    """
-
-    name: str
-    precision: str
-    description: str = ""
-    needs_calibration: bool = False
-    static_int8: bool = False
-
-    def options(self) -> dict[str, Any]:
-        """The settings that distinguish this recipe, recorded in the report."""
-        return {}
-
-    def quantizable_ops(self) -> frozenset[str]:
-        """Op types this recipe quantizes (empty for float recipes)."""
-        return frozenset()
-
-    def skip_reason(
-        self, profile: Profile, source: SourceModel, *, has_calibration: bool = True
-    ) -> str | None:
-        """Why this recipe does not apply to ``profile``/``source``, or ``None`` if it does."""
-        if self.precision not in profile.precisions:
-            return f"profile {profile.name} does not allow {self.precision}"
-        if self.needs_calibration and not has_calibration:
-            return "needs calibration data (pass --calibration)"
-        return None
-
-    def applies_to(
-        self, profile: Profile, source: SourceModel, *, has_calibration: bool = True
-    ) -> bool:
-        return self.skip_reason(profile, source, has_calibration=has_calibration) is None
-
-    @abstractmethod
-    def build(self, inp: BuildInput, *, nodes_to_exclude: Sequence[str] = ()) -> Built:
-        """Build the candidate.
-
-        Raises:
-            RecipeError: with the reason the report should show. Any other
-                exception is also caught by the pipeline and recorded.
-        """
-
-    def __repr__(self) -> str:
-        return f"<{type(self).__name__} {self.name}>"
-
-
-class SourceRecipe(Recipe):
-    """The source model unchanged: the reference every other candidate must beat."""
-
-    name = "fp32"
-    precision = "fp32"
-    description = "source model as given"
-
-    def build(self, inp: BuildInput, *, nodes_to_exclude: Sequence[str] = ()) -> Built:
-        return Built(inp.source.data)
-
-
 class OptimizedFp32Recipe(Recipe):
     """fp32 with shape inference and offline graph optimisation baked in.
 
@@ -337,12 +203,12 @@ class Float16Recipe(Recipe):
 
     def build(self, inp: BuildInput, *, nodes_to_exclude: Sequence[str] = ()) -> Built:
         notes: list[str] = []
-        with _captured(notes):
+        with capture_notes(notes, tool="onnxruntime"):
             from onnxruntime.transformers.float16 import convert_float_to_float16
 
             model = onnx.load_model_from_string(inp.need_prepared())
             converted = convert_float_to_float16(model, keep_io_types=True)
-        return Built(converted.SerializeToString(), _dedupe(notes), self.options())
+        return Built(converted.SerializeToString(), dedupe_notes(notes), self.options())
 
 
 def _int8_types(profile: Profile) -> tuple[Any, Any, bool]:
@@ -396,7 +262,7 @@ class _Int8Recipe(Recipe):
             src.write_bytes(prepared)
             out = Path(tmp) / "out.onnx"
             try:
-                with _captured(notes):
+                with capture_notes(notes, tool="onnxruntime"):
                     run(src, out, None)
                 return _check_quantized(out)
             except RecipeError:
@@ -410,7 +276,7 @@ class _Int8Recipe(Recipe):
                     f"retried with only {', '.join(core)}, the rest stays float"
                 )
                 try:
-                    with _captured(notes):
+                    with capture_notes(notes, tool="onnxruntime"):
                         run(src, out, core)
                     return _check_quantized(out)
                 except RecipeError:
@@ -493,7 +359,7 @@ class DynamicInt8Recipe(_Int8Recipe):
             shown = [o for o in leftovers if o != "Gemm"]
             if shown:
                 notes.append(f"no int8 kernel, stays float: {', '.join(shown)}")
-        return Built(data, _dedupe(notes), self.options())
+        return Built(data, dedupe_notes(notes), self.options())
 
 
 class StaticInt8Recipe(_Int8Recipe):
@@ -607,7 +473,7 @@ class StaticInt8Recipe(_Int8Recipe):
         if nodes_to_exclude:
             notes.append(f"kept in float (sensitive): {', '.join(nodes_to_exclude)}")
         options = {**self.options(), "nodes_to_exclude": list(nodes_to_exclude)}
-        return Built(data, _dedupe(notes), options)
+        return Built(data, dedupe_notes(notes), options)
 
 
 def default_recipes(profile: Profile) -> list[Recipe]:
@@ -618,8 +484,6 @@ def default_recipes(profile: Profile) -> list[Recipe]:
     gets the TFLite recipes (:func:`~edgefleet.controller.compiler.tflite.tflite_recipes`).
     """
     if profile.runtime == "tflite":
-        from edgefleet.controller.compiler.tflite import tflite_recipes
-
         return tflite_recipes(profile)
     return [
         SourceRecipe(),
@@ -635,6 +499,4 @@ def default_recipes(profile: Profile) -> list[Recipe]:
 
 def recipe_names(profile: Profile | None = None) -> list[str]:
     """Names of the built-in recipes (for the CLI's ``--recipe`` choices)."""
-    from edgefleet.controller.compiler.profiles import BUILTIN_PROFILES
-
     return [r.name for r in default_recipes(profile or BUILTIN_PROFILES["x86-vnni"])]

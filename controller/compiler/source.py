@@ -30,8 +30,9 @@ __all__ = [
     "RNN_OPS",
     "SourceModel",
     "first_line",
-    "load_source",
+    "load_onnx_source",
     "make_session",
+    "read_source",
 ]
 
 CONV_OPS = frozenset({"Conv", "ConvTranspose"})
@@ -176,7 +177,12 @@ def _name_nodes(graph: onnx.GraphProto) -> None:
         seen.add(node.name)
 
 
-def _read(source: Path | str | bytes) -> tuple[bytes, str]:
+def read_source(source: Path | str | bytes) -> tuple[bytes, str]:
+    """The source's bytes and how to name it in messages.
+
+    Raises:
+        SourceModelError: the file cannot be read, is a directory or is empty.
+    """
     if isinstance(source, bytes | bytearray):
         data, where = bytes(source), "source model"
     else:
@@ -236,24 +242,18 @@ def _io(
     return inputs, outputs, dim_params
 
 
-def load_source(source: Path | str | bytes) -> SourceModel:
-    """Read, parse, check and trial-load the fp32 source model.
+def load_onnx_source(data: bytes, where: str) -> SourceModel:
+    """Parse, check and trial-load an ONNX source model.
 
-    A file with the TFLite identifier (``TFL3`` at bytes 4..8) is loaded as a
-    TFLite source instead (:func:`~edgefleet.controller.compiler.tflite.load_tflite_source`);
-    anything else must be ONNX.
+    :func:`~edgefleet.controller.compiler.pipeline.load_source` reads the file
+    and sends TFLite sources to
+    :func:`~edgefleet.controller.compiler.tflite.load_tflite_source` instead.
 
     Raises:
-        SourceModelError: the file cannot be read, is empty, is not an ONNX
-            model, fails the ONNX checker, stores weights externally, has no
-            inputs, or onnxruntime cannot load it (for TFLite: the flatbuffer
-            is corrupt or the interpreter refuses it).
+        SourceModelError: ``data`` is not an ONNX model, fails the ONNX
+            checker, stores weights externally, has no inputs, or onnxruntime
+            cannot load it.
     """
-    data, where = _read(source)
-    if len(data) >= 8 and data[4:8] == b"TFL3":
-        from edgefleet.controller.compiler.tflite import load_tflite_source
-
-        return load_tflite_source(data, where)
     proto = _parse(data, where)
     inputs, outputs, dim_params = _io(proto, where)
     try:

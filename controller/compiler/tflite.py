@@ -39,11 +39,8 @@ from __future__ import annotations
 
 import contextlib
 import importlib.metadata
-import io
-import logging
-import warnings
 from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,7 +50,14 @@ import onnx
 from edgefleet.controller.compiler.data import Feed
 from edgefleet.controller.compiler.errors import RecipeError, SourceModelError
 from edgefleet.controller.compiler.profiles import Profile
-from edgefleet.controller.compiler.recipes import BuildInput, Built, Recipe, SourceRecipe
+from edgefleet.controller.compiler.recipe_base import (
+    BuildInput,
+    Built,
+    Recipe,
+    SourceRecipe,
+    capture_notes,
+    dedupe_notes,
+)
 from edgefleet.controller.compiler.source import SourceModel, first_line
 from edgefleet.protocols.errors import ModelLoadError, UnsupportedRuntimeError
 from edgefleet.shared.runtime import LoadedModel, TfliteBackend, is_tflite
@@ -258,50 +262,17 @@ def litert_versions() -> dict[str, str]:
     return out
 
 
-@contextlib.contextmanager
-def _quiet(notes: list[str]) -> Iterator[None]:
-    """Collect the quantizer's warnings and log records into ``notes``; mute its console output.
+def _quiet(notes: list[str]) -> contextlib.AbstractContextManager[None]:
+    """Capture litert-quantizer's output into ``notes``.
 
-    litert-quantizer logs through absl (the root logger), warns through
-    ``warnings`` (e.g. about preserving all tensors during calibration) and
-    draws tqdm progress bars on stderr. Inside a compile those belong in the
-    report or nowhere, and warnings must not become errors in a test run.
+    It logs through absl (the root logger), warns through ``warnings`` and
+    draws tqdm progress bars on stderr; its warning about preserving all
+    tensors during calibration is the calibrator's own debug mode, not about
+    the model.
     """
-
-    class _Collect(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            text = record.getMessage().strip()
-            if text:
-                notes.append(f"litert: {text.splitlines()[0][:200]}")
-
-    handler = _Collect(level=logging.WARNING)
-    root = logging.getLogger()
-    root.addHandler(handler)
-    try:
-        with (
-            warnings.catch_warnings(record=True) as caught,
-            contextlib.redirect_stdout(io.StringIO()),
-            contextlib.redirect_stderr(io.StringIO()),
-        ):
-            warnings.simplefilter("always")
-            yield
-        for w in caught:
-            text = str(w.message).strip()
-            if "experimental_preserve_all_tensors" in text:
-                continue  # the calibrator's own debug-mode warning, not about the model
-            notes.append(f"warning: {text.splitlines()[0][:200]}")
-    finally:
-        root.removeHandler(handler)
-
-
-def _dedupe(notes: Sequence[str], limit: int = 8) -> tuple[str, ...]:
-    out: list[str] = []
-    for n in notes:
-        if n not in out:
-            out.append(n)
-    if len(out) > limit:
-        out = [*out[:limit], f"... and {len(out) - limit} more notes"]
-    return tuple(out)
+    return capture_notes(
+        notes, tool="litert", mute_stderr=True, ignore=("experimental_preserve_all_tensors",)
+    )
 
 
 _MODES = {
@@ -445,7 +416,7 @@ class TfliteQuantRecipe(Recipe):
             raise RecipeError("the quantizer left every weight in float: nothing to gain")
         if built.float_weight_ops:
             notes.append(f"weights left in float: {', '.join(built.float_weight_ops)}")
-        return Built(out, _dedupe(notes), options)
+        return Built(out, dedupe_notes(notes), options)
 
 
 def tflite_recipes(profile: Profile) -> list[Recipe]:

@@ -48,6 +48,7 @@ __all__ = [
     "TelemetryMinute",
     "TelemetryRecord",
     "UTCDateTime",
+    "from_epoch",
     "utcnow",
 ]
 
@@ -73,6 +74,16 @@ NullableJSON = sa.JSON(none_as_null=True)
 def utcnow() -> datetime:
     """Return the current time as an aware UTC datetime."""
     return datetime.now(timezone.utc)
+
+
+def from_epoch(ts: float, fallback: datetime) -> datetime:
+    """Convert an agent's epoch timestamp, or use ``fallback`` if unset or absurd."""
+    if ts <= 0:
+        return fallback
+    try:
+        return datetime.fromtimestamp(ts, timezone.utc)
+    except (OverflowError, OSError, ValueError):
+        return fallback
 
 
 class UTCDateTime(sa.TypeDecorator[datetime]):

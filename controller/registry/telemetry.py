@@ -1,11 +1,15 @@
-"""Telemetry rollups: raw windows fold into per-minute aggregates; both expire.
+"""Telemetry: windows stored in batches, read back, rolled up per minute, and expired.
 
 Raw windows (``telemetry``) are what the rollout engine judges health from and
-what ``edgefleet devices`` sums; they are many (one per device per interval).
+what ``edgefleet devices`` sums; they are many (one per device per interval),
+so :meth:`TelemetryStore.add_telemetry` writes a whole ingest batch as plain
+rows in one transaction.
+
 :func:`rollup_telemetry` folds every raw window not yet rolled up into its
 device's ``telemetry_minutes`` row (keyed by device, minute and model
 version), then deletes raw windows older than their retention - only ones
-already folded in - and minute rows older than theirs.
+already folded in - and minute rows older than theirs. The controller service
+runs it on its own loop, whether or not that controller steps rollouts.
 
 Progress is a watermark (the highest raw id folded in) kept in the
 ``counters`` table and moved in the same transaction as the aggregates, so a
@@ -16,22 +20,105 @@ the others skip the round; on SQLite the write transaction serializes them.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import cast
 
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from edgefleet.controller.registry import models as m
-from edgefleet.controller.registry.store import Registry
+from edgefleet.controller.registry.database import Database, HasDatabase
+from edgefleet.controller.registry.devices import known_device_ids
+from edgefleet.controller.registry.dto import TelemetryInfo
 from edgefleet.protocols.errors import ConfigError
+from edgefleet.protocols.messages import Telemetry
 
-__all__ = ["ROLLUP_MARK", "RollupResult", "rollup_telemetry"]
+__all__ = [
+    "ROLLUP_MARK",
+    "RollupResult",
+    "TelemetryStore",
+    "rollup_telemetry",
+    "telemetry_info",
+]
 
 ROLLUP_MARK = "telemetry.rollup_mark"
 _PG_ROLLUP_LOCK = 0x65666C74_726F6C6C  # "efltroll"
 
 
+def telemetry_info(row: m.TelemetryRecord) -> TelemetryInfo:
+    """The frozen view of a telemetry row."""
+    return TelemetryInfo(
+        id=row.id,
+        device_id=row.device_id,
+        at=row.at,
+        window_s=row.window_s,
+        requests=row.requests,
+        errors=row.errors,
+        p50_ms=row.p50_ms,
+        p95_ms=row.p95_ms,
+        p99_ms=row.p99_ms,
+        model_version=row.model_version,
+        rss_bytes=row.rss_bytes,
+        cpu_percent=row.cpu_percent,
+    )
+
+
+class TelemetryStore:
+    """Raw telemetry windows, on a shared :class:`Database`."""
+
+    def __init__(self, database: Database) -> None:
+        self._db = database
+
+    def add_telemetry(self, points: Sequence[Telemetry]) -> int:
+        """Store a batch of telemetry windows in one transaction.
+
+        Returns:
+            How many were stored; points of devices that are not enrolled are
+            skipped.
+        """
+        if not points:
+            return 0
+        now = m.utcnow()
+        with self._db.write() as s:
+            known = known_device_ids(s, {p.device_id for p in points})
+            # Plain rows through one Core executemany (multi-row VALUES on
+            # PostgreSQL): ORM objects cost several times more per row here.
+            rows = [
+                {
+                    "device_id": p.device_id,
+                    "at": m.from_epoch(p.at, now),
+                    "window_s": p.window_s,
+                    "requests": p.requests,
+                    "errors": p.errors,
+                    "p50_ms": None if p.latency_ms is None else p.latency_ms.p50,
+                    "p95_ms": None if p.latency_ms is None else p.latency_ms.p95,
+                    "p99_ms": None if p.latency_ms is None else p.latency_ms.p99,
+                    "model_version": None if p.model is None else p.model.version,
+                    "rss_bytes": p.rss_bytes,
+                    "cpu_percent": p.cpu_percent,
+                }
+                for p in points
+                if p.device_id in known
+            ]
+            if rows:
+                s.execute(sa.insert(cast("sa.Table", m.TelemetryRecord.__table__)), rows)
+            return len(rows)
+
+    def telemetry_for(self, device_id: str, limit: int = 100) -> list[TelemetryInfo]:
+        """A device's most recent telemetry windows, newest first."""
+        with self._db.read() as s:
+            rows = s.scalars(
+                sa.select(m.TelemetryRecord)
+                .where(m.TelemetryRecord.device_id == device_id)
+                .order_by(m.TelemetryRecord.id.desc())
+                .limit(max(limit, 0))
+            )
+            return [telemetry_info(row) for row in rows]
+
+
+# --------------------------------------------------------------------------- rollups
 @dataclass(frozen=True)
 class RollupResult:
     """What one rollup did."""
@@ -56,7 +143,7 @@ def _mark_row(s: Session) -> m.Counter:
 
 
 def rollup_telemetry(
-    registry: Registry,
+    registry: HasDatabase,
     *,
     raw_retention_s: float,
     minute_retention_s: float,
@@ -82,7 +169,7 @@ def rollup_telemetry(
         )
     now = now or m.utcnow()
     t = m.TelemetryRecord
-    with registry._write() as s:
+    with registry.database.write() as s:
         if s.get_bind().dialect.name == "postgresql" and not s.scalar(
             sa.select(sa.func.pg_try_advisory_xact_lock(_PG_ROLLUP_LOCK))
         ):

@@ -46,6 +46,7 @@ from enum import Enum
 from typing import Any
 
 from edgefleet.controller.rollout.errors import RolloutConfigError
+from edgefleet.shared.settings import settings_from_table
 
 __all__ = [
     "ACTIVE_STATUSES",
@@ -192,13 +193,7 @@ class RolloutConfig:
         Raises:
             RolloutConfigError: unknown keys or invalid values.
         """
-        unknown = set(d) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise RolloutConfigError(f"unknown rollout setting(s): {', '.join(sorted(unknown))}")
-        try:
-            return cls(**d)
-        except TypeError as exc:
-            raise RolloutConfigError(f"invalid rollout settings: {exc}") from None
+        return settings_from_table(cls, d, section="rollout", error=RolloutConfigError)
 
 
 @dataclass(frozen=True)

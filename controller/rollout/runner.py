@@ -2,7 +2,7 @@
 
 The controller service calls :meth:`RolloutRunner.step_all` periodically. Each
 rollout is stepped in its own transaction by
-:meth:`~edgefleet.controller.registry.rollouts.RolloutStore.step`, which
+:meth:`~edgefleet.controller.rollout.store.RolloutStore.step`, which
 locks it (several controllers may run this loop against one database; a
 rollout held by another controller is skipped this round).
 
@@ -23,8 +23,8 @@ from dataclasses import replace
 from datetime import datetime
 
 from edgefleet.controller.registry import Registry
-from edgefleet.controller.registry.rollouts import Reissue, RolloutStore, StepResult
 from edgefleet.controller.rollout.errors import RolloutError
+from edgefleet.controller.rollout.store import Reissue, RolloutStore, StepResult
 from edgefleet.controller.trust import TrustRepository
 from edgefleet.protocols.bundle import TargetCustom
 from edgefleet.protocols.errors import MessageError

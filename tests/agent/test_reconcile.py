@@ -1,6 +1,18 @@
 from __future__ import annotations
 
-from edgefleet.agent.reconcile import Attempt, decide, intent_key
+from edgefleet.agent.reconcile import (
+    Attempt,
+    Backoff,
+    IntentKey,
+    decide,
+    intent_key,
+    record_failure,
+)
+from edgefleet.protocols.errors import (
+    SmokeTestError,
+    TransferTimeoutError,
+    UntrustedMetadataError,
+)
 from edgefleet.protocols.messages import DesiredState, ModelRef
 
 V1 = ModelRef("m", "1", 1, "m/1/generic-fp32.bundle")
@@ -42,3 +54,34 @@ def test_transient_failure_backs_off_then_retries() -> None:
     assert waiting.install is None
     assert waiting.wait_s == 10.0
     assert decide(desired, V1, attempts, 50.0).install == V2
+
+
+def test_backoff_doubles_per_failure_up_to_the_ceiling() -> None:
+    backoff = Backoff(base_s=5.0, max_s=300.0)
+    assert [backoff.delay_s(n) for n in range(1, 9)] == [5, 10, 20, 40, 80, 160, 300, 300]
+    assert backoff.delay_s(100_000) == 300.0  # a long outage does not overflow
+
+
+def test_transfer_failures_are_retried_after_the_backoff() -> None:
+    desired = DesiredState("gw", 2, V2, "d")
+    key = intent_key(desired)
+    assert key is not None
+    attempts: dict[IntentKey, Attempt] = {}
+    backoff = Backoff(base_s=5.0, max_s=300.0)
+    record_failure(attempts, key, TransferTimeoutError("silent"), 100.0, backoff)
+    attempt = record_failure(attempts, key, TransferTimeoutError("silent"), 200.0, backoff)
+    assert attempts[key] is attempt
+    assert (attempt.failures, attempt.permanent, attempt.retry_at) == (2, False, 210.0)
+    assert decide(desired, V1, attempts, 205.0).wait_s == 5.0
+    assert decide(desired, V1, attempts, 210.0).install == V2
+
+
+def test_refusals_that_would_repeat_are_not_retried() -> None:
+    desired = DesiredState("gw", 2, V2, "d")
+    key = intent_key(desired)
+    assert key is not None
+    backoff = Backoff(base_s=5.0, max_s=300.0)
+    for error in (UntrustedMetadataError("bad signature"), SmokeTestError("nan")):
+        attempts: dict[IntentKey, Attempt] = {}
+        assert record_failure(attempts, key, error, 0.0, backoff).permanent
+        assert decide(desired, V1, attempts, 10_000.0).install is None

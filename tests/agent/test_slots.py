@@ -90,7 +90,7 @@ def test_commit_replaces_existing_slot_of_same_name(store: SlotStore) -> None:
 
 def test_commit_fsyncs_slots_dir(store: SlotStore, monkeypatch: pytest.MonkeyPatch) -> None:
     synced: list[Path] = []
-    monkeypatch.setattr(slots_module, "_fsync_dir", synced.append)
+    monkeypatch.setattr(slots_module, "fsync_dir", synced.append)
     install(store, 1, SHA_A)
     assert synced == [store.slots_dir]
 

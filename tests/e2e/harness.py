@@ -16,7 +16,7 @@ import secrets
 import tarfile
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +28,11 @@ from edgefleet.agent.daemon import Agent
 from edgefleet.agent.fetcher import TransferSettings
 from edgefleet.controller.bundle import build_bundle, default_sample, inspect_onnx
 from edgefleet.controller.catalog import RegisteredModel, bundle_target_path, register_model
+from edgefleet.controller.compiler import Profile
+from edgefleet.controller.config import ServiceSettings
 from edgefleet.controller.demo_model import build_demo_model
 from edgefleet.controller.registry import DeviceSummary, Registry
-from edgefleet.controller.service import ControllerService, ServiceSettings
+from edgefleet.controller.service import ControllerService
 from edgefleet.controller.trust import TrustRepository
 from edgefleet.protocols.bundle import TargetCustom
 from edgefleet.shared.link import BrokerSettings
@@ -99,7 +101,13 @@ class Harness:
     """A running controller with helpers to register, enroll, deploy and inspect."""
 
     def __init__(
-        self, tmp: Path, broker: BrokerSettings, database_url: str, **service: Any
+        self,
+        tmp: Path,
+        broker: BrokerSettings,
+        database_url: str,
+        *,
+        profiles: Mapping[str, Profile] | None = None,
+        **service: Any,
     ) -> None:
         self.tmp = tmp
         self.broker = broker
@@ -116,6 +124,7 @@ class Harness:
                 client_id=f"e2e-controller-{self.token}",
                 **{"maintenance_interval_s": 0.5, "ingest_flush_s": 0.1, **service},
             ),
+            profiles=profiles,
         )
         self.service.start()
         self.agents: list[Agent] = []

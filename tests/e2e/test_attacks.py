@@ -13,7 +13,8 @@ from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 
 from edgefleet.agent.fetcher import TransferSettings
-from edgefleet.controller.service import ControllerService, ServiceSettings
+from edgefleet.controller.config import ServiceSettings
+from edgefleet.controller.service import ControllerService
 from tests.e2e.harness import Harness, infer, wait_for, wide_model
 
 

@@ -11,9 +11,11 @@ import pytest
 
 from edgefleet.controller.bundle import build_bundle, default_sample, inspect_onnx
 from edgefleet.controller.catalog import register_compiled
-from edgefleet.controller.compiler import BUILTIN_PROFILES
+from edgefleet.controller.compiler import BUILTIN_PROFILES, Profile, match_profile
 from edgefleet.controller.demo_model import build_demo_model, demo_inputs
 from edgefleet.protocols.bundle import BundleManifest, TargetCustom
+from edgefleet.shared.hardware import detect_hardware
+from edgefleet.shared.link import BrokerSettings
 from tests.e2e.harness import MODEL, Harness, infer, wait_for
 
 
@@ -23,45 +25,75 @@ def _manifest(agent: object) -> BundleManifest:
     return BundleManifest.decode((record.path / "manifest.json").read_bytes())
 
 
-def test_two_profiles_one_deployment_each_agent_runs_its_variant(harness: Harness) -> None:
-    profiles = [BUILTIN_PROFILES["x86-vnni"], BUILTIN_PROFILES["x86-avx2"]]
-    compiled = register_compiled(
-        harness.registry,
-        harness.repository,
-        build_demo_model(),
-        name=MODEL,
-        version="1.0",
-        profiles=profiles,
-        calibration=demo_inputs(32, seed=3),
-        validation=demo_inputs(200, seed=2),
-        latency_iterations=10,
-    )
-    assert {b.hardware_class for b in compiled.bundles} == {"generic", "x86-vnni", "x86-avx2"}
-    assert all(b.report for b in compiled.bundles if b.hardware_class != "generic")
+# A class an operator defines in a profiles file: any CPU, float only. It is
+# less specific than every architecture profile, so only a device pinned to it
+# gets it.
+PORTABLE = Profile(
+    name="portable",
+    runtime="onnxruntime",
+    arch="any",
+    cpu_features=frozenset(),
+    precisions=("fp32", "fp16"),
+    max_bundle_bytes=None,
+    objective="latency",
+    description="float builds for any CPU",
+)
 
-    harness.enroll("gw-vnni")
-    harness.enroll("gw-avx2", hardware_class="x86-avx2")
-    vnni = harness.start_agent(harness.agent_config("gw-vnni"))
-    # An operator pinned this device's class: it matches the avx2 profile.
-    avx2 = harness.start_agent(harness.agent_config("gw-avx2", hardware_class="x86-avx2"))
-    wait_for(
-        lambda: (
-            harness.summary("gw-vnni").profile == "x86-vnni"
-            and harness.summary("gw-avx2").profile == "x86-avx2"
-        ),
-        what="profiles matched",
-    )
 
-    harness.deploy("1.0", "gw-vnni", "gw-avx2")
-    harness.wait_active(vnni, "1.0")
-    harness.wait_active(avx2, "1.0")
-    assert _manifest(vnni).hardware_class == "x86-vnni"
-    assert _manifest(avx2).hardware_class == "x86-avx2"
-    expected = {b.hardware_class: b.precision for b in compiled.bundles}
-    assert _manifest(vnni).precision == expected["x86-vnni"]
-    assert _manifest(avx2).precision == expected["x86-avx2"]
-    assert infer(vnni)["model"]["version"] == "1.0"
-    assert infer(avx2)["model"]["version"] == "1.0"
+def test_two_profiles_one_deployment_each_agent_runs_its_variant(
+    tmp_path: Path, broker: BrokerSettings
+) -> None:
+    # An unpinned agent reports this machine's hardware: the profile the
+    # controller must match for it is the one this machine's report matches.
+    here = match_profile(detect_hardware())
+    if here.arch == "any":
+        pytest.skip(f"no architecture profile fits this machine (it matches {here.name})")
+    harness = Harness(
+        tmp_path,
+        broker,
+        f"sqlite:///{tmp_path / 'registry.db'}",
+        profiles={**BUILTIN_PROFILES, PORTABLE.name: PORTABLE},
+    )
+    try:
+        compiled = register_compiled(
+            harness.registry,
+            harness.repository,
+            build_demo_model(),
+            name=MODEL,
+            version="1.0",
+            profiles=[here, PORTABLE],
+            calibration=demo_inputs(32, seed=3),
+            validation=demo_inputs(200, seed=2),
+            latency_iterations=10,
+        )
+        assert {b.hardware_class for b in compiled.bundles} == {"generic", here.name, "portable"}
+        assert all(b.report for b in compiled.bundles if b.hardware_class != "generic")
+
+        harness.enroll("gw-auto")
+        harness.enroll("gw-pinned", hardware_class="portable")
+        auto = harness.start_agent(harness.agent_config("gw-auto"))
+        # An operator pinned this device's class: it runs the portable variant.
+        pinned = harness.start_agent(harness.agent_config("gw-pinned", hardware_class="portable"))
+        wait_for(
+            lambda: (
+                harness.summary("gw-auto").profile == here.name
+                and harness.summary("gw-pinned").profile == "portable"
+            ),
+            what="profiles matched",
+        )
+
+        harness.deploy("1.0", "gw-auto", "gw-pinned")
+        harness.wait_active(auto, "1.0")
+        harness.wait_active(pinned, "1.0")
+        assert _manifest(auto).hardware_class == here.name
+        assert _manifest(pinned).hardware_class == "portable"
+        expected = {b.hardware_class: b.precision for b in compiled.bundles}
+        assert _manifest(auto).precision == expected[here.name]
+        assert _manifest(pinned).precision == expected["portable"]
+        assert infer(auto)["model"]["version"] == "1.0"
+        assert infer(pinned)["model"]["version"] == "1.0"
+    finally:
+        harness.close()
 
 
 def test_device_deployed_before_reporting_is_retargeted_to_its_variant(harness: Harness) -> None:

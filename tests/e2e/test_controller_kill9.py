@@ -24,8 +24,8 @@ from edgefleet.agent.fetcher import TransferSettings
 from edgefleet.controller.catalog import register_model
 from edgefleet.controller.demo_model import build_demo_model
 from edgefleet.controller.registry import Registry
-from edgefleet.controller.registry.rollouts import RolloutStore, Selector
 from edgefleet.controller.rollout.engine import RolloutConfig, RolloutStatus
+from edgefleet.controller.rollout.store import RolloutStore, Selector
 from edgefleet.controller.trust import TrustRepository
 from edgefleet.shared.link import BrokerSettings
 from tests.e2e.harness import wait_for

@@ -7,6 +7,7 @@ rollouts in its service loop exactly as ``edgefleet serve`` does.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import urllib.error
 from collections import Counter
@@ -19,15 +20,17 @@ from onnx import TensorProto, helper, numpy_helper
 from edgefleet.agent.daemon import Agent
 from edgefleet.controller.bundle import default_sample, inspect_onnx
 from edgefleet.controller.catalog import register_model
+from edgefleet.controller.config import ServiceSettings
 from edgefleet.controller.demo_model import CLASSES, FEATURES, build_demo_model
 from edgefleet.controller.registry import Registry
-from edgefleet.controller.registry.rollouts import RolloutStore, Selector
 from edgefleet.controller.rollout.engine import DeviceState, RolloutConfig, RolloutStatus
-from edgefleet.controller.service import ControllerService, ServiceSettings
+from edgefleet.controller.rollout.store import RolloutStore, Selector
+from edgefleet.controller.service import ControllerService
 from edgefleet.controller.trust import TrustRepository
 from edgefleet.shared.link import BrokerSettings
-from tests.conftest import POSTGRES_URL, _postgres_schema_url
+from tests.conftest import POSTGRES_URL
 from tests.e2e.harness import MODEL, Harness, infer, wait_for
+from tests.support import postgres_schema
 
 pytestmark = pytest.mark.slow
 
@@ -302,8 +305,8 @@ def test_two_controllers_share_one_rollout_and_take_each_step_once(
 ) -> None:
     if not POSTGRES_URL:
         pytest.skip("EDGEFLEET_TEST_DATABASE_URL not set")
-    schema_url = _postgres_schema_url(POSTGRES_URL)
-    url = next(schema_url)
+    schema_url = contextlib.ExitStack()
+    url = schema_url.enter_context(postgres_schema(POSTGRES_URL))
     h = Harness(tmp_path, mosquitto, url, rollout_interval_s=0.2, share_group="edgefleet")
     second_registry = Registry(url)
     second = ControllerService(

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import pytest
+
 from edgefleet.protocols.hardware import normalize_arch, normalize_features, satisfies
 
 
@@ -7,6 +9,22 @@ def test_arch_spellings() -> None:
     assert normalize_arch("aarch64") == "arm64"
     assert normalize_arch("AMD64") == "x86_64"
     assert normalize_arch("riscv64") == "riscv64"
+
+
+@pytest.mark.parametrize(
+    ("machine", "arch"),
+    [
+        ("x86_64", "x86_64"),
+        ("AMD64", "x86_64"),
+        ("aarch64", "arm64"),
+        ("arm64", "arm64"),
+        ("i686", "x86"),
+        ("armv7l", "armv7l"),
+        ("", "unknown"),
+    ],
+)
+def test_normalize_arch(machine: str, arch: str) -> None:
+    assert normalize_arch(machine) == arch
 
 
 def test_feature_aliases_and_baseline() -> None:

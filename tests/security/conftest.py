@@ -15,8 +15,6 @@ from __future__ import annotations
 import os
 import pwd
 import shutil
-import signal
-import subprocess
 import tempfile
 import threading
 import time
@@ -42,9 +40,8 @@ from edgefleet.controller.mosquitto_config import (
     render_mosquitto_conf,
 )
 from edgefleet.shared.link import BrokerSettings, MqttLink
-from tests.conftest import _wait_port
-
-MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+from tests.conftest import require_mosquitto
+from tests.support import MosquittoProcess
 
 
 def key_and_csr(common_name: str) -> tuple[ec.EllipticCurvePrivateKey, bytes]:
@@ -83,10 +80,7 @@ class TlsBroker:
     """Mosquitto on a free loopback port with the production TLS config and ACL."""
 
     def __init__(self, ca: CertificateAuthority, client_dir: Path) -> None:
-        if not Path(MOSQUITTO).exists():
-            if os.environ.get("CI"):
-                pytest.fail("mosquitto is not installed")
-            pytest.skip("mosquitto binary not installed")
+        binary = require_mosquitto()
         self.ca = ca
         self.client_dir = client_dir
         self.port = free_port()
@@ -110,7 +104,9 @@ class TlsBroker:
         write_public_file(self.config, render_mosquitto_conf(paths).encode())
         self._own_files()
         self.controller = self._client_files(CONTROLLER_COMMON_NAME, service=True)
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.process = MosquittoProcess(
+            binary, self.config, self.port, self.dir / "mosquitto.log"
+        )
 
     def _own_files(self) -> None:
         if os.geteuid() != 0:
@@ -152,35 +148,17 @@ class TlsBroker:
         )
 
     def start(self) -> None:
-        self.proc = subprocess.Popen(
-            [MOSQUITTO, "-c", str(self.config)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        if not _wait_port("127.0.0.1", self.port):
-            self.stop()
-            raise RuntimeError(f"mosquitto did not start; see {self.log()}")
+        self.process.start()
 
     def hup(self) -> None:
         """SIGHUP: mosquitto re-reads its configuration, including ``crlfile``."""
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGHUP)
-        time.sleep(1.0)  # the reload is logged only at log_type information
+        self.process.hup()
 
     def log(self) -> str:
-        try:
-            return (self.dir / "mosquitto.log").read_text(errors="replace")
-        except OSError:
-            return ""
+        return self.process.log()
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        self.process.stop()
 
     def cleanup(self) -> None:
         self.stop()

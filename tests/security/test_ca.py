@@ -26,6 +26,26 @@ def test_ca_key_is_owner_only_and_the_ca_reopens(ca: CertificateAuthority) -> No
         CertificateAuthority.init(ca.directory)
 
 
+def test_ca_files_are_synced_with_their_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The CA's atomic write used to skip the directory fsync: a power cut could
+    # lose ca.key or a revocation even though the write had returned.
+    synced: list[int] = []
+    real_fsync = os.fsync
+
+    def spy(fd: int) -> None:
+        synced.append(os.fstat(fd).st_ino)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", spy)
+    ca = CertificateAuthority.init(tmp_path / "ca")
+    for name in ("ca.key", "ca.pem", "index.json", "crl.pem"):
+        file_ino = (ca.directory / name).stat().st_ino
+        assert file_ino in synced, name
+        assert ca.directory.stat().st_ino in synced[synced.index(file_ino) + 1 :], name
+
+
 def test_open_refuses_a_ca_key_others_can_read(ca: CertificateAuthority) -> None:
     os.chmod(ca.directory / "ca.key", 0o644)
     with pytest.raises(KeyPermissionError, match="chmod 600"):

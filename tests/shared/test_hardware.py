@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import platform
+from pathlib import Path
 
-import pytest
-
+from edgefleet.protocols.hardware import normalize_arch
 from edgefleet.protocols.messages import HardwareInfo
 from edgefleet.shared.hardware import (
     CPUINFO,
     RELEVANT_FEATURES,
+    CpuInfo,
     detect_hardware,
-    normalize_arch,
     parse_cpu_features,
+    parse_cpuinfo,
+    read_cpuinfo,
 )
 from edgefleet.shared.runtime import available_runtimes
 
@@ -77,20 +79,19 @@ def test_no_cpuinfo_means_no_features() -> None:
     assert parse_cpu_features("processor : 0\nflagsy: avx\n") == ()
 
 
-@pytest.mark.parametrize(
-    ("machine", "arch"),
-    [
-        ("x86_64", "x86_64"),
-        ("AMD64", "x86_64"),
-        ("aarch64", "arm64"),
-        ("arm64", "arm64"),
-        ("i686", "x86"),
-        ("armv7l", "armv7l"),
-        ("", "unknown"),
-    ],
-)
-def test_normalize_arch(machine: str, arch: str) -> None:
-    assert normalize_arch(machine) == arch
+def test_parse_cpuinfo_keeps_every_common_flag_and_the_model_name() -> None:
+    info = parse_cpuinfo(X86_CPUINFO)
+    assert info.model == "Intel(R) Xeon(R) Platinum 8480+"
+    assert {"sse4_1", "sha_ni", "avx512_vnni", "fpu"} <= info.flags
+    assert parse_cpu_features(X86_CPUINFO) == tuple(
+        sorted(f for f in info.flags if f in RELEVANT_FEATURES or f.startswith("amx"))
+    )
+    assert parse_cpuinfo(ARM_CPUINFO).model is None
+    assert parse_cpuinfo("") == CpuInfo(model=None, flags=frozenset())
+
+
+def test_read_cpuinfo_of_a_missing_file_is_empty(tmp_path: Path) -> None:
+    assert read_cpuinfo(tmp_path / "nope") == CpuInfo(model=None, flags=frozenset())
 
 
 def test_detect_hardware_from_given_text() -> None:

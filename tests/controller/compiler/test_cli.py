@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from edgefleet.controller.compiler import CompileReport, compile_command
+from edgefleet.controller.compiler import CompileReport
+from edgefleet.controller.compiler.cli import compile_command
 
 from . import models as tm
 

@@ -20,11 +20,11 @@ from edgefleet.controller.compiler import (
     ProfileError,
     RecipeError,
     SourceModelError,
-    compile_command,
     compile_model,
     load_samples,
     load_source,
 )
+from edgefleet.controller.compiler.cli import compile_command
 from edgefleet.controller.compiler.profiles import Profile
 from edgefleet.controller.compiler.tflite import (
     TfliteQuantRecipe,

@@ -23,10 +23,10 @@ from edgefleet.controller.demo_model import build_demo_model
 from edgefleet.controller.errors import NotFoundError
 from edgefleet.controller.registry import Registry
 from edgefleet.controller.registry import models as m
-from edgefleet.controller.registry.rollouts import Reissue, RolloutStore, Selector
 from edgefleet.controller.rollout.engine import DeviceState, RolloutConfig, RolloutStatus
 from edgefleet.controller.rollout.errors import RolloutError, RolloutStateError
 from edgefleet.controller.rollout.runner import sign_reissue
+from edgefleet.controller.rollout.store import Reissue, RolloutStore, Selector
 from edgefleet.controller.trust import TrustRepository
 from edgefleet.protocols.bundle import TargetCustom
 from edgefleet.protocols.messages import (

@@ -17,9 +17,13 @@ decide from the same snapshot. Independently of locking, a device can be
 started at most once per rollout: the forward deployment's id *is* the
 rollout id and ``deployment_targets`` is keyed by (deployment, device).
 
-Devices are selected by id, tag, hardware profile or ``all``; tags double as
+Devices are selected by id, tag, hardware profile or ``all``
+(:class:`~edgefleet.controller.rollout.selector.Selector`); tags double as
 groups (ADR 0004). A rollout whose selection is by tag, profile or ``all``
 picks up devices that match later (continuous deployment).
+
+This store builds on the registry (its database and its bundle-choice and
+desired-state rules); the registry knows nothing of rollouts.
 """
 
 from __future__ import annotations
@@ -34,8 +38,10 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from edgefleet.controller.errors import NotFoundError
+from edgefleet.controller.registry import Registry
 from edgefleet.controller.registry import models as m
-from edgefleet.controller.registry.store import Registry, _pick_bundle, assign_desired
+from edgefleet.controller.registry.catalog import reissue_bundle
+from edgefleet.controller.registry.deployments import assign_desired, pick_bundle
 from edgefleet.controller.rollout.engine import (
     ACTIVE_STATUSES,
     FORWARD_STATES,
@@ -50,6 +56,7 @@ from edgefleet.controller.rollout.engine import (
     plan,
 )
 from edgefleet.controller.rollout.errors import RolloutError, RolloutStateError
+from edgefleet.controller.rollout.selector import Selector
 
 __all__ = [
     "DecisionInfo",
@@ -78,66 +85,6 @@ _OWNING = tuple(
 
 
 # --------------------------------------------------------------------------- values
-@dataclass(frozen=True)
-class Selector:
-    """Which devices a rollout targets: any of these ids, tags or profiles, or all.
-
-    Tags serve as groups. A selection by tag, profile or ``all`` is
-    *dynamic*: devices enrolled or re-tagged later join the rollout.
-    """
-
-    devices: tuple[str, ...] = ()
-    tags: tuple[str, ...] = ()
-    profiles: tuple[str, ...] = ()
-    all: bool = False
-
-    def __post_init__(self) -> None:
-        if not (self.devices or self.tags or self.profiles or self.all):
-            raise RolloutError("select devices: give device ids, tags, profiles or all")
-        if self.all and (self.devices or self.tags or self.profiles):
-            raise RolloutError("'all' cannot be combined with device ids, tags or profiles")
-
-    @property
-    def dynamic(self) -> bool:
-        return self.all or bool(self.tags or self.profiles)
-
-    def matches(self, device_id: str, tags: Iterable[str], profile: str | None) -> bool:
-        if self.all or device_id in self.devices:
-            return True
-        if profile is not None and profile in self.profiles:
-            return True
-        return any(t in self.tags for t in tags)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "devices": list(self.devices),
-            "tags": list(self.tags),
-            "profiles": list(self.profiles),
-            "all": self.all,
-        }
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> Selector:
-        return cls(
-            devices=tuple(d.get("devices", ())),
-            tags=tuple(d.get("tags", ())),
-            profiles=tuple(d.get("profiles", ())),
-            all=bool(d.get("all", False)),
-        )
-
-    def describe(self) -> str:
-        if self.all:
-            return "all devices"
-        parts = []
-        if self.devices:
-            parts.append("devices " + ", ".join(self.devices))
-        if self.tags:
-            parts.append("tags " + ", ".join(self.tags))
-        if self.profiles:
-            parts.append("profiles " + ", ".join(self.profiles))
-        return "; ".join(parts)
-
-
 @dataclass(frozen=True)
 class RolloutInfo:
     """A rollout as stored, with device counts per state."""
@@ -316,7 +263,7 @@ class RolloutStore:
             RolloutError: the version has no bundles.
             RolloutStateError: a selected device is in another unfinished rollout.
         """
-        with self.registry._write() as s:
+        with self.registry.database.write() as s:
             mv = s.scalars(
                 sa.select(m.ModelVersion)
                 .join(m.ModelVersion.model)
@@ -377,7 +324,7 @@ class RolloutStore:
         Raises:
             NotFoundError, RolloutStateError: see :meth:`create`.
         """
-        with self.registry._write() as s:
+        with self.registry.database.write() as s:
             row = self._locked(s, rollout_id)
             if row.status != RolloutStatus.CREATED.value:
                 raise RolloutStateError(
@@ -486,7 +433,7 @@ class RolloutStore:
         to: RolloutStatus,
         reason: str,
     ) -> RolloutInfo:
-        with self.registry._write() as s:
+        with self.registry.database.write() as s:
             row = self._locked(s, rollout_id)
             if RolloutStatus(row.status) not in allowed:
                 raise RolloutStateError(
@@ -511,7 +458,7 @@ class RolloutStore:
         Raises:
             NotFoundError: no such rollout.
         """
-        with self.registry._read() as s:
+        with self.registry.database.read() as s:
             row = s.get(m.Rollout, rollout_id)
             if row is None:
                 raise NotFoundError(f"rollout {rollout_id!r} does not exist")
@@ -519,7 +466,7 @@ class RolloutStore:
 
     def list_rollouts(self) -> list[RolloutInfo]:
         """All rollouts, newest first."""
-        with self.registry._read() as s:
+        with self.registry.database.read() as s:
             rows = list(
                 s.scalars(sa.select(m.Rollout).order_by(m.Rollout.created_at.desc(), m.Rollout.id))
             )
@@ -571,7 +518,7 @@ class RolloutStore:
 
     def devices(self, rollout_id: str) -> list[RolloutDeviceInfo]:
         """The rollout's devices by wave, then id."""
-        with self.registry._read() as s:
+        with self.registry.database.read() as s:
             rows = s.scalars(
                 sa.select(m.RolloutDevice)
                 .where(m.RolloutDevice.rollout_id == rollout_id)
@@ -614,7 +561,7 @@ class RolloutStore:
         self, rollout_id: str, *, after_id: int = 0, limit: int = 10_000
     ) -> list[DecisionInfo]:
         """The decision log, oldest first."""
-        with self.registry._read() as s:
+        with self.registry.database.read() as s:
             rows = s.scalars(
                 sa.select(m.RolloutDecision)
                 .where(m.RolloutDecision.rollout_id == rollout_id, m.RolloutDecision.id > after_id)
@@ -642,7 +589,7 @@ class RolloutStore:
             .exists()
         )
         ended = [RolloutStatus.HALTED.value, RolloutStatus.ABORTED.value]
-        with self.registry._read() as s:
+        with self.registry.database.read() as s:
             return list(
                 s.scalars(
                     sa.select(m.Rollout.id)
@@ -673,7 +620,7 @@ class RolloutStore:
             ``None`` if another controller holds the rollout or it is no
             longer active; otherwise what the step did.
         """
-        with self.registry._write() as s:
+        with self.registry.database.write() as s:
             q = sa.select(m.Rollout).where(m.Rollout.id == rollout_id)
             if _is_postgres(s):
                 q = q.with_for_update(skip_locked=True)
@@ -866,7 +813,7 @@ class RolloutStore:
         chosen: dict[str, m.Bundle] = {}
         refused: dict[str, str] = {}
         for device_id in ids:
-            bundle = _pick_bundle(devices[device_id], bundles)
+            bundle = pick_bundle(devices[device_id], bundles)
             if bundle is None:
                 refused[device_id] = (
                     f"no bundle of {version.model.name}@{version.version} for hardware class "
@@ -1000,50 +947,23 @@ class RolloutStore:
     ) -> m.Bundle:
         """A re-issue of ``original`` with a release above ``above``: reused, or made and signed.
 
-        Re-issues always carry the bytes of the version's own bundle (a
-        re-issue of a re-issue points at the same original), so the manifest
-        inside still says the version's release; agents accept that because
-        the signed custom says ``reissue_of`` that release.
+        The catalog makes the bundle row (:func:`reissue_bundle`); a new one is
+        signed here, inside the step's transaction, so a desired state never
+        names a target that is not signed yet.
         """
-        source = original
-        if original.reissue_of is not None:
-            found = s.get(m.Bundle, original.reissue_of)
-            if found is not None:
-                source = found
-        existing = s.scalars(
-            sa.select(m.Bundle)
-            .where(m.Bundle.reissue_of == source.id, m.Bundle.release > above)
-            .order_by(m.Bundle.release.desc())
-            .limit(1)
-        ).one_or_none()
-        if existing is not None:
-            return existing
-        version = s.get(m.ModelVersion, source.model_version_id)
-        assert version is not None
-        model = s.scalars(
-            sa.select(m.Model).where(m.Model.id == version.model_id).with_for_update()
-        ).one()
-        model.last_release += 1
-        release = model.last_release
-        head, _, tail = source.target_path.rpartition("/")
-        path = f"{head}/reissue-{release}/{tail}" if head else f"reissue-{release}/{tail}"
-        row = m.Bundle(
-            model_version_id=source.model_version_id,
-            hardware_class=source.hardware_class,
-            runtime=source.runtime,
-            precision=source.precision,
-            target_path=path,
-            sha256=source.sha256,
-            length=source.length,
-            report=None,
-            created_at=now,
-            release=release,
-            reissue_of=source.id,
-        )
-        s.add(row)
-        s.flush()
-        sign(Reissue(source.target_path, path, release, version.release))
-        return row
+        reissued = reissue_bundle(s, original, above=above, now=now)
+        if reissued.created:
+            bundle = reissued.bundle
+            assert bundle.release is not None
+            sign(
+                Reissue(
+                    reissued.source.target_path,
+                    bundle.target_path,
+                    bundle.release,
+                    reissued.version.release,
+                )
+            )
+        return reissued.bundle
 
     def _health(self, s: Session, rollout_id: str, version: str) -> dict[str, Health]:
         """Telemetry of observing devices since their mark, with the new version, in one query."""

@@ -1,0 +1,175 @@
+"""Devices: enrollment, the state each agent reports, and online status.
+
+A device is enrolled before the controller accepts any of its messages. Its
+hardware columns start empty and are filled from the agent's reports; the
+whole last report is kept so fields this controller does not model yet are
+not lost. ``online`` follows the status channel (with its last will) only.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+
+from edgefleet.controller.errors import DuplicateError
+from edgefleet.controller.registry import models as m
+from edgefleet.controller.registry.catalog import GENERIC_HARDWARE_CLASS
+from edgefleet.controller.registry.database import Database, require_text, rowcount
+from edgefleet.controller.registry.deployments import retarget_desired
+from edgefleet.controller.registry.dto import DeviceInfo, error_info
+from edgefleet.protocols.messages import ReportedState
+from edgefleet.protocols.topics import validate_device_id
+
+__all__ = ["Devices", "device_info", "known_device_ids"]
+
+
+def device_info(row: m.Device) -> DeviceInfo:
+    """The frozen view of a device row."""
+    return DeviceInfo(
+        id=row.id,
+        hardware_class=row.hardware_class,
+        arch=row.arch,
+        cpu_features=tuple(row.cpu_features),
+        runtimes=tuple(row.runtimes),
+        tags=tuple(row.tags),
+        online=row.online,
+        last_seen=row.last_seen,
+        enrolled_at=row.enrolled_at,
+        state=row.state,
+        active_model=row.active_model,
+        active_version=row.active_version,
+        active_release=row.active_release,
+        last_error=error_info(row.last_error),
+        reported=row.reported,
+        profile=row.profile,
+    )
+
+
+def known_device_ids(s: Session, device_ids: set[str]) -> set[str]:
+    """Which of ``device_ids`` are enrolled, in one query inside ``s``."""
+    if not device_ids:
+        return set()
+    return set(s.scalars(sa.select(m.Device.id).where(m.Device.id.in_(device_ids))))
+
+
+class Devices:
+    """Enrolled devices and their reported state, on a shared :class:`Database`."""
+
+    def __init__(self, database: Database) -> None:
+        self._db = database
+
+    def enroll_device(
+        self,
+        device_id: str,
+        *,
+        hardware_class: str = GENERIC_HARDWARE_CLASS,
+        tags: Sequence[str] = (),
+    ) -> DeviceInfo:
+        """Enroll a device so that the controller accepts its messages.
+
+        Raises:
+            TopicError: the id is not a valid device id (it becomes an MQTT
+                topic level and a file name).
+            DuplicateError: the device is enrolled already.
+        """
+        validate_device_id(device_id)
+        require_text(hardware_class, "hardware class", 64)
+
+        def work(s: Session) -> DeviceInfo:
+            if s.get(m.Device, device_id) is not None:
+                raise DuplicateError(f"device {device_id!r} is already enrolled")
+            row = m.Device(
+                id=device_id,
+                hardware_class=hardware_class,
+                arch="",
+                cpu_features=[],
+                runtimes=[],
+                tags=list(tags),
+                online=False,
+            )
+            s.add(row)
+            s.flush()
+            return device_info(row)
+
+        # A concurrent enrollment of the same id loses the insert and, retried, is a duplicate.
+        return self._db.write_retrying(work)
+
+    def get_device(self, device_id: str) -> DeviceInfo | None:
+        """Return a device, or ``None`` if it is not enrolled."""
+        with self._db.read() as s:
+            row = s.get(m.Device, device_id)
+            return None if row is None else device_info(row)
+
+    def list_devices(self) -> list[DeviceInfo]:
+        """List all enrolled devices by id."""
+        with self._db.read() as s:
+            return [
+                device_info(row) for row in s.scalars(sa.select(m.Device).order_by(m.Device.id))
+            ]
+
+    def record_reported(self, reported: ReportedState, *, profile: str | None = None) -> bool:
+        """Store a device's reported state.
+
+        Updates hardware, agent state, active model, last error and last-seen
+        time, and keeps the whole report. It does not touch ``online``: brokers
+        replay retained reports of devices that are long gone, so only the
+        status channel (with its last will) says whether a device is online.
+
+        When ``profile`` (matched by the controller from the reported
+        hardware) differs from the stored one and the device's desired bundle
+        is no longer the best fit among its model version's bundles, the
+        desired state is re-targeted (new generation, unpublished): a device
+        deployed to before it ever reported gets its own variant, not the
+        generic fallback. Both happen in one transaction.
+
+        Returns:
+            ``False``, writing nothing, if the device is not enrolled.
+        """
+        with self._db.write() as s:
+            row = s.get(m.Device, reported.device_id)
+            if row is None:
+                return False
+            stored_at = (row.reported or {}).get("updated_at")
+            if isinstance(stored_at, int | float) and reported.updated_at < stored_at:
+                # An older report arriving late (several controllers share the
+                # ingestion, or the broker replayed a retained one) must not
+                # overwrite a newer state; the agent stamps every report.
+                return True
+            hardware = reported.hardware
+            profile_changed = (
+                profile is not None and profile != row.profile
+            ) or hardware.hardware_class != row.hardware_class
+            row.hardware_class = hardware.hardware_class
+            if profile is not None:
+                row.profile = profile
+            row.arch = hardware.arch
+            row.cpu_features = list(hardware.cpu_features)
+            row.runtimes = list(hardware.runtimes)
+            row.state = reported.state.value
+            active = reported.active
+            row.active_model = None if active is None else active.name
+            row.active_version = None if active is None else active.version
+            row.active_release = None if active is None else active.release
+            row.last_error = None if reported.last_error is None else reported.last_error.to_dict()
+            row.reported = json.loads(reported.encode())
+            row.last_seen = m.utcnow()
+            if profile_changed:
+                retarget_desired(s, row)
+            return True
+
+    def set_online(self, device_id: str, online: bool) -> bool:
+        """Record a device's connection status; going online also counts as seen.
+
+        Returns:
+            ``False`` if the device is not enrolled.
+        """
+        values: dict[str, Any] = {"online": online}
+        if online:
+            values["last_seen"] = m.utcnow()
+        with self._db.write() as s:
+            result = s.execute(sa.update(m.Device).where(m.Device.id == device_id).values(values))
+            return bool(rowcount(result))

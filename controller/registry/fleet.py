@@ -1,0 +1,126 @@
+"""Fleet views: read-only summaries across devices, desired states, telemetry and counters.
+
+These are what ``edgefleet devices`` and ``edgefleet status`` show. Each view
+is one read transaction, computed with a few aggregate queries rather than one
+query per device, so it stays cheap for large fleets.
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from sqlalchemy.orm import aliased
+
+from edgefleet.controller.registry import models as m
+from edgefleet.controller.registry.counters import read_counters
+from edgefleet.controller.registry.database import Database
+from edgefleet.controller.registry.dto import DeviceSummary, FleetStatus, error_info
+from edgefleet.protocols.messages import AgentState
+
+__all__ = ["FleetViews"]
+
+
+class FleetViews:
+    """Fleet-wide read models, on a shared :class:`Database`."""
+
+    def __init__(self, database: Database) -> None:
+        self._db = database
+
+    def device_summaries(self) -> list[DeviceSummary]:
+        """One summary row per device, by id, computed in a single query."""
+        t = m.TelemetryRecord
+        totals = (
+            sa.select(
+                t.device_id,
+                sa.func.sum(t.requests).label("requests"),
+                sa.func.sum(t.errors).label("errors"),
+            )
+            .group_by(t.device_id)
+            .subquery()
+        )
+        newest = (
+            sa.select(t.device_id, sa.func.max(t.id).label("id"))
+            .where(t.requests > 0)
+            .group_by(t.device_id)
+            .subquery()
+        )
+        latest = aliased(m.TelemetryRecord)
+        stmt = (
+            sa.select(
+                m.Device,
+                totals.c.requests,
+                totals.c.errors,
+                latest.p50_ms,
+                m.Model.name,
+                m.ModelVersion.version,
+            )
+            .outerjoin(totals, totals.c.device_id == m.Device.id)
+            .outerjoin(newest, newest.c.device_id == m.Device.id)
+            .outerjoin(latest, latest.id == newest.c.id)
+            .outerjoin(m.DesiredStateRecord, m.DesiredStateRecord.device_id == m.Device.id)
+            .outerjoin(m.Bundle, m.Bundle.id == m.DesiredStateRecord.bundle_id)
+            .outerjoin(m.ModelVersion, m.ModelVersion.id == m.Bundle.model_version_id)
+            .outerjoin(m.Model, m.Model.id == m.ModelVersion.model_id)
+            .order_by(m.Device.id)
+        )
+        with self._db.read() as s:
+            result = []
+            for device, requests, errors, p50, desired_model, desired_version in s.execute(stmt):
+                error = error_info(device.last_error)
+                result.append(
+                    DeviceSummary(
+                        device_id=device.id,
+                        hardware_class=device.hardware_class,
+                        profile=device.profile,
+                        online=device.online,
+                        state=device.state,
+                        active_model=device.active_model,
+                        active_version=device.active_version,
+                        last_error_code=None if error is None else error.code,
+                        last_error_message=None if error is None else error.message,
+                        last_seen=device.last_seen,
+                        # PostgreSQL sums BIGINT into NUMERIC (a Decimal).
+                        inferences=int(requests or 0),
+                        errors=int(errors or 0),
+                        p50_ms=p50,
+                        desired_model=desired_model,
+                        desired_version=desired_version,
+                    )
+                )
+            return result
+
+    def fleet_status(self) -> FleetStatus:
+        """Fleet-wide device counts, running versions, inference totals and counters."""
+        d = m.Device
+        with self._db.read() as s:
+            total, online, failed = s.execute(
+                sa.select(
+                    sa.func.count(),
+                    sa.func.count().filter(d.online.is_(True)),
+                    sa.func.count().filter(d.state == AgentState.FAILED.value),
+                ).select_from(d)
+            ).one()
+            versions = {
+                f"{name}@{version}": count
+                for name, version, count in s.execute(
+                    sa.select(d.active_model, d.active_version, sa.func.count())
+                    .where(d.active_model.is_not(None), d.active_version.is_not(None))
+                    .group_by(d.active_model, d.active_version)
+                    .order_by(d.active_model, d.active_version)
+                )
+            }
+            requests, errors = s.execute(
+                sa.select(
+                    sa.func.sum(m.TelemetryRecord.requests), sa.func.sum(m.TelemetryRecord.errors)
+                )
+            ).one()
+            counters = read_counters(s)
+        return FleetStatus(
+            devices=total,
+            online=online,
+            offline=total - online,
+            failed=failed,
+            versions=versions,
+            inferences=int(requests or 0),
+            errors=int(errors or 0),
+            counters=counters,
+        )

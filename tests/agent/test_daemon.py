@@ -19,9 +19,10 @@ from edgefleet.agent.config import AgentConfig, HttpSettings
 from edgefleet.agent.daemon import Agent
 from edgefleet.agent.fetcher import TransferSettings
 from edgefleet.controller.catalog import register_model
+from edgefleet.controller.config import ServiceSettings
 from edgefleet.controller.demo_model import build_demo_model
 from edgefleet.controller.registry import Registry
-from edgefleet.controller.service import ControllerService, ServiceSettings
+from edgefleet.controller.service import ControllerService
 from edgefleet.controller.trust import TrustRepository
 from edgefleet.protocols.messages import DesiredState
 from edgefleet.protocols.topics import Channel, DeviceTopic

@@ -17,9 +17,10 @@ import pytest
 
 from edgefleet import __version__
 from edgefleet.controller.catalog import register_model
+from edgefleet.controller.config import ServiceSettings
 from edgefleet.controller.demo_model import build_demo_model
 from edgefleet.controller.registry import Registry
-from edgefleet.controller.service import ControllerService, ServiceSettings
+from edgefleet.controller.service import ControllerService
 from edgefleet.controller.trust import TrustRepository
 from edgefleet.protocols.framing import BlockFrame, FrameKind
 from edgefleet.protocols.messages import (

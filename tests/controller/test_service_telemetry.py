@@ -18,10 +18,11 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
+from edgefleet.controller.config import ServiceSettings
 from edgefleet.controller.registry import Registry
 from edgefleet.controller.registry import models as m
 from edgefleet.controller.registry.telemetry import ROLLUP_MARK
-from edgefleet.controller.service import ControllerService, ServiceSettings
+from edgefleet.controller.service import ControllerService
 from edgefleet.controller.trust import TrustRepository
 from edgefleet.protocols.messages import LatencySummary, ModelRef, Telemetry
 from edgefleet.protocols.topics import Channel, DeviceTopic

@@ -54,7 +54,7 @@ from edgefleet.protocols.messages import (
 )
 from edgefleet.protocols.topics import Channel, DeviceTopic
 from edgefleet.shared.hardware import detect_hardware
-from edgefleet.shared.link import MqttLink, Will
+from edgefleet.shared.link import LinkFactory, Will, mqtt_links
 
 __all__ = ["STATUS_OFFLINE", "STATUS_ONLINE", "Agent"]
 
@@ -67,7 +67,7 @@ STATUS_OFFLINE = b"offline"
 class Agent:
     """One gateway's agent. ``start()``/``stop()`` for embedding, ``run()`` for a daemon."""
 
-    def __init__(self, config: AgentConfig) -> None:
+    def __init__(self, config: AgentConfig, *, links: LinkFactory | None = None) -> None:
         # Enroll on first start; refuse a private key others can read (agent/enroll.py).
         broker, trust_root = prepare_identity(
             config.device_id,
@@ -86,9 +86,10 @@ class Agent:
         self.metrics = ServingMetrics()
         self._sampler = ProcessSampler()
         self.holder = ModelHolder()
-        self.link = MqttLink(
-            config.broker,
-            client_id=f"edgefleet-agent-{self.device_id}",
+        # ``links`` (unit tests: ``MemoryBroker.link``) replaces MQTT to the
+        # broker named by the config or by enrollment.
+        self.link = (links or mqtt_links(config.broker))(
+            f"edgefleet-agent-{self.device_id}",
             will=Will(self._topic(Channel.STATUS), STATUS_OFFLINE, qos=1, retain=True),
             on_connect=self._on_connect,
         )

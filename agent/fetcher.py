@@ -59,7 +59,7 @@ from edgefleet.protocols.framing import (
 from edgefleet.protocols.messages import FileRequest
 from edgefleet.protocols.topics import Channel, DeviceTopic
 from edgefleet.shared.durable import atomic_write
-from edgefleet.shared.link import MqttLink
+from edgefleet.shared.link import Link
 
 __all__ = ["URL_PREFIX", "MqttFetcher", "PartialFile", "PartialStore", "TransferSettings"]
 
@@ -228,7 +228,7 @@ Progress = Callable[[str, int, int], None]
 
 
 class MqttFetcher(FetcherInterface):
-    """Fetch repository files as block transfers over an :class:`MqttLink`.
+    """Fetch repository files as block transfers over a :class:`Link`.
 
     The agent subscribes :meth:`on_frame` to its ``files/blocks`` topic. One
     transfer runs at a time (the agent installs one bundle at a time), so
@@ -238,7 +238,7 @@ class MqttFetcher(FetcherInterface):
 
     def __init__(
         self,
-        link: MqttLink,
+        link: Link,
         device_id: str,
         store: PartialStore,
         settings: TransferSettings = TransferSettings(),

@@ -52,7 +52,7 @@ from edgefleet.protocols.messages import (
     Telemetry,
 )
 from edgefleet.protocols.topics import Channel, DeviceTopic, controller_subscriptions
-from edgefleet.shared.link import BrokerSettings, MqttLink
+from edgefleet.shared.link import BrokerSettings, Link, LinkFactory, mqtt_links
 
 __all__ = ["ControllerService", "publish_desired_states"]
 
@@ -62,7 +62,7 @@ _STATUS_VALUES = {b"online": True, b"offline": False}
 
 
 def publish_desired_states(
-    registry: Registry, link: MqttLink, *, everything: bool = False, wait_s: float = 5.0
+    registry: Registry, link: Link, *, everything: bool = False, wait_s: float = 5.0
 ) -> int:
     """Publish desired states not yet acknowledged by the broker; returns how many.
 
@@ -97,12 +97,14 @@ class ControllerService:
         settings: ServiceSettings = ServiceSettings(),
         *,
         profiles: Mapping[str, Profile] | None = None,
+        links: LinkFactory | None = None,
     ) -> None:
         self.registry = registry
         self.profiles = dict(profiles) if profiles is not None else dict(BUILTIN_PROFILES)
         self.repository = repository
         self.settings = settings
-        self.link = MqttLink(broker, settings.client_id, on_connect=self._on_connect)
+        # ``links`` (unit tests: ``MemoryBroker.link``) replaces MQTT to ``broker``.
+        self.link = (links or mqtt_links(broker))(settings.client_id, on_connect=self._on_connect)
         self.transfers = TransferServer(
             repository,
             lambda topic, payload: self.link.publish(topic, payload, qos=1),

@@ -23,7 +23,7 @@ import ssl
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
@@ -31,7 +31,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from edgefleet.protocols.errors import BrokerError, ConfigError
 from edgefleet.shared.settings import settings_from_table
 
-__all__ = ["BrokerSettings", "Handler", "MqttLink", "Will"]
+__all__ = ["BrokerSettings", "Handler", "Link", "LinkFactory", "MqttLink", "Will", "mqtt_links"]
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +79,82 @@ class Will:
     payload: bytes
     qos: int = 1
     retain: bool = True
+
+
+class Link(Protocol):
+    """What the agent and the controller need from a broker connection.
+
+    :class:`MqttLink` is the implementation that talks to a real broker;
+    :class:`edgefleet.shared.memlink.MemoryLink` is an in-process one for unit
+    tests. Code that only publishes and subscribes takes a ``Link``, so it
+    cannot come to depend on paho by accident.
+
+    Both call handlers and the ``on_connect`` hook on one thread per link (paho's
+    network thread, or the in-memory link's delivery thread), never on the
+    caller's; a handler's exception is logged, not raised.
+    """
+
+    @property
+    def client_id(self) -> str:
+        """The MQTT client id; a second connection with the same id replaces this one."""
+        ...
+
+    @property
+    def connected(self) -> bool:
+        """Whether the broker has accepted us and the connection is up now."""
+        ...
+
+    def start(self, *, wait: bool = True) -> None:
+        """Connect (and keep reconnecting); with ``wait``, block until connected.
+
+        Raises:
+            BrokerError: ``wait`` is set and the connection was not made.
+        """
+        ...
+
+    def wait_connected(self, timeout_s: float) -> bool:
+        """Block until connected or ``timeout_s`` passed; returns whether connected."""
+        ...
+
+    def stop(self, *, clean: bool = True) -> None:
+        """Disconnect; ``clean=False`` drops the link so the broker sends the Last Will."""
+        ...
+
+    def subscribe(self, topic_filter: str, handler: Handler, qos: int = 1) -> None:
+        """Route messages matching ``topic_filter`` to ``handler``, now and after reconnects."""
+        ...
+
+    def publish(
+        self,
+        topic: str,
+        payload: bytes,
+        *,
+        qos: int = 0,
+        retain: bool = False,
+        wait_s: float | None = None,
+    ) -> bool:
+        """Send a message; with ``wait_s``, return whether the broker acknowledged it in time.
+
+        Raises:
+            BrokerError: the message was refused outright.
+        """
+        ...
+
+
+class LinkFactory(Protocol):
+    """Makes the :class:`Link` for a role: ``factory(client_id, will=..., on_connect=...)``.
+
+    The agent and the controller service take one so tests can hand them an
+    in-memory broker's links (``MemoryBroker.link``) instead of an MQTT client.
+    """
+
+    def __call__(
+        self,
+        client_id: str,
+        *,
+        will: Will | None = None,
+        on_connect: Callable[[], None] | None = None,
+    ) -> Link: ...
 
 
 def _match_filter(topic_filter: str) -> str:
@@ -298,3 +374,17 @@ class MqttLink:
                 handler(topic, bytes(msg.payload), bool(msg.retain))
             except Exception:  # a handler bug must not kill paho's network thread
                 log.exception("handler for %s failed", msg.topic)
+
+
+def mqtt_links(settings: BrokerSettings) -> LinkFactory:
+    """The :class:`LinkFactory` of real MQTT links to the broker at ``settings``."""
+
+    def factory(
+        client_id: str,
+        *,
+        will: Will | None = None,
+        on_connect: Callable[[], None] | None = None,
+    ) -> Link:
+        return MqttLink(settings, client_id, will=will, on_connect=on_connect)
+
+    return factory

@@ -1,4 +1,7 @@
-"""The MQTT fetcher against a real broker and the real transfer server."""
+"""The MQTT fetcher against the real transfer server, over the in-memory broker.
+
+The end-to-end tests run the same path over amqtt and Mosquitto.
+"""
 
 from __future__ import annotations
 
@@ -21,7 +24,8 @@ from edgefleet.controller.transfer import TransferServer
 from edgefleet.protocols.errors import OversizedTransferError, TransferTimeoutError
 from edgefleet.protocols.messages import FileRequest
 from edgefleet.protocols.topics import Channel, DeviceTopic
-from edgefleet.shared.link import BrokerSettings, MqttLink
+from edgefleet.shared.link import Link
+from edgefleet.shared.memlink import MemoryBroker
 
 BS = 4096
 
@@ -39,8 +43,8 @@ class Files:
 
 
 class Controller:
-    def __init__(self, broker: BrokerSettings, files: Files, name: str) -> None:
-        self.link = MqttLink(broker, f"test-ctl-{name}")
+    def __init__(self, broker: MemoryBroker, files: Files) -> None:
+        self.link = broker.link("test-ctl")
         self.server = TransferServer(files, lambda t, p: self.link.publish(t, p, qos=1))
         self.requests: list[FileRequest] = []
         self.serving = threading.Event()
@@ -56,13 +60,11 @@ class Controller:
 
 
 @pytest.fixture
-def setup(
-    broker: BrokerSettings, tmp_path: Path, request: pytest.FixtureRequest
-) -> Iterator[tuple[Controller, Files, MqttFetcher, MqttLink]]:
-    name = request.node.name.replace("[", "-").replace("]", "")[-40:]
+def setup(tmp_path: Path) -> Iterator[tuple[Controller, Files, MqttFetcher, Link]]:
+    broker = MemoryBroker()
     files = Files({})
-    ctl = Controller(broker, files, name)
-    link = MqttLink(broker, f"test-agent-{name}")
+    ctl = Controller(broker, files)
+    link = broker.link("test-agent")
     fetcher = MqttFetcher(
         link,
         "gw-1",
@@ -74,11 +76,10 @@ def setup(
     link.subscribe(fetcher.frame_topic, fetcher.on_frame)
     link.start()
     yield ctl, files, fetcher, link
-    link.stop()
-    ctl.link.stop()
+    broker.close()
 
 
-def test_fetches_a_multi_block_file(setup: tuple[Controller, Files, MqttFetcher, MqttLink]) -> None:
+def test_fetches_a_multi_block_file(setup: tuple[Controller, Files, MqttFetcher, Link]) -> None:
     _, files, fetcher, _ = setup
     data = os.urandom(10 * BS + 123)
     files.files["targets/abc.bin"] = data
@@ -88,7 +89,7 @@ def test_fetches_a_multi_block_file(setup: tuple[Controller, Files, MqttFetcher,
 
 
 def test_missing_file_is_a_404_for_tuf(
-    setup: tuple[Controller, Files, MqttFetcher, MqttLink],
+    setup: tuple[Controller, Files, MqttFetcher, Link],
 ) -> None:
     _, _, fetcher, _ = setup
     with pytest.raises(DownloadHTTPError) as info:
@@ -97,7 +98,7 @@ def test_missing_file_is_a_404_for_tuf(
 
 
 def test_resume_requests_only_missing_blocks(
-    setup: tuple[Controller, Files, MqttFetcher, MqttLink], tmp_path: Path
+    setup: tuple[Controller, Files, MqttFetcher, Link], tmp_path: Path
 ) -> None:
     ctl, files, fetcher, _ = setup
     data = os.urandom(12 * BS)
@@ -116,7 +117,7 @@ def test_resume_requests_only_missing_blocks(
 
 
 def test_frames_claiming_more_than_promised_are_refused(
-    setup: tuple[Controller, Files, MqttFetcher, MqttLink],
+    setup: tuple[Controller, Files, MqttFetcher, Link],
 ) -> None:
     _, files, fetcher, _ = setup
     files.files["targets/big.bin"] = os.urandom(8 * BS)
@@ -127,7 +128,7 @@ def test_frames_claiming_more_than_promised_are_refused(
 
 
 def test_stalled_transfer_times_out_after_retries(
-    setup: tuple[Controller, Files, MqttFetcher, MqttLink],
+    setup: tuple[Controller, Files, MqttFetcher, Link],
 ) -> None:
     ctl, files, fetcher, _ = setup
     files.files["targets/slow.bin"] = os.urandom(BS)

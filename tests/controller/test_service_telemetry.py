@@ -2,7 +2,7 @@
 
 Rollup and retention used to run inside the rollout loop, so a controller
 started with ``run_rollouts=False`` silently kept every raw window forever.
-Here a device sends telemetry over a real broker (amqtt and Mosquitto) to a
+Here a device sends telemetry over the in-memory broker to a
 real :class:`ControllerService` on a real database (SQLite, and PostgreSQL
 when ``EDGEFLEET_TEST_DATABASE_URL`` is set) that steps no rollouts; its own
 telemetry loop must fold the windows into minutes and expire the raw ones.
@@ -18,14 +18,16 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
+from edgefleet.controller.config import ServiceSettings
 from edgefleet.controller.registry import Registry
 from edgefleet.controller.registry import models as m
 from edgefleet.controller.registry.telemetry import ROLLUP_MARK
-from edgefleet.controller.service import ControllerService, ServiceSettings
+from edgefleet.controller.service import ControllerService
 from edgefleet.controller.trust import TrustRepository
 from edgefleet.protocols.messages import LatencySummary, ModelRef, Telemetry
 from edgefleet.protocols.topics import Channel, DeviceTopic
-from edgefleet.shared.link import BrokerSettings, MqttLink
+from edgefleet.shared.link import BrokerSettings
+from edgefleet.shared.memlink import MemoryBroker
 
 DEVICE = "gw-rollup"
 
@@ -51,9 +53,13 @@ def _minutes(registry: Registry) -> list[tuple[int, int, int]]:
 
 
 @pytest.fixture
-def service(
-    broker: BrokerSettings, database_url: str, tmp_path: Path
-) -> Iterator[ControllerService]:
+def broker() -> Iterator[MemoryBroker]:
+    with MemoryBroker() as b:
+        yield b
+
+
+@pytest.fixture
+def service(broker: MemoryBroker, database_url: str, tmp_path: Path) -> Iterator[ControllerService]:
     registry = Registry(database_url)
     registry.enroll_device(DEVICE)
     settings = ServiceSettings(
@@ -66,7 +72,11 @@ def service(
         telemetry_minute_retention_s=3600.0,
     )
     svc = ControllerService(
-        registry, TrustRepository.init(tmp_path / "repository"), broker, settings
+        registry,
+        TrustRepository.init(tmp_path / "repository"),
+        BrokerSettings(),  # unused: the links come from the in-memory broker
+        settings,
+        links=broker.link,
     )
     svc.start()
     try:
@@ -77,11 +87,11 @@ def service(
 
 
 def test_rollup_and_retention_run_without_rollouts(
-    service: ControllerService, broker: BrokerSettings
+    service: ControllerService, broker: MemoryBroker
 ) -> None:
     registry = service.registry
     assert service.settings.run_rollouts is False
-    device = MqttLink(broker, f"{DEVICE}-{uuid.uuid4().hex[:8]}")
+    device = broker.link(f"{DEVICE}-{uuid.uuid4().hex[:8]}")
     device.start()
     try:
         sent_at = time.time() - 120  # older than the raw retention, inside the minutes'

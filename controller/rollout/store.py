@@ -42,6 +42,7 @@ from edgefleet.controller.registry import Registry
 from edgefleet.controller.registry import models as m
 from edgefleet.controller.registry.catalog import reissue_bundle
 from edgefleet.controller.registry.deployments import assign_desired, pick_bundle
+from edgefleet.controller.registry.telemetry import summed_count, valid_count, valid_latency
 from edgefleet.controller.rollout.engine import (
     ACTIVE_STATUSES,
     FORWARD_STATES,
@@ -861,7 +862,8 @@ class RolloutStore:
                 t.device_id == device.id,
                 t.model_version == device.active_version,
                 t.requests > 0,
-                t.p95_ms.is_not(None),
+                valid_count(t.requests),
+                valid_latency(t.p95_ms),
             )
             .order_by(t.id.desc())
             .limit(_BASELINE_WINDOWS)
@@ -969,14 +971,19 @@ class RolloutStore:
         """Telemetry of observing devices since their mark, with the new version, in one query."""
         t = m.TelemetryRecord
         rd = m.RolloutDevice
-        weighted = sa.func.sum(sa.case((t.p95_ms.is_not(None), t.p95_ms * t.requests), else_=0.0))
-        weight = sa.func.sum(sa.case((t.p95_ms.is_not(None), t.requests), else_=0))
+        # Poisoned rows (counts out of range, errors above requests) are left
+        # out and the sums run as floats, so no stored row can make this query
+        # fail and keep a rollout "running" forever.
+        measured = valid_latency(t.p95_ms)
+        as_float = sa.cast(t.requests, sa.Float)
+        weighted = sa.func.sum(sa.case((measured, t.p95_ms * as_float), else_=0.0))
+        weight = sa.func.sum(sa.case((measured, as_float), else_=0.0))
         rows = s.execute(
             sa.select(
                 t.device_id,
                 sa.func.count(),
-                sa.func.sum(t.requests),
-                sa.func.sum(t.errors),
+                summed_count(t.requests),
+                summed_count(t.errors, at_most=t.requests),
                 weighted,
                 weight,
             )
@@ -985,6 +992,9 @@ class RolloutStore:
                 rd.state == DeviceState.OBSERVING.value,
                 t.id > sa.func.coalesce(rd.telemetry_mark, 0),
                 t.model_version == version,
+                valid_count(t.requests),
+                valid_count(t.errors),
+                t.errors <= t.requests,
             )
             .group_by(t.device_id)
         ).all()
@@ -994,7 +1004,7 @@ class RolloutStore:
                 windows=int(windows),
                 requests=int(requests or 0),
                 errors=int(errors or 0),
-                p95_ms=(float(w_sum) / int(w)) if w else None,
+                p95_ms=(float(w_sum) / float(w)) if w else None,
             )
         return out
 

@@ -95,9 +95,7 @@ def valid_count(column: _Col[int]) -> sa.ColumnElement[bool]:
     return column.between(0, MAX_COUNT)
 
 
-def summed_count(
-    column: _Col[int], *, at_most: _Col[int] | None = None
-) -> sa.ColumnElement[float]:
+def summed_count(column: _Col[int], *, at_most: _Col[int] | None = None) -> sa.ColumnElement[float]:
     """SQL: ``SUM(column)`` over valid counts only, as a float that cannot overflow.
 
     SQLite raises "integer overflow" when an integer ``SUM`` leaves int64,

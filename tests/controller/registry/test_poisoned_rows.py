@@ -15,10 +15,11 @@ import sqlalchemy as sa
 
 from edgefleet.controller.registry import Registry
 from edgefleet.controller.registry import models as m
-from edgefleet.controller.registry.telemetry import INT64_MAX, rollup_telemetry
+from edgefleet.controller.registry.telemetry import rollup_telemetry
 from tests.controller.registry.builders import make_telemetry, make_version
 
 TABLE = cast("sa.Table", m.TelemetryRecord.__table__)
+INT64_MAX = 2**63 - 1
 NOW = datetime(2026, 12, 1, 12, 0, 30, tzinfo=timezone.utc)
 
 

@@ -18,11 +18,12 @@ import sqlalchemy as sa
 
 from edgefleet.controller.registry import Registry
 from edgefleet.controller.registry import models as m
-from edgefleet.controller.registry.telemetry import INT64_MAX
 from edgefleet.controller.rollout.engine import DeviceState, RolloutStatus
 from edgefleet.controller.rollout.store import RolloutStore, Selector
 from edgefleet.controller.trust import TrustRepository
 from tests.controller.rollout.test_store import CFG, Fleet, signer
+
+INT64_MAX = 2**63 - 1
 
 
 @pytest.fixture

@@ -74,6 +74,17 @@ class ServiceSettings:
     event_retention_s: float = 30 * 24 * 3600.0
     max_events_per_device: int = 1000
 
+    def __post_init__(self) -> None:
+        # Only the storage bounds are checked here: a bad one would fail every
+        # ingest batch, or (a skew beyond a day) let retention delete rows
+        # the skew check had accepted as current.
+        if not 0 < self.max_clock_skew_s <= 24 * 3600:
+            raise ConfigError("[service] max_clock_skew_s must be > 0 and at most 86400 (a day)")
+        if self.event_retention_s < 0:
+            raise ConfigError("[service] event_retention_s must be >= 0")
+        if self.max_events_per_device < 1:
+            raise ConfigError("[service] max_events_per_device must be at least 1")
+
 
 @dataclass(frozen=True)
 class ControllerConfig:

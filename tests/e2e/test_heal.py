@@ -18,14 +18,17 @@ which is what ``edgefleet device events`` prints.
 
 from __future__ import annotations
 
+import json
 import uuid
 from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
+from click.testing import CliRunner
 
 from edgefleet.agent.daemon import Agent
 from edgefleet.controller.catalog import register_model
+from edgefleet.controller.cli import cli
 from edgefleet.controller.demo_model import build_demo_model
 from edgefleet.controller.registry import models as m
 from edgefleet.controller.registry.catalog import reissue_bundle
@@ -39,11 +42,24 @@ pytestmark = pytest.mark.slow
 
 
 def event_codes(h: Harness, name: str) -> list[tuple[str, str | None]]:
-    """(kind, error code) of the device's events, newest first, as `device events` shows."""
-    return [
-        (e.kind, None if e.error is None else e.error.code)
-        for e in h.registry.events_for(h.device_id(name), limit=50)
-    ]
+    """(kind, error code) of the device's events, newest first, from `edgefleet device events`."""
+    result = CliRunner().invoke(
+        cli,
+        [
+            "--home",
+            str(h.tmp / "cli-home"),
+            "--database-url",
+            h.registry.url,
+            "device",
+            "events",
+            h.device_id(name),
+            "--limit",
+            "50",
+            "--json",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    return [(row["kind"], row["code"]) for row in json.loads(result.stdout)]
 
 
 def deploy_reissue(h: Harness, version: str, name: str) -> int:
@@ -123,7 +139,11 @@ def test_no_deploy_sequence_installs_an_older_release(harness: Harness) -> None:
     summary = h.wait_error("gw-down", "release_rollback")
     assert summary.active_version == "1.0"  # e2e-other-c@1.0 still serves
     assert agent.active_model is not None and agent.active_model.name == "e2e-other-c"
-    assert ("rejected", "release_rollback") in event_codes(h, "gw-down")
+    wait_for(
+        lambda: ("rejected", "release_rollback") in event_codes(h, "gw-down"),
+        10,
+        "the release_rollback event",
+    )
     # Refused before any byte of the old bundle was requested.
     assert not any(first.bundles[0].sha256 in p for p in agent.fetcher.blocks_by_path)
 
@@ -211,7 +231,11 @@ def test_bundle_bigger_than_the_disk_is_refused_and_the_device_recovers(
         summary = h.wait_error("gw-full", "insufficient_space")
         assert summary.active_version == "1.0"
         assert agent.active_model is not None and agent.active_model.version == "1.0"
-        assert ("install_failed", "insufficient_space") in event_codes(h, "gw-full")
+        wait_for(
+            lambda: ("install_failed", "insufficient_space") in event_codes(h, "gw-full"),
+            10,
+            "the insufficient_space event",
+        )
         # Refused before the first block: nothing of it is on the disk.
         assert not any(big.bundles[0].sha256 in p for p in agent.fetcher.blocks_by_path)
         leftovers = [

@@ -251,3 +251,32 @@ def test_bundle_bigger_than_the_disk_is_refused_and_the_device_recovers(
         h.wait_active(agent, "3.0")
         assert infer(agent)["model"]["version"] == "3.0"
         agent.stop()
+
+
+def test_device_installs_on_its_own_once_space_is_freed(harness: Harness, tmp_path: Path) -> None:
+    """No redeploy, no human on the device: freeing space is enough."""
+    h = harness
+    disk = tmp_path / "small-disk"
+    with small_filesystem(disk, 8 * 2**20) as skip:
+        if skip:
+            pytest.skip(skip)
+        h.register("1.0")
+        h.register("2.0", wide_model(hidden=20_000))  # about 1.6 MB
+        h.enroll("gw-freed")
+        config = h.agent_config("gw-freed").with_overrides(state_dir=disk / "state")
+        agent = h.start_agent(config)
+        h.deploy("1.0", "gw-freed")
+        h.wait_active(agent, "1.0")
+        # Something else on the device fills most of the disk.
+        filler = disk / "other-app.log"
+        filler.write_bytes(b"\0" * (5 * 2**20))
+
+        h.deploy("2.0", "gw-freed")
+        h.wait_error("gw-freed", "insufficient_space")
+        assert agent.active_model is not None and agent.active_model.version == "1.0"
+
+        filler.unlink()
+        h.wait_active(agent, "2.0", timeout_s=60)
+        assert infer(agent)["model"]["version"] == "2.0"
+        wait_for(lambda: h.summary("gw-freed").last_error_code is None, 10, "error cleared")
+        agent.stop()

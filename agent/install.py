@@ -86,7 +86,9 @@ def space_needed(length: int, resumed: int = 0) -> int:
     the peak. The partial file is deleted before unpacking, and unpacking
     refuses compression, so the new slot is never larger than the copy it
     replaces. A 1/64 share of the length and :data:`_SPACE_MARGIN_BYTES` cover
-    filesystem overhead.
+    filesystem overhead. (python-tuf also buffers the download in an anonymous
+    temporary file in the *system* temp directory; that is not the state
+    directory's space and is not counted here.)
     """
     resumed = min(max(resumed, 0), length)
     return 2 * length - resumed + length // 64 + _SPACE_MARGIN_BYTES

@@ -82,18 +82,12 @@ refusal instead of a 100 and sends no body at all, so nothing is drained.
 Connections and the listen backlog
 ----------------------------------
 The listen backlog is ``_BACKLOG`` (the kernel caps it at
-``net.core.somaxconn``). With the old backlog of 64, 50 clients opening a
-connection per request overflowed the accept queue while a model switch
-(loading and smoke-testing the new model) kept the accept thread from
-running: the kernel then drops the SYN, and the client retries after 1, 2,
-4, 8 and 16 s - one request took 31.6 s (1+2+4+8+16 = 31 s of SYN retries plus
-the request). A deep backlog keeps such connections queued instead; see
-``docs/serving.md`` for the reproduction.
-
-Model swaps are atomic and never interrupt a request: a request takes one
-reference to the live ``(model, ref)`` pair from :class:`ModelHolder` and
-uses it for validation and the run, so it finishes on the model it started
-with even if the agent activates another one meanwhile.
+``net.core.somaxconn``). When the accept queue is full the kernel drops a
+client's SYN and the client retries after 1, 2, 4, 8 and 16 s: issue 9's
+31.6 s request during a model switch is that schedule (1+2+4+8+16 = 31 s) plus
+the request. The old backlog of 64 overflowed as soon as more connections were
+pending than that while the accept loop was slow; a deep backlog keeps them
+queued instead. ``bench/serving_backlog.py`` reproduces both (BENCHMARKS.md).
 """
 
 from __future__ import annotations

@@ -14,6 +14,7 @@ HTTP endpoints, telemetry over MQTT: the only thing the test adds is load.
 from __future__ import annotations
 
 import json
+import secrets
 import threading
 import urllib.error
 import urllib.request
@@ -24,6 +25,7 @@ import numpy as np
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from edgefleet.agent.config import HttpSettings
 from edgefleet.agent.daemon import Agent
 from edgefleet.controller.rollout.engine import RolloutConfig, RolloutStatus
 from edgefleet.controller.rollout.store import RolloutStore, Selector
@@ -231,3 +233,26 @@ def test_a_model_slower_per_sample_still_halts_at_the_canary(harness: Harness) -
     assert "per-sample p95 latency" in failed[0].reason, failed[0].reason
     for agent in agents:
         assert agent.active_model is not None and agent.active_model.version == "1.0"
+
+
+def test_agent_with_a_token_serves_only_authorized_clients(harness: Harness) -> None:
+    h = harness
+    h.register("1.0", mlp(depth=0, seed=1))
+    h.enroll("tok")
+    token = secrets.token_urlsafe(24)
+    agent = h.start_agent(h.agent_config("tok", http=HttpSettings(port=0, token=token)))
+    h.deploy("1.0", "tok")
+    h.wait_active(agent, "1.0")
+    assert post(agent, 1) == 401  # a local client without the token
+    body = json.dumps({"inputs": {"features": [[0.25] * FEATURES] * 3}}).encode()
+    request = urllib.request.Request(
+        f"{agent.server.url}/v1/infer", data=body, headers={"Authorization": f"Bearer {token}"}
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:
+        assert response.status == 200
+    with urllib.request.urlopen(f"{agent.server.url}/healthz", timeout=10) as response:
+        assert json.loads(response.read()) == {"status": "ok"}
+    # Only the authorized request reached the model, with its 3 samples.
+    window = agent.telemetry()
+    assert (window.requests, window.samples) == (1, 3)
+    assert window.sample_latency_ms is not None

@@ -133,12 +133,17 @@ class Load:
 
 
 @pytest.fixture
-def harness(tmp_path: Path, embedded_broker: BrokerSettings) -> Iterator[Harness]:
+def harness(tmp_path: Path, broker: BrokerSettings, database_url: str) -> Iterator[Harness]:
+    """A controller on each broker (amqtt, Mosquitto) and database (SQLite, PostgreSQL)."""
+    h = Harness(tmp_path, broker, database_url, rollout_interval_s=0.3)
+    yield h
+    h.close()
+
+
+@pytest.fixture
+def small_harness(tmp_path: Path, embedded_broker: BrokerSettings) -> Iterator[Harness]:
     h = Harness(
-        tmp_path,
-        embedded_broker,
-        f"sqlite:///{tmp_path / 'registry.db'}",
-        rollout_interval_s=0.3,
+        tmp_path, embedded_broker, f"sqlite:///{tmp_path / 'registry.db'}", rollout_interval_s=0.3
     )
     yield h
     h.close()
@@ -235,8 +240,8 @@ def test_a_model_slower_per_sample_still_halts_at_the_canary(harness: Harness) -
         assert agent.active_model is not None and agent.active_model.version == "1.0"
 
 
-def test_agent_with_a_token_serves_only_authorized_clients(harness: Harness) -> None:
-    h = harness
+def test_agent_with_a_token_serves_only_authorized_clients(small_harness: Harness) -> None:
+    h = small_harness
     h.register("1.0", mlp(depth=0, seed=1))
     h.enroll("tok")
     token = secrets.token_urlsafe(24)

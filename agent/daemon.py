@@ -120,6 +120,7 @@ class Agent:
             port=config.http.port,
             max_body_bytes=config.http.max_body_bytes,
             allow_remote=config.http.allow_remote,
+            token=config.http.token,
         )
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -401,6 +402,8 @@ class Agent:
             requests=stats.requests,
             errors=stats.errors,
             latency_ms=stats.latency,
+            samples=stats.samples,
+            sample_latency_ms=stats.sample_latency,
             model=self.active_model,
             rss_bytes=self._sampler.rss_bytes(),
             cpu_percent=self._sampler.cpu_percent(),

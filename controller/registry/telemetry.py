@@ -33,7 +33,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import TypeAlias, TypeVar, cast
+from typing import Any, TypeAlias, TypeVar, cast
 
 import sqlalchemy as sa
 from sqlalchemy.orm import InstrumentedAttribute, Session
@@ -90,7 +90,7 @@ def clean_latency(value: object) -> float | None:
     return float(value)
 
 
-def valid_count(column: _Col[int]) -> sa.ColumnElement[bool]:
+def valid_count(column: _Col[Any]) -> sa.ColumnElement[bool]:
     """SQL: the row's ``column`` is a count a valid message could carry."""
     return column.between(0, MAX_COUNT)
 
@@ -180,6 +180,10 @@ class TelemetryStore:
                     "model_version": None if p.model is None else p.model.version,
                     "rss_bytes": p.rss_bytes,
                     "cpu_percent": p.cpu_percent,
+                    "samples": p.samples,
+                    "sample_p95_ms": None
+                    if p.sample_latency_ms is None
+                    else p.sample_latency_ms.p95,
                 }
                 for p in points
                 if p.device_id in known

@@ -547,6 +547,12 @@ def compile_model(
         src, profile, tolerance=float(tolerance), validation=val, calibration=cal, metrics=metrics
     )
     comp.reference_outputs()
+    if src.lifted_constants:
+        comp.notes.append(
+            f"{src.lifted_constants} Constant node(s) lifted to initializers so the quantizers "
+            "and the fp16 converter see the weights they hold (the fp32 candidate is the "
+            "source as given)"
+        )
     for s in (val, cal):
         if s is not None and s.count < s.total:
             comp.notes.append(f"{s.role}: used the first {s.count} of {s.total} samples")
@@ -571,6 +577,8 @@ def compile_model(
             "size_bytes": src.size_bytes,
             "weight_bytes": src.weight_bytes,
             "kind": src.kind,
+            "opset": src.opset,
+            "lifted_constants": src.lifted_constants,
             "op_counts": dict(sorted(src.op_counts.items())),
             "inputs": [s.to_dict() for s in src.inputs],
             "outputs": [s.to_dict() for s in src.outputs],

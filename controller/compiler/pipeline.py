@@ -49,11 +49,11 @@ from edgefleet.controller.compiler.errors import (
     ToleranceError,
 )
 from edgefleet.controller.compiler.evaluate import (
-    METRICS,
     Accuracy,
     LatencyStats,
     compare_outputs,
     measure_latency,
+    parse_metric,
     run_samples,
 )
 from edgefleet.controller.compiler.profiles import Profile
@@ -507,7 +507,8 @@ def compile_model(
             agreement for classifier outputs, mean cosine otherwise).
         recipes: recipe names or objects to try; ``None`` (or ``"auto"``) is
             every built-in recipe the profile and op mix call for.
-        metrics: per output name, force ``top1``, ``cosine`` or ``exact``.
+        metrics: per output name, force ``top1``, ``cosine``, ``exact`` or
+            ``threshold:T`` (decision agreement at ``T``).
         latency_iterations: interleaved timing rounds.
         latency_warmup: untimed runs per model first.
         max_calibration_samples / max_validation_samples: use at most this
@@ -660,8 +661,10 @@ def _check_metrics(src: SourceModel, metrics: Mapping[str, str] | None) -> None:
     for out, metric in (metrics or {}).items():
         if out not in names:
             raise CompileError(f"metric override for unknown output {out!r}")
-        if metric not in METRICS:
-            raise CompileError(f"metric for {out!r} must be one of {', '.join(METRICS)}")
+        try:
+            parse_metric(metric)
+        except ValueError as exc:
+            raise CompileError(f"metric for {out!r}: {exc}") from None
 
 
 def _raise_nothing_chosen(report: CompileReport) -> None:

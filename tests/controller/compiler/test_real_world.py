@@ -8,18 +8,25 @@ wrong reason or crash with a traceback.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import onnx
+import pytest
+from onnx import numpy_helper
 
 from edgefleet.controller.compiler import (
     BUILTIN_PROFILES,
+    Built,
     CandidateReport,
+    CompileError,
     CompileResult,
+    Recipe,
     compile_model,
 )
 from edgefleet.controller.compiler.data import load_samples, synthetic_feed
+from edgefleet.controller.compiler.evaluate import choose_metric, compare_outputs, run_samples
 from edgefleet.controller.compiler.normalize import (
     ensure_opset,
     flatten_gemm_biases,
@@ -248,3 +255,69 @@ def test_a_node_the_quantizer_fails_on_stays_float_and_is_reported() -> None:
     gemm_weights = {n.name: n.input[1] for n in graph.node if n.op_type == "Gemm"}
     assert gemm_weights["fc1"] not in dq_weights
     assert gemm_weights["fc2"] in dq_weights
+
+
+# -- a single probability per sample ----------------------------------------------------------
+
+
+class _ShiftedBias(Recipe):
+    """A variant whose logits are 0.1 too high: the cosine of one positive value cannot see it."""
+
+    name = "shifted-bias"
+    precision = "int8"
+
+    def build(self, inp: BuildInput, *, nodes_to_exclude: Sequence[str] = ()) -> Built:
+        model = onnx.load_model_from_string(inp.source.data)
+        for init in model.graph.initializer:
+            if init.name == "b":
+                init.CopyFrom(numpy_helper.from_array(np.full(1, 0.1, F), "b"))
+        return Built(model.SerializeToString())
+
+
+def test_a_probability_output_is_judged_by_decision_agreement() -> None:
+    data = _x(200, 16)
+    result = compile_model(
+        tm.prob_output(), AVX2, validation=data, recipes=["fp32", _ShiftedBias()], **FAST
+    )
+    fp32 = _candidate(result, "fp32")
+    assert fp32.accuracy is not None and fp32.accuracy.outputs[0].metric == "threshold:0.5"
+    assert fp32.accuracy.score == 1.0
+    shifted = _candidate(result, "shifted-bias")
+    assert shifted.accuracy is not None
+    assert shifted.accuracy.outputs[0].metric == "threshold:0.5"
+    assert 0.5 < shifted.accuracy.score < 0.99
+    assert shifted.status == "rejected"
+    assert shifted.reason is not None and "decision agreement at 0.5" in shifted.reason
+    # Cosine, the old metric, scores the same outputs as perfect.
+    src = load_source(tm.prob_output())
+    samples = load_samples(data, src, role="validation")
+    ref = run_samples(make_session(src.data), samples, ["p"])
+    cand = run_samples(
+        make_session(_ShiftedBias().build(BuildInput(src, None)).model), samples, ["p"]
+    )
+    cosine = compare_outputs(ref, cand, ["p"], tolerance=0.01, metrics={"p": "cosine"})
+    assert cosine.passed
+
+
+def test_the_decision_threshold_can_be_chosen_and_is_checked() -> None:
+    data = _x(50, 16)
+    result = compile_model(
+        tm.prob_output(),
+        AVX2,
+        validation=data,
+        recipes=["fp32"],
+        metrics={"p": "threshold:0.3"},
+        **FAST,
+    )
+    acc = _candidate(result, "fp32").accuracy
+    assert acc is not None and acc.outputs[0].metric == "threshold:0.3"
+    with pytest.raises(CompileError, match="threshold must be a number"):
+        compile_model(tm.prob_output(), AVX2, metrics={"p": "threshold:high"}, **FAST)
+
+
+def test_an_unbounded_single_value_output_keeps_cosine() -> None:
+    """A regression output (Tanh @ w can leave [0, 1]) is not a probability."""
+    ref = [np.array([[0.2]], F), np.array([[1.7]], F)]
+    assert choose_metric(ref[0], ref) == "cosine"
+    probs = [np.array([[0.2]], F), np.array([[0.9]], F)]
+    assert choose_metric(probs[0], probs) == "threshold:0.5"

@@ -309,8 +309,16 @@ class _Compiler:
         stats, errors = measure_latency(sessions, feed, iterations=iterations, warmup=warmup)
         baseline = stats.get(baseline_key)
         if baseline is None:
+            hint = ""
+            if self.validation is None and self.calibration is None:
+                # Made-up input: dynamic axes of size 1 and zero integers may be
+                # shapes or values the model cannot take; real data names them.
+                hint = (
+                    " (made-up input: dynamic axes set to 1, integer inputs to 0; pass "
+                    "--validation data with real shapes and values)"
+                )
             raise SourceModelError(
-                f"the fp32 source cannot run on {feed_name}: {errors.get(baseline_key)}"
+                f"the fp32 source cannot run on {feed_name}: {errors.get(baseline_key)}{hint}"
             )
         updated: list[CandidateReport] = []
         for rep in self.reports:

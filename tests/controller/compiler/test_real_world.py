@@ -23,6 +23,7 @@ from edgefleet.controller.compiler import (
     CompileError,
     CompileResult,
     Recipe,
+    SourceModelError,
     compile_model,
 )
 from edgefleet.controller.compiler.data import load_samples, synthetic_feed
@@ -321,3 +322,13 @@ def test_an_unbounded_single_value_output_keeps_cosine() -> None:
     assert choose_metric(ref[0], ref) == "cosine"
     probs = [np.array([[0.2]], F), np.array([[0.9]], F)]
     assert choose_metric(probs[0], probs) == "threshold:0.5"
+
+
+def test_a_model_that_cannot_run_on_made_up_input_asks_for_data() -> None:
+    """Without data, a dynamic axis of 1 may be too small (a 3x3 unpadded Conv): say why."""
+    model = onnx.load_model_from_string(tm.two_unknown_axes())
+    for node in model.graph.node:
+        if node.op_type == "Conv":
+            del node.attribute[:]
+    with pytest.raises(SourceModelError, match="pass --validation data with real shapes"):
+        compile_model(model.SerializeToString(), AVX2, recipes=["fp32"], **FAST)

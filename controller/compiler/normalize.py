@@ -117,16 +117,17 @@ def lift_constants(model: onnx.ModelProto) -> int:
     return lift(model.graph)
 
 
-def float_weight_bytes(graph: onnx.GraphProto) -> int:
-    """Bytes of float initializers in ``graph`` and its subgraphs (what quantization shrinks)."""
+def float_weight_bytes(graph: onnx.GraphProto, *, subgraphs: bool = True) -> int:
+    """Bytes of float initializers in ``graph`` (and its subgraphs): what quantization shrinks."""
     total = sum(
         int(numpy_helper.to_array(i).nbytes)
         for i in graph.initializer
         if i.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE)
     )
-    for node in graph.node:
-        for sub in _subgraphs(node):
-            total += float_weight_bytes(sub)
+    if subgraphs:
+        for node in graph.node:
+            for sub in _subgraphs(node):
+                total += float_weight_bytes(sub)
     return total
 
 

@@ -39,7 +39,11 @@ import onnx
 
 from edgefleet.controller.compiler.data import Feed
 from edgefleet.controller.compiler.errors import RecipeError
-from edgefleet.controller.compiler.normalize import ensure_opset, flatten_gemm_biases
+from edgefleet.controller.compiler.normalize import (
+    ensure_opset,
+    flatten_gemm_biases,
+    float_weight_bytes,
+)
 from edgefleet.controller.compiler.profiles import BUILTIN_PROFILES, Profile
 from edgefleet.controller.compiler.recipe_base import (
     BuildInput,
@@ -233,9 +237,18 @@ def _float_leftovers(prepared: bytes, quantizable: set[str]) -> list[str]:
     return sorted(_op_types(prepared) - quantizable - _PLUMBING)
 
 
-def _check_quantized(model_path: Path) -> bytes:
+def _check_quantized(model_path: Path, prepared: bytes) -> bytes:
     data = model_path.read_bytes()
     if not (_op_types(data) & _QUANTIZED_OPS):
+        graph = onnx.load_model_from_string(prepared).graph
+        inner = float_weight_bytes(graph) - float_weight_bytes(graph, subgraphs=False)
+        if inner > float_weight_bytes(graph, subgraphs=False):
+            # Say why: onnxruntime's quantizers rewrite the top-level graph only.
+            raise RecipeError(
+                "the quantizer left every operator in float: most float weights "
+                f"({inner} bytes) are inside If/Loop/Scan subgraphs, which onnxruntime's "
+                "quantizers do not reach"
+            )
         raise RecipeError("the quantizer left every operator in float: nothing to gain")
     return data
 
@@ -324,7 +337,7 @@ class _Int8Recipe(Recipe):
                 try:
                     with capture_notes(notes, tool="onnxruntime"):
                         run(src, out, None, list(failed_nodes))
-                    return _check_quantized(out), failed_nodes
+                    return _check_quantized(out, prepared), failed_nodes
                 except RecipeError:
                     raise
                 except Exception as exc:  # noqa: BLE001 - the quantizer raises anything
@@ -354,7 +367,7 @@ class _Int8Recipe(Recipe):
             try:
                 with capture_notes(notes, tool="onnxruntime"):
                     run(src, out, core, list(failed_nodes))
-                return _check_quantized(out), failed_nodes
+                return _check_quantized(out, prepared), failed_nodes
             except RecipeError:
                 raise
             except Exception as second:  # noqa: BLE001 - as above

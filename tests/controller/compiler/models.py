@@ -478,3 +478,40 @@ def gemm_full_bias(batch: int = 2, features: int = 16, width: int = 32, seed: in
         inits,
         "gemm_full_bias",
     )
+
+
+def weights_in_branches(features: int = 8, width: int = 16, seed: int = 0) -> bytes:
+    """All weights inside ``If`` branches, in ``Constant`` nodes (silero_vad.onnx's layout).
+
+    ``If(sr == 16000)``: each branch computes ``x @ w`` with its own ``w``.
+    """
+    rng = np.random.default_rng(seed)
+
+    def branch(tag: str) -> onnx.GraphProto:
+        w = numpy_helper.from_array(_he(rng, (features, width), features), f"{tag}_w_value")
+        return helper.make_graph(
+            [
+                helper.make_node("Constant", [], [f"{tag}_w"], value=w, name=f"{tag}_w_const"),
+                helper.make_node("MatMul", ["x", f"{tag}_w"], [f"{tag}_y"], name=f"{tag}_fc"),
+            ],
+            tag,
+            [],
+            [helper.make_tensor_value_info(f"{tag}_y", TensorProto.FLOAT, ["N", width])],
+        )
+
+    nodes = [
+        helper.make_node("Equal", ["sr", "k16"], ["is16"], name="is16k"),
+        helper.make_node(
+            "If", ["is16"], ["y"], then_branch=branch("then"), else_branch=branch("else"), name="sw"
+        ),
+    ]
+    return _graph_model(
+        nodes,
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", features]),
+            helper.make_tensor_value_info("sr", TensorProto.INT64, []),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", width])],
+        {"k16": np.array(16000, np.int64)},
+        "weights_in_branches",
+    )

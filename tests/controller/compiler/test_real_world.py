@@ -23,6 +23,7 @@ from edgefleet.controller.compiler import (
     CompileError,
     CompileResult,
     Recipe,
+    RecipeError,
     SourceModelError,
     compile_model,
 )
@@ -332,3 +333,11 @@ def test_a_model_that_cannot_run_on_made_up_input_asks_for_data() -> None:
             del node.attribute[:]
     with pytest.raises(SourceModelError, match="pass --validation data with real shapes"):
         compile_model(model.SerializeToString(), AVX2, recipes=["fp32"], **FAST)
+
+
+def test_weights_the_quantizer_cannot_reach_are_named_as_the_reason() -> None:
+    """silero_vad.onnx keeps its weights in If branches: "nothing to gain" was not the reason."""
+    src = load_source(tm.weights_in_branches())
+    assert src.weight_bytes == 2 * 8 * 16 * 4
+    with pytest.raises(RecipeError, match="inside If/Loop/Scan subgraphs"):
+        DynamicInt8Recipe(AVX2).build(BuildInput(src, prepare_for_quantization(src)))

@@ -7,6 +7,7 @@ of its targets at once.
 
 from __future__ import annotations
 
+from collections.abc import Set as AbstractSet
 from typing import TYPE_CHECKING, Any
 
 import click
@@ -18,14 +19,59 @@ from edgefleet.protocols.errors import EdgefleetError
 if TYPE_CHECKING:
     from edgefleet.controller.registry import Registry
 
-__all__ = ["deploy", "devices", "status"]
+__all__ = ["DEVICE_COUNTER_KINDS", "deploy", "device_counts", "devices", "status"]
+
+DEVICE_COUNTER_KINDS = {
+    "agent_rejected.": "refused_by_agent",  # messages the agent refused, by reason
+    "transfer_refused.": "transfer_refused",  # file requests the controller refused (overload)
+    "device_rejected.": "rejected_by_controller",  # the device's messages the controller dropped
+}
+"""Per-device counter families (``<prefix><device>.<reason>``) and how the CLI names them."""
+
+BY_DEVICE_ROWS = 20
+"""``status`` lists at most this many (device, kind, reason) rows, the largest first."""
 
 
-def _device_rows(registry: Registry) -> list[dict[str, Any]]:
+def device_counts(
+    counters: dict[str, int], device_id: str | None = None
+) -> dict[str, dict[str, dict[str, int]]]:
+    """Per-device overloads and refusals: ``{device: {kind: {reason: count}}}``.
+
+    Device ids may contain dots and reasons never do, so the reason is what
+    follows the last dot. ``device_id`` keeps only that device.
+    """
+    out: dict[str, dict[str, dict[str, int]]] = {}
+    for name, value in counters.items():
+        for prefix, kind in DEVICE_COUNTER_KINDS.items():
+            if not name.startswith(prefix):
+                continue
+            device, dot, reason = name[len(prefix) :].rpartition(".")
+            if dot and device and value and (device_id is None or device == device_id):
+                by_kind = out.setdefault(device, {}).setdefault(kind, {})
+                by_kind[reason] = by_kind.get(reason, 0) + value
+            break
+    return out
+
+
+def _count_rows(by_device: dict[str, dict[str, dict[str, int]]]) -> list[list[Any]]:
+    rows = [
+        [device, kind, reason, n]
+        for device, kinds in by_device.items()
+        for kind, reasons in kinds.items()
+        for reason, n in reasons.items()
+    ]
+    rows.sort(key=lambda r: (-r[3], r[0], r[1], r[2]))
+    return rows
+
+
+def _device_rows(
+    registry: Registry, revoked: AbstractSet[str] = frozenset()
+) -> list[dict[str, Any]]:
     return [
         {
             "id": s.device_id,
             "online": s.online,
+            "revoked": s.device_id in revoked,
             "hardware_class": s.hardware_class,
             "state": s.state,
             "active_version": s.active_version,
@@ -45,10 +91,14 @@ def _device_rows(registry: Registry) -> list[dict[str, Any]]:
 @pass_ctx
 def devices(ctx: Context, as_json: bool) -> None:
     """List devices with what they run and how they are doing."""
+    from edgefleet.controller.ca import revoked_device_ids
+
     with friendly_errors():
+        # Revocation lives in the CA's index (`edgefleet device revoke`).
+        revoked = revoked_device_ids(ctx.config().home / "ca")
         registry = ctx.registry()
         try:
-            rows = _device_rows(registry)
+            rows = _device_rows(registry, revoked)
         finally:
             registry.close()
     emit(
@@ -69,7 +119,7 @@ def devices(ctx: Context, as_json: bool) -> None:
             [
                 [
                     r["id"],
-                    "yes" if r["online"] else "no",
+                    "revoked" if r["revoked"] else "yes" if r["online"] else "no",
                     r["hardware_class"],
                     r["state"],
                     r["active_version"],
@@ -168,6 +218,7 @@ def status(ctx: Context, as_json: bool) -> None:
         if k.startswith("rejected.")
     }
     rejected_by_agents = _agent_rejections(fleet.counters)
+    by_device = device_counts(fleet.counters)
     data = {
         "devices": fleet.devices,
         "online": fleet.online,
@@ -178,6 +229,7 @@ def status(ctx: Context, as_json: bool) -> None:
         "errors": fleet.errors,
         "rejected": rejected_by_controller,
         "agent_rejected": rejected_by_agents,
+        "by_device": by_device,
     }
 
     def table() -> str:
@@ -191,6 +243,15 @@ def status(ctx: Context, as_json: bool) -> None:
         )
         by_agents = ", ".join(f"{k}={v}" for k, v in sorted(rejected_by_agents.items())) or "none"
         rejected += f"\nrefused by agents: {by_agents}"
-        return f"{head}\n\n{versions}\n\nrejected messages: {rejected}"
+        text = f"{head}\n\n{versions}\n\nrejected messages: {rejected}"
+        rows = _count_rows(by_device)
+        if rows:
+            more = len(rows) - BY_DEVICE_ROWS
+            text += "\n\noverloads and refusals by device:\n" + render_table(
+                ["device", "kind", "reason", "count"], rows[:BY_DEVICE_ROWS]
+            )
+            if more > 0:
+                text += f"\n... and {more} more (`edgefleet status --json`)"
+        return text
 
     emit(as_json, data, table)

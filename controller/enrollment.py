@@ -389,7 +389,7 @@ class _EnrollmentHTTPServer(ThreadingHTTPServer):
             self.owner.refused_connection("handshake_failed", source)
             return
         try:
-            self.RequestHandlerClass(tls, client_address, self)
+            super().finish_request(tls, client_address)  # the HTTP request, over TLS
         finally:
             with contextlib.suppress(OSError):
                 tls.close()

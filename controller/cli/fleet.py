@@ -54,14 +54,14 @@ def device_counts(
 
 
 def _count_rows(by_device: dict[str, dict[str, dict[str, int]]]) -> list[list[Any]]:
-    rows = [
-        [device, kind, reason, n]
+    rows: list[tuple[str, str, str, int]] = [
+        (device, kind, reason, n)
         for device, kinds in by_device.items()
         for kind, reasons in kinds.items()
         for reason, n in reasons.items()
     ]
     rows.sort(key=lambda r: (-r[3], r[0], r[1], r[2]))
-    return rows
+    return [list(r) for r in rows]
 
 
 def _device_rows(

@@ -121,3 +121,15 @@ def test_revoked_devices_and_per_device_refusals_are_visible(tmp_path: Path) -> 
     events = run(home, "device", "events", "gw-2").output
     assert "transfer_refused: rate=7" in events and "refused_by_agent: signature=2" in events
     assert "none" in run(home, "device", "events", "gw-1").output
+
+
+def test_enroll_server_binds_loopback_unless_told_otherwise() -> None:
+    """Issue 9 item 3: the endpoint listened on 0.0.0.0 by default."""
+    from edgefleet.controller.cli.security import enroll_server
+    from edgefleet.controller.enrollment import DEFAULT_HOST, EnrollmentServer
+
+    listen = next(p for p in enroll_server.params if p.name == "listen")
+    assert listen.default == "127.0.0.1:8443"
+    assert listen.envvar == "EDGEFLEET_ENROLL_LISTEN"
+    assert DEFAULT_HOST == "127.0.0.1"
+    assert EnrollmentServer.__init__.__kwdefaults__["host"] == "127.0.0.1"

@@ -13,8 +13,13 @@ from typing import Any
 import click
 
 from edgefleet.controller.cli.context import Context, pass_ctx
-from edgefleet.controller.cli.fleet import device_counts
-from edgefleet.controller.cli.output import emit, friendly_errors, json_option, render_table
+from edgefleet.controller.cli.output import (
+    device_counts,
+    emit,
+    friendly_errors,
+    json_option,
+    render_table,
+)
 from edgefleet.shared.durable import atomic_write
 
 __all__ = ["device_group"]

@@ -13,44 +13,22 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from edgefleet.controller.cli.context import Context, pass_ctx
-from edgefleet.controller.cli.output import emit, friendly_errors, json_option, render_table
+from edgefleet.controller.cli.output import (
+    device_counts,
+    emit,
+    friendly_errors,
+    json_option,
+    render_table,
+)
 from edgefleet.protocols.errors import EdgefleetError
 
 if TYPE_CHECKING:
     from edgefleet.controller.registry import Registry
 
-__all__ = ["DEVICE_COUNTER_KINDS", "deploy", "device_counts", "devices", "status"]
-
-DEVICE_COUNTER_KINDS = {
-    "agent_rejected.": "refused_by_agent",  # messages the agent refused, by reason
-    "transfer_refused.": "transfer_refused",  # file requests the controller refused (overload)
-    "device_rejected.": "rejected_by_controller",  # the device's messages the controller dropped
-}
-"""Per-device counter families (``<prefix><device>.<reason>``) and how the CLI names them."""
+__all__ = ["deploy", "devices", "status"]
 
 BY_DEVICE_ROWS = 20
 """``status`` lists at most this many (device, kind, reason) rows, the largest first."""
-
-
-def device_counts(
-    counters: dict[str, int], device_id: str | None = None
-) -> dict[str, dict[str, dict[str, int]]]:
-    """Per-device overloads and refusals: ``{device: {kind: {reason: count}}}``.
-
-    Device ids may contain dots and reasons never do, so the reason is what
-    follows the last dot. ``device_id`` keeps only that device.
-    """
-    out: dict[str, dict[str, dict[str, int]]] = {}
-    for name, value in counters.items():
-        for prefix, kind in DEVICE_COUNTER_KINDS.items():
-            if not name.startswith(prefix):
-                continue
-            device, dot, reason = name[len(prefix) :].rpartition(".")
-            if dot and device and value and (device_id is None or device == device_id):
-                by_kind = out.setdefault(device, {}).setdefault(kind, {})
-                by_kind[reason] = by_kind.get(reason, 0) + value
-            break
-    return out
 
 
 def _count_rows(by_device: dict[str, dict[str, dict[str, int]]]) -> list[list[Any]]:

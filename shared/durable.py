@@ -114,13 +114,17 @@ def ensure_private_dir(directory: Path) -> None:
     An existing directory is tightened too: state written before this
     (or by an older version, under a 0022 umask) becomes unreadable to
     others as soon as the owner starts. Files inside keep their modes; the
-    directory's mode alone keeps other users out.
+    directory's mode alone keeps other users out. A sticky directory
+    (``/tmp``) is shared by design and left as it is.
 
     Raises:
         OSError: it cannot be created, or its mode changed (not our directory).
     """
     ensure_dir(directory)
-    if stat.S_IMODE(directory.stat().st_mode) != 0o700:
+    mode = directory.stat().st_mode
+    # A sticky directory (/tmp, /var/tmp) is shared by design: pointing a home
+    # or state dir at one must not lock every other user out of it.
+    if stat.S_IMODE(mode) != 0o700 and not mode & stat.S_ISVTX:
         os.chmod(directory, 0o700)
 
 

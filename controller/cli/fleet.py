@@ -203,9 +203,6 @@ def status(ctx: Context, as_json: bool) -> None:
     }
     rejected_by_agents = _agent_rejections(fleet.counters)
     by_device = device_counts(fleet.counters)
-    for kinds in by_device.values():  # old rows of invented reasons: one "other" line
-        if "refused_by_agent" in kinds:
-            kinds["refused_by_agent"] = fold_reasons(kinds["refused_by_agent"])
     data = {
         "devices": fleet.devices,
         "online": fleet.online,

@@ -20,6 +20,7 @@ from edgefleet.controller.cli.output import (
     json_option,
     render_table,
 )
+from edgefleet.protocols.bounds import fold_reasons
 from edgefleet.protocols.errors import EdgefleetError
 
 if TYPE_CHECKING:
@@ -170,13 +171,18 @@ def deploy(
 
 
 def _agent_rejections(counters: dict[str, int]) -> dict[str, int]:
-    """Sum the per-device ``agent_rejected.<device>.<reason>`` counters by reason."""
+    """Sum the per-device ``agent_rejected.<device>.<reason>`` counters by reason.
+
+    Reasons outside the known set (rows an older controller stored for
+    whatever keys a device invented) are summed under ``other``, so the
+    output stays a few lines whatever the database holds.
+    """
     totals: dict[str, int] = {}
     for name, value in counters.items():
         if name.startswith("agent_rejected."):
             reason = name.rsplit(".", 1)[-1]
             totals[reason] = totals.get(reason, 0) + value
-    return totals
+    return fold_reasons(totals)
 
 
 @click.command()

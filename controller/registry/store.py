@@ -24,6 +24,7 @@ are the frozen dataclasses of :mod:`.dto`.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy.engine import Engine
@@ -226,9 +227,13 @@ class Registry:
         return self._outbox.all_desired()
 
     # ----------------------------------------------------------------------- events
-    def add_events(self, events: Sequence[Event]) -> int:
+    def add_events(self, events: Sequence[Event], *, max_per_device: int | None = None) -> int:
         """See :meth:`Events.add_events <.events.Events.add_events>`."""
-        return self._events.add_events(events)
+        return self._events.add_events(events, max_per_device=max_per_device)
+
+    def expire_events(self, older_than: datetime, *, now: datetime | None = None) -> int:
+        """See :meth:`Events.expire_events <.events.Events.expire_events>`."""
+        return self._events.expire_events(older_than, now=now)
 
     def events_for(self, device_id: str, limit: int = 50) -> list[EventInfo]:
         """See :meth:`Events.events_for <.events.Events.events_for>`."""

@@ -71,3 +71,19 @@ def test_bad_agent_configs_name_the_problem(tmp_path: Path, text: str, fragment:
     path.write_text(text)
     with pytest.raises(ConfigError, match=fragment):
         load_agent_config(path)
+
+
+@pytest.mark.parametrize(
+    ("line", "fragment"),
+    [
+        ("max_clock_skew_s = 0", "max_clock_skew_s"),
+        ("max_clock_skew_s = 172800", "max_clock_skew_s"),
+        ("event_retention_s = -1", "event_retention_s"),
+        ("max_events_per_device = 0", "max_events_per_device"),
+    ],
+)
+def test_storage_bounds_are_checked(tmp_path: Path, line: str, fragment: str) -> None:
+    path = tmp_path / "controller.toml"
+    path.write_text(f"[service]\n{line}\n")
+    with pytest.raises(ConfigError, match=fragment):
+        load_controller_config(path, environ={})

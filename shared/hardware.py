@@ -71,7 +71,8 @@ RELEVANT_FEATURES = frozenset(
         "fma",
         "f16c",
         "sse4_2",
-        # arm
+        # arm ("neon" is 32-bit Arm's name for what arm64 calls asimd)
+        "neon",
         "asimd",
         "asimddp",
         "asimdhp",
@@ -83,7 +84,7 @@ RELEVANT_FEATURES = frozenset(
 )
 # Every AMX variant (amx_tile, amx_int8, amx_bf16, amx_fp16, ...) is relevant.
 _RELEVANT_PREFIXES = ("amx",)
-_ARM_ONLY = frozenset({"asimd", "asimddp", "asimdhp", "i8mm", "sve", "sve2", "bf16"})
+_ARM_ONLY = frozenset({"neon", "asimd", "asimddp", "asimdhp", "i8mm", "sve", "sve2", "bf16"})
 _ARM_ARCHES = frozenset({"arm64", "armv7l", "armv8l", "armv6l"})
 
 # getauxval(3) keys (elf.h), the same on every Linux architecture.

@@ -160,6 +160,13 @@ def test_arm32_hwcap_bits() -> None:
     assert decode_hwcap("armv7l", 0, 1 << 0 | 1 << 4) == {"aes", "crc32"}
 
 
+def test_arm32_device_reports_neon() -> None:
+    """32-bit Arm says ``neon`` (arm64: ``asimd``); profiles match either as ``neon``."""
+    assert decode_hwcap("armv7l", 1 << 12 | 1 << 16) & RELEVANT_FEATURES == {"neon"}
+    cpuinfo = "processor\t: 0\nFeatures\t: half thumb fastmult vfp edsp neon vfpv3 tls vfpv4\n"
+    assert detect_hardware(cpuinfo_text=cpuinfo, machine="armv7l").cpu_features == ("neon",)
+
+
 def test_x86_publishes_no_hwcap_features() -> None:
     assert decode_hwcap("x86_64", 0xFFFFFFFF, 0xFFFFFFFF) == frozenset()
 

@@ -20,7 +20,8 @@ broke; 2 pyproject.toml lacks an extra the table names or cannot be read.
 
 It resolves against the index a gateway uses (``$EDGEFLEET_PLATFORM_INDEX``, default
 PyPI) with pip in isolated mode, so this machine's pip configuration (local
-find-links, extra indexes, constraint files) cannot make a platform look installable.
+find-links, extra indexes, constraint files) cannot make a platform look installable;
+only ``$PIP_CERT`` (a CA bundle for a TLS-intercepting proxy) is passed on.
 
 Why not simply ``pip download --platform ... ".[agent]"``:
 

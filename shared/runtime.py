@@ -338,7 +338,7 @@ class OnnxRuntimeBackend:
             import onnxruntime as ort
         except ImportError as exc:
             raise UnsupportedRuntimeError(
-                "onnxruntime is not installed; install edgefleet[agent]"
+                "onnxruntime is not installed; install edgefleet[agent-onnx]"
             ) from exc
         if not model_path.is_file():
             raise ModelLoadError(f"model file {model_path} does not exist")
@@ -400,7 +400,7 @@ def tflite_interpreter_class(modules: Sequence[str] = TFLITE_MODULES) -> Any:
         if module == "tflite_runtime" and _numpy_major() >= 2:
             refusals.append(
                 f"tflite-runtime 2.14 needs numpy<2, but numpy {np.__version__} is installed; "
-                "install ai-edge-litert instead (pip install 'edgefleet[tflite]'), "
+                "install ai-edge-litert instead (pip install 'edgefleet[agent-tflite]'), "
                 "or pin numpy<2 for tflite-runtime"
             )
             continue
@@ -414,7 +414,7 @@ def tflite_interpreter_class(modules: Sequence[str] = TFLITE_MODULES) -> Any:
         raise UnsupportedRuntimeError("; ".join(refusals))
     raise UnsupportedRuntimeError(
         "no TFLite interpreter is installed on this device; "
-        "install one with: pip install 'edgefleet[tflite]' (ai-edge-litert)"
+        "install one with: pip install 'edgefleet[agent-tflite]' (ai-edge-litert)"
     )
 
 
@@ -641,8 +641,8 @@ def _onnxruntime_usable() -> bool:
 
 # runtime name -> (cheap "is it installed" check, factory, what to install)
 _BACKENDS: dict[str, tuple[Callable[[], bool], Callable[[int], Backend], str]] = {
-    "onnxruntime": (_onnxruntime_usable, _onnxruntime, "edgefleet[agent]"),
-    "tflite": (_tflite_usable, _tflite, "edgefleet[tflite]"),
+    "onnxruntime": (_onnxruntime_usable, _onnxruntime, "edgefleet[agent-onnx]"),
+    "tflite": (_tflite_usable, _tflite, "edgefleet[agent-tflite]"),
 }
 
 

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import platform
+import struct
+import sys
 from pathlib import Path
+
+import pytest
 
 from edgefleet.protocols.hardware import normalize_arch
 from edgefleet.protocols.messages import HardwareInfo
@@ -11,10 +15,12 @@ from edgefleet.shared.hardware import (
     CPUINFO,
     RELEVANT_FEATURES,
     CpuInfo,
+    decode_hwcap,
     detect_hardware,
     parse_cpu_features,
     parse_cpuinfo,
     read_cpuinfo,
+    read_hwcap,
 )
 from edgefleet.shared.runtime import available_runtimes
 
@@ -114,3 +120,84 @@ def test_detect_hardware_on_this_machine() -> None:
     assert all(f in RELEVANT_FEATURES or f.startswith("amx") for f in info.cpu_features)
     if CPUINFO.exists():
         assert info.cpu_features == parse_cpu_features(CPUINFO.read_text())
+
+
+# AT_HWCAP / AT_HWCAP2 as qemu-aarch64 7.2 reports them per -cpu (LD_SHOW_AUXV=1,
+# issue 12 research): what the emulated-ARM run must detect.
+QEMU_AARCH64 = {
+    "cortex-a72": (0x8FB, 0x0, ("asimd",)),  # ~ Raspberry Pi 4
+    "cortex-a76": (0x119FFB, 0x0, ("asimd", "asimddp", "asimdhp")),  # ~ Raspberry Pi 5
+    "max": (
+        0xECFFFFFB,
+        0x7F877FFF,
+        ("asimd", "asimddp", "asimdhp", "bf16", "i8mm", "sve", "sve2"),
+    ),
+}
+
+
+@pytest.mark.parametrize("cpu", sorted(QEMU_AARCH64))
+def test_arm64_hwcap_bits_decode_to_the_cpu_profile(cpu: str) -> None:
+    hwcap, hwcap2, relevant = QEMU_AARCH64[cpu]
+    names = decode_hwcap("arm64", hwcap, hwcap2)
+    assert tuple(sorted(names & RELEVANT_FEATURES)) == relevant
+    assert {"fp", "asimd", "aes", "crc32"} <= names
+
+
+def test_arm64_hwcap_bits_match_the_kernel_names_in_cpuinfo() -> None:
+    """Bit i of AT_HWCAP is the i-th name the kernel prints in ``Features``."""
+    hwcap = 1 << 1 | 1 << 10 | 1 << 20 | 1 << 22
+    assert decode_hwcap("arm64", hwcap, 1 << 1 | 1 << 13 | 1 << 14) == {
+        "asimd", "asimdhp", "asimddp", "sve", "sve2", "i8mm", "bf16"
+    }  # fmt: skip
+    assert decode_hwcap("arm64", 0, 0) == frozenset()
+
+
+def test_arm32_hwcap_bits() -> None:
+    # A Cortex-A72 in 32-bit mode (Raspberry Pi 4 on Raspberry Pi OS 32-bit).
+    hwcap = 1 << 12 | 1 << 16 | 1 << 17 | 1 << 13
+    assert {"neon", "vfpv4", "idiva", "vfpv3"} == decode_hwcap("armv7l", hwcap)
+    assert decode_hwcap("armv7l", 1 << 24 | 1 << 23 | 1 << 27) == {"asimddp", "asimdhp", "i8mm"}
+    assert decode_hwcap("armv7l", 0, 1 << 0 | 1 << 4) == {"aes", "crc32"}
+
+
+def test_arm32_device_reports_neon() -> None:
+    """32-bit Arm says ``neon`` (arm64: ``asimd``); profiles match either as ``neon``."""
+    assert decode_hwcap("armv7l", 1 << 12 | 1 << 16) & RELEVANT_FEATURES == {"neon"}
+    cpuinfo = "processor\t: 0\nFeatures\t: half thumb fastmult vfp edsp neon vfpv3 tls vfpv4\n"
+    assert detect_hardware(cpuinfo_text=cpuinfo, machine="armv7l").cpu_features == ("neon",)
+
+
+def test_x86_publishes_no_hwcap_features() -> None:
+    assert decode_hwcap("x86_64", 0xFFFFFFFF, 0xFFFFFFFF) == frozenset()
+
+
+def test_arm_device_never_reports_x86_flags_from_a_foreign_cpuinfo() -> None:
+    """Under qemu-user /proc/cpuinfo is the host's: x86 flags for an arm64 process."""
+    info = detect_hardware(cpuinfo_text=X86_CPUINFO, machine="aarch64")
+    assert info.arch == "arm64"
+    assert info.cpu_features == ()
+    x86 = detect_hardware(cpuinfo_text=ARM_CPUINFO, machine="x86_64")
+    assert x86.cpu_features == ()
+
+
+def _auxv() -> dict[int, int]:
+    raw = Path("/proc/self/auxv").read_bytes()
+    fmt = "QQ" if struct.calcsize("P") == 8 else "II"
+    step = struct.calcsize(fmt)
+    return dict(struct.unpack_from(fmt, raw, i) for i in range(0, len(raw) - step + 1, step))
+
+
+@pytest.mark.skipif(
+    not sys.platform.startswith("linux") or not Path("/proc/self/auxv").exists(),
+    reason="needs Linux /proc/self/auxv",
+)
+def test_read_hwcap_is_the_kernel_auxiliary_vector() -> None:
+    auxv = _auxv()
+    got = read_hwcap()
+    assert got is not None
+    if normalize_arch(platform.machine()) in ("arm64", "armv7l"):
+        assert got == (auxv.get(16, 0), auxv.get(26, 0))
+    else:
+        # glibc on x86 answers AT_HWCAP with its own platform bits, not the
+        # kernel's (only Arm is decoded); AT_HWCAP2 is passed through.
+        assert got[1] == auxv.get(26, 0)

@@ -182,5 +182,5 @@ def test_ai_edge_litert_is_preferred_over_tflite_runtime(
 
 
 def test_no_interpreter_installed_says_what_to_install() -> None:
-    with pytest.raises(UnsupportedRuntimeError, match=r"pip install 'edgefleet\[tflite\]'"):
+    with pytest.raises(UnsupportedRuntimeError, match=r"pip install 'edgefleet\[agent-tflite\]'"):
         tflite_interpreter_class(("edgefleet_no_such_interpreter",))

@@ -23,7 +23,7 @@ are the frozen dataclasses of :mod:`.dto`.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 from sqlalchemy.engine import Engine
@@ -44,7 +44,7 @@ from edgefleet.controller.registry.dto import (
     ModelVersionInfo,
     TelemetryInfo,
 )
-from edgefleet.controller.registry.events import Events
+from edgefleet.controller.registry.events import EventAckMark, Events
 from edgefleet.controller.registry.fleet import FleetViews
 from edgefleet.controller.registry.telemetry import TelemetryStore
 from edgefleet.protocols.bundle import TensorSpec
@@ -225,10 +225,18 @@ class Registry:
         """See :meth:`Outbox.all_desired <.deployments.Outbox.all_desired>`."""
         return self._outbox.all_desired()
 
+    def published_digest(self) -> str:
+        """See :meth:`Outbox.published_digest <.deployments.Outbox.published_digest>`."""
+        return self._outbox.published_digest()
+
     # ----------------------------------------------------------------------- events
     def add_events(self, events: Sequence[Event]) -> int:
         """See :meth:`Events.add_events <.events.Events.add_events>`."""
         return self._events.add_events(events)
+
+    def advance_event_acks(self, journals: Collection[tuple[str, str]]) -> list[EventAckMark]:
+        """See :meth:`Events.advance_event_acks <.events.Events.advance_event_acks>`."""
+        return self._events.advance_event_acks(journals)
 
     def events_for(self, device_id: str, limit: int = 50) -> list[EventInfo]:
         """See :meth:`Events.events_for <.events.Events.events_for>`."""

@@ -151,7 +151,8 @@ def test_a_reconnect_publishes_no_unchanged_desired_state(
             link.subscribe(str(DeviceTopic(device_id, Channel.DESIRED)), got)
             watchers.append(link)
         wait_for(lambda: len({t for t, _p, _r in got.messages}) == 3, 15, "3 desired states")
-        time.sleep(1.0)
+        wait_for(lambda: not harness.registry.unpublished_desired(), 15, "all acknowledged")
+        time.sleep(1.0)  # the outbox marker follows the states it covers
         before = len(got.messages)
 
         for _ in range(2):

@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
-from edgefleet.controller.ca import CLI_COMMON_NAME
+from edgefleet.controller.ca import CLI_COMMON_NAME, write_private_file, write_public_file
+from edgefleet.protocols.errors import BrokerError
 from edgefleet.protocols.topics import OUTBOX_MARKER_TOPIC, Channel, DeviceTopic
 from edgefleet.shared.link import BrokerSettings, MqttLink
 from tests.security.conftest import Recorder, TlsBroker, connect
@@ -117,3 +119,21 @@ def test_the_cli_has_its_own_identity_and_only_publishes_desired_states(
     finally:
         device.stop()
         serve.link.stop()
+
+
+def test_the_enrollment_servers_certificate_is_no_broker_identity(
+    tls_broker: TlsBroker, tmp_path: Path
+) -> None:
+    """``enroll-server`` never talks MQTT; its HTTPS certificate cannot be used as a client."""
+    pair = tls_broker.ca.issue_server_cert(["enroll.example.net"])
+    out = tmp_path / "enroll"
+    write_private_file(out / "key.pem", pair.key_pem)
+    write_public_file(out / "cert.pem", pair.cert_pem)
+    files = {"ca_file": str(tls_broker.ca.ca_file)}
+    with pytest.raises(BrokerError):
+        connect(
+            tls_broker.settings(cert_file=str(out / "cert.pem"), key_file=str(out / "key.pem"),
+                                **files),
+            "edgefleet-enroll",
+        )
+    connect(tls_broker.device("gw-ok"), "gw-ok").stop()  # control: a client certificate works

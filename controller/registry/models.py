@@ -287,7 +287,7 @@ class DeviceEvent(Base):
     __tablename__ = "device_events"
     __table_args__ = (
         sa.Index(None, "device_id", "id"),
-        # An event's identity (migration 0004): a replayed or retained copy
+        # An event's identity (migration 0005): a replayed or retained copy
         # is stored once. NULLs (events of agents without a journal) are
         # distinct on every database, so those are never collapsed.
         sa.Index(None, "device_id", "journal", "seq", unique=True),
@@ -306,7 +306,7 @@ class DeviceEvent(Base):
 
 
 class EventJournalMark(Base):
-    """How far the controller holds a device's event journal without a gap (migration 0004).
+    """How far the controller holds a device's event journal without a gap (migration 0005).
 
     ``acked_seq`` is what the controller acknowledges on ``events/ack``: every
     event of ``journal`` numbered 1..``acked_seq`` is stored. A device whose

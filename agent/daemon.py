@@ -48,7 +48,13 @@ from edgefleet.agent.reconcile import (
 )
 from edgefleet.agent.serving import InferenceServer, ModelHolder
 from edgefleet.agent.slots import SlotRecord, SlotStore
-from edgefleet.protocols.errors import AgentError, ProtocolError, SlotError, VerificationError
+from edgefleet.protocols.errors import (
+    AgentError,
+    ConfigError,
+    ProtocolError,
+    SlotError,
+    VerificationError,
+)
 from edgefleet.protocols.messages import (
     AgentState,
     DesiredState,
@@ -61,6 +67,7 @@ from edgefleet.protocols.messages import (
     Telemetry,
 )
 from edgefleet.protocols.topics import Channel, DeviceTopic
+from edgefleet.shared.durable import ensure_private_dir
 from edgefleet.shared.hardware import detect_hardware
 from edgefleet.shared.link import LinkFactory, Will, mqtt_links
 
@@ -88,7 +95,12 @@ class Agent:
         self.config = config
         self.device_id = config.device_id
         state_dir = config.state_dir
-        state_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            # Owner-only (0700) whatever the umask: slots, releases.json and the
+            # partial downloads are nobody else's business (issue 9, item 10).
+            ensure_private_dir(state_dir)
+        except OSError as exc:
+            raise ConfigError(f"cannot make state_dir {state_dir} owner-only: {exc}") from exc
         self.hardware = detect_hardware(config.hardware_class)
         self.rejections = RejectionCounter()
         self.metrics = ServingMetrics()

@@ -243,8 +243,10 @@ class CertificateAuthority:
 
         Raises:
             CertificateError: the CSR is malformed, its signature is wrong, its
-                CN is not ``device_id``, the id is invalid or reserved, or the
-                key is too weak.
+                CN is not ``device_id``, the id is invalid or reserved, the
+                key is too weak, or it asks to be a CA (``basicConstraints
+                CA:TRUE``: the certificate issued would not be one, and a
+                device that asks for it is refused, not silently downgraded).
         """
         try:
             validate_device_id(device_id)
@@ -269,6 +271,7 @@ class CertificateAuthority:
         if len(cns) != 1 or cns[0].value != device_id:
             got = [c.value for c in cns]
             raise CertificateError(f"the CSR must name exactly CN={device_id}, it names {got}")
+        _refuse_requested_ca(csr)
         public_key = csr.public_key()
         _check_key_strength(public_key)
         return self._issue(
@@ -458,6 +461,32 @@ class CertificateAuthority:
 
 
 # ---------------------------------------------------------------------- helpers
+def revoked_device_ids(directory: Path) -> set[str]:
+    """Devices whose every certificate is revoked, from the CA index (no key needed).
+
+    ``edgefleet devices`` shows these as revoked rather than merely offline.
+    A device enrolled again after its revocation has a live certificate and
+    is not in the set. A missing CA (no production setup) revokes nobody.
+
+    Raises:
+        TrustError: the index exists but is unreadable.
+    """
+    path = directory / "index.json"
+    try:
+        raw = json.loads(path.read_text())
+        index = [IssuedCert.from_json(d) for d in raw["issued"]]
+    except FileNotFoundError:
+        return set()
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise TrustError(f"CA index {path} is unreadable: {exc}") from exc
+    revoked: set[str] = set()
+    live: set[str] = set()
+    for entry in index:
+        if entry.role == "device":
+            (live if entry.revoked_at is None else revoked).add(entry.common_name)
+    return revoked - live
+
+
 def read_private_file(path: Path) -> bytes:
     """Read a private key, refusing it if group or others have any access.
 
@@ -474,6 +503,36 @@ def read_private_file(path: Path) -> bytes:
         ) from None
     except OSError as exc:
         raise TrustError(f"cannot open key file {path}: {exc}") from exc
+
+
+def _refuse_requested_ca(csr: x509.CertificateSigningRequest) -> None:
+    """Refuse a CSR that requests CA rights (or certificate signing) for a device.
+
+    The issued certificate never carries them (``_issue`` sets its own
+    extensions), but silently ignoring the request hides an attack or a
+    misconfigured client from the operator; a refusal names the reason.
+
+    Raises:
+        CertificateError: the CSR asks for ``basicConstraints CA:TRUE`` or for
+            the ``keyCertSign``/``cRLSign`` key usages; or its extensions are
+            unreadable.
+    """
+    try:
+        extensions = csr.extensions
+    except (ValueError, x509.DuplicateExtension) as exc:
+        raise CertificateError(f"the CSR's extensions are unreadable: {exc}") from None
+    for ext in extensions:
+        value = ext.value
+        if isinstance(value, x509.BasicConstraints) and value.ca:
+            raise CertificateError(
+                "the CSR requests a CA certificate (basicConstraints CA:TRUE); "
+                "devices get client certificates only"
+            )
+        if isinstance(value, x509.KeyUsage) and (value.key_cert_sign or value.crl_sign):
+            raise CertificateError(
+                "the CSR requests certificate or CRL signing (keyUsage keyCertSign/cRLSign); "
+                "devices get client certificates only"
+            )
 
 
 def _check_key_strength(public_key: Any) -> None:

@@ -75,6 +75,28 @@ class ServiceSettings:
     telemetry_rollup_interval_s: float = 60.0
     telemetry_raw_retention_s: float = 24 * 3600.0
     telemetry_minute_retention_s: float = 30 * 24 * 3600.0
+    # What one device can make the controller store (issue 9, "every device
+    # is potentially hostile"). Telemetry and events whose `at` is further
+    # than this from the controller's clock are refused (`rejected.clock_skew`):
+    # a future `at` would make rows that never expire, and a device with a
+    # clock this wrong cannot pass TLS certificate checks anyway.
+    max_clock_skew_s: float = 600.0
+    # Device events are deleted after this (on the telemetry loop), and each
+    # device keeps at most this many, its oldest dropped first
+    # (`rejected.event_cap`, per device `device_rejected.<id>.event_cap`).
+    event_retention_s: float = 30 * 24 * 3600.0
+    max_events_per_device: int = 1000
+
+    def __post_init__(self) -> None:
+        # Only the storage bounds are checked here: a bad one would fail every
+        # ingest batch, or (a skew beyond a day) let retention delete rows
+        # the skew check had accepted as current.
+        if not 0 < self.max_clock_skew_s <= 24 * 3600:
+            raise ConfigError("[service] max_clock_skew_s must be > 0 and at most 86400 (a day)")
+        if self.event_retention_s < 0:
+            raise ConfigError("[service] event_retention_s must be >= 0")
+        if self.max_events_per_device < 1:
+            raise ConfigError("[service] max_events_per_device must be at least 1")
 
 
 @dataclass(frozen=True)

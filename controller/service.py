@@ -29,8 +29,15 @@ stored without a gap on ``events/ack`` (:class:`EventAck`). An agent replays
 what is not acknowledged, so losing this connection loses no event.
 
 Every malformed, impersonating or unknown-device message is logged and
-counted under a reason in ``Registry.counters`` (``rejected.<reason>``);
-nothing a device sends can crash a worker.
+counted under a reason in ``Registry.counters`` (``rejected.<reason>``), and
+for an enrolled device also under ``device_rejected.<device>.<reason>``;
+nothing a device sends can crash a worker. What a device can make us store
+is bounded: values are range-checked by the parsers, ``at`` must be within
+``max_clock_skew_s`` of our clock (``clock_skew``), each device keeps at most
+``max_events_per_device`` events (``event_cap``), events expire after
+``event_retention_s``, and agent-reported rejection reasons come from a
+fixed set (:mod:`edgefleet.protocols.bounds`), so counter rows per device
+are bounded too.
 """
 
 from __future__ import annotations
@@ -41,16 +48,18 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
 
 from edgefleet.controller.compiler.errors import ProfileError
 from edgefleet.controller.compiler.profiles import BUILTIN_PROFILES, Profile, match_profile
 from edgefleet.controller.config import ServiceSettings
 from edgefleet.controller.registry import DeploymentInfo, Registry
+from edgefleet.controller.registry.counters import device_rejected_name
 from edgefleet.controller.registry.telemetry import rollup_telemetry
 from edgefleet.controller.rollout.runner import RolloutRunner
 from edgefleet.controller.transfer import TransferServer
 from edgefleet.controller.trust import TrustRepository
+from edgefleet.protocols.bounds import fold_reasons
 from edgefleet.protocols.errors import ProtocolError, TopicError
 from edgefleet.protocols.messages import (
     Event,
@@ -143,6 +152,7 @@ class ControllerService:
         self._marker: bytes | None = None
         self._threads: list[threading.Thread] = []
         self._rejected: Counter[str] = Counter()
+        self._device_rejected: Counter[tuple[str, str]] = Counter()
         self._rejected_lock = threading.Lock()
         self._known: set[str] = set()
         self._profiles_seen: dict[str, str | None] = {}
@@ -219,10 +229,17 @@ class ControllerService:
             self._marker_seen.set()
 
     # ------------------------------------------------------------------ paho thread
-    def reject(self, reason: str, detail: str) -> None:
+    def reject(self, reason: str, detail: str, *, device_id: str | None = None) -> None:
+        """Log and count a refused message; ``device_id`` only for an enrolled device.
+
+        Only enrolled devices get a per-device counter, so a flood of
+        invented ids cannot create counter rows.
+        """
         log.warning("rejected message (%s): %s", reason, detail)
         with self._rejected_lock:
             self._rejected[reason] += 1
+            if device_id is not None:
+                self._device_rejected[(device_id, reason)] += 1
 
     def _on_message(self, topic: str, payload: bytes, retained: bool) -> None:
         try:
@@ -267,7 +284,12 @@ class ControllerService:
         try:
             message = kind.decode(payload)
         except ProtocolError as exc:
-            self.reject(f"malformed_{topic.channel.name.lower()}", f"{topic.device_id}: {exc}")
+            known = self._is_known(topic.device_id)
+            self.reject(
+                f"malformed_{topic.channel.name.lower()}",
+                f"{topic.device_id}: {exc}",
+                device_id=topic.device_id if known else None,
+            )
             return None
         device_id = getattr(message, "device_id", None)
         if device_id != topic.device_id:
@@ -331,7 +353,7 @@ class ControllerService:
                         self._wake_outbox.set()
             elif channel is Channel.EVENTS:
                 message = self._decode(topic, payload, Event)
-                if isinstance(message, Event):
+                if isinstance(message, Event) and self._clock_ok(message.device_id, message.at):
                     if retained and message.seq is None:
                         # Events are never retained; an unnumbered retained
                         # one would come back (and be stored) on every
@@ -341,12 +363,12 @@ class ControllerService:
                         events.append(message)
             elif channel is Channel.TELEMETRY:
                 message = self._decode(topic, payload, Telemetry)
-                if isinstance(message, Telemetry):
+                if isinstance(message, Telemetry) and self._clock_ok(message.device_id, message.at):
                     points.append(message)
             else:
                 self.reject("unexpected_channel", str(topic))
         if events:
-            self.registry.add_events(events)
+            self.registry.add_events(events, max_per_device=self.settings.max_events_per_device)
             self._acknowledge_events(events)
         if points:
             self.registry.add_telemetry(points)
@@ -366,6 +388,20 @@ class ControllerService:
                 topic = str(DeviceTopic(device_id, Channel.EVENTS_ACK))
                 self.link.publish(topic, ack.encode(), qos=1)
 
+    def _clock_ok(self, device_id: str, at: float) -> bool:
+        """Whether a message's ``at`` is unset or within ``max_clock_skew_s`` of our clock.
+
+        Counted as ``clock_skew`` otherwise: a timestamp far in the future
+        makes a row that retention never deletes.
+        """
+        if not at:
+            return True  # unset: stored with the time of storing
+        skew = at - time.time()
+        if abs(skew) <= self.settings.max_clock_skew_s:
+            return True
+        self.reject("clock_skew", f"{device_id}: at is {skew:+.0f}s off", device_id=device_id)
+        return False
+
     def _record_agent_rejections(self, points: list[Telemetry]) -> None:
         """Keep each device's cumulative count of messages it refused, by reason.
 
@@ -375,7 +411,9 @@ class ControllerService:
         """
         latest: dict[str, int] = {}
         for point in points:
-            for reason, count in point.rejected.items():
+            # The parser folds unknown reasons already; folding again here
+            # keeps the per-device counter rows bounded for any caller.
+            for reason, count in fold_reasons(point.rejected).items():
                 latest[f"agent_rejected.{point.device_id}.{reason}"[:128]] = count
         changed = {n: c for n, c in latest.items() if self._agent_rejected.get(n) != c}
         self.registry.set_counters(changed)
@@ -439,7 +477,11 @@ class ControllerService:
                 log.exception("rollout step failed; retrying in %ss", s.rollout_interval_s)
 
     def _telemetry_loop(self) -> None:
-        """Roll telemetry up and apply retention each ``telemetry_rollup_interval_s``."""
+        """Roll telemetry up and apply retentions each ``telemetry_rollup_interval_s``.
+
+        Event retention runs here too: like telemetry, events must stay
+        bounded whether or not this controller steps rollouts.
+        """
         s = self.settings
         while not self._stop.wait(s.telemetry_rollup_interval_s):
             try:
@@ -452,13 +494,27 @@ class ControllerService:
                 log.exception(
                     "telemetry rollup failed; retrying in %ss", s.telemetry_rollup_interval_s
                 )
+            try:
+                self.expire_events()
+            except Exception:  # the database may be back next time
+                log.exception(
+                    "event retention failed; retrying in %ss", s.telemetry_rollup_interval_s
+                )
+
+    def expire_events(self) -> int:
+        """Delete events older than ``event_retention_s``; returns how many."""
+        cut = datetime.now(timezone.utc) - timedelta(seconds=self.settings.event_retention_s)
+        return self.registry.expire_events(cut)
 
     def flush_rejections(self) -> None:
         """Add the rejections counted in memory to the registry's counters."""
         with self._rejected_lock:
             pending, self._rejected = self._rejected, Counter()
+            per_device, self._device_rejected = self._device_rejected, Counter()
         for reason, n in pending.items():
             self.registry.bump_counter(f"rejected.{reason}", n)
+        for (device_id, reason), n in per_device.items():
+            self.registry.bump_counter(device_rejected_name(device_id, reason), n)
 
     def rejected(self) -> dict[str, int]:
         """Rejections counted so far (persisted and not yet flushed)."""

@@ -44,16 +44,31 @@ def text(d: Mapping[str, Any], key: str, *, optional: bool = False, max_len: int
     return value
 
 
-def integer(d: Mapping[str, Any], key: str, *, optional: bool = False, minimum: int = 0) -> Any:
+def integer(
+    d: Mapping[str, Any],
+    key: str,
+    *,
+    optional: bool = False,
+    minimum: int = 0,
+    maximum: int = 2**63 - 1,
+) -> Any:
     value = get(d, key, int, optional=optional)
     if value is not None and value < minimum:
         raise MessageError(f"field {key!r} must be >= {minimum}, got {value}")
-    if value is not None and value > 2**63 - 1:
-        raise MessageError(f"field {key!r} is too large")
+    if value is not None and value > maximum:
+        raise MessageError(f"field {key!r} is too large (at most {maximum})")
     return value
 
 
-def number(d: Mapping[str, Any], key: str, *, optional: bool = False) -> Any:
+def number(
+    d: Mapping[str, Any],
+    key: str,
+    *,
+    optional: bool = False,
+    minimum: float | None = None,
+    maximum: float | None = None,
+) -> Any:
+    """A finite float, within ``[minimum, maximum]`` when those are given."""
     value = get(d, key, (int, float), optional=optional)
     if value is None:
         return None
@@ -63,6 +78,10 @@ def number(d: Mapping[str, Any], key: str, *, optional: bool = False) -> Any:
         raise MessageError(f"field {key!r} is too large") from None
     if not math.isfinite(result):
         raise MessageError(f"field {key!r} must be a finite number")
+    if minimum is not None and result < minimum:
+        raise MessageError(f"field {key!r} must be >= {minimum:g}, got {result:g}")
+    if maximum is not None and result > maximum:
+        raise MessageError(f"field {key!r} must be <= {maximum:g}, got {result:g}")
     return result
 
 

@@ -10,6 +10,16 @@ with a non-integer ``v`` is refused.
 
 Validation failures raise :class:`~edgefleet.protocols.errors.MessageError`
 with a message naming the offending field; handlers log and count them.
+
+Telemetry and events are checked as values, not only as types, against the
+ranges in :mod:`edgefleet.protocols.bounds`: counts within ``0..2**53`` and
+``errors <= requests``; finite, non-negative latencies with ``p50 <= p95 <=
+p99``; a sane window, CPU and RSS. Unknown ``rejected`` reasons are folded
+into ``other``, and an event's unknown fields larger than
+:data:`~edgefleet.protocols.bounds.MAX_DETAIL_BYTES` are replaced by a
+``_truncated`` marker (the event itself is kept: it may be the only record
+of a failed install). Whether ``at`` is close to now needs a clock, so the
+controller checks that at ingest.
 """
 
 from __future__ import annotations
@@ -22,6 +32,7 @@ from enum import Enum
 from typing import Any, ClassVar, TypeVar
 
 from edgefleet.protocols import _fields as f
+from edgefleet.protocols import bounds
 from edgefleet.protocols.errors import MessageError
 
 __all__ = [
@@ -199,11 +210,30 @@ class LatencySummary:
     def from_dict(cls, d: Mapping[str, Any]) -> LatencySummary:
         if not isinstance(d, Mapping):
             raise MessageError("latency_ms must be an object")
-        return cls(p50=f.number(d, "p50"), p95=f.number(d, "p95"), p99=f.number(d, "p99"))
+        p50, p95, p99 = (
+            f.number(d, key, minimum=0.0, maximum=bounds.MAX_LATENCY_MS)
+            for key in ("p50", "p95", "p99")
+        )
+        if not p50 <= p95 <= p99:
+            raise MessageError(
+                f"latency_ms must have p50 <= p95 <= p99, got {p50:g}, {p95:g}, {p99:g}"
+            )
+        return cls(p50=p50, p95=p95, p99=p99)
 
 
 def _opt(part: Any) -> Any:
     return None if part is None else part.to_dict()
+
+
+def _capped_extra(d: Mapping[str, Any], known: set[str]) -> JSONDict:
+    """Unknown fields, or a ``_truncated`` marker when they encode larger than the cap."""
+    extra = f.extra(d, known)
+    if not extra:
+        return extra
+    size = len(json.dumps(extra, separators=(",", ":"), sort_keys=True).encode())
+    if size <= bounds.MAX_DETAIL_BYTES:
+        return extra
+    return {bounds.TRUNCATED_KEY: {"bytes": size, "keys": len(extra)}}
 
 
 # --------------------------------------------------------------------------- messages
@@ -389,16 +419,17 @@ class Event(Message):
         return cls(
             device_id=f.device_id(d),
             kind=f.member(d, "kind", EventKind),
-            generation=f.integer(d, "generation", optional=True) or 0,
+            generation=f.integer(d, "generation", optional=True, maximum=bounds.MAX_GENERATION)
+            or 0,
             deployment_id=f.text(d, "deployment_id", optional=True, max_len=64),
             model=None if model is None else ModelRef.from_dict(model),
             error=None if error is None else ErrorInfo.from_dict(error),
-            bytes_done=f.integer(d, "bytes_done", optional=True),
-            bytes_total=f.integer(d, "bytes_total", optional=True),
-            at=f.number(d, "at", optional=True) or 0.0,
+            bytes_done=f.integer(d, "bytes_done", optional=True, maximum=bounds.MAX_COUNT),
+            bytes_total=f.integer(d, "bytes_total", optional=True, maximum=bounds.MAX_COUNT),
+            at=f.number(d, "at", optional=True, minimum=0.0) or 0.0,
             journal=journal,
             seq=seq,
-            extra=f.extra(
+            extra=_capped_extra(
                 d,
                 {
                     "journal",
@@ -423,7 +454,9 @@ class Telemetry(Message):
 
     ``requests``/``errors`` count inferences in this window only, so the
     controller can sum windows; ``rejected`` counts malformed messages the
-    agent dropped since it started, by reason.
+    agent dropped since it started, by reason (reasons outside
+    :data:`~edgefleet.protocols.bounds.KNOWN_REJECTION_REASONS` are parsed
+    as ``other``).
 
     ``samples`` (rows inferred: the sum of the requests' batch sizes) and
     ``sample_latency_ms`` (sample-weighted percentiles of latency divided by
@@ -475,22 +508,31 @@ class Telemetry(Message):
         model = f.obj(d, "model", optional=True)
         rejected = f.obj(d, "rejected", optional=True) or {}
         if len(rejected) > 64 or not all(
-            isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and v >= 0
+            isinstance(k, str)
+            and isinstance(v, int)
+            and not isinstance(v, bool)
+            and 0 <= v <= bounds.MAX_COUNT
             for k, v in rejected.items()
         ):
-            raise MessageError("field 'rejected' must map reasons to non-negative counts")
+            raise MessageError(
+                f"field 'rejected' must map reasons to counts in 0..{bounds.MAX_COUNT}"
+            )
+        requests = f.integer(d, "requests", maximum=bounds.MAX_COUNT)
+        errors = f.integer(d, "errors", maximum=bounds.MAX_COUNT)
+        if errors > requests:
+            raise MessageError(f"field 'errors' ({errors}) exceeds 'requests' ({requests})")
         return cls(
             device_id=f.device_id(d),
-            window_s=f.number(d, "window_s"),
-            requests=f.integer(d, "requests"),
-            errors=f.integer(d, "errors"),
+            window_s=f.number(d, "window_s", minimum=0.0, maximum=bounds.MAX_WINDOW_S),
+            requests=requests,
+            errors=errors,
             latency_ms=None if latency is None else LatencySummary.from_dict(latency),
             model=None if model is None else ModelRef.from_dict(model),
-            rss_bytes=f.integer(d, "rss_bytes"),
-            cpu_percent=f.number(d, "cpu_percent"),
-            rejected=rejected,
-            at=f.number(d, "at", optional=True) or 0.0,
-            samples=f.integer(d, "samples", optional=True),
+            rss_bytes=f.integer(d, "rss_bytes", maximum=bounds.MAX_COUNT),
+            cpu_percent=f.number(d, "cpu_percent", minimum=0.0, maximum=bounds.MAX_CPU_PERCENT),
+            rejected=bounds.fold_reasons(rejected),
+            at=f.number(d, "at", optional=True, minimum=0.0) or 0.0,
+            samples=f.integer(d, "samples", optional=True, maximum=bounds.MAX_COUNT),
             sample_latency_ms=None
             if sample_latency is None
             else LatencySummary.from_dict(sample_latency),

@@ -42,6 +42,8 @@ __all__ = [
     "InsecureFileError",
     "atomic_write",
     "ensure_dir",
+    "ensure_private_dir",
+    "ensure_private_file",
     "file_lock",
     "fsync_dir",
     "read_private",
@@ -104,6 +106,44 @@ def ensure_dir(directory: Path) -> None:
     with contextlib.suppress(FileExistsError):
         directory.mkdir()
         fsync_dir(directory.parent)
+
+
+def ensure_private_dir(directory: Path) -> None:
+    """Create ``directory`` (and parents) and make it owner-only (0700), whatever the umask.
+
+    An existing directory is tightened too: state written before this
+    (or by an older version, under a 0022 umask) becomes unreadable to
+    others as soon as the owner starts. Files inside keep their modes; the
+    directory's mode alone keeps other users out. A sticky directory
+    (``/tmp``) is shared by design and left as it is.
+
+    Raises:
+        OSError: it cannot be created, or its mode changed (not our directory).
+    """
+    ensure_dir(directory)
+    mode = directory.stat().st_mode
+    # A sticky directory (/tmp, /var/tmp) is shared by design: pointing a home
+    # or state dir at one must not lock every other user out of it.
+    if stat.S_IMODE(mode) != 0o700 and not mode & stat.S_ISVTX:
+        os.chmod(directory, 0o700)
+
+
+def ensure_private_file(path: Path) -> None:
+    """Create ``path`` empty if missing, owner-only (0600) whatever the umask; tighten it if not.
+
+    For files another library creates and writes (SQLite's database): it
+    keeps the mode it finds, so creating the file first decides the mode.
+    A symlink is not followed.
+
+    Raises:
+        OSError: it cannot be created or its mode changed.
+    """
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | _NOFOLLOW, PRIVATE_MODE)
+    try:
+        if stat.S_IMODE(os.fstat(fd).st_mode) != PRIVATE_MODE:
+            os.fchmod(fd, PRIVATE_MODE)
+    finally:
+        os.close(fd)
 
 
 def atomic_write(path: Path, data: bytes, *, mode: int = PUBLIC_MODE) -> None:

@@ -51,9 +51,14 @@ class Context:
     def registry(self) -> Registry:
         """Open (and migrate) the registry; creates ``home`` for the SQLite default."""
         from edgefleet.controller.registry import Registry
+        from edgefleet.protocols.errors import ConfigError
+        from edgefleet.shared.durable import ensure_private_dir
 
         cfg = self.config()
-        cfg.home.mkdir(parents=True, exist_ok=True)
+        try:
+            ensure_private_dir(cfg.home)  # keys, tokens, registry: owner-only (0700)
+        except OSError as exc:
+            raise ConfigError(f"cannot create controller home {cfg.home}: {exc}") from exc
         return Registry(cfg.registry_url)
 
     def repository(self) -> TrustRepository:

@@ -13,7 +13,13 @@ from typing import Any
 import click
 
 from edgefleet.controller.cli.context import Context, pass_ctx
-from edgefleet.controller.cli.output import emit, friendly_errors, json_option, render_table
+from edgefleet.controller.cli.output import (
+    device_counts,
+    emit,
+    friendly_errors,
+    json_option,
+    render_table,
+)
 from edgefleet.shared.durable import atomic_write
 
 __all__ = ["device_group"]
@@ -112,6 +118,7 @@ def device_events(ctx: Context, device_id: str, limit: int, as_json: bool) -> No
             if registry.get_device(device_id) is None:
                 raise click.ClickException(f"no device {device_id!r} is enrolled")
             events = registry.events_for(device_id, limit)
+            counts = device_counts(registry.counters(), device_id).get(device_id, {})
         finally:
             registry.close()
     rows: list[dict[str, Any]] = [
@@ -126,10 +133,9 @@ def device_events(ctx: Context, device_id: str, limit: int, as_json: bool) -> No
         }
         for e in events
     ]
-    emit(
-        as_json,
-        rows,
-        lambda: render_table(
+
+    def table() -> str:
+        text = render_table(
             ["at", "event", "generation", "code", "message"],
             [
                 [
@@ -141,5 +147,14 @@ def device_events(ctx: Context, device_id: str, limit: int, as_json: bool) -> No
                 ]
                 for r in rows
             ],
-        ),
-    )
+        )
+        # What the device cost the fleet, summed since the registry started:
+        # its refused requests (overloads) and the messages refused on either side.
+        totals = "\n".join(
+            f"  {kind}: " + ", ".join(f"{r}={n}" for r, n in sorted(reasons.items()))
+            for kind, reasons in sorted(counts.items())
+        )
+        return f"{text}\n\noverloads and refusals:\n{totals or '  none'}"
+
+    # --json keeps its shape (a list of events); `status --json` has the counts.
+    emit(as_json, rows, table)

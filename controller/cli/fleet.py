@@ -7,12 +7,20 @@ of its targets at once.
 
 from __future__ import annotations
 
+from collections.abc import Set as AbstractSet
 from typing import TYPE_CHECKING, Any
 
 import click
 
 from edgefleet.controller.cli.context import Context, pass_ctx
-from edgefleet.controller.cli.output import emit, friendly_errors, json_option, render_table
+from edgefleet.controller.cli.output import (
+    device_counts,
+    emit,
+    friendly_errors,
+    json_option,
+    render_table,
+)
+from edgefleet.protocols.bounds import fold_reasons
 from edgefleet.protocols.errors import EdgefleetError
 
 if TYPE_CHECKING:
@@ -20,12 +28,29 @@ if TYPE_CHECKING:
 
 __all__ = ["deploy", "devices", "status"]
 
+BY_DEVICE_ROWS = 20
+"""``status`` lists at most this many (device, kind, reason) rows, the largest first."""
 
-def _device_rows(registry: Registry) -> list[dict[str, Any]]:
+
+def _count_rows(by_device: dict[str, dict[str, dict[str, int]]]) -> list[list[Any]]:
+    rows: list[tuple[str, str, str, int]] = [
+        (device, kind, reason, n)
+        for device, kinds in by_device.items()
+        for kind, reasons in kinds.items()
+        for reason, n in reasons.items()
+    ]
+    rows.sort(key=lambda r: (-r[3], r[0], r[1], r[2]))
+    return [list(r) for r in rows]
+
+
+def _device_rows(
+    registry: Registry, revoked: AbstractSet[str] = frozenset()
+) -> list[dict[str, Any]]:
     return [
         {
             "id": s.device_id,
             "online": s.online,
+            "revoked": s.device_id in revoked,
             "hardware_class": s.hardware_class,
             "state": s.state,
             "active_version": s.active_version,
@@ -45,10 +70,14 @@ def _device_rows(registry: Registry) -> list[dict[str, Any]]:
 @pass_ctx
 def devices(ctx: Context, as_json: bool) -> None:
     """List devices with what they run and how they are doing."""
+    from edgefleet.controller.ca import revoked_device_ids
+
     with friendly_errors():
+        # Revocation lives in the CA's index (`edgefleet device revoke`).
+        revoked = revoked_device_ids(ctx.config().home / "ca")
         registry = ctx.registry()
         try:
-            rows = _device_rows(registry)
+            rows = _device_rows(registry, revoked)
         finally:
             registry.close()
     emit(
@@ -69,7 +98,7 @@ def devices(ctx: Context, as_json: bool) -> None:
             [
                 [
                     r["id"],
-                    "yes" if r["online"] else "no",
+                    "revoked" if r["revoked"] else "yes" if r["online"] else "no",
                     r["hardware_class"],
                     r["state"],
                     r["active_version"],
@@ -148,13 +177,18 @@ def deploy(
 
 
 def _agent_rejections(counters: dict[str, int]) -> dict[str, int]:
-    """Sum the per-device ``agent_rejected.<device>.<reason>`` counters by reason."""
+    """Sum the per-device ``agent_rejected.<device>.<reason>`` counters by reason.
+
+    Reasons outside the known set (rows an older controller stored for
+    whatever keys a device invented) are summed under ``other``, so the
+    output stays a few lines whatever the database holds.
+    """
     totals: dict[str, int] = {}
     for name, value in counters.items():
         if name.startswith("agent_rejected."):
             reason = name.rsplit(".", 1)[-1]
             totals[reason] = totals.get(reason, 0) + value
-    return totals
+    return fold_reasons(totals)
 
 
 @click.command()
@@ -174,6 +208,7 @@ def status(ctx: Context, as_json: bool) -> None:
         if k.startswith("rejected.")
     }
     rejected_by_agents = _agent_rejections(fleet.counters)
+    by_device = device_counts(fleet.counters)
     data = {
         "devices": fleet.devices,
         "online": fleet.online,
@@ -184,6 +219,7 @@ def status(ctx: Context, as_json: bool) -> None:
         "errors": fleet.errors,
         "rejected": rejected_by_controller,
         "agent_rejected": rejected_by_agents,
+        "by_device": by_device,
     }
 
     def table() -> str:
@@ -197,6 +233,15 @@ def status(ctx: Context, as_json: bool) -> None:
         )
         by_agents = ", ".join(f"{k}={v}" for k, v in sorted(rejected_by_agents.items())) or "none"
         rejected += f"\nrefused by agents: {by_agents}"
-        return f"{head}\n\n{versions}\n\nrejected messages: {rejected}"
+        text = f"{head}\n\n{versions}\n\nrejected messages: {rejected}"
+        rows = _count_rows(by_device)
+        if rows:
+            more = len(rows) - BY_DEVICE_ROWS
+            text += "\n\noverloads and refusals by device:\n" + render_table(
+                ["device", "kind", "reason", "count"], rows[:BY_DEVICE_ROWS]
+            )
+            if more > 0:
+                text += f"\n... and {more} more (`edgefleet status --json`)"
+        return text
 
     emit(as_json, data, table)

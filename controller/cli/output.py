@@ -18,7 +18,15 @@ import click
 
 from edgefleet.protocols.errors import EdgefleetError
 
-__all__ = ["emit", "error_message", "friendly_errors", "json_option", "render_table"]
+__all__ = [
+    "DEVICE_COUNTER_KINDS",
+    "device_counts",
+    "emit",
+    "error_message",
+    "friendly_errors",
+    "json_option",
+    "render_table",
+]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -85,3 +93,32 @@ def _os_error_message(exc: OSError) -> str:
     if exc.filename2 is not None:
         where += f" -> {exc.filename2}"
     return f"{exc.strerror}{where}"
+
+
+DEVICE_COUNTER_KINDS = {
+    "agent_rejected.": "refused_by_agent",  # messages the agent refused, by reason
+    "transfer_refused.": "transfer_refused",  # file requests the controller refused (overload)
+    "device_rejected.": "rejected_by_controller",  # the device's messages the controller dropped
+}
+"""Per-device counter families (``<prefix><device>.<reason>``) and how the CLI names them."""
+
+
+def device_counts(
+    counters: dict[str, int], device_id: str | None = None
+) -> dict[str, dict[str, dict[str, int]]]:
+    """Per-device overloads and refusals: ``{device: {kind: {reason: count}}}``.
+
+    Device ids may contain dots and reasons never do, so the reason is what
+    follows the last dot. ``device_id`` keeps only that device.
+    """
+    out: dict[str, dict[str, dict[str, int]]] = {}
+    for name, value in counters.items():
+        for prefix, kind in DEVICE_COUNTER_KINDS.items():
+            if not name.startswith(prefix):
+                continue
+            device, dot, reason = name[len(prefix) :].rpartition(".")
+            if dot and device and value and (device_id is None or device == device_id):
+                by_kind = out.setdefault(device, {}).setdefault(kind, {})
+                by_kind[reason] = by_kind.get(reason, 0) + value
+            break
+    return out

@@ -192,7 +192,14 @@ def broker_config(
 
 # --------------------------------------------------------------------------- enrollment
 @click.command("enroll-server")
-@click.option("--listen", default="0.0.0.0:8443", show_default=True, help="HOST:PORT to bind.")
+@click.option(
+    "--listen",
+    default="127.0.0.1:8443",
+    show_default=True,
+    envvar="EDGEFLEET_ENROLL_LISTEN",
+    help="HOST:PORT to bind. Loopback by default: give the address devices reach "
+    "(e.g. 0.0.0.0:8443) to expose it; an empty HOST (':8443') means all interfaces.",
+)
 @click.option(
     "--hostname",
     "hostnames",
@@ -202,6 +209,34 @@ def broker_config(
 )
 @click.option("--broker-host", required=True, help="Broker host name devices should dial.")
 @click.option("--broker-port", default=8883, show_default=True, type=click.IntRange(1, 65535))
+@click.option(
+    "--max-connections",
+    default=64,
+    show_default=True,
+    type=click.IntRange(1, 10_000),
+    help="Connections handshaken or served at once; more are closed and counted.",
+)
+@click.option(
+    "--per-source-connections",
+    default=8,
+    show_default=True,
+    type=click.IntRange(1, 10_000),
+    help="The same, per source IP (raise it if many devices enroll from behind one NAT).",
+)
+@click.option(
+    "--per-source-rate",
+    default=2.0,
+    show_default=True,
+    type=click.FloatRange(0.01, 10_000),
+    help="Connections per second one source IP may open, sustained (burst of 20).",
+)
+@click.option(
+    "--handshake-timeout-s",
+    default=10.0,
+    show_default=True,
+    type=click.FloatRange(0.1, 600),
+    help="Time for the TLS handshake, and for each read or write of a request.",
+)
 @pass_ctx
 def enroll_server(
     ctx: Context,
@@ -209,15 +244,34 @@ def enroll_server(
     hostnames: tuple[str, ...],
     broker_host: str,
     broker_port: int,
+    max_connections: int,
+    per_source_connections: int,
+    per_source_rate: float,
+    handshake_timeout_s: float,
 ) -> None:
-    """Run the HTTPS enrollment endpoint until Ctrl-C."""
-    from edgefleet.controller.enrollment import DeviceBroker, EnrollmentServer, TokenStore
+    """Run the HTTPS enrollment endpoint until Ctrl-C.
+
+    Refused connections and requests are logged and counted per reason in
+    the registry (``rejected.enrollment_<reason>``, shown by ``edgefleet status``).
+    """
+    from edgefleet.controller.enrollment import (
+        DeviceBroker,
+        EnrollmentLimits,
+        EnrollmentServer,
+        TokenStore,
+    )
 
     host, _, port_text = listen.rpartition(":")
     try:
         port = int(port_text)
     except ValueError:
         raise click.BadParameter(f"expected HOST:PORT, got {listen!r}") from None
+    limits = EnrollmentLimits(
+        handshake_timeout_s=handshake_timeout_s,
+        max_connections=max_connections,
+        per_source_connections=per_source_connections,
+        per_source_rate=per_source_rate,
+    )
     with friendly_errors():
         cfg = ctx.config()
         registry = ctx.registry()
@@ -228,9 +282,11 @@ def enroll_server(
             repository.root_bytes,
             DeviceBroker(broker_host, broker_port),
             hostnames=hostnames,
-            host=host or "0.0.0.0",  # noqa: S104 - devices connect from the network
+            # An explicit empty host (":8443") keeps its old meaning: all interfaces.
+            host=host or "0.0.0.0",  # noqa: S104 - the operator asked for every interface
             port=port,
-            on_refusal=lambda reason: registry.bump_counter(f"rejected.enrollment_{reason}"),
+            limits=limits,
+            on_refusal=lambda reason, n: registry.bump_counter(f"rejected.enrollment_{reason}", n),
         )
         click.echo(f"enrollment endpoint on {server.url}/v1/enroll; Ctrl-C to stop", err=True)
         try:

@@ -15,7 +15,33 @@ from sqlalchemy.orm import Session
 from edgefleet.controller.registry import models as m
 from edgefleet.controller.registry.database import Database, require_text, rowcount
 
-__all__ = ["Counters", "read_counters"]
+__all__ = ["DEVICE_REJECTED_PREFIX", "Counters", "bump_in", "device_rejected_name", "read_counters"]
+
+# Per-device refusals: ``device_rejected.<device>.<reason>``. Only enrolled
+# devices and reasons the controller names get one, so their number is
+# bounded by the fleet, never by what a device sends.
+DEVICE_REJECTED_PREFIX = "device_rejected."
+
+
+def device_rejected_name(device_id: str, reason: str) -> str:
+    """The counter of ``reason`` refusals of one device's messages."""
+    return f"{DEVICE_REJECTED_PREFIX}{device_id}.{reason}"[:128]
+
+
+def bump_in(s: Session, name: str, by: int = 1) -> None:
+    """Add ``by`` to a counter inside the caller's write transaction.
+
+    For counts that must commit with the rows they describe (an ingest that
+    dropped rows counts them in the same transaction). A create race on
+    PostgreSQL surfaces as ``IntegrityError`` and fails the caller's
+    transaction, like any other write there.
+    """
+    result = s.execute(
+        sa.update(m.Counter).where(m.Counter.name == name).values(value=m.Counter.value + by)
+    )
+    if not rowcount(result):
+        s.add(m.Counter(name=name, value=by))
+        s.flush()
 
 
 def read_counters(s: Session) -> dict[str, int]:
@@ -37,18 +63,7 @@ class Counters:
         concurrent bumps never lose counts.
         """
         require_text(name, "counter name", 128)
-
-        def work(s: Session) -> None:
-            result = s.execute(
-                sa.update(m.Counter)
-                .where(m.Counter.name == name)
-                .values(value=m.Counter.value + by)
-            )
-            if not rowcount(result):
-                s.add(m.Counter(name=name, value=by))
-                s.flush()
-
-        self._db.write_retrying(work)
+        self._db.write_retrying(lambda s: bump_in(s, name, by))
 
     def set_counters(self, values: Mapping[str, int]) -> None:
         """Set named counters (totals devices report cumulatively), in one transaction."""

@@ -35,6 +35,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from edgefleet.controller.errors import RegistryError
 from edgefleet.controller.registry import migrations
+from edgefleet.shared.durable import ensure_private_dir, ensure_private_file
 
 __all__ = [
     "DEFAULT_DB_FILENAME",
@@ -101,12 +102,21 @@ def _prepare_sqlite(url: URL) -> None:
         )
     if database.startswith("file:"):  # an sqlite URI; leave it to sqlite
         return
+    path = Path(database).expanduser()
     try:
-        Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        if not path.parent.exists():
+            ensure_private_dir(path.parent)  # a new home: owner-only (0700)
     except OSError as exc:
         raise RegistryError(
             f"cannot create the directory of registry database {database!r}: {exc}"
         ) from exc
+    try:
+        # The registry holds device identities, tokens' uses and events: owner
+        # only (0600), whatever the umask. SQLite keeps the mode of an existing
+        # file and gives its -wal and -shm files the same, so create it first.
+        ensure_private_file(path)
+    except OSError as exc:
+        raise RegistryError(f"cannot create registry database {database!r}: {exc}") from exc
 
 
 def _create_engine(url: URL) -> Engine:

@@ -3,6 +3,16 @@
 Events arrive in batches from the ingest worker and are stored one batch per
 transaction; events of devices that are not enrolled are skipped, not errors.
 
+What one device can make us store is bounded three ways: an event's detail
+(its fields this controller does not know) is capped at
+:data:`~edgefleet.protocols.bounds.MAX_DETAIL_BYTES` - the parser already
+replaces larger ones by a ``_truncated`` marker, and :func:`capped_detail`
+re-checks here for callers that did not parse; each device keeps at most
+``max_per_device`` rows, its oldest dropped first and counted under
+``rejected.event_cap`` and ``device_rejected.<device>.event_cap``; and
+:meth:`Events.expire_events` deletes rows older than the retention (the
+controller's telemetry loop runs it).
+
 An event numbered by its agent's journal (``journal``, ``seq``) is stored once
 however often it arrives: agents replay unacknowledged events, and a
 retained copy comes back on every resubscription. After a batch,
@@ -13,19 +23,24 @@ on ``events/ack`` so the agent can forget those events.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Collection, Sequence
+from datetime import datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from edgefleet.controller.registry import models as m
-from edgefleet.controller.registry.database import Database
+from edgefleet.controller.registry.counters import bump_in, device_rejected_name
+from edgefleet.controller.registry.database import Database, rowcount
 from edgefleet.controller.registry.devices import known_device_ids
 from edgefleet.controller.registry.dto import EventInfo, error_info
+from edgefleet.protocols.bounds import MAX_DETAIL_BYTES, TRUNCATED_KEY
+from edgefleet.protocols.errors import ConfigError
 from edgefleet.protocols.messages import Event
 
-__all__ = ["EventAckMark", "Events", "event_info"]
+__all__ = ["EVENT_CAP_REASON", "EventAckMark", "Events", "capped_detail", "event_info"]
 
 EventAckMark = tuple[str, str, int]
 """``(device_id, journal, acked_seq)``: every event 1..acked_seq of that journal is stored."""
@@ -33,6 +48,28 @@ EventAckMark = tuple[str, str, int]
 # How many stored numbers one advance looks at per device; a longer run is
 # picked up by the next batch's advance.
 _ADVANCE_WINDOW = 10_000
+
+EVENT_CAP_REASON = "event_cap"
+
+
+def capped_detail(extra: dict[str, Any]) -> dict[str, Any]:
+    """An event's unknown fields, or a ``_truncated`` marker if they encode too large."""
+    size = len(json.dumps(extra, separators=(",", ":"), sort_keys=True, default=str).encode())
+    if size <= MAX_DETAIL_BYTES:
+        return extra
+    return {TRUNCATED_KEY: {"bytes": size, "keys": len(extra)}}
+
+
+def _trim(s: Session, device_id: str, keep: int) -> int:
+    """Delete a device's events beyond its newest ``keep``; returns how many."""
+    e = m.DeviceEvent
+    # The (device_id, id) index answers both statements without a scan.
+    cutoff = s.scalar(
+        sa.select(e.id).where(e.device_id == device_id).order_by(e.id.desc()).offset(keep).limit(1)
+    )
+    if cutoff is None:
+        return 0
+    return rowcount(s.execute(sa.delete(e).where(e.device_id == device_id, e.id <= cutoff)))
 
 
 def event_info(row: m.DeviceEvent) -> EventInfo:
@@ -55,11 +92,16 @@ class Events:
     def __init__(self, database: Database) -> None:
         self._db = database
 
-    def add_events(self, events: Sequence[Event]) -> int:
+    def add_events(self, events: Sequence[Event], *, max_per_device: int | None = None) -> int:
         """Store a batch of events in one transaction.
 
         ``at`` is the agent's timestamp when it sent one (device clocks may be
         off; ordering uses insertion order instead), else the time of storing.
+        With ``max_per_device``, each device of the batch then keeps only its
+        newest ``max_per_device`` events: a flooding device loses its own
+        oldest rows, never another device's, and every dropped row is counted
+        (``rejected.event_cap`` and ``device_rejected.<device>.event_cap``)
+        in the same transaction.
 
         Returns:
             How many were stored; events of devices that are not enrolled are
@@ -67,8 +109,11 @@ class Events:
         """
         if not events:
             return 0
+        if max_per_device is not None and max_per_device < 1:
+            raise ConfigError("max_per_device must be at least 1")
         now = m.utcnow()
-        with self._db.write() as s:
+
+        def work(s: Session) -> int:
             known = known_device_ids(s, {e.device_id for e in events})
             seen = _stored_numbers(s, [e for e in events if e.device_id in known])
             rows = []
@@ -88,7 +133,7 @@ class Events:
                 if e.bytes_total is not None:
                     detail["bytes_total"] = e.bytes_total
                 if e.extra:
-                    detail["extra"] = dict(e.extra)
+                    detail["extra"] = capped_detail(dict(e.extra))
                 rows.append(
                     m.DeviceEvent(
                         device_id=e.device_id,
@@ -103,7 +148,16 @@ class Events:
                     )
                 )
             s.add_all(rows)
+            if max_per_device is not None and rows:
+                s.flush()
+                for device_id in sorted({r.device_id for r in rows}):
+                    dropped = _trim(s, device_id, max_per_device)
+                    if dropped:
+                        bump_in(s, f"rejected.{EVENT_CAP_REASON}", dropped)
+                        bump_in(s, device_rejected_name(device_id, EVENT_CAP_REASON), dropped)
             return len(rows)
+
+        return self._db.write_retrying(work)
 
     def advance_event_acks(self, journals: Collection[tuple[str, str]]) -> list[EventAckMark]:
         """Move each ``(device_id, journal)``'s mark past every number stored without a gap.
@@ -148,6 +202,17 @@ class Events:
                 mark.acked_seq = acked
                 out.append((device_id, journal, acked))
         return out
+
+    def expire_events(self, older_than: datetime, *, now: datetime | None = None) -> int:
+        """Delete events whose ``at`` is before ``older_than``; returns how many.
+
+        Events dated more than a day after ``now`` go too: they were stored
+        before ``at`` was checked against the clock and would never expire.
+        """
+        future = (now or m.utcnow()) + timedelta(days=1)
+        e = m.DeviceEvent
+        with self._db.write() as s:
+            return rowcount(s.execute(sa.delete(e).where(sa.or_(e.at < older_than, e.at > future))))
 
     def events_for(self, device_id: str, limit: int = 50) -> list[EventInfo]:
         """A device's most recent events, newest first."""

@@ -3,6 +3,12 @@
 These are what ``edgefleet devices`` and ``edgefleet status`` show. Each view
 is one read transaction, computed with a few aggregate queries rather than one
 query per device, so it stays cheap for large fleets.
+
+They must survive any stored row: sums go through
+:func:`~edgefleet.controller.registry.telemetry.summed_count` (valid counts
+only, as floats, so ``SUM`` cannot overflow), and a latency out of range
+shows as "not measured". A poisoned row, written by an older version or a
+bug, is left out of the totals instead of failing ``devices`` or ``status``.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from edgefleet.controller.registry import models as m
 from edgefleet.controller.registry.counters import read_counters
 from edgefleet.controller.registry.database import Database
 from edgefleet.controller.registry.dto import DeviceSummary, FleetStatus, error_info
+from edgefleet.controller.registry.telemetry import clean_latency, summed_count, valid_count
 from edgefleet.protocols.messages import AgentState
 
 __all__ = ["FleetViews"]
@@ -31,15 +38,15 @@ class FleetViews:
         totals = (
             sa.select(
                 t.device_id,
-                sa.func.sum(t.requests).label("requests"),
-                sa.func.sum(t.errors).label("errors"),
+                summed_count(t.requests).label("requests"),
+                summed_count(t.errors, at_most=t.requests).label("errors"),
             )
             .group_by(t.device_id)
             .subquery()
         )
         newest = (
             sa.select(t.device_id, sa.func.max(t.id).label("id"))
-            .where(t.requests > 0)
+            .where(t.requests > 0, valid_count(t.requests))
             .group_by(t.device_id)
             .subquery()
         )
@@ -78,10 +85,9 @@ class FleetViews:
                         last_error_code=None if error is None else error.code,
                         last_error_message=None if error is None else error.message,
                         last_seen=device.last_seen,
-                        # PostgreSQL sums BIGINT into NUMERIC (a Decimal).
                         inferences=int(requests or 0),
                         errors=int(errors or 0),
-                        p50_ms=p50,
+                        p50_ms=clean_latency(p50),
                         desired_model=desired_model,
                         desired_version=desired_version,
                     )
@@ -110,7 +116,8 @@ class FleetViews:
             }
             requests, errors = s.execute(
                 sa.select(
-                    sa.func.sum(m.TelemetryRecord.requests), sa.func.sum(m.TelemetryRecord.errors)
+                    summed_count(m.TelemetryRecord.requests),
+                    summed_count(m.TelemetryRecord.errors, at_most=m.TelemetryRecord.requests),
                 )
             ).one()
             counters = read_counters(s)

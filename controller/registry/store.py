@@ -24,6 +24,7 @@ are the frozen dataclasses of :mod:`.dto`.
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping, Sequence
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy.engine import Engine
@@ -230,9 +231,13 @@ class Registry:
         return self._outbox.published_digest()
 
     # ----------------------------------------------------------------------- events
-    def add_events(self, events: Sequence[Event]) -> int:
+    def add_events(self, events: Sequence[Event], *, max_per_device: int | None = None) -> int:
         """See :meth:`Events.add_events <.events.Events.add_events>`."""
-        return self._events.add_events(events)
+        return self._events.add_events(events, max_per_device=max_per_device)
+
+    def expire_events(self, older_than: datetime, *, now: datetime | None = None) -> int:
+        """See :meth:`Events.expire_events <.events.Events.expire_events>`."""
+        return self._events.expire_events(older_than, now=now)
 
     def advance_event_acks(self, journals: Collection[tuple[str, str]]) -> list[EventAckMark]:
         """See :meth:`Events.advance_event_acks <.events.Events.advance_event_acks>`."""

@@ -11,6 +11,16 @@ version), then deletes raw windows older than their retention - only ones
 already folded in - and minute rows older than theirs. The controller service
 runs it on its own loop, whether or not that controller steps rollouts.
 
+Every value read back is judged again (:func:`clean_count`,
+:func:`clean_latency`, and :func:`summed_count` / :func:`valid_latency` in
+SQL): rows written by an older version or a bug may hold ``2**63 - 1``
+requests, negative counts or an infinite latency, and one such row must not
+make a ``SUM`` overflow or a rollup fail for the whole fleet. Out-of-range
+values count as nothing (``0`` requests, no latency), sums run as floats
+(values are at most ``2**53`` each, so no realistic number of rows
+overflows), and the minute rows' integer columns saturate at the int64
+maximum.
+
 Progress is a watermark (the highest raw id folded in) kept in the
 ``counters`` table and moved in the same transaction as the aggregates, so a
 crash folds nothing twice and loses nothing. Several controllers may call this:
@@ -23,28 +33,100 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import cast
+from typing import Any, TypeAlias, TypeVar, cast
 
 import sqlalchemy as sa
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import InstrumentedAttribute, Session
 
 from edgefleet.controller.registry import models as m
 from edgefleet.controller.registry.database import Database, HasDatabase
 from edgefleet.controller.registry.devices import known_device_ids
 from edgefleet.controller.registry.dto import TelemetryInfo
+from edgefleet.protocols.bounds import MAX_COUNT, MAX_CPU_PERCENT, MAX_LATENCY_MS
 from edgefleet.protocols.errors import ConfigError
 from edgefleet.protocols.messages import Telemetry
 
 __all__ = [
+    "FUTURE_LIMIT",
+    "INT64_MAX",
     "ROLLUP_MARK",
     "RollupResult",
     "TelemetryStore",
+    "clean_count",
+    "clean_latency",
     "rollup_telemetry",
+    "summed_count",
     "telemetry_info",
+    "valid_count",
+    "valid_latency",
 ]
 
 ROLLUP_MARK = "telemetry.rollup_mark"
 _PG_ROLLUP_LOCK = 0x65666C74_726F6C6C  # "efltroll"
+INT64_MAX = 2**63 - 1
+# A column in SQL expressions: a mapped attribute or any column expression.
+_T = TypeVar("_T")
+_Col: TypeAlias = "sa.ColumnElement[_T] | InstrumentedAttribute[_T]"
+# Stored rows dated further ahead than this are expired at once: no clock
+# is that far off (ingest refuses `at` beyond `max_clock_skew_s`), so they
+# come from a bug or an older version, and would otherwise never expire.
+FUTURE_LIMIT = timedelta(days=1)
+
+
+# --------------------------------------------------------------------------- poisoned rows
+def clean_count(value: object) -> int:
+    """A stored count if it is one a valid message could carry, else 0."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_COUNT:
+        return 0
+    return value
+
+
+def clean_latency(value: object) -> float | None:
+    """A stored latency if it is a finite one in range, else ``None`` (not measured)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    if not 0.0 <= value <= MAX_LATENCY_MS:  # False for NaN too
+        return None
+    return float(value)
+
+
+def valid_count(column: _Col[Any]) -> sa.ColumnElement[bool]:
+    """SQL: the row's ``column`` is a count a valid message could carry."""
+    return column.between(0, MAX_COUNT)
+
+
+def summed_count(column: _Col[int], *, at_most: _Col[int] | None = None) -> sa.ColumnElement[float]:
+    """SQL: ``SUM(column)`` over valid counts only, as a float that cannot overflow.
+
+    SQLite raises "integer overflow" when an integer ``SUM`` leaves int64,
+    and PostgreSQL's ``NUMERIC`` sum would let a poisoned row through as a
+    huge total; summing in-range values as doubles does neither. With
+    ``at_most`` (errors against requests), a row counts only if its value
+    does not exceed that valid column of the same row.
+    """
+    valid = valid_count(column)
+    if at_most is not None:
+        valid = sa.and_(valid, valid_count(at_most), column <= at_most)
+    return sa.func.coalesce(
+        sa.func.sum(sa.case((valid, sa.cast(column, sa.Float)), else_=0.0)), 0.0
+    )
+
+
+def valid_latency(column: _Col[float | None]) -> sa.ColumnElement[bool]:
+    """SQL: the latency is finite and in range (PostgreSQL's NaN sorts above it)."""
+    return column.between(0.0, MAX_LATENCY_MS)
+
+
+def _in_cpu_range(value: object) -> bool:
+    return (
+        isinstance(value, int | float)
+        and not isinstance(value, bool)
+        and 0.0 <= value <= MAX_CPU_PERCENT
+    )
+
+
+def _saturate(value: int) -> int:
+    return min(max(value, 0), INT64_MAX)
 
 
 def telemetry_info(row: m.TelemetryRecord) -> TelemetryInfo:
@@ -197,7 +279,24 @@ def rollup_telemetry(
         ).all()
         buckets: dict[tuple[str, datetime, str], list[float]] = {}
         p95_max: dict[tuple[str, datetime, str], float | None] = {}
-        for _id, device_id, at, version, requests, errors, p95, rss, cpu in rows:
+        for (
+            _id,
+            device_id,
+            at,
+            version,
+            raw_requests,
+            raw_errors,
+            raw_p95,
+            raw_rss,
+            raw_cpu,
+        ) in rows:
+            requests = clean_count(raw_requests)
+            errors = clean_count(raw_errors)
+            if errors > requests:  # impossible: count no errors rather than invent some
+                errors = 0
+            p95 = clean_latency(raw_p95)
+            rss = clean_count(raw_rss)
+            cpu = float(raw_cpu) if _in_cpu_range(raw_cpu) else 0.0
             key = (device_id, _minute(at), version or "")
             acc = buckets.setdefault(key, [0, 0, 0, 0.0, 0, 0, 0.0])
             acc[0] += 1
@@ -238,22 +337,32 @@ def rollup_telemetry(
                         cpu_percent_sum=0.0,
                     )
                     s.add(row)
-                row.windows += int(acc[0])
-                row.requests += int(acc[1])
-                row.errors += int(acc[2])
+                # Integer columns saturate: a minute row that already holds a
+                # poisoned value stays at the int64 maximum instead of failing
+                # the whole rollup on the write.
+                row.windows = min(row.windows + int(acc[0]), 2**31 - 1)
+                row.requests = _saturate(row.requests + int(acc[1]))
+                row.errors = _saturate(row.errors + int(acc[2]))
                 row.p95_weighted_ms += float(acc[3])
-                row.p95_weight += int(acc[4])
+                row.p95_weight = _saturate(row.p95_weight + int(acc[4]))
                 top = p95_max.get(key)
                 if top is not None:
                     row.p95_max_ms = top if row.p95_max_ms is None else max(row.p95_max_ms, top)
-                row.rss_max_bytes = max(row.rss_max_bytes, int(acc[5]))
+                row.rss_max_bytes = _saturate(max(row.rss_max_bytes, int(acc[5])))
                 row.cpu_percent_sum += float(acc[6])
             mark.value = int(rows[-1][0])
         raw_cut = now - timedelta(seconds=raw_retention_s)
-        raw_deleted = s.execute(sa.delete(t).where(t.id <= mark.value, t.at < raw_cut))
+        # Rows dated more than FUTURE_LIMIT ahead (stored before `at` was
+        # checked against the clock) would otherwise never expire.
+        future = now + FUTURE_LIMIT
+        raw_deleted = s.execute(
+            sa.delete(t).where(t.id <= mark.value, sa.or_(t.at < raw_cut, t.at > future))
+        )
         minute_cut = now - timedelta(seconds=minute_retention_s)
         minutes_deleted = s.execute(
-            sa.delete(m.TelemetryMinute).where(m.TelemetryMinute.minute < minute_cut)
+            sa.delete(m.TelemetryMinute).where(
+                sa.or_(m.TelemetryMinute.minute < minute_cut, m.TelemetryMinute.minute > future)
+            )
         )
         return RollupResult(
             folded=len(rows),

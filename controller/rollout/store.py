@@ -42,6 +42,13 @@ from edgefleet.controller.registry import Registry
 from edgefleet.controller.registry import models as m
 from edgefleet.controller.registry.catalog import reissue_bundle
 from edgefleet.controller.registry.deployments import assign_desired, pick_bundle
+from edgefleet.controller.registry.telemetry import (
+    clean_count,
+    clean_latency,
+    summed_count,
+    valid_count,
+    valid_latency,
+)
 from edgefleet.controller.rollout.engine import (
     ACTIVE_STATUSES,
     FORWARD_STATES,
@@ -876,7 +883,8 @@ class RolloutStore:
                 t.device_id == device.id,
                 t.model_version == device.active_version,
                 t.requests > 0,
-                t.p95_ms.is_not(None),
+                valid_count(t.requests),
+                valid_latency(t.p95_ms),
             )
             .order_by(t.id.desc())
             .limit(_BASELINE_WINDOWS)
@@ -905,7 +913,9 @@ class RolloutStore:
                 t.model_version == device.active_version,
                 t.requests > 0,
                 t.samples > 0,
-                t.sample_p95_ms.is_not(None),
+                valid_count(t.requests),
+                valid_count(t.samples),
+                valid_latency(t.sample_p95_ms),
             )
             .order_by(t.id.desc())
             .limit(_BASELINE_WINDOWS)
@@ -1022,14 +1032,19 @@ class RolloutStore:
         """Telemetry of observing devices since their mark, with the new version, in one query."""
         t = m.TelemetryRecord
         rd = m.RolloutDevice
-        weighted = sa.func.sum(sa.case((t.p95_ms.is_not(None), t.p95_ms * t.requests), else_=0.0))
-        weight = sa.func.sum(sa.case((t.p95_ms.is_not(None), t.requests), else_=0))
+        # Poisoned rows (counts out of range, errors above requests) are left
+        # out and the sums run as floats, so no stored row can make this query
+        # fail and keep a rollout "running" forever.
+        measured = valid_latency(t.p95_ms)
+        as_float = sa.cast(t.requests, sa.Float)
+        weighted = sa.func.sum(sa.case((measured, t.p95_ms * as_float), else_=0.0))
+        weight = sa.func.sum(sa.case((measured, as_float), else_=0.0))
         rows = s.execute(
             sa.select(
                 t.device_id,
                 sa.func.count(),
-                sa.func.sum(t.requests),
-                sa.func.sum(t.errors),
+                summed_count(t.requests),
+                summed_count(t.errors, at_most=t.requests),
                 weighted,
                 weight,
             )
@@ -1038,6 +1053,9 @@ class RolloutStore:
                 rd.state == DeviceState.OBSERVING.value,
                 t.id > sa.func.coalesce(rd.telemetry_mark, 0),
                 t.model_version == version,
+                valid_count(t.requests),
+                valid_count(t.errors),
+                t.errors <= t.requests,
             )
             .group_by(t.device_id)
         ).all()
@@ -1049,15 +1067,20 @@ class RolloutStore:
                 rd.state == DeviceState.OBSERVING.value,
                 t.id > sa.func.coalesce(rd.telemetry_mark, 0),
                 t.model_version == version,
+                valid_count(t.requests),
+                valid_count(t.errors),
+                t.errors <= t.requests,
             )
             .order_by(t.id)
         ):
+            # The same windows as the sums above; out-of-range per-sample
+            # figures (a poisoned row) read as "not measured".
             loads.setdefault(device_id, []).append(
                 WindowHealth(
                     requests=int(n),
                     window_s=float(window_s),
-                    samples=None if samples is None else int(samples),
-                    sample_p95_ms=None if sample_p95 is None else float(sample_p95),
+                    samples=None if samples is None or clean_count(samples) != samples else samples,
+                    sample_p95_ms=clean_latency(sample_p95),
                 )
             )
         out = {}
@@ -1066,7 +1089,7 @@ class RolloutStore:
                 windows=int(windows),
                 requests=int(requests or 0),
                 errors=int(errors or 0),
-                p95_ms=(float(w_sum) / int(w)) if w else None,
+                p95_ms=(float(w_sum) / float(w)) if w else None,
                 window_loads=tuple(loads.get(device_id, ())),
             )
         return out

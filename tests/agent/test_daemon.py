@@ -177,3 +177,20 @@ def test_after_a_broker_restart_both_sides_resend_their_state(fleet: Fleet) -> N
         assert agent.active_model is not None and agent.active_model.version == "1"
     finally:
         agent.stop()
+
+
+def test_agent_state_dir_is_owner_only_whatever_the_umask(fleet: Fleet) -> None:
+    """Issue 9 item 10: the state dir was 0755 (slots, releases) unless systemd set a umask."""
+    import os
+    import stat
+
+    state_dir = fleet.tmp / "agents" / "gw-perm"
+    state_dir.mkdir(parents=True, mode=0o755)  # e.g. made by an installer, or an old version
+    state_dir.chmod(0o755)
+    old = os.umask(0)
+    try:
+        agent = fleet.agent("gw-perm")
+    finally:
+        os.umask(old)
+    assert agent.config.state_dir == state_dir
+    assert stat.S_IMODE(state_dir.stat().st_mode) == 0o700

@@ -90,3 +90,19 @@ def test_the_cli_uses_its_own_certificate_or_leaves_publishing_to_serve(tmp_path
     path.write_text('[cli]\ncert_file = "/e/cli.pem"\n')
     with pytest.raises(ConfigError, match="together"):
         load_controller_config(path, environ={})
+
+
+@pytest.mark.parametrize(
+    ("line", "fragment"),
+    [
+        ("max_clock_skew_s = 0", "max_clock_skew_s"),
+        ("max_clock_skew_s = 172800", "max_clock_skew_s"),
+        ("event_retention_s = -1", "event_retention_s"),
+        ("max_events_per_device = 0", "max_events_per_device"),
+    ],
+)
+def test_storage_bounds_are_checked(tmp_path: Path, line: str, fragment: str) -> None:
+    path = tmp_path / "controller.toml"
+    path.write_text(f"[service]\n{line}\n")
+    with pytest.raises(ConfigError, match=fragment):
+        load_controller_config(path, environ={})

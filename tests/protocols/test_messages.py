@@ -7,6 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from edgefleet.protocols import bounds
+from edgefleet.protocols.bounds import fold_reasons
 from edgefleet.protocols.errors import MessageError
 from edgefleet.protocols.messages import (
     MAX_MESSAGE_BYTES,
@@ -33,7 +35,9 @@ SAMPLES = [
         "gw-1", AgentState.FAILED, REF, HW, 4, "dep1", REF, ErrorInfo("tampered", "x"), "0.1.0", 1.0
     ),
     Event("gw-1", EventKind.DOWNLOAD_PROGRESS, 4, "dep1", REF, None, 10, 20, 2.0),
-    Telemetry("gw-1", 10.0, 5, 1, LatencySummary(1.0, 2.0, 3.0), REF, 1000, 12.5, {"bad": 2}, 3.0),
+    Telemetry(
+        "gw-1", 10.0, 5, 1, LatencySummary(1.0, 2.0, 3.0), REF, 1000, 12.5, {"wrong_device": 2}, 3.0
+    ),
     FileRequest("gw-1", "ab" * 16, "targets/x.bundle", 65536, ((0, 4), (9, 10))),
 ]
 
@@ -165,3 +169,94 @@ def test_any_bytes_parse_or_raise_message_error(kind: Any, payload: bytes) -> No
         kind.decode(payload)
     except MessageError:
         pass
+
+
+# --------------------------------------------------------------------------- values (issue 9)
+def _telemetry(**changes: Any) -> dict[str, Any]:
+    body = json.loads(SAMPLES[4].encode())
+    for key, value in changes.items():
+        if isinstance(value, dict) and isinstance(body.get(key), dict):
+            body[key] = {**body[key], **value}
+        else:
+            body[key] = value
+    return body
+
+
+@pytest.mark.parametrize(
+    ("changes", "fragment"),
+    [
+        ({"requests": 2**63 - 1, "errors": 0}, "'requests' is too large"),
+        ({"requests": 2**53 + 1, "errors": 0}, "'requests' is too large"),
+        ({"requests": 5, "errors": 6}, "exceeds 'requests'"),
+        ({"errors": -1}, "'errors' must be >= 0"),
+        ({"latency_ms": {"p50": -1.0}}, "'p50' must be >= 0"),
+        ({"latency_ms": {"p50": 3.0, "p95": 2.0, "p99": 4.0}}, "p50 <= p95 <= p99"),
+        ({"latency_ms": {"p99": 1e12}}, "'p99' must be <="),
+        ({"window_s": -10.0}, "'window_s' must be >= 0"),
+        ({"window_s": 1e9}, "'window_s' must be <="),
+        ({"cpu_percent": -1.0}, "'cpu_percent' must be >= 0"),
+        ({"cpu_percent": 1e9}, "'cpu_percent' must be <="),
+        ({"rss_bytes": 2**60}, "'rss_bytes' is too large"),
+        ({"rejected": {"wrong_device": 2**62}}, "'rejected' must map"),
+        ({"at": -5.0}, "'at' must be >= 0"),
+    ],
+)
+def test_telemetry_values_out_of_range_are_refused(changes: dict[str, Any], fragment: str) -> None:
+    with pytest.raises(MessageError, match=fragment):
+        Telemetry.from_dict(_telemetry(**changes))
+
+
+def test_telemetry_at_the_bounds_is_accepted() -> None:
+    t = Telemetry.from_dict(
+        _telemetry(
+            requests=2**53,
+            errors=2**53,
+            latency_ms={"p50": 0.0, "p95": 0.0, "p99": 0.0},
+            window_s=0.0,
+            cpu_percent=0.0,
+            rss_bytes=2**53,
+        )
+    )
+    assert (t.requests, t.errors, t.rss_bytes) == (2**53, 2**53, 2**53)
+
+
+def test_unknown_rejection_reasons_are_folded_into_other() -> None:
+    invented = {f"made_up_{i}": 3 for i in range(60)}
+    t = Telemetry.from_dict(_telemetry(rejected={"wrong_device": 1, "other": 2, **invented}))
+    assert t.rejected == {"wrong_device": 1, "other": 2 + 60 * 3}
+    assert set(t.rejected) <= bounds.KNOWN_REJECTION_REASONS
+    assert fold_reasons({"x": bounds.MAX_COUNT, "y": bounds.MAX_COUNT}) == {
+        "other": bounds.MAX_COUNT
+    }
+
+
+def _event(**changes: Any) -> dict[str, Any]:
+    body = json.loads(SAMPLES[3].encode())
+    body.update(changes)
+    return body
+
+
+@pytest.mark.parametrize(
+    ("changes", "fragment"),
+    [
+        ({"generation": 2**31}, "'generation' is too large"),
+        ({"bytes_done": 2**63 - 1}, "'bytes_done' is too large"),
+        ({"bytes_total": 2**54}, "'bytes_total' is too large"),
+        ({"at": -1.0}, "'at' must be >= 0"),
+    ],
+)
+def test_event_values_out_of_range_are_refused(changes: dict[str, Any], fragment: str) -> None:
+    with pytest.raises(MessageError, match=fragment):
+        Event.from_dict(_event(**changes))
+
+
+def test_event_unknown_fields_are_capped_with_a_marker() -> None:
+    small = Event.from_dict(_event(hint="x" * 100))
+    assert small.extra == {"hint": "x" * 100}
+    big = Event.from_dict(_event(blob="x" * 250_000, hint="y"))
+    marker = big.extra[bounds.TRUNCATED_KEY]
+    assert big.extra == {bounds.TRUNCATED_KEY: marker}
+    assert marker["keys"] == 2 and marker["bytes"] > 250_000
+    assert len(big.encode()) < 2 * bounds.MAX_DETAIL_BYTES
+    # The event itself survives: it may be the only record of a failure.
+    assert (big.kind, big.generation) == (EventKind.DOWNLOAD_PROGRESS, 4)

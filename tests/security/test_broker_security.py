@@ -199,3 +199,32 @@ def test_revoked_device_is_refused(tls_broker: TlsBroker) -> None:
     with pytest.raises(BrokerError):
         connect(victim, "stolen-3")
     connect(other, "fine-2").stop()
+
+
+def test_acl_denials_are_in_the_broker_log(tls_broker: TlsBroker) -> None:
+    """Issue 9 item 9: at the shipped log levels a denied publish left no trace."""
+    controller = connect(tls_broker.controller, "controller")
+    a = connect(tls_broker.device("gw-a"), "agent-a")
+    try:
+        got = Recorder()
+        controller.subscribe(topic("gw-a", Channel.REPORTED), got)
+        _subscribed(got, controller, topic("gw-a", Channel.REPORTED))
+        a.publish(topic("gw-b", Channel.DESIRED), b"forged", qos=1, wait_s=5)
+        a.publish(topic("gw-a", Channel.REPORTED), b"after", qos=1, wait_s=5)
+        assert got.wait_for(b"after")
+        forged_topic = topic("gw-b", Channel.DESIRED)
+        deadline = time.monotonic() + 5
+        while True:
+            log_text = tls_broker.process.log_file.read_text(errors="replace")
+            denied = [
+                line
+                for line in log_text.splitlines()
+                if "Denied PUBLISH" in line and f"'{forged_topic}'" in line
+            ]
+            if denied or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        assert denied, "the broker did not log the denied publish"
+    finally:
+        for link in (a, controller):
+            link.stop()

@@ -170,3 +170,30 @@ def test_file_lock_is_released_when_the_block_raises(tmp_path: Path) -> None:
         timeout=30,
     )
     assert probe.returncode == 0
+
+
+def test_private_dir_and_file_are_owner_only_whatever_the_umask(tmp_path: Path) -> None:
+    from edgefleet.shared.durable import ensure_private_dir, ensure_private_file
+
+    old = os.umask(0)
+    try:
+        new = tmp_path / "a" / "home"
+        ensure_private_dir(new)
+        assert _mode(new) == 0o700
+        loose = tmp_path / "loose"
+        loose.mkdir(mode=0o755)
+        ensure_private_dir(loose)  # an existing, too open directory is tightened
+        assert _mode(loose) == 0o700
+        shared = tmp_path / "shared"
+        shared.mkdir(mode=0o1777)
+        ensure_private_dir(shared)  # sticky (/tmp-like): shared by design, left alone
+        assert stat.S_IMODE(shared.stat().st_mode) == 0o1777
+        db = tmp_path / "registry.db"
+        ensure_private_file(db)
+        assert _mode(db) == 0o600 and db.read_bytes() == b""
+        db.write_bytes(b"data")
+        db.chmod(0o644)
+        ensure_private_file(db)  # tightened, content kept
+        assert _mode(db) == 0o600 and db.read_bytes() == b"data"
+    finally:
+        os.umask(old)

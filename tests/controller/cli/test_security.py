@@ -84,3 +84,58 @@ def test_ca_broker_config_token_and_revoke(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     crl = x509.load_pem_x509_crl((out / "certs" / "crl.pem").read_bytes())
     assert crl.get_revoked_certificate_by_serial_number(controller.serial_number) is not None
+
+
+def test_revoked_devices_and_per_device_refusals_are_visible(tmp_path: Path) -> None:
+    """Issue 9 item 9: a revoked device showed only as offline; refusals had no device."""
+    from edgefleet.controller.registry import Registry, sqlite_url
+    from tests.security.conftest import key_and_csr
+
+    home = tmp_path / "home"
+    assert run(home, "ca", "init").exit_code == 0
+    assert run(home, "device", "enroll", "gw-1", "--out", str(tmp_path / "e1")).exit_code == 0
+    assert run(home, "device", "enroll", "gw-2", "--out", str(tmp_path / "e2")).exit_code == 0
+    authority = CertificateAuthority.open(home / "ca")
+    for device in ("gw-1", "gw-2"):
+        authority.issue_device_cert(key_and_csr(device)[1], device)
+    assert run(home, "device", "revoke", "gw-1").exit_code == 0
+
+    registry = Registry(sqlite_url(home / "registry.db"))
+    try:
+        registry.bump_counter("transfer_refused.gw-2.rate", 7)
+        registry.bump_counter("agent_rejected.gw-2.signature", 2)
+        registry.bump_counter("rejected.enrollment_rate_limited", 3)
+    finally:
+        registry.close()
+
+    result = run(home, "devices", "--json")
+    rows = {r["id"]: r for r in json.loads(result.output)}
+    assert rows["gw-1"]["revoked"] is True and rows["gw-2"]["revoked"] is False
+    table = run(home, "devices").output
+    assert [line.split()[1] for line in table.splitlines() if line.startswith("gw-1")] == [
+        "revoked"
+    ]
+
+    status = json.loads(run(home, "status", "--json").output)
+    assert status["by_device"] == {
+        "gw-2": {"transfer_refused": {"rate": 7}, "refused_by_agent": {"signature": 2}}
+    }
+    assert status["rejected"]["enrollment_rate_limited"] == 3
+    text = run(home, "status").output
+    assert "overloads and refusals by device" in text and "transfer_refused" in text
+
+    events = run(home, "device", "events", "gw-2").output
+    assert "transfer_refused: rate=7" in events and "refused_by_agent: signature=2" in events
+    assert "none" in run(home, "device", "events", "gw-1").output
+
+
+def test_enroll_server_binds_loopback_unless_told_otherwise() -> None:
+    """Issue 9 item 3: the endpoint listened on 0.0.0.0 by default."""
+    from edgefleet.controller.cli.security import enroll_server
+    from edgefleet.controller.enrollment import DEFAULT_HOST, EnrollmentServer
+
+    listen = next(p for p in enroll_server.params if p.name == "listen")
+    assert listen.default == "127.0.0.1:8443"
+    assert listen.envvar == "EDGEFLEET_ENROLL_LISTEN"
+    assert DEFAULT_HOST == "127.0.0.1"
+    assert EnrollmentServer.__init__.__kwdefaults__["host"] == "127.0.0.1"

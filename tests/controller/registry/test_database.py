@@ -119,3 +119,30 @@ def test_sqlite_path_under_a_file_is_a_registry_error(tmp_path: Path) -> None:
     blocker.write_text("not a directory")
     with pytest.raises(RegistryError):
         Registry(sqlite_url(blocker / "sub" / "registry.db"))
+
+
+def test_sqlite_registry_and_new_home_are_owner_only_whatever_the_umask(tmp_path: Path) -> None:
+    """Issue 9 item 10: ``registry.db`` was 0644 in a 0755 home under the usual umask."""
+    import os
+    import stat
+
+    home = tmp_path / "home"
+    path = home / "registry.db"
+    old = os.umask(0)  # the most permissive umask there is
+    try:
+        reg = Registry(sqlite_url(path))
+        try:
+            reg.enroll_device("gw-1")  # a write: SQLite creates -wal and -shm now
+            files = [p for p in home.iterdir() if p.name.startswith("registry.db")]
+            assert {p.name for p in files} >= {"registry.db", "registry.db-wal"}
+            for p in files:
+                assert stat.S_IMODE(p.stat().st_mode) == 0o600, p.name
+        finally:
+            reg.close()
+        assert stat.S_IMODE(home.stat().st_mode) == 0o700
+        # A database an older version left world-readable is tightened when opened.
+        path.chmod(0o644)
+        Registry(sqlite_url(path)).close()
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    finally:
+        os.umask(old)

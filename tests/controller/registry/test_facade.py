@@ -30,7 +30,8 @@ from tests.controller.registry.builders import (
     make_version,
 )
 
-# Registry's public API before the split (main at 8f378f7), plus ``database``.
+# Registry's public API before the split (main at 8f378f7), plus ``database``
+# and ``expire_events`` (event retention, issue 9).
 PUBLIC = {
     "add_bundle",
     "add_events",
@@ -48,6 +49,7 @@ PUBLIC = {
     "engine",
     "enroll_device",
     "events_for",
+    "expire_events",
     "fleet_status",
     "get_deployment",
     "get_device",

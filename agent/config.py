@@ -74,6 +74,9 @@ class AgentConfig:
     retry_backoff_s: float = 5.0
     retry_backoff_max_s: float = 300.0
     runtime_threads: int = 1
+    # Events not acknowledged by the controller this long after sending are
+    # sent again (agent/journal.py); after a reconnect all of them are.
+    event_resend_s: float = 30.0
     broker: BrokerSettings = field(default_factory=BrokerSettings)
     http: HttpSettings = field(default_factory=HttpSettings)
     transfer: TransferSettings = field(default_factory=TransferSettings)
@@ -86,6 +89,8 @@ class AgentConfig:
             raise ConfigError(str(exc)) from None
         if self.telemetry_interval_s <= 0:
             raise ConfigError("telemetry_interval_s must be positive")
+        if self.event_resend_s <= 0:
+            raise ConfigError("event_resend_s must be positive")
         if not (0 <= self.http.port < 65536):
             raise ConfigError(f"http port must be 0-65535, got {self.http.port}")
 

@@ -9,11 +9,17 @@ Threads, and why each exists:
 - The *reconcile* thread runs :func:`edgefleet.agent.reconcile.decide` and the
   install pipeline, one install at a time.
 - The *telemetry* thread publishes serving aggregates every interval.
+- The *events* thread publishes again what the event journal holds without
+  an acknowledgement: all of it after a reconnect, and what waited more
+  than ``event_resend_s`` (the controller's connection may have dropped
+  while ours stayed up). Every event is journaled (fsynced) before it is
+  first published, and forgotten when ``events/ack`` covers it.
 - The HTTP server's threads serve inference from the live model.
 
 What the agent publishes (all under ``edgefleet/v1/devices/{id}/``):
 ``status`` (retained ``online``; the Last Will sets ``offline``),
 ``reported`` (retained :class:`ReportedState`), ``events`` and ``telemetry``.
+It reads ``desired``, ``files/blocks`` and ``events/ack``.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from edgefleet.agent.config import AgentConfig
 from edgefleet.agent.enroll import prepare_identity
 from edgefleet.agent.fetcher import MqttFetcher, PartialStore
 from edgefleet.agent.install import Installer
+from edgefleet.agent.journal import EventJournal
 from edgefleet.agent.metrics import ProcessSampler, RejectionCounter, ServingMetrics
 from edgefleet.agent.reconcile import (
     Attempt,
@@ -53,6 +60,7 @@ from edgefleet.protocols.messages import (
     DesiredState,
     ErrorInfo,
     Event,
+    EventAck,
     EventKind,
     ModelRef,
     ReportedState,
@@ -98,6 +106,10 @@ class Agent:
         self.metrics = ServingMetrics()
         self._sampler = ProcessSampler()
         self.holder = ModelHolder()
+        self.journal = EventJournal(state_dir, resend_after_s=config.event_resend_s)
+        self._replay_all = threading.Event()
+        self._ack_ready = threading.Event()
+        self._pending_ack: EventAck | None = None
         # ``links`` (unit tests: ``MemoryBroker.link``) replaces MQTT to the
         # broker named by the config or by enrollment.
         self.link = (links or mqtt_links(config.broker))(
@@ -165,10 +177,12 @@ class Agent:
         self.server.start()
         self.link.subscribe(self._topic(Channel.DESIRED), self._on_desired, qos=1)
         self.link.subscribe(self._topic(Channel.FILE_BLOCKS), self.fetcher.on_frame, qos=1)
+        self.link.subscribe(self._topic(Channel.EVENTS_ACK), self._on_event_ack, qos=1)
         self.link.start(wait=False)
         for name, target in (
             ("reconcile", self._reconcile_loop),
             ("telemetry", self._telemetry_loop),
+            ("events", self._events_loop),
         ):
             t = threading.Thread(target=target, name=f"{name}-{self.device_id}", daemon=True)
             t.start()
@@ -244,24 +258,48 @@ class Agent:
         **extra: Any,
     ) -> None:
         desired = self._desired
-        event = Event(
-            device_id=self.device_id,
-            kind=kind,
-            generation=0 if desired is None else desired.generation,
-            deployment_id=None if desired is None else desired.deployment_id,
-            model=model,
-            error=error,
-            bytes_done=bytes_done,
-            bytes_total=bytes_total,
-            at=time.time(),
-            extra=extra,
-        )
-        self.link.publish(self._topic(Channel.EVENTS), event.encode(), qos=1)
+        at = time.time()
+
+        def encode(journal: str, seq: int) -> bytes:
+            return Event(
+                device_id=self.device_id,
+                kind=kind,
+                generation=0 if desired is None else desired.generation,
+                deployment_id=None if desired is None else desired.deployment_id,
+                model=model,
+                error=error,
+                bytes_done=bytes_done,
+                bytes_total=bytes_total,
+                at=at,
+                journal=journal,
+                seq=seq,
+                extra=extra,
+            ).encode()
+
+        # Journaled (fsynced) first, then published; re-sent until acknowledged.
+        self.link.publish(self._topic(Channel.EVENTS), self.journal.append(encode), qos=1)
 
     # ------------------------------------------------------------------ handlers (paho thread)
     def _on_connect(self) -> None:
         self.link.publish(self._topic(Channel.STATUS), STATUS_ONLINE, qos=1, retain=True)
         self._publish_reported()
+        self._replay_all.set()  # the events thread re-sends every unacknowledged event
+
+    def _on_event_ack(self, _topic: str, payload: bytes, _retained: bool) -> None:
+        try:
+            ack = EventAck.decode(payload)
+        except ProtocolError as exc:
+            log.warning("rejected malformed event ack: %s", exc)
+            self.rejections.count("malformed_event_ack")
+            return
+        if ack.device_id != self.device_id:
+            self.rejections.count("wrong_device")
+            return
+        # Compacting the journal writes and fsyncs a file: not on paho's
+        # thread. The events thread applies the latest ack.
+        with self._lock:
+            self._pending_ack = ack
+        self._ack_ready.set()
 
     def _on_desired(self, topic: str, payload: bytes, _retained: bool) -> None:
         try:
@@ -422,6 +460,22 @@ class Agent:
             rejected=self.rejections.snapshot(),
             at=time.time(),
         )
+
+    def _events_loop(self) -> None:
+        """Re-send journaled events the controller has not acknowledged (see the module doc)."""
+        while not self._stop.is_set():
+            self._ack_ready.wait(1.0)
+            self._ack_ready.clear()
+            with self._lock:
+                ack, self._pending_ack = self._pending_ack, None
+            if ack is not None:
+                self.journal.acknowledge(ack.journal, ack.seq)
+            if not self.link.connected:
+                continue
+            everything = self._replay_all.is_set()
+            self._replay_all.clear()
+            for payload in self.journal.due(everything=everything):
+                self.link.publish(self._topic(Channel.EVENTS), payload, qos=1)
 
     def _telemetry_loop(self) -> None:
         while not self._stop.wait(self.config.telemetry_interval_s):

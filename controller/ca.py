@@ -44,6 +44,7 @@ from edgefleet.protocols.topics import validate_device_id
 from edgefleet.shared.durable import InsecureFileError, atomic_write, file_lock, read_private
 
 __all__ = [
+    "CLI_COMMON_NAME",
     "CONTROLLER_COMMON_NAME",
     "RESERVED_PREFIX",
     "CertificateAuthority",
@@ -54,6 +55,12 @@ __all__ = [
 
 CONTROLLER_COMMON_NAME = "edgefleet-controller"
 """The controller's CN; the ACL grants this user everything under ``edgefleet/v1/``."""
+
+CLI_COMMON_NAME = "edgefleet-cli"
+"""The CLI's CN, distinct from ``serve``'s: the broker makes the CN the client id
+(``use_username_as_clientid``), so a CLI holding the controller's certificate
+would disconnect the running controller. The ACL lets it publish desired
+states and the outbox marker only."""
 
 RESERVED_PREFIX = "edgefleet-"
 """Device ids may not start with this: CNs of that form belong to services

@@ -15,6 +15,10 @@ Precedence (highest first): CLI flags, environment (``EDGEFLEET_HOME``,
     ca_file = "/etc/edgefleet/ca.pem"
     cert_file = "/etc/edgefleet/controller.pem"
     key_file = "/etc/edgefleet/controller.key"
+
+    [cli]                                       # the CLI's own broker identity
+    cert_file = "/etc/edgefleet/cli.pem"
+    key_file = "/etc/edgefleet/cli.key"
 """
 
 from __future__ import annotations
@@ -28,7 +32,13 @@ from edgefleet.protocols.errors import ConfigError
 from edgefleet.shared.link import BrokerSettings
 from edgefleet.shared.settings import read_toml, refuse_unknown_keys, settings_from_table
 
-__all__ = ["DEFAULT_HOME", "ControllerConfig", "ServiceSettings", "load_controller_config"]
+__all__ = [
+    "DEFAULT_HOME",
+    "CliSettings",
+    "ControllerConfig",
+    "ServiceSettings",
+    "load_controller_config",
+]
 
 DEFAULT_HOME = Path("edgefleet-data")
 
@@ -50,6 +60,9 @@ class ServiceSettings:
     refresh_metadata: bool = True
     known_devices_ttl_s: float = 2.0
     max_blocks_per_request: int = 64
+    # After a (re)connect, how long to wait for the broker's retained outbox
+    # marker before concluding it lost the retained desired states.
+    outbox_marker_wait_s: float = 2.0
     # Staged rollouts (controller/rollout): how often each active one is stepped.
     run_rollouts: bool = True
     rollout_interval_s: float = 2.0
@@ -87,6 +100,24 @@ class ServiceSettings:
 
 
 @dataclass(frozen=True)
+class CliSettings:
+    """The `[cli]` table: the certificate the CLI connects to the broker with.
+
+    The broker makes a client's certificate CN its client id
+    (``use_username_as_clientid``), so the CLI must not use ``serve``'s
+    certificate: connecting with it would disconnect the running controller.
+    ``edgefleet broker-config`` writes one (CN ``edgefleet-cli``) into ``cli/``.
+    """
+
+    cert_file: str | None = None
+    key_file: str | None = None
+
+    def __post_init__(self) -> None:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ConfigError("[cli] cert_file and key_file must be given together")
+
+
+@dataclass(frozen=True)
 class ControllerConfig:
     """Where the controller keeps its state and how it reaches the broker."""
 
@@ -95,6 +126,21 @@ class ControllerConfig:
     profiles_file: Path | None = None
     broker: BrokerSettings = field(default_factory=BrokerSettings)
     service: ServiceSettings = field(default_factory=ServiceSettings)
+    cli: CliSettings = field(default_factory=CliSettings)
+
+    @property
+    def cli_broker(self) -> BrokerSettings | None:
+        """How the CLI reaches the broker, or ``None`` when it must leave publishing to ``serve``.
+
+        With a client certificate in ``[broker]`` but none in ``[cli]``, the
+        CLI has no identity of its own: it records the deployment and the
+        running controller's outbox publishes it within seconds.
+        """
+        if self.cli.cert_file is not None:
+            return replace(self.broker, cert_file=self.cli.cert_file, key_file=self.cli.key_file)
+        if self.broker.cert_file is not None:
+            return None
+        return self.broker
 
     @property
     def repository_dir(self) -> Path:
@@ -148,6 +194,7 @@ def load_controller_config(
         try:
             broker = _section(raw, "broker", BrokerSettings)
             service = _section(raw, "service", ServiceSettings)
+            cli = _section(raw, "cli", CliSettings)
             refuse_unknown_keys(raw, {"home", "database_url", "profiles"})
         except ConfigError as exc:
             raise ConfigError(f"{path}: {exc}") from None
@@ -158,6 +205,7 @@ def load_controller_config(
             profiles_file=base / raw["profiles"] if "profiles" in raw else None,
             broker=broker,
             service=service,
+            cli=cli,
         )
     env_home = env.get("EDGEFLEET_HOME")
     env_url = env.get("EDGEFLEET_DATABASE_URL")

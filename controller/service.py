@@ -18,7 +18,15 @@ Threads, and why:
 - The *maintenance* loop publishes desired states the registry marks as
   unpublished (an outbox: a deploy made while the broker was down is sent
   later, and a restart re-sends nothing twice that changes anything), and
-  re-signs TUF timestamp metadata before it expires.
+  re-signs TUF timestamp metadata before it expires. After a (re)connect it
+  re-publishes every desired state only if the broker lost them: the
+  retained outbox marker (``OUTBOX_MARKER_TOPIC``) it gets back must carry
+  the digest of what the registry says was published.
+
+Events are numbered by the agents' journals: the ingest worker stores each
+(device, journal, seq) once and acknowledges, per device, the highest number
+stored without a gap on ``events/ack`` (:class:`EventAck`). An agent replays
+what is not acknowledged, so losing this connection loses no event.
 
 Every malformed, impersonating or unknown-device message is logged and
 counted under a reason in ``Registry.counters`` (``rejected.<reason>``), and
@@ -55,12 +63,18 @@ from edgefleet.protocols.bounds import fold_reasons
 from edgefleet.protocols.errors import ProtocolError, TopicError
 from edgefleet.protocols.messages import (
     Event,
+    EventAck,
     FileRequest,
     Message,
     ReportedState,
     Telemetry,
 )
-from edgefleet.protocols.topics import Channel, DeviceTopic, controller_subscriptions
+from edgefleet.protocols.topics import (
+    OUTBOX_MARKER_TOPIC,
+    Channel,
+    DeviceTopic,
+    controller_subscriptions,
+)
 from edgefleet.shared.link import BrokerSettings, Link, LinkFactory, mqtt_links
 
 __all__ = ["ControllerService", "publish_desired_states"]
@@ -77,8 +91,12 @@ def publish_desired_states(
 
     Desired states are retained, QoS 1: the broker hands the latest one to a
     device whenever it (re)subscribes, so an offline device catches up. With
-    ``everything``, re-publish all of them (after a reconnect: the broker may
-    have restarted and lost its retained messages; agents ignore repeats).
+    ``everything``, re-publish all of them (after a reconnect to a broker
+    that lost its retained messages; agents ignore repeats).
+
+    Then the outbox marker is published, retained: the digest of every
+    published generation. It is sent after the states it covers, so a broker
+    that still holds it holds them too (see ``ControllerService``).
     """
     sent = 0
     pending = registry.all_desired() if everything else registry.unpublished_desired()
@@ -92,6 +110,10 @@ def publish_desired_states(
                 "broker did not acknowledge desired state for %s; will retry", desired.device_id
             )
             break
+    if sent or everything:
+        marker = registry.published_digest().encode()
+        if not link.publish(OUTBOX_MARKER_TOPIC, marker, qos=1, retain=True, wait_s=wait_s):
+            log.warning("broker did not acknowledge the outbox marker; reconnects re-publish all")
     return sent
 
 
@@ -119,11 +141,15 @@ class ControllerService:
             lambda topic, payload: self.link.publish(topic, payload, qos=1),
             max_blocks_per_request=settings.max_blocks_per_request,
         )
-        self._ingest: queue.Queue[tuple[DeviceTopic, bytes]] = queue.Queue()
+        self._ingest: queue.Queue[tuple[DeviceTopic, bytes, bool]] = queue.Queue()
         self._requests: queue.Queue[tuple[DeviceTopic, bytes]] = queue.Queue(maxsize=10_000)
         self._stop = threading.Event()
         self._wake_outbox = threading.Event()
-        self._republish_all = False
+        # Set on every connect: the outbox marker the broker hands back decides
+        # whether desired states must be re-published (see _maintenance_loop).
+        self._check_outbox = threading.Event()
+        self._marker_seen = threading.Event()
+        self._marker: bytes | None = None
         self._threads: list[threading.Thread] = []
         self._rejected: Counter[str] = Counter()
         self._device_rejected: Counter[tuple[str, str]] = Counter()
@@ -149,6 +175,7 @@ class ControllerService:
         for topic_filter in controller_subscriptions():
             shared = f"$share/{group}/{topic_filter}" if group else topic_filter
             self.link.subscribe(shared, self._on_message, qos=1)
+        self.link.subscribe(OUTBOX_MARKER_TOPIC, self._on_marker, qos=1)
         self.link.start(wait=True)
         for name, target in (
             ("transfer", self._transfer_loop),
@@ -186,10 +213,20 @@ class ControllerService:
         return deployment
 
     def _on_connect(self) -> None:
-        # A reconnect may follow a broker restart that lost retained messages;
-        # re-publish every desired state (idempotent on the agents).
-        self._republish_all = True
+        # A reconnect may follow a broker restart that lost retained messages.
+        # The marker delivered after this hook (same paho thread, so not
+        # before it) tells; the maintenance loop waits for it and decides.
+        self._marker = None
+        self._marker_seen.clear()
+        self._check_outbox.set()
         self._wake_outbox.set()
+
+    def _on_marker(self, _topic: str, payload: bytes, retained: bool) -> None:
+        # Only the retained copy says what the broker holds; a live one is
+        # our own (or another publisher's) marker going by.
+        if retained:
+            self._marker = payload
+            self._marker_seen.set()
 
     # ------------------------------------------------------------------ paho thread
     def reject(self, reason: str, detail: str, *, device_id: str | None = None) -> None:
@@ -204,7 +241,7 @@ class ControllerService:
             if device_id is not None:
                 self._device_rejected[(device_id, reason)] += 1
 
-    def _on_message(self, topic: str, payload: bytes, _retained: bool) -> None:
+    def _on_message(self, topic: str, payload: bytes, retained: bool) -> None:
         try:
             parsed = DeviceTopic.parse(topic)
         except TopicError as exc:
@@ -216,7 +253,7 @@ class ControllerService:
             except queue.Full:
                 self.reject("transfer_overload", f"dropped file request from {parsed.device_id}")
         else:
-            self._ingest.put((parsed, payload))
+            self._ingest.put((parsed, payload, retained))
 
     # ------------------------------------------------------------------ workers
     def _is_known(self, device_id: str) -> bool:
@@ -279,7 +316,7 @@ class ControllerService:
     def _ingest_loop(self) -> None:
         s = self.settings
         while not self._stop.is_set():
-            batch: list[tuple[DeviceTopic, bytes]] = []
+            batch: list[tuple[DeviceTopic, bytes, bool]] = []
             deadline = time.monotonic() + s.ingest_flush_s
             while len(batch) < s.ingest_batch_max:
                 try:
@@ -292,10 +329,10 @@ class ControllerService:
                 except Exception:  # keep ingesting; the database may be back next time
                     log.exception("storing %d messages failed", len(batch))
 
-    def _store(self, batch: list[tuple[DeviceTopic, bytes]]) -> None:
+    def _store(self, batch: list[tuple[DeviceTopic, bytes, bool]]) -> None:
         events: list[Event] = []
         points: list[Telemetry] = []
-        for topic, payload in batch:
+        for topic, payload, retained in batch:
             channel = topic.channel
             if channel is Channel.STATUS:
                 online = _STATUS_VALUES.get(bytes(payload).strip())
@@ -317,7 +354,13 @@ class ControllerService:
             elif channel is Channel.EVENTS:
                 message = self._decode(topic, payload, Event)
                 if isinstance(message, Event) and self._clock_ok(message.device_id, message.at):
-                    events.append(message)
+                    if retained and message.seq is None:
+                        # Events are never retained; an unnumbered retained
+                        # one would come back (and be stored) on every
+                        # resubscription. A numbered one is stored once.
+                        self.reject("retained_event", f"{topic.device_id}: unnumbered")
+                    else:
+                        events.append(message)
             elif channel is Channel.TELEMETRY:
                 message = self._decode(topic, payload, Telemetry)
                 if isinstance(message, Telemetry) and self._clock_ok(message.device_id, message.at):
@@ -326,10 +369,24 @@ class ControllerService:
                 self.reject("unexpected_channel", str(topic))
         if events:
             self.registry.add_events(events, max_per_device=self.settings.max_events_per_device)
+            self._acknowledge_events(events)
         if points:
             self.registry.add_telemetry(points)
             self._record_agent_rejections(points)
         self.ingested += len(batch)
+
+    def _acknowledge_events(self, events: list[Event]) -> None:
+        """Tell each agent how far its journal is stored, so it can forget those events.
+
+        Sent after every batch with numbered events, even when all of them
+        were duplicates: an agent replays because it missed an ack.
+        """
+        journals = {(e.device_id, e.journal) for e in events if e.journal is not None}
+        for device_id, journal, seq in self.registry.advance_event_acks(journals):
+            if seq > 0:
+                ack = EventAck(device_id=device_id, journal=journal, seq=seq)
+                topic = str(DeviceTopic(device_id, Channel.EVENTS_ACK))
+                self.link.publish(topic, ack.encode(), qos=1)
 
     def _clock_ok(self, device_id: str, at: float) -> bool:
         """Whether a message's ``at`` is unset or within ``max_clock_skew_s`` of our clock.
@@ -379,8 +436,9 @@ class ControllerService:
                 break
             try:
                 if self.link.connected:
-                    everything, self._republish_all = self._republish_all, False
-                    publish_desired_states(self.registry, self.link, everything=everything)
+                    publish_desired_states(
+                        self.registry, self.link, everything=self._broker_lost_desired()
+                    )
                 if self.settings.refresh_metadata and self.repository.refresh_timestamp(
                     within=timedelta(seconds=s.timestamp_refresh_within_s)
                 ):
@@ -388,6 +446,24 @@ class ControllerService:
                 self.flush_rejections()
             except Exception:
                 log.exception("maintenance step failed; retrying in %ss", s.maintenance_interval_s)
+
+    def _broker_lost_desired(self) -> bool:
+        """After a (re)connect: whether the broker lost the retained desired states.
+
+        It did unless it hands back the outbox marker with the digest of
+        what the registry records as published: the marker is published
+        after the states it covers, so the broker cannot hold it without them
+        (Mosquitto persists retained messages together). A reconnect to a
+        broker that kept them re-publishes nothing unchanged.
+        """
+        if not self._check_outbox.is_set():
+            return False
+        self._check_outbox.clear()
+        self._marker_seen.wait(self.settings.outbox_marker_wait_s)
+        lost = self._marker != self.registry.published_digest().encode()
+        if lost:
+            log.info("the broker holds no current outbox marker; re-publishing every desired state")
+        return lost
 
     def _rollout_loop(self) -> None:
         """Step every active rollout each ``rollout_interval_s``."""

@@ -25,6 +25,7 @@ controller checks that at ingest.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import Enum
@@ -41,6 +42,7 @@ __all__ = [
     "DesiredState",
     "ErrorInfo",
     "Event",
+    "EventAck",
     "EventKind",
     "FileRequest",
     "HardwareInfo",
@@ -369,7 +371,15 @@ class EventKind(str, Enum):
 
 @dataclass(frozen=True)
 class Event(Message):
-    """One step of a device's work on a desired state. QoS 1, not retained."""
+    """One step of a device's work on a desired state. QoS 1, not retained.
+
+    ``journal`` and ``seq`` identify the event for good: ``seq`` numbers the
+    events of one agent journal (``agent/journal.py``) 1, 2, 3, ... An agent
+    publishes an event again until the controller acknowledges its ``seq``
+    (:class:`EventAck`), and the controller stores each (device, journal,
+    seq) once, so replays cost nothing. Both are absent in events of agents
+    older than the journal.
+    """
 
     KIND: ClassVar[str] = "event"
 
@@ -382,10 +392,14 @@ class Event(Message):
     bytes_done: int | None = None
     bytes_total: int | None = None
     at: float = 0.0
+    journal: str | None = None
+    seq: int | None = None
     extra: JSONDict = field(default_factory=dict, compare=False)
 
     def to_dict(self) -> JSONDict:
+        numbered = {} if self.seq is None else {"journal": self.journal, "seq": self.seq}
         return {
+            **numbered,
             "device_id": self.device_id,
             "kind": self.kind.value,
             "generation": self.generation,
@@ -401,6 +415,7 @@ class Event(Message):
     def from_dict(cls, d: Mapping[str, Any]) -> Event:
         model = f.obj(d, "model", optional=True)
         error = f.obj(d, "error", optional=True)
+        journal, seq = _journal_and_seq(d)
         return cls(
             device_id=f.device_id(d),
             kind=f.member(d, "kind", EventKind),
@@ -412,9 +427,13 @@ class Event(Message):
             bytes_done=f.integer(d, "bytes_done", optional=True, maximum=bounds.MAX_COUNT),
             bytes_total=f.integer(d, "bytes_total", optional=True, maximum=bounds.MAX_COUNT),
             at=f.number(d, "at", optional=True, minimum=0.0) or 0.0,
+            journal=journal,
+            seq=seq,
             extra=_capped_extra(
                 d,
                 {
+                    "journal",
+                    "seq",
                     "device_id",
                     "kind",
                     "generation",
@@ -620,3 +639,51 @@ class FileRequest(Message):
                     return out
                 out.append(i)
         return out
+
+
+def _journal_and_seq(d: Mapping[str, Any]) -> tuple[str | None, int | None]:
+    """``journal`` and ``seq`` of an event or ack: both or neither, seq >= 1."""
+    journal = f.text(d, "journal", optional=True, max_len=32)
+    seq = f.integer(d, "seq", optional=True, minimum=1)
+    if (journal is None) != (seq is None):
+        raise MessageError("fields 'journal' and 'seq' go together")
+    if journal is not None and not JOURNAL_ID_PATTERN.match(journal):
+        raise MessageError("field 'journal' must be 8-32 lowercase hex characters")
+    return journal, seq
+
+
+JOURNAL_ID_PATTERN = re.compile(r"^[0-9a-f]{8,32}$")
+
+
+@dataclass(frozen=True)
+class EventAck(Message):
+    """The controller holds every event of ``journal`` up to ``seq``. QoS 1, not retained.
+
+    Published on ``devices/{id}/events/ack`` after each stored batch with the
+    highest *contiguous* ``seq`` stored (a gap means an event is still
+    missing, and the agent must keep it); the agent then forgets those
+    events. Repeats and stale acks are harmless: the agent ignores an ack at
+    or below what it already dropped.
+    """
+
+    KIND: ClassVar[str] = "event_ack"
+
+    device_id: str
+    journal: str
+    seq: int
+    extra: JSONDict = field(default_factory=dict, compare=False)
+
+    def to_dict(self) -> JSONDict:
+        return {"device_id": self.device_id, "journal": self.journal, "seq": self.seq}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> EventAck:
+        journal, seq = _journal_and_seq(d)
+        if journal is None or seq is None:
+            raise MessageError("an event ack needs 'journal' and 'seq'")
+        return cls(
+            device_id=f.device_id(d),
+            journal=journal,
+            seq=seq,
+            extra=f.extra(d, {"device_id", "journal", "seq"}),
+        )

@@ -11,10 +11,17 @@ topic (under devices/{id}/)       publisher   retained  QoS      body
 ``reported``                      agent       yes       1        JSON :class:`ReportedState`
 ``status``                        agent+LWT   yes       1        ``online`` / ``offline``
 ``events``                        agent       no        1        JSON :class:`Event`
+``events/ack``                    controller  no        1        JSON :class:`EventAck`
 ``telemetry``                     agent       no        0        JSON :class:`Telemetry`
 ``files/request``                 agent       no        1        JSON :class:`FileRequest`
 ``files/blocks``                  controller  no        1        binary frame (framing.py)
 ================================  ==========  ========  =======  ======
+
+One topic is the controller's own: ``edgefleet/v1/controller/outbox``
+(:data:`OUTBOX_MARKER_TOPIC`, retained), published after desired states. It
+holds a digest of the desired-state generations the broker was given, so a
+controller that reconnects can tell whether the broker still holds them
+(then nothing is re-published) or lost its retained messages (then all are).
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from edgefleet.protocols.errors import TopicError
 
 __all__ = [
     "DEVICE_ID_PATTERN",
+    "OUTBOX_MARKER_TOPIC",
     "PREFIX",
     "Channel",
     "DeviceTopic",
@@ -35,6 +43,7 @@ __all__ = [
 ]
 
 PREFIX = "edgefleet/v1"
+OUTBOX_MARKER_TOPIC = f"{PREFIX}/controller/outbox"
 
 # Device ids become topic levels and file names, so they must contain no MQTT
 # wildcard, no separator and nothing a shell or filesystem would misread.
@@ -48,6 +57,7 @@ class Channel(str, Enum):
     REPORTED = "reported"
     STATUS = "status"
     EVENTS = "events"
+    EVENTS_ACK = "events/ack"
     TELEMETRY = "telemetry"
     FILE_REQUEST = "files/request"
     FILE_BLOCKS = "files/blocks"

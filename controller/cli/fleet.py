@@ -144,13 +144,19 @@ def deploy(
             mv = registry.get_model_version(name, version)
             deployment = registry.create_deployment(mv.id, targets)
             published = 0
-            link = MqttLink(cfg.broker, f"edgefleet-cli-{deployment.id[:8]}")
-            try:
-                link.start(wait=True)
-                published = publish_desired_states(registry, link)
-                link.stop()
-            except EdgefleetError as exc:
-                click.echo(f"warning: {exc}; `edgefleet serve` will publish it", err=True)
+            broker = cfg.cli_broker
+            if broker is None:
+                click.echo(
+                    "no [cli] certificate configured; `edgefleet serve` will publish it", err=True
+                )
+            else:
+                link = MqttLink(broker, f"edgefleet-cli-{deployment.id[:8]}")
+                try:
+                    link.start(wait=True)
+                    published = publish_desired_states(registry, link)
+                    link.stop()
+                except EdgefleetError as exc:
+                    click.echo(f"warning: {exc}; `edgefleet serve` will publish it", err=True)
         finally:
             registry.close()
     data = {

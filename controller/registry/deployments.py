@@ -15,6 +15,7 @@ rollout store, so every path chooses bundles and bumps generations the same way.
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from collections.abc import Mapping, Sequence
 from datetime import datetime
@@ -397,3 +398,22 @@ class Outbox:
         """Every device's desired state, by device id (e.g. to republish all)."""
         with self._db.read() as s:
             return self._desired(s)
+
+    def published_digest(self) -> str:
+        """A digest of every device's published generation (hex SHA-256).
+
+        The service publishes it, retained, after desired states (the outbox
+        marker). A broker that hands the same digest back on a reconnect still
+        holds every desired state it was given, so none is re-published; a
+        broker that lost its retained messages lost the marker with them.
+        """
+        with self._db.read() as s:
+            rows = s.execute(
+                sa.select(m.DesiredStateRecord.device_id, m.DesiredStateRecord.published_generation)
+                .where(m.DesiredStateRecord.published_generation > 0)
+                .order_by(m.DesiredStateRecord.device_id)
+            )
+            digest = hashlib.sha256()
+            for device_id, generation in rows:
+                digest.update(f"{device_id}:{generation}\n".encode())
+            return digest.hexdigest()

@@ -12,12 +12,19 @@ re-checks here for callers that did not parse; each device keeps at most
 ``rejected.event_cap`` and ``device_rejected.<device>.event_cap``; and
 :meth:`Events.expire_events` deletes rows older than the retention (the
 controller's telemetry loop runs it).
+
+An event numbered by its agent's journal (``journal``, ``seq``) is stored once
+however often it arrives: agents replay unacknowledged events, and a
+retained copy comes back on every resubscription. After a batch,
+:meth:`Events.advance_event_acks` moves each device's mark (``event_journals``) to
+the highest ``seq`` stored without a gap - the number the service sends back
+on ``events/ack`` so the agent can forget those events.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -33,7 +40,14 @@ from edgefleet.protocols.bounds import MAX_DETAIL_BYTES, TRUNCATED_KEY
 from edgefleet.protocols.errors import ConfigError
 from edgefleet.protocols.messages import Event
 
-__all__ = ["EVENT_CAP_REASON", "Events", "capped_detail", "event_info"]
+__all__ = ["EVENT_CAP_REASON", "EventAckMark", "Events", "capped_detail", "event_info"]
+
+EventAckMark = tuple[str, str, int]
+"""``(device_id, journal, acked_seq)``: every event 1..acked_seq of that journal is stored."""
+
+# How many stored numbers one advance looks at per device; a longer run is
+# picked up by the next batch's advance.
+_ADVANCE_WINDOW = 10_000
 
 EVENT_CAP_REASON = "event_cap"
 
@@ -101,10 +115,16 @@ class Events:
 
         def work(s: Session) -> int:
             known = known_device_ids(s, {e.device_id for e in events})
+            seen = _stored_numbers(s, [e for e in events if e.device_id in known])
             rows = []
             for e in events:
                 if e.device_id not in known:
                     continue
+                if e.journal is not None and e.seq is not None:
+                    key = (e.device_id, e.journal, e.seq)
+                    if key in seen:
+                        continue  # a replay or a retained copy: stored already
+                    seen.add(key)
                 detail: dict[str, Any] = {}
                 if e.model is not None:
                     detail["model"] = e.model.to_dict()
@@ -123,6 +143,8 @@ class Events:
                         error=None if e.error is None else e.error.to_dict(),
                         detail=detail or None,
                         at=m.from_epoch(e.at, now),
+                        journal=e.journal,
+                        seq=e.seq,
                     )
                 )
             s.add_all(rows)
@@ -136,6 +158,50 @@ class Events:
             return len(rows)
 
         return self._db.write_retrying(work)
+
+    def advance_event_acks(self, journals: Collection[tuple[str, str]]) -> list[EventAckMark]:
+        """Move each ``(device_id, journal)``'s mark past every number stored without a gap.
+
+        A journal other than the device's recorded one replaces it (the
+        device's state directory was re-created), starting again from 0.
+
+        Returns:
+            The mark of each given journal of an enrolled device, changed or
+            not: the service acknowledges it even when nothing new was stored,
+            so an agent that missed an ack is told again when it replays.
+        """
+        if not journals:
+            return []
+        out: list[EventAckMark] = []
+        with self._db.write() as s:
+            known = known_device_ids(s, {device for device, _ in journals})
+            for device_id, journal in sorted(set(journals)):
+                if device_id not in known:
+                    continue
+                mark = s.get(m.EventJournalMark, device_id)
+                if mark is None:
+                    mark = m.EventJournalMark(device_id=device_id, journal=journal, acked_seq=0)
+                    s.add(mark)
+                elif mark.journal != journal:
+                    mark.journal, mark.acked_seq = journal, 0
+                acked = mark.acked_seq
+                following = s.scalars(
+                    sa.select(m.DeviceEvent.seq)
+                    .where(
+                        m.DeviceEvent.device_id == device_id,
+                        m.DeviceEvent.journal == journal,
+                        m.DeviceEvent.seq > acked,
+                    )
+                    .order_by(m.DeviceEvent.seq)
+                    .limit(_ADVANCE_WINDOW)
+                )
+                for seq in following:
+                    if seq is None or seq != acked + 1:
+                        break
+                    acked = seq
+                mark.acked_seq = acked
+                out.append((device_id, journal, acked))
+        return out
 
     def expire_events(self, older_than: datetime, *, now: datetime | None = None) -> int:
         """Delete events whose ``at`` is before ``older_than``; returns how many.
@@ -158,3 +224,22 @@ class Events:
                 .limit(max(limit, 0))
             )
             return [event_info(row) for row in rows]
+
+
+def _stored_numbers(s: Session, events: Sequence[Event]) -> set[tuple[str, str, int]]:
+    """Which ``(device_id, journal, seq)`` of ``events`` are stored (one query per journal)."""
+    wanted: dict[tuple[str, str], set[int]] = {}
+    for e in events:
+        if e.journal is not None and e.seq is not None:
+            wanted.setdefault((e.device_id, e.journal), set()).add(e.seq)
+    found: set[tuple[str, str, int]] = set()
+    for (device_id, journal), seqs in wanted.items():
+        rows = s.scalars(
+            sa.select(m.DeviceEvent.seq).where(
+                m.DeviceEvent.device_id == device_id,
+                m.DeviceEvent.journal == journal,
+                m.DeviceEvent.seq.in_(seqs),
+            )
+        )
+        found.update((device_id, journal, seq) for seq in rows if seq is not None)
+    return found

@@ -40,6 +40,7 @@ __all__ = [
     "DesiredStateRecord",
     "Device",
     "DeviceEvent",
+    "EventJournalMark",
     "Model",
     "ModelVersion",
     "Rollout",
@@ -284,7 +285,13 @@ class DeviceEvent(Base):
     """
 
     __tablename__ = "device_events"
-    __table_args__ = (sa.Index(None, "device_id", "id"),)
+    __table_args__ = (
+        sa.Index(None, "device_id", "id"),
+        # An event's identity (migration 0005): a replayed or retained copy
+        # is stored once. NULLs (events of agents without a journal) are
+        # distinct on every database, so those are never collapsed.
+        sa.Index(None, "device_id", "journal", "seq", unique=True),
+    )
 
     id: Mapped[int] = mapped_column(BigIntKey, primary_key=True)
     device_id: Mapped[str] = mapped_column(sa.ForeignKey("devices.id", ondelete="CASCADE"))
@@ -294,6 +301,25 @@ class DeviceEvent(Base):
     error: Mapped[dict[str, Any] | None] = mapped_column(NullableJSON, nullable=True)
     detail: Mapped[dict[str, Any] | None] = mapped_column(NullableJSON, nullable=True)
     at: Mapped[datetime] = mapped_column(UTCDateTime())
+    journal: Mapped[str | None] = mapped_column(sa.String(32), nullable=True)
+    seq: Mapped[int | None] = mapped_column(sa.BigInteger, nullable=True)
+
+
+class EventJournalMark(Base):
+    """How far the controller holds a device's event journal without a gap (migration 0005).
+
+    ``acked_seq`` is what the controller acknowledges on ``events/ack``: every
+    event of ``journal`` numbered 1..``acked_seq`` is stored. A device whose
+    journal is new (its state directory was re-created) starts again at 0.
+    """
+
+    __tablename__ = "event_journals"
+
+    device_id: Mapped[str] = mapped_column(
+        sa.ForeignKey("devices.id", ondelete="CASCADE"), primary_key=True
+    )
+    journal: Mapped[str] = mapped_column(sa.String(32))
+    acked_seq: Mapped[int] = mapped_column(sa.BigInteger, default=0)
 
 
 class TelemetryRecord(Base):

@@ -23,7 +23,7 @@ are the frozen dataclasses of :mod:`.dto`.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -45,7 +45,7 @@ from edgefleet.controller.registry.dto import (
     ModelVersionInfo,
     TelemetryInfo,
 )
-from edgefleet.controller.registry.events import Events
+from edgefleet.controller.registry.events import EventAckMark, Events
 from edgefleet.controller.registry.fleet import FleetViews
 from edgefleet.controller.registry.telemetry import TelemetryStore
 from edgefleet.protocols.bundle import TensorSpec
@@ -226,6 +226,10 @@ class Registry:
         """See :meth:`Outbox.all_desired <.deployments.Outbox.all_desired>`."""
         return self._outbox.all_desired()
 
+    def published_digest(self) -> str:
+        """See :meth:`Outbox.published_digest <.deployments.Outbox.published_digest>`."""
+        return self._outbox.published_digest()
+
     # ----------------------------------------------------------------------- events
     def add_events(self, events: Sequence[Event], *, max_per_device: int | None = None) -> int:
         """See :meth:`Events.add_events <.events.Events.add_events>`."""
@@ -234,6 +238,10 @@ class Registry:
     def expire_events(self, older_than: datetime, *, now: datetime | None = None) -> int:
         """See :meth:`Events.expire_events <.events.Events.expire_events>`."""
         return self._events.expire_events(older_than, now=now)
+
+    def advance_event_acks(self, journals: Collection[tuple[str, str]]) -> list[EventAckMark]:
+        """See :meth:`Events.advance_event_acks <.events.Events.advance_event_acks>`."""
+        return self._events.advance_event_acks(journals)
 
     def events_for(self, device_id: str, limit: int = 50) -> list[EventInfo]:
         """See :meth:`Events.events_for <.events.Events.events_for>`."""

@@ -73,6 +73,25 @@ def test_bad_agent_configs_name_the_problem(tmp_path: Path, text: str, fragment:
         load_agent_config(path)
 
 
+def test_the_cli_uses_its_own_certificate_or_leaves_publishing_to_serve(tmp_path: Path) -> None:
+    """The broker binds client ids to certificates: the CLI must not borrow `serve`'s."""
+    path = tmp_path / "c.toml"
+    broker = (
+        '[broker]\ntls = true\ncert_file = "/e/controller.pem"\nkey_file = "/e/controller.key"\n'
+    )
+    path.write_text(broker)
+    assert load_controller_config(path, environ={}).cli_broker is None
+    path.write_text(broker + '[cli]\ncert_file = "/e/cli.pem"\nkey_file = "/e/cli.key"\n')
+    cli = load_controller_config(path, environ={}).cli_broker
+    assert cli is not None
+    assert (cli.cert_file, cli.key_file, cli.tls) == ("/e/cli.pem", "/e/cli.key", True)
+    path.write_text('[broker]\nport = 1883\n')  # no certificates at all (development)
+    assert load_controller_config(path, environ={}).cli_broker is not None
+    path.write_text('[cli]\ncert_file = "/e/cli.pem"\n')
+    with pytest.raises(ConfigError, match="together"):
+        load_controller_config(path, environ={})
+
+
 @pytest.mark.parametrize(
     ("line", "fragment"),
     [

@@ -132,6 +132,10 @@ class TlsBroker:
             key_file=str(out / "key.pem"),
         )
 
+    def service_client(self, common_name: str) -> BrokerSettings:
+        """A service's key and client certificate (the CLI's, say), as ``broker-config`` makes."""
+        return self._client_files(common_name, service=True)
+
     def device(self, device_id: str) -> BrokerSettings:
         """Enroll-equivalent for tests: a device key, CSR and certificate from the CA."""
         return self._client_files(device_id)

@@ -28,7 +28,11 @@ requests/s once queued gigabytes of QoS 1 frames in paho). The bounds:
   once the bucket is empty its requests are refused with a retry-after.
 - **Fairness:** frames go out round-robin, one per device with queued work
   and room in its budget per turn, so one device's queue never starves the
-  others.
+  others. A device refused for its rate in the last ``penalty_s`` is served
+  only when no other device can send, one frame at a time and at most
+  ``penalized_frames_per_s``: on a controller short of CPU, even idle
+  bandwidth spent on a flood slows everyone else, so a flooding device gets
+  a trickle, and the devices in good standing almost everything.
 
 Refusals are error frames (429 rate limited, 503 busy) carrying a
 retry-after (see :mod:`edgefleet.protocols.framing`); the agent waits that
@@ -107,6 +111,8 @@ class TransferLimits:
     busy_request_burst: float = 5.0
     retry_after_s: float = 1.0
     refusal_interval_s: float = 0.25
+    penalty_s: float = 10.0
+    penalized_frames_per_s: float = 10.0
     max_devices: int = 100_000
 
 
@@ -130,6 +136,9 @@ class _Device:
     inflight_bytes: int = 0
     work: _Work | None = None
     refused_at: float = float("-inf")
+    penalized_until: float = float("-inf")
+    next_frame_at: float = float("-inf")
+    in_ready: bool = False
 
 
 class TransferServer:
@@ -302,6 +311,7 @@ class TransferServer:
                 busy = state.work is not None and bool(state.work.indices)
                 if busy and tokens < 1.0:
                     retry_after = max(lim.retry_after_s, (1.0 - tokens) / lim.busy_requests_per_s)
+                    state.penalized_until = now + lim.penalty_s
                 else:
                     retry_after = 0.0
                     if busy:
@@ -345,10 +355,10 @@ class TransferServer:
                 state = self._device(device_id, now)
                 if state is None:
                     return False
-            had_work = state.work is not None and bool(state.work.indices)
             # The newest request replaces whatever is still queued for this device.
             state.work = _Work(request.request_id, topic, data, bs, indices) if indices else None
-            if state.work is not None and not had_work:
+            if state.work is not None and not state.in_ready:
+                state.in_ready = True
                 self._ready.append(device_id)
         return bool(indices)
 
@@ -373,33 +383,59 @@ class TransferServer:
         with self._lock:
             if self._inflight_bytes >= lim.total_inflight_bytes:
                 return None
-            for _ in range(len(self._ready)):
-                device_id = self._ready.popleft()
-                state = self._devices.get(device_id)
-                work = state.work if state is not None else None
-                if state is None or work is None or not work.indices:
-                    continue  # superseded or forgotten: no longer ready
-                if state.inflight_bytes >= lim.device_inflight_bytes:
-                    self._ready.append(device_id)
-                    continue
-                index = work.indices.popleft()
-                if work.indices:
-                    self._ready.append(device_id)
-                else:
-                    state.work = None
-                total = len(work.data)
-                start = index * work.block_size
-                payload = work.data[start : start + block_length(index, total, work.block_size)]
-                frame = BlockFrame.data(work.request_id, index, work.block_size, total, payload)
-                encoded = frame.encode()
-                size = len(encoded)
-                state.inflight_bytes += size
-                self._inflight_bytes += size
-                self.peak_inflight_bytes = max(self.peak_inflight_bytes, self._inflight_bytes)
-                self.blocks_sent += 1
-                self.bytes_sent += len(payload)
-                return device_id, work.topic, encoded, size
-            return None
+            now = self._clock()
+            # First the devices in good standing; a device refused for its
+            # rate lately only when none of them can send, one frame at a time.
+            picked = self._pick(now, penalized=False) or self._pick(now, penalized=True)
+            if picked is None:
+                return None
+            device_id, state, work = picked
+            index = work.indices.popleft()
+            if work.indices:
+                self._ready.append(device_id)
+            else:
+                state.work = None
+                state.in_ready = False
+            total = len(work.data)
+            start = index * work.block_size
+            payload = work.data[start : start + block_length(index, total, work.block_size)]
+            frame = BlockFrame.data(work.request_id, index, work.block_size, total, payload)
+            encoded = frame.encode()
+            size = len(encoded)
+            state.inflight_bytes += size
+            self._inflight_bytes += size
+            self.peak_inflight_bytes = max(self.peak_inflight_bytes, self._inflight_bytes)
+            self.blocks_sent += 1
+            self.bytes_sent += len(payload)
+            return device_id, work.topic, encoded, size
+
+    def _pick(self, now: float, penalized: bool) -> tuple[str, _Device, _Work] | None:
+        """The next device in round-robin order that may send a frame now (lock held).
+
+        The picked device is taken off the front of ``_ready``; the caller
+        puts it back at the end if it has more work.
+        """
+        lim = self.limits
+        for _ in range(len(self._ready)):
+            device_id = self._ready.popleft()
+            state = self._devices.get(device_id)
+            work = state.work if state is not None else None
+            if state is None or work is None or not work.indices:
+                if state is not None:
+                    state.in_ready = False
+                continue  # superseded by an empty request, or forgotten: no longer ready
+            is_penalized = state.penalized_until > now
+            if is_penalized != penalized or (
+                state.inflight_bytes >= lim.device_inflight_bytes
+                if not is_penalized
+                else state.inflight_bytes > 0 or now < state.next_frame_at
+            ):
+                self._ready.append(device_id)
+                continue
+            if is_penalized:
+                state.next_frame_at = now + 1.0 / lim.penalized_frames_per_s
+            return device_id, state, work
+        return None
 
     def _sent(self, device_id: str, size: int) -> None:
         with self._lock:

@@ -141,3 +141,27 @@ def test_refusal_frames_to_one_device_are_themselves_rate_limited() -> None:
         s.submit(request("a", "aa", bs=1024 * KiB))
     assert len(wire.frames) == 1
     assert s.take_refusals()[("a", RefusalReason.BLOCK_SIZE)] == 100
+
+
+def test_a_device_refused_for_its_rate_is_served_last_and_one_frame_at_a_time() -> None:
+    wire, clock = Wire(), [0.0]
+    s = server(wire, clock, busy_request_burst=0.0, busy_requests_per_s=0.01, penalty_s=5.0)
+    s.submit(request("a", "01"))
+    assert not s.submit(request("a", "02"))  # busy, no token: refused and penalized
+    s.submit(request("b", "bb", ranges=((0, 8),)))
+    s.pump()
+    data = [device for device, f in wire.frames if f.kind is FrameKind.DATA]
+    # b's eight blocks first; a then gets a single frame in flight, not its 2 MiB.
+    assert data[:8] == ["b"] * 8
+    assert data[8:] == ["a"]
+    wire.ack_all()
+    s.pump()
+    assert len([d for d, f in wire.frames if f.kind is FrameKind.DATA]) == 9  # paced: 10/s
+    clock[0] += 0.1
+    s.pump()
+    assert [d for d, f in wire.frames if f.kind is FrameKind.DATA][9:] == ["a"]
+    # The penalty ends: a's full budget again.
+    clock[0] += 6.0
+    wire.ack_all()
+    s.pump()
+    assert len([d for d, f in wire.frames if f.kind is FrameKind.DATA]) > 12

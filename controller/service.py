@@ -41,7 +41,7 @@ from edgefleet.controller.config import ServiceSettings
 from edgefleet.controller.registry import DeploymentInfo, Registry
 from edgefleet.controller.registry.telemetry import rollup_telemetry
 from edgefleet.controller.rollout.runner import RolloutRunner
-from edgefleet.controller.transfer import TransferLimits, TransferServer
+from edgefleet.controller.transfer import RefusalReason, TransferLimits, TransferServer
 from edgefleet.controller.trust import TrustRepository
 from edgefleet.protocols.errors import ProtocolError, TopicError
 from edgefleet.protocols.messages import (
@@ -217,7 +217,11 @@ class ControllerService:
             try:
                 self._requests.put_nowait((parsed, payload))
             except queue.Full:
-                self.reject("transfer_overload", f"dropped file request from {parsed.device_id}")
+                # Counted per device only for enrolled ids (bounded names);
+                # always in rejected.transfer_queue_full.
+                device = parsed.device_id if parsed.device_id in self._known else None
+                self.transfers.count_refusal(device, RefusalReason.QUEUE_FULL)
+                log.warning("dropped file request from %s: request queue full", parsed.device_id)
             self._transfer_wake.set()
         else:
             self._ingest.put((parsed, payload))
@@ -422,7 +426,10 @@ class ControllerService:
         fixed set, so the per-device names are bounded by the fleet.
         """
         for (device_id, refusal), n in self.transfers.take_refusals().items():
-            self.registry.bump_counter(f"transfer_refused.{device_id}.{refusal.value}"[:128], n)
+            if device_id:
+                self.registry.bump_counter(
+                    f"transfer_refused.{device_id}.{refusal.value}"[:128], n
+                )
             with self._rejected_lock:
                 self._rejected[f"transfer_{refusal.value}"] += n
         with self._rejected_lock:

@@ -219,6 +219,15 @@ class TransferServer:
                 states = [state] if state is not None else []
             return sum(len(s.work.indices) for s in states if s.work is not None)
 
+    def count_refusal(self, device_id: str | None, reason: RefusalReason) -> None:
+        """Count a refusal made elsewhere (the service's request queue was full).
+
+        ``None`` for a device that is not known to be enrolled: counted for the
+        fleet only, so unverified ids never become counter names.
+        """
+        with self._lock:
+            self.refusals[(device_id or "", reason)] += 1
+
     def take_refusals(self) -> Counter[tuple[str, RefusalReason]]:
         """Refusals counted since the last call, by (device, reason); resets the count."""
         with self._lock:

@@ -61,6 +61,10 @@ log = logging.getLogger(__name__)
 _STATUS_VALUES = {b"online": True, b"offline": False}
 # File requests admitted per transfer-loop turn before frames are sent again.
 _REQUESTS_PER_TURN = 256
+# A FileRequest is a few hundred bytes (256 ranges at most: a few KiB); the
+# request queue holds at most _MAX_QUEUED_REQUESTS of them, so at most 32 MiB.
+_MAX_FILE_REQUEST_BYTES = 16 * 1024
+_MAX_QUEUED_REQUESTS = 2_000
 
 
 def transfer_limits(settings: ServiceSettings) -> TransferLimits:
@@ -131,7 +135,9 @@ class ControllerService:
             on_capacity=self._transfer_wake.set,
         )
         self._ingest: queue.Queue[tuple[DeviceTopic, bytes]] = queue.Queue()
-        self._requests: queue.Queue[tuple[DeviceTopic, bytes]] = queue.Queue(maxsize=10_000)
+        self._requests: queue.Queue[tuple[DeviceTopic, bytes]] = queue.Queue(
+            maxsize=_MAX_QUEUED_REQUESTS
+        )
         self._stop = threading.Event()
         self._wake_outbox = threading.Event()
         self._republish_all = False
@@ -214,6 +220,11 @@ class ControllerService:
             self.reject("bad_topic", str(exc))
             return
         if parsed.channel is Channel.FILE_REQUEST:
+            if len(payload) > _MAX_FILE_REQUEST_BYTES:
+                # Not queued at all: the queue's bound is in requests, so its
+                # memory is bounded only if each request is small.
+                self.reject("malformed_file_request", f"{len(payload)}-byte file request")
+                return
             try:
                 self._requests.put_nowait((parsed, payload))
             except queue.Full:

@@ -15,6 +15,7 @@ Example (``deploy/agent.example.toml`` has the full, commented version)::
 
     [http]
     port = 8470
+    token = "..."                     # optional: inference needs Authorization: Bearer
 
     [enrollment]                      # optional: enroll on first start instead
     token_file = "enrollment.json"    # from `edgefleet device token`; then [broker]
@@ -43,12 +44,22 @@ __all__ = ["AgentConfig", "HttpSettings", "load_agent_config"]
 
 @dataclass(frozen=True)
 class HttpSettings:
-    """The local inference endpoint. Loopback only unless ``allow_remote``."""
+    """The local inference endpoint. Loopback only unless ``allow_remote``.
+
+    ``token``: when set, ``/v1/infer`` and ``/v1/model`` need
+    ``Authorization: Bearer <token>`` (``/healthz`` stays open). For gateways
+    where other local users exist: without it any local process can call the
+    model (and, before per-sample health, could fake a latency regression).
+    ``token_file`` reads it from a file instead (first line, owner-only file
+    recommended), so the secret need not sit in the config.
+    """
 
     host: str = "127.0.0.1"
     port: int = 8470
     allow_remote: bool = False
     max_body_bytes: int = 8 * 1024 * 1024
+    token: str | None = None
+    token_file: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -92,6 +103,29 @@ def _table(raw: dict[str, Any], key: str, kind: type[Any], base: Path) -> Any:
     return settings_from_table(kind, value, section=f"[{key}]")
 
 
+def _http(raw: dict[str, Any], base: Path) -> HttpSettings:
+    """The ``[http]`` table; ``token_file`` (relative to the config) is read into ``token``."""
+    value: HttpSettings = _table(raw, "http", HttpSettings, base)
+    token_file: object = value.token_file  # still the raw TOML value here
+    if token_file is None:
+        if value.token is not None and not isinstance(value.token, str):
+            raise ConfigError("[http] token must be a string")
+        return value
+    if value.token is not None:
+        raise ConfigError("[http] give token or token_file, not both")
+    if not isinstance(token_file, str):
+        raise ConfigError("[http] token_file must be a path string")
+    path = base / token_file
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"[http] token_file {path}: {exc}") from None
+    token = lines[0].strip() if lines else ""
+    if not token:
+        raise ConfigError(f"[http] token_file {path} is empty")
+    return replace(value, token=token, token_file=path)
+
+
 def _enrollment(raw: dict[str, Any], base: Path) -> EnrollmentSettings | None:
     """The optional ``[enrollment]`` table: enroll on first start (see agent/enroll.py)."""
     if "enrollment" not in raw:
@@ -115,7 +149,7 @@ def load_agent_config(path: Path | str) -> AgentConfig:
     base = path.resolve().parent
     try:
         broker = _table(raw, "broker", BrokerSettings, base)
-        http = _table(raw, "http", HttpSettings, base)
+        http = _http(raw, base)
         transfer = _table(raw, "transfer", TransferSettings, base)
         enrollment = _enrollment(raw, base)
         known = set(AgentConfig.__dataclass_fields__) - {"broker", "http", "transfer", "enrollment"}

@@ -40,8 +40,8 @@ from edgefleet.agent.reconcile import (
     record_failure,
 )
 from edgefleet.agent.serving import InferenceServer, ModelHolder
-from edgefleet.agent.slots import SlotStore
-from edgefleet.protocols.errors import AgentError, ProtocolError, VerificationError
+from edgefleet.agent.slots import SlotRecord, SlotStore
+from edgefleet.protocols.errors import AgentError, ProtocolError, SlotError, VerificationError
 from edgefleet.protocols.messages import (
     AgentState,
     DesiredState,
@@ -110,6 +110,7 @@ class Agent:
             self.hardware,
             runtime_threads=config.runtime_threads,
             notify=self._on_install_stage,
+            on_corrupt_slot=self._on_corrupt_slot,
         )
         self.installer.bootstrap_trust(config.trust_root)
         self.server = InferenceServer(
@@ -119,6 +120,7 @@ class Agent:
             port=config.http.port,
             max_body_bytes=config.http.max_body_bytes,
             allow_remote=config.http.allow_remote,
+            token=config.http.token,
         )
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -291,6 +293,15 @@ class Agent:
             self._set_state(AgentState.DOWNLOADING)
             self._emit(EventKind.DOWNLOAD_STARTED, model)
 
+    def _on_corrupt_slot(self, record: SlotRecord, problem: str) -> None:
+        # The agent heals by itself (the slot is gone; the bundle is downloaded
+        # again when wanted), but a disk that corrupts files is something an
+        # operator must see. Published QoS 1: queued until connected at startup.
+        error = ErrorInfo(
+            SlotError.code, f"kept slot {record.slot} is corrupt ({problem}); discarded"
+        )
+        self._emit(EventKind.INSTALL_FAILED, record.model, error, slot=record.slot, discarded=True)
+
     def _set_state(
         self, state: AgentState, error: ErrorInfo | None = None, *, clear_error: bool = False
     ) -> None:
@@ -391,6 +402,8 @@ class Agent:
             requests=stats.requests,
             errors=stats.errors,
             latency_ms=stats.latency,
+            samples=stats.samples,
+            sample_latency_ms=stats.sample_latency,
             model=self.active_model,
             rss_bytes=self._sampler.rss_bytes(),
             cpu_percent=self._sampler.cpu_percent(),

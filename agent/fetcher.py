@@ -25,6 +25,7 @@ claims a larger file is refused before any byte is stored, and
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import os
@@ -44,6 +45,7 @@ from tuf.ngclient import FetcherInterface
 
 from edgefleet.protocols.errors import (
     FrameError,
+    InsufficientSpaceError,
     OversizedTransferError,
     TransferError,
     TransferTimeoutError,
@@ -86,6 +88,11 @@ class TransferSettings:
 
 class PartialFile:
     """A target being downloaded: a sparse data file and a log of finished blocks.
+
+    A full disk (ENOSPC, or EDQUOT) while writing removes the whole partial
+    download and raises :class:`InsufficientSpaceError`: a half-written file
+    that can never complete must not keep the disk full for every later
+    install, across restarts.
 
     The log is append-only (4-byte block indices) and written after the block
     data is synced to disk, so a block the log names survives a power cut; a
@@ -132,22 +139,45 @@ class PartialFile:
             return
         self._reset()
         self.total_size = total_size
-        with open(self.data_path, "wb") as f:
-            f.truncate(total_size)
-        atomic_write(self._meta_path, f"{self.block_size} {total_size}".encode())
+        try:
+            with open(self.data_path, "wb") as f:
+                f.truncate(total_size)
+            atomic_write(self._meta_path, f"{self.block_size} {total_size}".encode())
+        except OSError as exc:
+            self._give_up_if_full(exc)
+            raise
 
     def write_block(self, index: int, payload: bytes) -> None:
         if index in self.have:
             return
-        fd = os.open(self.data_path, os.O_WRONLY)
         try:
-            os.pwrite(fd, payload, index * self.block_size)
-            os.fdatasync(fd)  # before the log names the block: logged means on disk
-        finally:
-            os.close(fd)
-        with open(self._log_path, "ab") as log_file:
-            log_file.write(_INDEX.pack(index))
+            fd = os.open(self.data_path, os.O_WRONLY)
+            try:
+                os.pwrite(fd, payload, index * self.block_size)
+                os.fdatasync(fd)  # before the log names the block: logged means on disk
+            finally:
+                os.close(fd)
+            with open(self._log_path, "ab") as log_file:
+                log_file.write(_INDEX.pack(index))
+        except OSError as exc:
+            self._give_up_if_full(exc)
+            raise
         self.have.add(index)
+
+    def remove(self) -> None:
+        """Delete this partial download from disk entirely."""
+        self._reset()
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+    def _give_up_if_full(self, exc: OSError) -> None:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            return
+        size, blocks = self.total_size, len(self.have)
+        self.remove()
+        raise InsufficientSpaceError(
+            f"the disk filled up after {blocks} blocks of a {size}-byte download "
+            "(another writer shares it?); the partial download was removed"
+        ) from exc
 
     def missing(self) -> list[int]:
         if self.total_size is None:
@@ -219,8 +249,32 @@ class PartialStore:
         d = self._dir(path)
         return len(PartialFile(d, block_size).have) if d.exists() else 0
 
+    def bytes_present(self, path: str, block_size: int) -> int:
+        """Bytes of ``path`` kept on disk, counted in whole blocks (0 if none)."""
+        return self.blocks_present(path, block_size) * block_size
+
     def discard(self, path: str) -> None:
         shutil.rmtree(self._dir(path), ignore_errors=True)
+
+    def discard_others(self, path: str) -> list[str]:
+        """Delete every partial download except that of ``path``.
+
+        Returns:
+            The removed entries' names, sorted.
+        """
+        keep = self._dir(path)
+        removed: list[str] = []
+        if not self.directory.is_dir():
+            return removed
+        for entry in sorted(self.directory.iterdir()):
+            if entry == keep:
+                continue
+            if entry.is_symlink() or not entry.is_dir():
+                entry.unlink(missing_ok=True)
+            else:
+                shutil.rmtree(entry, ignore_errors=True)
+            removed.append(f"partial/{entry.name}")
+        return removed
 
     def discard_all(self) -> None:
         shutil.rmtree(self.directory, ignore_errors=True)
@@ -290,6 +344,14 @@ class MqttFetcher(FetcherInterface):
         """Forget a partial download (after success, or when its bytes proved bad)."""
         self._store.discard(path)
         self._expected.pop(path, None)
+
+    def resumable_bytes(self, path: str) -> int:
+        """Bytes of ``path`` already on disk from an earlier, interrupted download."""
+        return self._store.bytes_present(path, self.settings.block_size_bytes)
+
+    def discard_others(self, path: str) -> list[str]:
+        """Delete partial downloads of every other file (to free disk for ``path``)."""
+        return self._store.discard_others(path)
 
     def cancel(self) -> None:
         """Abort the running transfer (agent shutdown)."""

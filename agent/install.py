@@ -6,24 +6,34 @@ Order matters, and each step can only make things safer:
    snapshot -> targets over MQTT and looks the desired target up. Its signed
    ``custom`` field must name the model, version and release the controller
    asked for, a hardware class this device is (or ``generic``), a runtime it
-   has, and a release no older than the newest this device ever ran.
-   Only then is the bundle downloaded, and TUF checks its length and hashes.
-2. **Unpack** into a new staging slot (never over a live one).
+   has, and a release no older than the newest this device ever ran
+   (``releases.json``, the per-model high-water mark, written durably before
+   every activation). A kept slot holding the same bytes is reused only after
+   its files are re-hashed (a corrupt one is discarded). Otherwise the free
+   space of the state directory is checked against the signed length, and
+   only then is the bundle downloaded, and TUF checks its length and hashes.
+2. **Unpack** into a new staging slot (never over a live one), sealed with
+   the hashes of its files when it is committed.
 3. **Load** the model with the bundle's runtime.
 4. **Smoke test** the sample input carried in the bundle.
 5. **Switch** ``current.json`` atomically (the previous slot is kept, so a
    rollback needs no download), then hand the loaded model to the server.
 
-Any exception before step 5 leaves the previous model serving. TUF's
+Any exception before step 5 leaves the previous model serving. A full disk is
+an :class:`~edgefleet.protocols.errors.InsufficientSpaceError` (refused up
+front from the signed length, or on ENOSPC with the partial download and
+staging removed), which the reconcile loop retries, so a device recovers once
+space is freed or a smaller bundle is deployed. TUF's
 exceptions are translated to :mod:`edgefleet.protocols.errors`, one per attack,
 so the controller sees *why* an update was refused.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
-import shutil
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +51,7 @@ from edgefleet.protocols.errors import (
     BundleFormatError,
     ConfigError,
     ExpiredMetadataError,
+    InsufficientSpaceError,
     MessageError,
     MetadataRollbackError,
     OversizedTransferError,
@@ -57,11 +68,40 @@ from edgefleet.protocols.messages import HardwareInfo, ModelRef
 from edgefleet.shared.durable import atomic_write
 from edgefleet.shared.runtime import LoadedModel, get_backend
 
-__all__ = ["InstallOutcome", "Installer", "translate_tuf_error"]
+__all__ = ["InstallOutcome", "Installer", "space_needed", "translate_tuf_error"]
 
 log = logging.getLogger(__name__)
 
 GENERIC_CLASS = "generic"
+# Filesystem blocks, directory entries, the partial download's block log, the
+# slot's seal: small, but a download sized to the last byte would still fail.
+_SPACE_MARGIN_BYTES = 1024 * 1024
+
+
+def space_needed(length: int, resumed: int = 0) -> int:
+    """Free bytes the state directory needs to install a bundle of signed ``length``.
+
+    The download fills the partial file (less what a resumed download already
+    holds), then TUF copies the verified bytes to ``downloads/``: two copies at
+    the peak. The partial file is deleted before unpacking, and unpacking
+    refuses compression, so the new slot is never larger than the copy it
+    replaces. A 1/64 share of the length and :data:`_SPACE_MARGIN_BYTES` cover
+    filesystem overhead. (python-tuf also buffers the download in an anonymous
+    temporary file in the *system* temp directory; that is not the state
+    directory's space and is not counted here.)
+    """
+    resumed = min(max(resumed, 0), length)
+    return 2 * length - resumed + length // 64 + _SPACE_MARGIN_BYTES
+
+
+def _is_enospc(exc: BaseException) -> bool:
+    """Whether ``exc`` (or an exception it was raised from) is a full disk."""
+    cause: BaseException | None = exc
+    while cause is not None:
+        if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        cause = cause.__cause__ or cause.__context__
+    return False
 
 
 @dataclass(frozen=True)
@@ -104,6 +144,9 @@ def translate_tuf_error(exc: BaseException, *, target: bool) -> AgentError:
 Notify = Callable[[str, ModelRef], None]
 """``notify(stage, model)`` with stage in ``verified``, ``downloading``."""
 
+CorruptSlot = Callable[[SlotRecord, str], None]
+"""``on_corrupt_slot(record, problem)``: a kept slot failed its re-hash and was discarded."""
+
 
 class Installer:
     """Runs the install pipeline for one device's state directory."""
@@ -118,6 +161,7 @@ class Installer:
         *,
         runtime_threads: int = 1,
         notify: Notify | None = None,
+        on_corrupt_slot: CorruptSlot | None = None,
     ) -> None:
         self.state_dir = state_dir
         self.metadata_dir = state_dir / "tuf" / "metadata"
@@ -129,6 +173,7 @@ class Installer:
         self.hardware = hardware
         self.runtime_threads = runtime_threads
         self._notify = notify or (lambda _stage, _model: None)
+        self._on_corrupt_slot = on_corrupt_slot
 
     # ------------------------------------------------------------------ trust bootstrap
     def bootstrap_trust(self, trust_root: Path | None) -> None:
@@ -165,11 +210,22 @@ class Installer:
     def restore(self) -> ModelRef | None:
         """Load the active slot's model at startup; fall back to the previous slot.
 
+        Each slot is re-hashed first; a corrupt one is discarded (and reported
+        to ``on_corrupt_slot``), so it can never be reused later. The model
+        now serving is recorded in the release high-water mark, which heals a
+        mark lost between a slot switch and its write by an older agent.
+
         Returns the model now serving, or None.
         """
         active = self.slots.active()
         for record in (active, self.slots.previous()):
             if record is None:
+                continue
+            problem = self.slots.verify(record)
+            if problem is not None:
+                log.error("installed slot %s is corrupt: %s; discarding it", record.slot, problem)
+                self.slots.drop(record)
+                self._report_corrupt(record, problem)
                 continue
             try:
                 manifest = self._read_manifest(record.path)
@@ -177,12 +233,24 @@ class Installer:
             except AgentError as exc:
                 log.error("cannot load installed slot %s: %s", record.slot, exc)  # noqa: TRY400
                 continue
+            try:
+                self._raise_release_mark(record.model)
+            except OSError as exc:  # a full disk must not stop a restart from serving
+                log.error("cannot record the release mark of %s: %s", record.model.label, exc)  # noqa: TRY400
             self.holder.swap(model, record.model)
             if record is not active:
                 log.warning("active slot unusable; fell back to previous slot %s", record.slot)
                 self.slots.activate(record)
             return record.model
         return None
+
+    def _report_corrupt(self, record: SlotRecord, problem: str) -> None:
+        if self._on_corrupt_slot is None:
+            return
+        try:
+            self._on_corrupt_slot(record, problem)
+        except Exception:  # reporting must never stop the agent from healing
+            log.exception("reporting corrupt slot %s failed", record.slot)
 
     # ------------------------------------------------------------------ install
     def install(self, want: ModelRef) -> InstallOutcome:
@@ -206,7 +274,7 @@ class Installer:
         if not sha256:
             raise UntrustedMetadataError(f"{want.target} has no sha256 in targets metadata")
 
-        existing = self.slots.find(sha256)
+        existing = self.slots.find(sha256, on_corrupt=self._report_corrupt)
         if existing is not None:
             # Same signed bytes are already unpacked in a kept slot: a rollback
             # (or a repeat) costs no download.
@@ -219,17 +287,26 @@ class Installer:
 
         # ngclient puts the hash in front of the file name, not the whole path.
         repo_path = "targets/" + info.get_prefixed_paths()[0]
+        bundle_path = self.download_dir / f"{sha256}.bundle"
+        self._ensure_space(want, repo_path, info.length, bundle_path)
         self.fetcher.expect_length(repo_path, info.length)
         self.download_dir.mkdir(parents=True, exist_ok=True)
-        bundle_path = self.download_dir / f"{sha256}.bundle"
         self._notify("downloading", want)
         try:
             updater.download_target(info, filepath=str(bundle_path))
         except (tuf_errors.RepositoryError, tuf_errors.DownloadError, OSError) as exc:
-            error = translate_tuf_error(exc, target=True)
-            if isinstance(error, VerificationError | OversizedTransferError):
-                # Bytes we hold are provably wrong; never resume from them.
+            if _is_enospc(exc):
                 self.fetcher.discard(repo_path)
+                bundle_path.unlink(missing_ok=True)
+                raise self._disk_full(want, exc) from exc
+            error = translate_tuf_error(exc, target=True)
+            if isinstance(
+                error, VerificationError | OversizedTransferError | InsufficientSpaceError
+            ):
+                # Bytes we hold are provably wrong (or were dropped on a full
+                # disk); never resume from them.
+                self.fetcher.discard(repo_path)
+                bundle_path.unlink(missing_ok=True)
             raise error from exc
         self.fetcher.discard(repo_path)
 
@@ -240,15 +317,65 @@ class Installer:
             self._check_manifest(manifest, custom)
             model = self._load(staging, manifest)
             smoke_test(model, staging, manifest)
-            slot_path = self.slots.commit(staging, name)
+            slot_path = self.slots.commit(staging, name, bundle_sha256=sha256)
+        except OSError as exc:
+            self.slots.discard(staging)
+            if _is_enospc(exc):
+                raise self._disk_full(want, exc) from exc
+            raise
         except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
+            self.slots.discard(staging)
             raise
         finally:
             bundle_path.unlink(missing_ok=True)
         record = SlotRecord(name, want, sha256, slot_path)
         self._activate(record, model)
         return InstallOutcome(record, downloaded=True)
+
+    # ------------------------------------------------------------------ disk space
+    def _free_bytes(self) -> int:
+        """Bytes an unprivileged writer may still use on the state directory's filesystem."""
+        st = os.statvfs(self.state_dir)
+        return st.f_bavail * st.f_frsize
+
+    def _ensure_space(self, want: ModelRef, repo_path: str, length: int, keep: Path) -> None:
+        """Refuse a download the state directory cannot hold, before its first byte.
+
+        When space is short, leftovers that no install can use any more go
+        first: partial downloads of other targets (an earlier, abandoned
+        deploy), stale files in ``downloads/``, and stale staging and trash
+        directories in ``slots/``. Blocks of *this* target already on disk
+        count as downloaded, so a resumed download needs less.
+
+        Raises:
+            InsufficientSpaceError: still not enough space after that.
+        """
+        need = space_needed(length, self.fetcher.resumable_bytes(repo_path))
+        free = self._free_bytes()
+        if free >= need:
+            return
+        reclaimed = self.fetcher.discard_others(repo_path)
+        if self.download_dir.is_dir():
+            for leftover in self.download_dir.iterdir():
+                if leftover != keep and not leftover.is_symlink() and leftover.is_file():
+                    leftover.unlink(missing_ok=True)
+                    reclaimed.append(f"downloads/{leftover.name}")
+        reclaimed += self.slots.gc()
+        if reclaimed:
+            log.info("reclaimed disk space: removed %s", ", ".join(reclaimed))
+        need = space_needed(length, self.fetcher.resumable_bytes(repo_path))
+        free = self._free_bytes()
+        if free < need:
+            raise InsufficientSpaceError(
+                f"{want.label} is {length} bytes and needs {need} bytes free in "
+                f"{self.state_dir}; only {free} are available"
+            )
+
+    def _disk_full(self, want: ModelRef, exc: BaseException) -> InsufficientSpaceError:
+        return InsufficientSpaceError(
+            f"the disk of {self.state_dir} filled up while installing {want.label} "
+            f"({exc}); its partial files were removed"
+        )
 
     # ------------------------------------------------------------------ checks
     def _check_custom(self, want: ModelRef, raw: object) -> TargetCustom:
@@ -349,28 +476,68 @@ class Installer:
         return backend.load(slot_dir / manifest.model_file)
 
     def _activate(self, record: SlotRecord, model: LoadedModel) -> None:
+        # The mark goes first: a crash after it but before the switch leaves a
+        # mark at most equal to a release that was about to run (which the
+        # guard still accepts), never a model running above its mark.
+        try:
+            self._raise_release_mark(record.model)
+        except OSError as exc:
+            # No switch without a durable mark: refuse (and retry) instead.
+            if _is_enospc(exc):
+                raise self._disk_full(record.model, exc) from exc
+            raise
         self.slots.activate(record)
         self.holder.swap(model, record.model)
-        releases = self._releases()
-        if record.model.release > releases.get(record.model.name, 0):
-            releases[record.model.name] = record.model.release
-            # The rollback guard trusts this file: atomic_write fsyncs the file
-            # and its directory, so a power cut cannot bring back a lower mark.
-            atomic_write(self._releases_path, json.dumps(releases, sort_keys=True).encode())
         removed = self.slots.gc()
         if removed:
             log.info("removed old slots: %s", ", ".join(removed))
 
-    def _releases(self) -> dict[str, int]:
-        """Highest release ever activated per model: the anti-rollback high-water mark."""
+    def _raise_release_mark(self, model: ModelRef) -> None:
+        """Record ``model``'s release in ``releases.json`` if it is above the stored mark.
+
+        Compared with what the *file* holds (not with the kept slots, which
+        already count the slot being activated), so the mark really is written
+        the first time a model runs, and it outlives both kept slots.
+        """
+        stored = self._stored_releases()
+        merged = self._with_kept_slots(stored or {})
+        if merged.get(model.name, 0) < model.release:
+            merged[model.name] = model.release
+        if stored is not None and merged == stored:
+            return
+        # The rollback guard trusts this file: atomic_write fsyncs the file and
+        # its directory, so a power cut cannot bring back a lower mark.
+        atomic_write(self._releases_path, json.dumps(merged, sort_keys=True).encode())
+
+    def _stored_releases(self) -> dict[str, int] | None:
+        """The marks ``releases.json`` holds; None when it is missing or unreadable."""
         try:
             raw = json.loads(self._releases_path.read_text())
         except FileNotFoundError:
-            return {}
+            return None
         except (OSError, ValueError):
             log.warning("releases.json is corrupt; rebuilding it from installed slots")
-            raw = {}
-        out = {k: v for k, v in raw.items() if isinstance(k, str) and isinstance(v, int)}
+            return None
+        if not isinstance(raw, dict):
+            log.warning("releases.json is not an object; rebuilding it from installed slots")
+            return None
+        return {
+            k: v
+            for k, v in raw.items()
+            if isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool)
+        }
+
+    def _releases(self) -> dict[str, int]:
+        """Highest release ever activated per model: the anti-rollback high-water mark."""
+        return self._with_kept_slots(self._stored_releases() or {})
+
+    def _with_kept_slots(self, marks: dict[str, int]) -> dict[str, int]:
+        """``marks`` raised to the releases of the kept slots.
+
+        That rebuilds a lost or corrupt ``releases.json`` as far as the disk
+        still knows, and covers a slot switched to before its mark was written.
+        """
+        out = dict(marks)
         for record in (self.slots.active(), self.slots.previous()):
             if record is not None:
                 out[record.model.name] = max(out.get(record.model.name, 0), record.model.release)

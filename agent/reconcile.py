@@ -12,13 +12,14 @@ Rules:
 - An attempt at this exact intent (deployment id + generation + target)
   failed for a reason that retrying cannot fix (bad signature, smoke test):
   nothing to do until the controller changes its intent.
-- An attempt failed for a transient reason (link, timeout): retry after a
-  backoff that doubles per failure, up to a ceiling.
+- An attempt failed for a transient reason (link, timeout, too little free
+  disk): retry after a backoff that doubles per failure, up to a ceiling.
 - Otherwise: install.
 
 :func:`record_failure` is the other half: after a failed install the daemon
 reports the error here, and this module decides whether retrying can help
-(only a :class:`~edgefleet.protocols.errors.TransferError` is transient) and
+(only a :class:`~edgefleet.protocols.errors.TransferError` or an
+:class:`~edgefleet.protocols.errors.InsufficientSpaceError` is transient) and
 when the next try is due; the daemon only sleeps for the ``wait_s`` that
 :func:`decide` then returns.
 """
@@ -27,10 +28,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from edgefleet.protocols.errors import AgentError, TransferError
+from edgefleet.protocols.errors import AgentError, InsufficientSpaceError, TransferError
 from edgefleet.protocols.messages import DesiredState, ModelRef
 
 __all__ = [
+    "TRANSIENT_ERRORS",
     "Attempt",
     "Backoff",
     "Decision",
@@ -41,6 +43,11 @@ __all__ = [
 ]
 
 IntentKey = tuple[str | None, int, str]
+
+# Failures that may pass without the controller changing its intent: the link
+# or the controller comes back, or someone frees disk space. Everything else
+# (bad signature, wrong hardware, failed smoke test) fails the same way again.
+TRANSIENT_ERRORS: tuple[type[AgentError], ...] = (TransferError, InsufficientSpaceError)
 
 
 def intent_key(desired: DesiredState) -> IntentKey | None:
@@ -81,17 +88,18 @@ def record_failure(
 ) -> Attempt:
     """Count a failed attempt at ``key`` and decide whether and when to retry it.
 
-    A transfer failure (link down, controller silent) may pass, so the intent
-    is retried after :meth:`Backoff.delay_s`; every other refusal (bad
-    signature, wrong hardware, failed smoke test) would fail the same way
-    again, so the intent is given up until the controller changes it.
+    A transfer failure (link down, controller silent) or a full disk may
+    pass, so the intent is retried after :meth:`Backoff.delay_s` (a device
+    whose disk was full installs on its own once space is freed); every other
+    refusal (bad signature, wrong hardware, failed smoke test) would fail the
+    same way again, so the intent is given up until the controller changes it.
 
     Returns:
         The updated attempt (also stored in ``attempts``).
     """
     attempt = attempts.setdefault(key, Attempt())
     attempt.failures += 1
-    attempt.permanent = not isinstance(error, TransferError)
+    attempt.permanent = not isinstance(error, TRANSIENT_ERRORS)
     attempt.retry_at = now + backoff.delay_s(attempt.failures)
     return attempt
 

@@ -27,9 +27,14 @@ Endpoints
     * 400 ``{"error": {"code": "bad_json" | "bad_request" | "bad_input",
       "message"}}``: unparseable body, no ``inputs`` object, or inputs that
       do not fit the model.
+    * 401 ``unauthorized``: a ``token`` is configured and the request has no
+      ``Authorization: Bearer <token>`` header with it (``WWW-Authenticate:
+      Bearer`` is sent). Checked before the body is read.
     * 411 ``length_required``: no ``Content-Length`` (chunked bodies are not
       accepted).
-    * 413 ``too_large``: body larger than ``max_body_bytes``.
+    * 413 ``too_large``: body larger than ``max_body_bytes``. Decided from the
+      ``Content-Length`` header alone and answered *before* any of the body is
+      read; see "Refusing a body" below.
     * 503 ``no_model``: no model is loaded yet.
     * 500 ``inference_failed``: the runtime raised.
 
@@ -40,7 +45,7 @@ Endpoints
     ``no_model`` when none is loaded.
 
 ``GET /healthz``
-    Always 200 while the process serves: ``{"status": "ok"}`` with a model,
+    Never needs the token. Always 200 while the process serves: ``{"status": "ok"}`` with a model,
     ``{"status": "no_model"}`` without one. It is a liveness check; use the
     body (or ``/v1/model``'s 503) for readiness.
 
@@ -49,23 +54,53 @@ Other paths answer 404 ``not_found``, other methods 405
 
 Only requests that reach the model are recorded in
 :class:`~edgefleet.agent.metrics.ServingMetrics` (success, or failure for a
-500); refused requests (4xx, 503) are not inferences and are not counted.
+500), together with their batch size (the leading dimension of the first
+input), so telemetry can report latency per sample; refused requests (4xx,
+503) are not inferences and are not counted.
 
-Model swaps are atomic and never interrupt a request: a request takes one
-reference to the live ``(model, ref)`` pair from :class:`ModelHolder` and
-uses it for validation and the run, so it finishes on the model it started
-with even if the agent activates another one meanwhile.
+Authentication
+--------------
+With ``token`` set (``[http] token`` in the agent config), ``/v1/infer`` and
+``/v1/model`` need ``Authorization: Bearer <token>``; the comparison is
+constant-time (:func:`hmac.compare_digest`). It is meant for gateways where
+other local users exist: without it any local process can call the model and
+load the device. ``/healthz`` stays open so a supervisor needs no secret.
+
+Refusing a body
+---------------
+A refusal (401, 411, 413) is decided from the request line and headers and
+sent before the body is read. A client that is already sending a large body
+(``http.client``/``urllib`` send all of it before reading any answer) would
+get a broken pipe if we closed the socket with its body unread, because the
+kernel answers unread input with a reset that destroys our reply. So after
+the reply the server reads and discards the rest of the declared body - at
+most ``_DRAIN_MAX_BYTES`` and for at most ``_DRAIN_DEADLINE_S`` seconds in
+total, so a refused client cannot hold a thread - then closes. A client that
+sent ``Expect: 100-continue`` (curl does for bodies over 1 MB) gets the
+refusal instead of a 100 and sends no body at all, so nothing is drained.
+
+Connections and the listen backlog
+----------------------------------
+The listen backlog is ``_BACKLOG`` (the kernel caps it at
+``net.core.somaxconn``). When the accept queue is full the kernel drops a
+client's SYN and the client retries after 1, 2, 4, 8 and 16 s: issue 9's
+31.6 s request during a model switch is that schedule (1+2+4+8+16 = 31 s) plus
+the request. The old backlog of 64 overflowed as soon as more connections were
+pending than that while the accept loop was slow; a deep backlog keeps them
+queued instead. ``bench/serving_backlog.py`` reproduces both (BENCHMARKS.md).
 """
 
 from __future__ import annotations
 
 import contextlib
+import hmac
 import ipaddress
 import json
 import logging
 import socket
 import threading
 import time
+from collections.abc import Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, ClassVar
 
@@ -129,26 +164,51 @@ def _jsonable(array: np.ndarray) -> Any:
     return array.tolist()
 
 
-# After refusing an oversized body, read and discard up to this much of it:
-# closing a socket with unread input makes the kernel send a reset, which can
-# destroy our 413 answer before the client reads it.
-_DRAIN_BYTES = 256 * 1024
-_DRAIN_TIMEOUT_S = 1.0
+# After refusing a body, read and discard up to this much of it within this
+# many seconds in total: closing a socket with unread input makes the kernel
+# send a reset, which destroys our answer before the client reads it. Loopback
+# moves 64 MiB in well under a second; a client slower than that is cut off.
+_DRAIN_MAX_BYTES = 64 * 1024 * 1024
+_DRAIN_DEADLINE_S = 5.0
+# Listen backlog; the kernel caps it at net.core.somaxconn (4096 on current
+# Linux). A full accept queue makes the kernel drop SYNs, which clients retry
+# after 1, 2, 4, 8, 16 s: queueing is far kinder than that.
+_BACKLOG = 1024
+
+
+def _batch_size(feeds: Mapping[str, np.ndarray]) -> int:
+    """Samples in one request: the leading dimension of the first input (1 for a scalar).
+
+    Inputs of one request share their batch axis (the model would refuse them
+    otherwise), so the first one is as good as any.
+    """
+    for array in feeds.values():
+        return int(array.shape[0]) if array.ndim else 1
+    return 1
 
 
 class _HttpError(Exception):
-    def __init__(self, status: int, code: str, message: str, drain: int = 0) -> None:
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        drain: int = 0,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
         self.drain = drain
+        self.headers = headers or {}
 
 
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
-    # The endpoint is local; a small backlog is plenty and refuses floods early.
-    request_queue_size = 64
+    # Deep enough that a burst of connections waits in the accept queue
+    # instead of having its SYNs dropped (see the module docstring).
+    request_queue_size = _BACKLOG
 
     def __init__(
         self,
@@ -156,10 +216,12 @@ class _Server(ThreadingHTTPServer):
         holder: ModelHolder,
         metrics: ServingMetrics,
         max_body_bytes: int,
+        token: str | None = None,
     ) -> None:
         self.holder = holder
         self.metrics = metrics
         self.max_body_bytes = max_body_bytes
+        self.token = None if token is None else token.encode()
         super().__init__(address, _Handler)
 
 
@@ -197,27 +259,63 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(payload)
 
     def _send_error(self, err: _HttpError) -> None:
-        headers = {}
+        headers = dict(err.headers)
         if err.status == 405:
             headers["Allow"] = self._ALLOWED.get(self._path(), "")
-        if err.status in (411, 413):
+        if err.status in (401, 411, 413):
             # We did not read the body; the connection cannot be reused.
             self.close_connection = True
             headers["Connection"] = "close"
         self._send(err.status, {"error": {"code": err.code, "message": err.message}}, headers)
-        if err.drain:
-            self._discard_input(min(err.drain, _DRAIN_BYTES))
+        expects_continue = self.headers.get("Expect", "").lower() == "100-continue"
+        if err.drain and not expects_continue:
+            self._discard_input(err.drain)
 
-    def _discard_input(self, limit: int) -> None:
+    def _discard_input(self, declared: int) -> None:
+        """Read and drop up to ``declared`` body bytes, bounded in size and time.
+
+        The reply is already flushed, so the client can read it as soon as it
+        stops sending; draining only keeps the kernel from resetting the
+        connection (and destroying that reply) while the client still sends.
+        """
         self.wfile.flush()
-        self.connection.settimeout(_DRAIN_TIMEOUT_S)
-        remaining = limit
+        remaining = min(declared, _DRAIN_MAX_BYTES)
+        deadline = time.monotonic() + _DRAIN_DEADLINE_S
         with contextlib.suppress(OSError):
             while remaining > 0:
-                chunk = self.rfile.read1(min(remaining, 64 * 1024))
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self.connection.settimeout(left)
+                chunk = self.rfile.read1(min(remaining, 256 * 1024))
                 if not chunk:
                     break
                 remaining -= len(chunk)
+
+    def _declared_length(self) -> int:
+        """The body length the headers declare; 0 when none is declared."""
+        try:
+            return max(0, int(self.headers.get("Content-Length", "0")))
+        except ValueError:
+            return 0
+
+    def _authorize(self, path: str) -> None:
+        """Refuse a request to a protected endpoint without the configured token."""
+        token = self.server.token
+        if token is None or path == "/healthz":
+            return
+        given = self.headers.get("Authorization", "")
+        scheme, _, credential = given.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            credential.strip().encode(), token
+        ):
+            raise _HttpError(
+                401,
+                "unauthorized",
+                "this endpoint needs Authorization: Bearer <token>",
+                drain=self._declared_length(),
+                headers={"WWW-Authenticate": 'Bearer realm="edgefleet-agent"'},
+            )
 
     def _path(self) -> str:
         return self.path.split("?", 1)[0]
@@ -229,6 +327,7 @@ class _Handler(BaseHTTPRequestHandler):
             raise _HttpError(404, "not_found", f"no endpoint {path}")
         if allowed != method:
             raise _HttpError(405, "method_not_allowed", f"{path} accepts {allowed} only")
+        self._authorize(path)
         if path == "/v1/infer":
             self._infer()
         elif path == "/v1/model":
@@ -271,6 +370,7 @@ class _Handler(BaseHTTPRequestHandler):
         if length < 0:
             raise _HttpError(400, "bad_request", "Content-Length is negative")
         if length > self.server.max_body_bytes:
+            # Decided from the header: not one byte of the body is read first.
             raise _HttpError(
                 413,
                 "too_large",
@@ -295,17 +395,18 @@ class _Handler(BaseHTTPRequestHandler):
             feeds = coerce_inputs(request["inputs"], model.inputs)
         except InferenceInputError as exc:
             raise _HttpError(400, "bad_input", str(exc)) from None
+        batch = _batch_size(feeds)
         start = time.perf_counter()
         try:
             outputs = model.run(feeds)
         except InferenceInputError as exc:
             raise _HttpError(400, "bad_input", str(exc)) from None
         except Exception as exc:  # anything the runtime raises is a failed inference
-            self.server.metrics.record(time.perf_counter() - start, ok=False)
+            self.server.metrics.record(time.perf_counter() - start, ok=False, batch=batch)
             log.warning("inference on %s failed: %s", ref.label, exc, exc_info=True)
             raise _HttpError(500, "inference_failed", f"inference failed: {exc}") from None
         latency = time.perf_counter() - start
-        self.server.metrics.record(latency, ok=True)
+        self.server.metrics.record(latency, ok=True, batch=batch)
         self._send(
             200,
             {
@@ -347,6 +448,7 @@ class InferenceServer:
         *,
         allow_remote: bool = False,
         poll_interval: float = 0.2,
+        token: str | None = None,
     ) -> None:
         """Configure the server; nothing is bound until :meth:`start`.
 
@@ -355,10 +457,13 @@ class InferenceServer:
             allow_remote: permit a non-loopback ``host``. The endpoint has no
                 authentication, so exposing it is an explicit decision.
             poll_interval: how often the serving loop checks for :meth:`stop`.
+            token: when set, ``/v1/infer`` and ``/v1/model`` need
+                ``Authorization: Bearer <token>`` (``/healthz`` stays open).
 
         Raises:
             ConfigError: ``host`` is not a loopback address and ``allow_remote``
-                is false, or ``max_body_bytes`` is not positive.
+                is false, ``max_body_bytes`` is not positive, or ``token`` is
+                empty or not printable ASCII (it must fit an HTTP header).
         """
         if not allow_remote and not _is_loopback(host):
             raise ConfigError(
@@ -367,6 +472,13 @@ class InferenceServer:
             )
         if max_body_bytes < 1:
             raise ConfigError("max_body_bytes must be positive")
+        if token is not None and (
+            not token or not token.isascii() or not token.isprintable() or " " in token
+        ):
+            raise ConfigError(
+                "the inference token must be non-empty printable ASCII without spaces"
+            )
+        self._token = token
         self.holder = holder
         self.metrics = metrics
         self.host = host
@@ -386,7 +498,9 @@ class InferenceServer:
         if self._httpd is not None:
             raise RuntimeError("server already started")
         cls = _Server6 if ":" in self.host else _Server
-        httpd = cls((self.host, self._port), self.holder, self.metrics, self.max_body_bytes)
+        httpd = cls(
+            (self.host, self._port), self.holder, self.metrics, self.max_body_bytes, self._token
+        )
         self._httpd = httpd
         self._thread = threading.Thread(
             target=httpd.serve_forever,

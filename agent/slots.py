@@ -23,6 +23,17 @@ Keeping the previous slot on disk is what makes a rollback instant: the
 controller asks for the old release and :meth:`SlotStore.find` finds its
 bundle already unpacked, so no download is needed.
 
+A kept slot is never trusted by its name alone. :meth:`SlotStore.commit`
+seals each slot: ``seal.json`` inside it records the bundle's SHA-256 (the
+hash TUF verified) and the SHA-256 of every file unpacked from it.
+:meth:`SlotStore.find` and the startup restore re-hash a slot against its seal
+before reusing it (:meth:`SlotStore.verify`), and a slot that no longer
+matches (a truncated model, a flipped bit, a missing or extra file) is
+discarded (:meth:`SlotStore.drop`), so the agent downloads the bundle again
+instead of failing to load the same damaged files forever. Slots unpacked by
+an agent that did not seal yet are checked against the model hash in their
+manifest, which the bundle signed.
+
 A ``current.json`` that cannot be parsed is not fatal: it is moved aside as
 ``current.json.corrupt`` and the agent starts with no active model, after
 which the controller's desired state makes it install one again.
@@ -34,6 +45,7 @@ another process installs into the same state directory.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -41,19 +53,23 @@ import re
 import shutil
 import tempfile
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from edgefleet.protocols.bundle import MANIFEST_NAME, BundleManifest
 from edgefleet.protocols.errors import MessageError, SlotError
 from edgefleet.protocols.messages import ModelRef
 from edgefleet.shared.durable import atomic_write, fsync_dir
 
-__all__ = ["CURRENT_NAME", "SlotRecord", "SlotStore"]
+__all__ = ["CURRENT_NAME", "SEAL_NAME", "SlotRecord", "SlotStore"]
 
 log = logging.getLogger(__name__)
 
 CURRENT_NAME = "current.json"
+SEAL_NAME = "seal.json"
+_HASH_CHUNK = 1024 * 1024
 _SLOTS = "slots"
 _STAGING_PREFIX = ".staging-"
 _TRASH_PREFIX = ".trash-"
@@ -67,6 +83,19 @@ def _check_name(name: str) -> str:
     if not _SAFE_NAME.match(name):
         raise SlotError(f"unsafe slot name {name!r}")
     return name
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _slot_files(directory: Path) -> dict[str, Path]:
+    """The entries of a slot directory except its seal, by name."""
+    return {p.name: p for p in directory.iterdir() if p.name != SEAL_NAME}
 
 
 def _remove(path: Path) -> None:
@@ -160,12 +189,17 @@ class SlotStore:
             if staging.parent == self.slots_dir and staging.name.startswith(_STAGING_PREFIX):
                 _remove(staging)
 
-    def commit(self, staging: Path, name: str) -> Path:
+    def commit(self, staging: Path, name: str, *, bundle_sha256: str | None = None) -> Path:
         """Turn a fully unpacked staging directory into slot ``name``.
 
-        An existing slot of the same name is moved aside and deleted first
-        (re-installing the same bundle repairs a damaged slot). The rename of
-        the staging directory is atomic and the slots directory is fsynced.
+        With ``bundle_sha256`` (the install pipeline always passes it) the
+        slot is sealed first: ``seal.json`` records that hash and the SHA-256
+        of every file in the slot, written and fsynced before the rename, so
+        :meth:`verify` can tell later whether the slot still holds exactly
+        what was verified. An existing slot of the same name is moved aside
+        and deleted first (re-installing the same bundle repairs a damaged
+        slot). The rename of the staging directory is atomic and the slots
+        directory is fsynced.
 
         Returns:
             The slot's path.
@@ -182,6 +216,8 @@ class SlotStore:
                 or not staging.is_dir()
             ):
                 raise SlotError(f"{staging} is not a staging directory of {self.slots_dir}")
+            if bundle_sha256 is not None:
+                self._seal(staging, bundle_sha256)
             trash: Path | None = None
             if target.exists() or target.is_symlink():
                 # os.replace cannot replace a non-empty directory: rename the
@@ -195,6 +231,101 @@ class SlotStore:
             if trash is not None:
                 _remove(trash)
             return target
+
+    # ------------------------------------------------------------------ integrity
+    @staticmethod
+    def _seal(directory: Path, bundle_sha256: str) -> None:
+        if not _SHA256.match(bundle_sha256):
+            raise SlotError("bundle_sha256 must be 64 lowercase hex characters")
+        files: dict[str, str] = {}
+        for fname, path in sorted(_slot_files(directory).items()):
+            if path.is_symlink() or not path.is_file():
+                raise SlotError(f"slot entry {fname!r} is not a regular file")
+            files[fname] = _sha256_file(path)
+        body = {"bundle_sha256": bundle_sha256, "files": files}
+        atomic_write(directory / SEAL_NAME, json.dumps(body, sort_keys=True).encode())
+
+    def verify(self, record: SlotRecord) -> str | None:
+        """Re-hash a slot's files against its seal. Returns what is wrong, or None.
+
+        A sealed slot must hold exactly the sealed files, each with its sealed
+        SHA-256, and the seal must name the record's bundle. A slot without a
+        seal (unpacked by an older agent) must at least hold the model file
+        its manifest names, with the manifest's (signed) SHA-256. This reads
+        every byte of the slot: it runs before a kept slot is reused, not on
+        every request.
+        """
+        path = self.slots_dir / record.slot
+        if path.is_symlink() or not path.is_dir():
+            return "its directory is missing"
+        try:
+            seal_raw = (path / SEAL_NAME).read_bytes()
+        except FileNotFoundError:
+            return self._verify_unsealed(path)
+        except OSError as exc:
+            return f"its seal cannot be read: {exc.strerror}"
+        try:
+            seal = json.loads(seal_raw)
+        except (UnicodeDecodeError, ValueError, RecursionError):
+            return "its seal is not JSON"
+        files = seal.get("files") if isinstance(seal, dict) else None
+        if not isinstance(files, dict) or not files:
+            return "its seal lists no files"
+        if seal.get("bundle_sha256") != record.bundle_sha256:
+            return "its seal names another bundle"
+        try:
+            present = _slot_files(path)
+            if set(present) != set(files):
+                missing = sorted(set(files) - set(present))
+                extra = sorted(set(present) - set(files))
+                return f"its files changed (missing {missing}, unexpected {extra})"
+            for fname, want in sorted(files.items()):
+                entry = present[fname]
+                if entry.is_symlink() or not entry.is_file():
+                    return f"{fname} is not a regular file"
+                if _sha256_file(entry) != want:
+                    return f"{fname} does not match its recorded SHA-256"
+        except OSError as exc:
+            return f"it cannot be read: {exc.strerror}"
+        return None
+
+    @staticmethod
+    def _verify_unsealed(path: Path) -> str | None:
+        try:
+            manifest = BundleManifest.decode((path / MANIFEST_NAME).read_bytes())
+            model = path / manifest.model_file
+            if model.is_symlink() or not model.is_file():
+                return f"{manifest.model_file} is missing"
+            if _sha256_file(model) != manifest.model_sha256:
+                return f"{manifest.model_file} does not match its manifest's SHA-256"
+        except MessageError as exc:
+            return f"its manifest is unusable: {exc}"
+        except OSError as exc:
+            return f"it cannot be read: {exc.strerror}"
+        return None
+
+    def drop(self, record: SlotRecord) -> None:
+        """Discard a slot: forget it in ``current.json``, then delete its directory.
+
+        ``current.json`` is rewritten first, so it never names a slot that is
+        (partly) deleted; the other kept slot stays where it was.
+        """
+        path = self.slot_path(record.slot)
+        with self._lock:
+            active, previous = self._read()
+            if active is not None and active.slot == record.slot:
+                active = None
+            if previous is not None and previous.slot == record.slot:
+                previous = None
+            self._write(active, previous)
+            if path.exists() or path.is_symlink():
+                trash = Path(
+                    tempfile.mkdtemp(prefix=f"{_TRASH_PREFIX}{record.slot}-", dir=self.slots_dir)
+                )
+                os.replace(path, trash / "old")
+                fsync_dir(self.slots_dir)
+                _remove(trash)
+        log.warning("discarded slot %s (%s)", record.slot, record.model.label)
 
     # ------------------------------------------------------------------ current.json
     def _record(self, entry: Any) -> SlotRecord | None:
@@ -291,17 +422,27 @@ class SlotStore:
         with self._lock:
             return self._read()[1]
 
-    def find(self, bundle_sha256: str) -> SlotRecord | None:
-        """The installed active or previous slot holding this bundle, if its directory exists."""
+    def find(
+        self, bundle_sha256: str, *, on_corrupt: Callable[[SlotRecord, str], None] | None = None
+    ) -> SlotRecord | None:
+        """The kept active or previous slot holding this bundle, if it is intact.
+
+        The slot's name only says which bundle it *should* hold: its files are
+        re-hashed (:meth:`verify`) first. A slot that fails is discarded
+        (:meth:`drop`) and reported to ``on_corrupt(record, problem)``, and
+        None is returned, so the caller downloads the bundle again.
+        """
         with self._lock:
             for record in self._read():
-                if (
-                    record is not None
-                    and record.bundle_sha256 == bundle_sha256
-                    and not record.path.is_symlink()
-                    and record.path.is_dir()
-                ):
+                if record is None or record.bundle_sha256 != bundle_sha256:
+                    continue
+                problem = self.verify(record)
+                if problem is None:
                     return record
+                log.error("kept slot %s is corrupt: %s; discarding it", record.slot, problem)
+                self.drop(record)
+                if on_corrupt is not None:
+                    on_corrupt(record, problem)
         return None
 
     def gc(self) -> list[str]:

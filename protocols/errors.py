@@ -39,7 +39,8 @@ in the module named in brackets::
     │   │   ├── UnsupportedRuntimeError    "unsupported_runtime"
     │   │   ├── ModelLoadError             "model_load_failed"
     │   │   ├── SmokeTestError             "smoke_test_failed"
-    │   │   └── SlotError                  "bad_slot"           install slot state on disk unusable
+    │   │   ├── SlotError                  "bad_slot"           install slot state on disk unusable
+    │   │   └── InsufficientSpaceError     "insufficient_space" too little free disk for a bundle
     │   ├── InferenceInputError            "bad_input"          inputs don't fit the model
     │   └── InferenceError                 "inference_failed"   the runtime failed on valid input
     ├── RegistryError                      "registry"      [controller.errors]
@@ -87,6 +88,7 @@ __all__ = [
     "InferenceError",
     "InferenceInputError",
     "InstallError",
+    "InsufficientSpaceError",
     "MessageError",
     "MetadataRollbackError",
     "ModelLoadError",
@@ -236,6 +238,19 @@ class SlotError(InstallError):
     """
 
     code = "bad_slot"
+
+
+class InsufficientSpaceError(InstallError):
+    """The state directory has too little free space for this bundle.
+
+    Checked against the signed length before a byte is downloaded, and raised
+    when the disk fills up anyway (another process wrote to it) - in which
+    case the partial download has already been removed, so one oversized
+    bundle cannot leave the disk full for every later install. Unlike other
+    install refusals it is retried after a backoff: space can be freed.
+    """
+
+    code = "insufficient_space"
 
 
 class InferenceInputError(AgentError, ValueError):

@@ -405,6 +405,12 @@ class Telemetry(Message):
     ``requests``/``errors`` count inferences in this window only, so the
     controller can sum windows; ``rejected`` counts malformed messages the
     agent dropped since it started, by reason.
+
+    ``samples`` (rows inferred: the sum of the requests' batch sizes) and
+    ``sample_latency_ms`` (sample-weighted percentiles of latency divided by
+    batch size, see :mod:`edgefleet.agent.metrics`) are optional: agents
+    before them leave them out and still validate, and the controller then
+    judges health on ``latency_ms`` per request as before.
     """
 
     KIND: ClassVar[str] = "telemetry"
@@ -419,10 +425,12 @@ class Telemetry(Message):
     cpu_percent: float
     rejected: dict[str, int] = field(default_factory=dict)
     at: float = 0.0
+    samples: int | None = None
+    sample_latency_ms: LatencySummary | None = None
     extra: JSONDict = field(default_factory=dict, compare=False)
 
     def to_dict(self) -> JSONDict:
-        return {
+        out: JSONDict = {
             "device_id": self.device_id,
             "window_s": self.window_s,
             "requests": self.requests,
@@ -434,10 +442,17 @@ class Telemetry(Message):
             "rejected": dict(self.rejected),
             "at": self.at,
         }
+        # Only when known, so a window reads the same as an older agent's.
+        if self.samples is not None:
+            out["samples"] = self.samples
+        if self.sample_latency_ms is not None:
+            out["sample_latency_ms"] = self.sample_latency_ms.to_dict()
+        return out
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Telemetry:
         latency = f.obj(d, "latency_ms", optional=True)
+        sample_latency = f.obj(d, "sample_latency_ms", optional=True)
         model = f.obj(d, "model", optional=True)
         rejected = f.obj(d, "rejected", optional=True) or {}
         if len(rejected) > 64 or not all(
@@ -456,6 +471,10 @@ class Telemetry(Message):
             cpu_percent=f.number(d, "cpu_percent"),
             rejected=rejected,
             at=f.number(d, "at", optional=True) or 0.0,
+            samples=f.integer(d, "samples", optional=True),
+            sample_latency_ms=None
+            if sample_latency is None
+            else LatencySummary.from_dict(sample_latency),
             extra=f.extra(
                 d,
                 {
@@ -469,6 +488,8 @@ class Telemetry(Message):
                     "cpu_percent",
                     "rejected",
                     "at",
+                    "samples",
+                    "sample_latency_ms",
                 },
             ),
         )

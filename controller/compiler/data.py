@@ -13,7 +13,9 @@ whether axis 0 is a batch axis:
 
 All arrays must have the same number of samples and exactly the input's dtype
 (no silent casts: an int32 token array for an int64 input is a bug upstream).
-Inputs sharing a symbolic axis name (``seq``) must agree on its size.
+Inputs sharing a symbolic axis name (``seq``) must agree on its size; axes
+without a real name (nothing, ``-1``, ``0`` or the literal ``?``) are each
+dynamic on their own. A rank-0 (scalar) input takes a ``(samples,)`` array.
 Anything else raises :class:`~edgefleet.controller.compiler.errors.DataError`
 naming the array and what was expected, before any compilation work starts.
 """
@@ -60,9 +62,14 @@ class SampleSet:
     total: int
 
     def feed(self, i: int) -> Feed:
-        """The input feed of sample ``i`` (a batch of one where axis 0 is a batch axis)."""
+        """The input feed of sample ``i`` (a batch of one where axis 0 is a batch axis).
+
+        ``arr[i]`` of a ``(samples,)`` array for a rank-0 input is a numpy
+        scalar, which onnxruntime refuses; ``np.asarray`` makes it the 0-d
+        array the input wants.
+        """
         return {
-            name: (arr[i : i + 1] if self.batched[name] else arr[i])
+            name: (arr[i : i + 1] if self.batched[name] else np.asarray(arr[i]))
             for name, arr in self.arrays.items()
         }
 
@@ -250,7 +257,7 @@ def synthetic_feed(model: SourceModel, *, seed: int = 0) -> Feed:
         shape = tuple(1 if d is None else d for d in spec.shape)
         dtype = np.dtype(spec.dtype)
         if dtype.kind == "f":
-            feed[spec.name] = rng.standard_normal(shape).astype(dtype)
+            feed[spec.name] = np.asarray(rng.standard_normal(shape), dtype=dtype)
         else:
             feed[spec.name] = np.zeros(shape, dtype=dtype)
     return feed

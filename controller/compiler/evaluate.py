@@ -9,6 +9,11 @@ each model output gets a score in ``[0, 1]``:
   fraction of rows whose arg-max equals the source's.
 * ``exact`` for integer or boolean outputs (labels, indices): the fraction of
   samples whose output is identical.
+* ``threshold:T`` for a single probability per sample (float, last
+  dimension 1, every reference value in ``[0, 1]``; ``T`` = 0.5 unless
+  overridden): the fraction of values on the same side of ``T`` as the
+  source's, i.e. decision agreement. Cosine similarity of one positive
+  number is always 1, so it cannot see a variant that flips decisions.
 * ``cosine`` otherwise: the cosine similarity of the flattened output and the
   source's, per sample, averaged over samples. A sample with NaN or infinity
   in the candidate's output scores 0; two all-zero outputs score 1. The
@@ -49,10 +54,13 @@ __all__ = [
     "choose_metric",
     "compare_outputs",
     "measure_latency",
+    "parse_metric",
     "run_samples",
 ]
 
-METRICS = ("top1", "cosine", "exact")
+METRICS = ("top1", "cosine", "exact", "threshold")
+# The decision threshold of a probability output when none is given.
+DEFAULT_THRESHOLD = 0.5
 Outputs = list[list[npt.NDArray[Any]]]
 _EPS = 1e-12
 
@@ -63,8 +71,8 @@ class OutputScore:
 
     Attributes:
         name: output name.
-        metric: ``top1``, ``cosine`` or ``exact``.
-        score: agreement fraction (top1, exact) or mean cosine similarity.
+        metric: ``top1``, ``cosine``, ``exact`` or ``threshold:T``.
+        score: agreement fraction (top1, exact, threshold) or mean cosine similarity.
         worst: the lowest per-sample score (equals ``score`` for top1).
         rel_error: relative L2 error over all samples (float outputs only).
     """
@@ -117,12 +125,11 @@ class Accuracy:
     @property
     def summary(self) -> str:
         worst = min(self.outputs, key=lambda o: o.score)
-        label = {"top1": "top1", "cosine": "cos", "exact": "exact"}[worst.metric]
-        return (
-            f"{label} {worst.score * 100:.2f}%"
-            if worst.metric != "cosine"
-            else (f"cos {worst.score:.5f}")
-        )
+        if worst.metric == "cosine":
+            return f"cos {worst.score:.5f}"
+        kind, threshold = parse_metric(worst.metric)
+        label = f"decisions@{threshold:g}" if kind == "threshold" else kind
+        return f"{label} {worst.score * 100:.2f}%"
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -148,13 +155,72 @@ def run_samples(session: Any, samples: SampleSet, output_names: Sequence[str]) -
     return [list(session.run(names, feed)) for feed in samples.feeds()]
 
 
-def choose_metric(reference: npt.NDArray[Any]) -> str:
-    """The metric for an output, from the source's output on the first sample."""
+def parse_metric(metric: str) -> tuple[str, float | None]:
+    """Split a metric name into its kind and parameter: ``threshold:0.3`` -> (``threshold``, 0.3).
+
+    ``threshold`` alone means :data:`DEFAULT_THRESHOLD`; the other metrics take
+    no parameter.
+
+    Raises:
+        ValueError: an unknown metric, or a parameter that is not a finite number.
+    """
+    kind, sep, arg = metric.partition(":")
+    if kind not in METRICS or (sep and kind != "threshold"):
+        raise ValueError(f"{metric!r} must be one of {', '.join(METRICS)} or threshold:T")
+    if kind != "threshold":
+        return kind, None
+    if not sep:
+        return kind, DEFAULT_THRESHOLD
+    try:
+        value = float(arg)
+    except ValueError:
+        raise ValueError(f"metric {metric!r}: the threshold must be a number") from None
+    if not np.isfinite(value):
+        raise ValueError(f"metric {metric!r}: the threshold must be finite")
+    return kind, value
+
+
+def _is_probability(samples: Sequence[npt.NDArray[Any]]) -> bool:
+    """One float value in [0, 1] per row, on every sample: a sigmoid-style probability."""
+    first = samples[0]
+    if first.dtype.kind != "f" or first.ndim == 0 or first.shape[-1] != 1:
+        return False
+    return all(a.size and float(np.min(a)) >= 0.0 and float(np.max(a)) <= 1.0 for a in samples)
+
+
+def choose_metric(
+    reference: npt.NDArray[Any], samples: Sequence[npt.NDArray[Any]] | None = None
+) -> str:
+    """The metric for an output, from the source's output on the first sample.
+
+    ``samples`` (the source's output on every validation sample) lets a
+    probability output be recognised by its values: one number per row,
+    always in ``[0, 1]``, is judged by decision agreement at 0.5.
+    """
     if reference.dtype.kind in "biu":
         return "exact"
     if reference.ndim == 2 and reference.shape[-1] > 1:
         return "top1"
+    if samples is not None and _is_probability(samples):
+        return f"threshold:{DEFAULT_THRESHOLD:g}"
     return "cosine"
+
+
+def _decisions(
+    ref: list[npt.NDArray[Any]], cand: list[npt.NDArray[Any]], threshold: float
+) -> tuple[float, float]:
+    """Fraction of values on the same side of ``threshold`` as the source's (NaN never agrees)."""
+    agree = 0
+    total = 0
+    for r, c in zip(ref, cand, strict=True):
+        a = np.asarray(r, dtype=np.float64).ravel()
+        b = np.asarray(c, dtype=np.float64).ravel()
+        total += a.size
+        if a.shape != b.shape:
+            continue
+        agree += int(np.sum(((a >= threshold) == (b >= threshold)) & np.isfinite(b)))
+    score = agree / total if total else 0.0
+    return score, score
 
 
 def _top1(ref: list[npt.NDArray[Any]], cand: list[npt.NDArray[Any]]) -> tuple[float, float]:
@@ -223,18 +289,24 @@ def compare_outputs(
         candidate: the candidate's outputs on the same samples.
         output_names: names in the order of the per-sample lists.
         tolerance: the gate passes at ``score >= 1 - tolerance``.
-        metrics: override the metric of named outputs (``top1``/``cosine``/``exact``),
-            e.g. ``cosine`` for a 2-D embedding output that is not a classifier.
+        metrics: override the metric of named outputs (``top1``/``cosine``/``exact``/
+            ``threshold:T``), e.g. ``cosine`` for a 2-D embedding output that is
+            not a classifier.
     """
     overrides = metrics or {}
     scores: list[OutputScore] = []
     for k, name in enumerate(output_names):
         ref = [sample[k] for sample in reference]
         cand = [sample[k] for sample in candidate]
-        metric = overrides.get(name) or choose_metric(ref[0])
-        if metric == "top1":
+        metric = overrides.get(name) or choose_metric(ref[0], ref)
+        kind, threshold = parse_metric(metric)
+        rel: float | None
+        if kind == "threshold" and threshold is not None:
+            score, worst = _decisions(ref, cand, threshold)
+            rel = _cosine(ref, cand)[2]
+        elif metric == "top1":
             score, worst = _top1(ref, cand)
-            rel: float | None = None
+            rel = None
             if ref[0].dtype.kind == "f":
                 rel = _cosine(ref, cand)[2]
         elif metric == "exact":

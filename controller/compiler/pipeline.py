@@ -49,11 +49,11 @@ from edgefleet.controller.compiler.errors import (
     ToleranceError,
 )
 from edgefleet.controller.compiler.evaluate import (
-    METRICS,
     Accuracy,
     LatencyStats,
     compare_outputs,
     measure_latency,
+    parse_metric,
     run_samples,
 )
 from edgefleet.controller.compiler.profiles import Profile
@@ -309,8 +309,16 @@ class _Compiler:
         stats, errors = measure_latency(sessions, feed, iterations=iterations, warmup=warmup)
         baseline = stats.get(baseline_key)
         if baseline is None:
+            hint = ""
+            if self.validation is None and self.calibration is None:
+                # Made-up input: dynamic axes of size 1 and zero integers may be
+                # shapes or values the model cannot take; real data names them.
+                hint = (
+                    " (made-up input: dynamic axes set to 1, integer inputs to 0; pass "
+                    "--validation data with real shapes and values)"
+                )
             raise SourceModelError(
-                f"the fp32 source cannot run on {feed_name}: {errors.get(baseline_key)}"
+                f"the fp32 source cannot run on {feed_name}: {errors.get(baseline_key)}{hint}"
             )
         updated: list[CandidateReport] = []
         for rep in self.reports:
@@ -507,7 +515,8 @@ def compile_model(
             agreement for classifier outputs, mean cosine otherwise).
         recipes: recipe names or objects to try; ``None`` (or ``"auto"``) is
             every built-in recipe the profile and op mix call for.
-        metrics: per output name, force ``top1``, ``cosine`` or ``exact``.
+        metrics: per output name, force ``top1``, ``cosine``, ``exact`` or
+            ``threshold:T`` (decision agreement at ``T``).
         latency_iterations: interleaved timing rounds.
         latency_warmup: untimed runs per model first.
         max_calibration_samples / max_validation_samples: use at most this
@@ -547,6 +556,12 @@ def compile_model(
         src, profile, tolerance=float(tolerance), validation=val, calibration=cal, metrics=metrics
     )
     comp.reference_outputs()
+    if src.lifted_constants:
+        comp.notes.append(
+            f"{src.lifted_constants} Constant node(s) lifted to initializers so the quantizers "
+            "and the fp16 converter see the weights they hold (the fp32 candidate is the "
+            "source as given)"
+        )
     for s in (val, cal):
         if s is not None and s.count < s.total:
             comp.notes.append(f"{s.role}: used the first {s.count} of {s.total} samples")
@@ -571,6 +586,8 @@ def compile_model(
             "size_bytes": src.size_bytes,
             "weight_bytes": src.weight_bytes,
             "kind": src.kind,
+            "opset": src.opset,
+            "lifted_constants": src.lifted_constants,
             "op_counts": dict(sorted(src.op_counts.items())),
             "inputs": [s.to_dict() for s in src.inputs],
             "outputs": [s.to_dict() for s in src.outputs],
@@ -652,8 +669,10 @@ def _check_metrics(src: SourceModel, metrics: Mapping[str, str] | None) -> None:
     for out, metric in (metrics or {}).items():
         if out not in names:
             raise CompileError(f"metric override for unknown output {out!r}")
-        if metric not in METRICS:
-            raise CompileError(f"metric for {out!r} must be one of {', '.join(METRICS)}")
+        try:
+            parse_metric(metric)
+        except ValueError as exc:
+            raise CompileError(f"metric for {out!r}: {exc}") from None
 
 
 def _raise_nothing_chosen(report: CompileReport) -> None:

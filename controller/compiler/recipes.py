@@ -31,7 +31,7 @@ recipes share, live in :mod:`~edgefleet.controller.compiler.recipe_base`.
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,11 @@ import onnx
 
 from edgefleet.controller.compiler.data import Feed
 from edgefleet.controller.compiler.errors import RecipeError
+from edgefleet.controller.compiler.normalize import (
+    ensure_opset,
+    flatten_gemm_biases,
+    float_weight_bytes,
+)
 from edgefleet.controller.compiler.profiles import BUILTIN_PROFILES, Profile
 from edgefleet.controller.compiler.recipe_base import (
     BuildInput,
@@ -73,6 +78,11 @@ __all__ = [
 DYNAMIC_OP_TYPES = ("MatMul", "Attention", "LSTM", "Gather", "EmbedLayerNormalization")
 # What a quantizer retry falls back to when it chokes on the full op set.
 _CORE_OP_TYPES = ("Conv", "MatMul", "Gemm")
+# How many nodes onnxruntime's quantizer may fail on, one after another, each
+# then kept in float, before the recipe gives up on quantizing node by node.
+_MAX_FAILED_NODES = 4
+# DequantizeLinear gained the ``axis`` attribute (per-channel scales) in opset 13.
+_PER_CHANNEL_OPSET = 13
 # Ops that are only data movement or shape plumbing: being left in float
 # costs nothing worth telling the user about.
 _PLUMBING = frozenset(
@@ -137,6 +147,9 @@ def prepare_for_quantization(source: SourceModel) -> bytes:
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises RuntimeError subclasses
             raise RecipeError(f"graph optimisation failed: {first_line(exc)}") from None
     model = _infer_shapes(onnx.load_model_from_string(optimized))
+    # After MatMul+Add fusion: tf2onnx models carry [1, N] Gemm biases, which
+    # onnxruntime's per-channel quantizer crashes on; [N] is the same bias.
+    flatten_gemm_biases(model)
     add_pre_process_metadata(model)
     data: bytes = model.SerializeToString()
     return data
@@ -224,11 +237,57 @@ def _float_leftovers(prepared: bytes, quantizable: set[str]) -> list[str]:
     return sorted(_op_types(prepared) - quantizable - _PLUMBING)
 
 
-def _check_quantized(model_path: Path) -> bytes:
+def _check_quantized(model_path: Path, prepared: bytes) -> bytes:
     data = model_path.read_bytes()
     if not (_op_types(data) & _QUANTIZED_OPS):
+        graph = onnx.load_model_from_string(prepared).graph
+        inner = float_weight_bytes(graph) - float_weight_bytes(graph, subgraphs=False)
+        if inner > float_weight_bytes(graph, subgraphs=False):
+            # Say why: onnxruntime's quantizers rewrite the top-level graph only.
+            raise RecipeError(
+                "the quantizer left every operator in float: most float weights "
+                f"({inner} bytes) are inside If/Loop/Scan subgraphs, which onnxruntime's "
+                "quantizers do not reach"
+            )
         raise RecipeError("the quantizer left every operator in float: nothing to gain")
     return data
+
+
+def _with_failed(options: Mapping[str, Any], failed_nodes: Sequence[str]) -> dict[str, Any]:
+    """The recipe's options, plus the nodes kept float because the quantizer failed on them."""
+    out = dict(options)
+    if failed_nodes:
+        out["quantizer_failed_nodes"] = list(failed_nodes)
+    return out
+
+
+def _node_names(model: bytes) -> dict[str, str]:
+    """Node name to op type, for the top-level graph (what the quantizers walk)."""
+    proto = onnx.load_model_from_string(model)
+    return {n.name: n.op_type for n in proto.graph.node if n.name}
+
+
+def _failing_node(exc: BaseException, names: Mapping[str, str]) -> str | None:
+    """The node onnxruntime's quantizer was handling when it raised ``exc``, if it can be told.
+
+    The quantizer's exceptions do not name the node, but its frames hold it:
+    a local ``NodeProto``, or a record with a ``node_name`` (the bias
+    bookkeeping where per-channel QDQ crashes on 2-D Gemm biases). The
+    innermost frame that holds a node of this model wins.
+    """
+    frames = []
+    tb = exc.__traceback__
+    while tb is not None:
+        frames.append(tb.tb_frame)
+        tb = tb.tb_next
+    for frame in reversed(frames):
+        for value in frame.f_locals.values():
+            if isinstance(value, onnx.NodeProto) and value.name in names:
+                return value.name
+            node_name = getattr(value, "node_name", None)
+            if isinstance(node_name, str) and node_name in names:
+                return node_name
+    return None
 
 
 class _Int8Recipe(Recipe):
@@ -250,42 +309,72 @@ class _Int8Recipe(Recipe):
 
     def _run_with_fallback(
         self, prepared: bytes, run: Any, notes: list[str], present: set[str]
-    ) -> bytes:
-        """Quantize with every supported op type; on failure retry with the core ones.
+    ) -> tuple[bytes, list[str]]:
+        """Quantize with every supported op type, working around the quantizer's failures.
 
-        A quantizer that chokes on an unusual op (a shape it cannot handle, a
-        missing type) usually copes when only Conv/MatMul/Gemm are quantized;
-        the rest then stays float and the note says so.
+        When onnxruntime's quantizer raises while handling one node, that node
+        is kept in float and the quantization runs again (at most
+        :data:`_MAX_FAILED_NODES` times); each such node gets a note. A failure
+        that names no node is retried with only Conv/MatMul/Gemm quantized,
+        which copes with most unusual ops; the rest then stays float and the
+        note says so.
+
+        ``run(src, out, only, exclude)`` quantizes ``src`` into ``out``,
+        ``only`` op types (``None``: all) and keeping ``exclude`` nodes float.
+
+        Returns:
+            The quantized model and the nodes kept in float because the
+            quantizer failed on them.
         """
+        names = _node_names(prepared)
+        failed_nodes: list[str] = []
         with tempfile.TemporaryDirectory(prefix="edgefleet-q-") as tmp:
             src = Path(tmp) / "in.onnx"
             src.write_bytes(prepared)
             out = Path(tmp) / "out.onnx"
-            try:
-                with capture_notes(notes, tool="onnxruntime"):
-                    run(src, out, None)
-                return _check_quantized(out)
-            except RecipeError:
-                raise
-            except Exception as first:  # noqa: BLE001 - the quantizer raises anything
-                core = sorted(present & set(_CORE_OP_TYPES))
-                if not core or set(core) == present:
-                    raise RecipeError(f"quantizer failed: {first_line(first)}") from None
-                notes.append(
-                    f"quantizing all op types failed ({first_line(first)}); "
-                    f"retried with only {', '.join(core)}, the rest stays float"
-                )
+            first: Exception | None = None
+            while True:
                 try:
                     with capture_notes(notes, tool="onnxruntime"):
-                        run(src, out, core)
-                    return _check_quantized(out)
+                        run(src, out, None, list(failed_nodes))
+                    return _check_quantized(out, prepared), failed_nodes
                 except RecipeError:
                     raise
-                except Exception as second:  # noqa: BLE001 - as above
-                    raise RecipeError(
-                        f"quantizer failed: {first_line(first)}; retry with "
-                        f"{', '.join(core)} only also failed: {first_line(second)}"
-                    ) from None
+                except Exception as exc:  # noqa: BLE001 - the quantizer raises anything
+                    first = first or exc
+                    node = _failing_node(exc, names)
+                    if (
+                        node is None
+                        or node in failed_nodes
+                        or len(failed_nodes) >= _MAX_FAILED_NODES
+                    ):
+                        break
+                    failed_nodes.append(node)
+                    # First in the notes, where the report cannot cut them off.
+                    notes.insert(
+                        len(failed_nodes) - 1,
+                        f"onnxruntime's quantizer failed on node {node!r} "
+                        f"({names[node]}): {first_line(exc)}; that node stays float",
+                    )
+            assert first is not None
+            core = sorted(present & set(_CORE_OP_TYPES))
+            if not core or set(core) == present:
+                raise RecipeError(f"quantizer failed: {first_line(first)}") from None
+            notes.append(
+                f"quantizing all op types failed ({first_line(first)}); "
+                f"retried with only {', '.join(core)}, the rest stays float"
+            )
+            try:
+                with capture_notes(notes, tool="onnxruntime"):
+                    run(src, out, core, list(failed_nodes))
+                return _check_quantized(out, prepared), failed_nodes
+            except RecipeError:
+                raise
+            except Exception as second:  # noqa: BLE001 - as above
+                raise RecipeError(
+                    f"quantizer failed: {first_line(first)}; retry with "
+                    f"{', '.join(core)} only also failed: {first_line(second)}"
+                ) from None
 
 
 class DynamicInt8Recipe(_Int8Recipe):
@@ -337,8 +426,14 @@ class DynamicInt8Recipe(_Int8Recipe):
         prepared = inp.need_prepared()
         present = _op_types(prepared) & self._quantizable()
         notes: list[str] = []
+        if self.per_channel:
+            prepared, converted = ensure_opset(
+                prepared, _PER_CHANNEL_OPSET, "per-channel int8 needs DequantizeLinear's axis"
+            )
+            if converted:
+                notes.append(converted)
 
-        def run(src: Path, out: Path, only: list[str] | None) -> None:
+        def run(src: Path, out: Path, only: list[str] | None, failed: list[str]) -> None:
             quantize_dynamic(
                 src,
                 out,
@@ -346,11 +441,11 @@ class DynamicInt8Recipe(_Int8Recipe):
                 per_channel=self.per_channel,
                 reduce_range=self.reduce_range,
                 weight_type=self.weight_type,
-                nodes_to_exclude=list(nodes_to_exclude),
+                nodes_to_exclude=[*nodes_to_exclude, *failed],
                 extra_options={"MatMulConstBOnly": True},
             )
 
-        data = self._run_with_fallback(prepared, run, notes, present)
+        data, failed_nodes = self._run_with_fallback(prepared, run, notes, present)
         leftovers = _float_leftovers(prepared, self._quantizable() | {"Gemm"})
         gemm = "Gemm" in _op_types(prepared)
         if gemm:
@@ -359,7 +454,7 @@ class DynamicInt8Recipe(_Int8Recipe):
             shown = [o for o in leftovers if o != "Gemm"]
             if shown:
                 notes.append(f"no int8 kernel, stays float: {', '.join(shown)}")
-        return Built(data, dedupe_notes(notes), self.options())
+        return Built(data, dedupe_notes(notes), _with_failed(self.options(), failed_nodes))
 
 
 class StaticInt8Recipe(_Int8Recipe):
@@ -425,6 +520,13 @@ class StaticInt8Recipe(_Int8Recipe):
         if inp.calibration is None:
             raise RecipeError("needs calibration data")
         prepared = inp.need_prepared()
+        notes: list[str] = []
+        if self.per_channel:
+            prepared, converted = ensure_opset(
+                prepared, _PER_CHANNEL_OPSET, "per-channel int8 needs DequantizeLinear's axis"
+            )
+            if converted:
+                notes.append(converted)
         present = _op_types(prepared) & self._quantizable()
         samples = inp.calibration
 
@@ -448,9 +550,8 @@ class StaticInt8Recipe(_Int8Recipe):
         extra: dict[str, Any] = {"ActivationSymmetric": False, "WeightSymmetric": True}
         if self.method == "percentile":
             extra["CalibPercentile"] = 99.99
-        notes: list[str] = []
 
-        def run(src: Path, out: Path, only: list[str] | None) -> None:
+        def run(src: Path, out: Path, only: list[str] | None, failed: list[str]) -> None:
             quantize_static(
                 src,
                 out,
@@ -461,19 +562,19 @@ class StaticInt8Recipe(_Int8Recipe):
                 reduce_range=self.reduce_range,
                 activation_type=self.activation_type,
                 weight_type=self.weight_type,
-                nodes_to_exclude=list(nodes_to_exclude),
+                nodes_to_exclude=[*nodes_to_exclude, *failed],
                 calibrate_method=method,
                 extra_options=extra,
             )
 
-        data = self._run_with_fallback(prepared, run, notes, present)
+        data, failed_nodes = self._run_with_fallback(prepared, run, notes, present)
         leftovers = _float_leftovers(prepared, self._quantizable())
         if leftovers:
             notes.append(f"no int8 kernel, stays float: {', '.join(leftovers)}")
         if nodes_to_exclude:
             notes.append(f"kept in float (sensitive): {', '.join(nodes_to_exclude)}")
         options = {**self.options(), "nodes_to_exclude": list(nodes_to_exclude)}
-        return Built(data, dedupe_notes(notes), options)
+        return Built(data, dedupe_notes(notes), _with_failed(options, failed_nodes))
 
 
 def default_recipes(profile: Profile) -> list[Recipe]:

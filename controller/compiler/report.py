@@ -204,7 +204,11 @@ def _reject_reason(c: CandidateReport, profile: Profile, tolerance: float) -> st
     acc = c.accuracy
     if acc is not None and not acc.passed:
         worst = min(acc.outputs, key=lambda o: o.score)
-        what = "cosine" if worst.metric == "cosine" else f"{worst.metric} agreement"
+        what = {"cosine": "cosine", "threshold": "decision agreement"}.get(
+            worst.metric.partition(":")[0], f"{worst.metric} agreement"
+        )
+        if worst.metric.startswith("threshold:"):
+            what += f" at {worst.metric.partition(':')[2]}"
         shown = f"{worst.score:.5f}" if worst.metric == "cosine" else _pct(worst.score)
         need = f"{acc.threshold:.5f}" if worst.metric == "cosine" else _pct(acc.threshold)
         return (

@@ -19,9 +19,14 @@ from typing import Any
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import helper
 
 from edgefleet.controller.compiler.errors import SourceModelError
+from edgefleet.controller.compiler.normalize import (
+    default_opset,
+    float_weight_bytes,
+    lift_constants,
+)
 from edgefleet.protocols.bundle import TensorSpec
 
 __all__ = [
@@ -39,6 +44,8 @@ CONV_OPS = frozenset({"Conv", "ConvTranspose"})
 MATMUL_OPS = frozenset({"MatMul", "Gemm"})
 RNN_OPS = frozenset({"LSTM", "GRU", "RNN"})
 ATTENTION_OPS = frozenset({"Attention", "MultiHeadAttention", "GroupQueryAttention"})
+# dim_param values that name no axis: each such axis is dynamic on its own.
+_ANONYMOUS_DIMS = frozenset({"", "?"})
 
 
 def make_session(model: bytes, *, threads: int = 1, optimize: bool = True) -> Any:
@@ -76,12 +83,17 @@ def _spec(vi: onnx.ValueInfoProto) -> tuple[TensorSpec, tuple[str | None, ...]]:
     params: list[str | None] = []
     if t.HasField("shape"):
         for d in t.shape.dim:
-            if d.HasField("dim_value"):
+            if d.HasField("dim_value") and d.dim_value > 0:
                 dims.append(int(d.dim_value))
                 params.append(None)
             else:
+                # Exporters write a dynamic axis as a name, as nothing, as
+                # dim_value -1 or 0 (Paddle) or as the literal name "?"
+                # (paddle2onnx). Only a real name ties axes together: two "?"
+                # axes are two independent axes, as onnxruntime treats them.
                 dims.append(None)
-                params.append(d.dim_param or None)
+                named = d.HasField("dim_param") and d.dim_param not in _ANONYMOUS_DIMS
+                params.append(d.dim_param if named else None)
     return TensorSpec(vi.name, _np_dtype(t.elem_type), tuple(dims)), tuple(params)
 
 
@@ -104,7 +116,11 @@ class SourceModel:
         op_counts: node count per op type, subgraphs included.
         kind: ``cnn``, ``transformer``, ``rnn``, ``mlp`` or ``other``: the op
             mix that decides static versus dynamic int8.
-        weight_bytes: bytes in float initializers (what quantization shrinks).
+        weight_bytes: bytes in float initializers (what quantization shrinks),
+            counted after ``Constant``-node weights were lifted, subgraphs included.
+        lifted_constants: how many ``Constant`` nodes were turned into
+            initializers in ``proto`` (the recipes' input; ``data`` is untouched).
+        opset: the default-domain opset of the source.
         format: ``"onnx"``, or ``"tflite"`` for a ``.tflite`` source (see
             :mod:`~edgefleet.controller.compiler.tflite`); a TFLite source
             has an empty ``proto``, its flatbuffer is ``data``.
@@ -120,6 +136,8 @@ class SourceModel:
     weight_bytes: int
     sha256: str = field(default="")
     format: str = "onnx"
+    lifted_constants: int = 0
+    opset: int = 0
 
     @property
     def size_bytes(self) -> int:
@@ -262,14 +280,13 @@ def load_onnx_source(data: bytes, where: str) -> SourceModel:
         raise SourceModelError(f"onnxruntime cannot load {where}: {first_line(exc)}") from None
     named = onnx.ModelProto()
     named.CopyFrom(proto)
+    # Weights in Constant nodes are invisible to the quantizers and the fp16
+    # converter, which only rewrite initializers; lifting them changes nothing
+    # the model computes.
+    lifted = lift_constants(named)
     _name_nodes(named.graph)
     counts: Counter[str] = Counter()
     _count_ops(named.graph, counts)
-    weight_bytes = sum(
-        int(numpy_helper.to_array(i).nbytes)
-        for i in named.graph.initializer
-        if i.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE)
-    )
     return SourceModel(
         data=data,
         proto=named,
@@ -278,8 +295,10 @@ def load_onnx_source(data: bytes, where: str) -> SourceModel:
         dim_params=dim_params,
         op_counts=dict(counts),
         kind=_classify(named.graph, counts),
-        weight_bytes=weight_bytes,
+        weight_bytes=float_weight_bytes(named.graph),
         sha256=hashlib.sha256(data).hexdigest(),
+        lifted_constants=lifted,
+        opset=default_opset(proto),
     )
 
 

@@ -318,6 +318,9 @@ class TelemetryRecord(Base):
     model_version: Mapped[str | None] = mapped_column(sa.String(64), nullable=True)
     rss_bytes: Mapped[int] = mapped_column(sa.BigInteger)
     cpu_percent: Mapped[float] = mapped_column(sa.Double)
+    # Per-sample figures (migration 0004); NULL from agents that do not report them.
+    samples: Mapped[int | None] = mapped_column(sa.BigInteger, nullable=True)
+    sample_p95_ms: Mapped[float | None] = mapped_column(sa.Double, nullable=True)
 
 
 class Counter(Base):
@@ -395,6 +398,11 @@ class RolloutDevice(Base):
     observed_requests: Mapped[int | None] = mapped_column(sa.BigInteger, nullable=True)
     observed_errors: Mapped[int | None] = mapped_column(sa.BigInteger, nullable=True)
     reason: Mapped[str] = mapped_column(sa.Text, default="")
+    # The previous version's per-sample p95 and the load it was measured under
+    # (mean batch, requests/s), taken at start (migration 0004).
+    baseline_sample_p95_ms: Mapped[float | None] = mapped_column(sa.Double, nullable=True)
+    baseline_batch: Mapped[float | None] = mapped_column(sa.Double, nullable=True)
+    baseline_rate_rps: Mapped[float | None] = mapped_column(sa.Double, nullable=True)
 
 
 class RolloutDecision(Base):

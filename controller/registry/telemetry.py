@@ -98,6 +98,10 @@ class TelemetryStore:
                     "model_version": None if p.model is None else p.model.version,
                     "rss_bytes": p.rss_bytes,
                     "cpu_percent": p.cpu_percent,
+                    "samples": p.samples,
+                    "sample_p95_ms": None
+                    if p.sample_latency_ms is None
+                    else p.sample_latency_ms.p95,
                 }
                 for p in points
                 if p.device_id in known

@@ -23,7 +23,10 @@ A device is **updated** only when it reports the new model active *and*
 stayed healthy for ``observe_s`` seconds of telemetry with that model: error
 rate at most ``max_error_rate``, and p95 latency at most its own previous
 version's p95 times ``max_p95_ratio`` plus ``p95_slack_ms`` (sub-millisecond
-models jitter by more than any ratio). A refused install (smoke test,
+models jitter by more than any ratio). Latency is judged **per sample under
+comparable load** when the agent reports per-sample figures (see
+:func:`judge_latency`): a local client sending big batches or a burst of
+requests to the canary cannot fake a regression and halt the fleet. A refused install (smoke test,
 signature, hardware) is a failure; an install not finished within
 ``device_timeout_s`` (or a device silent for that long after the install) is
 a timeout. Offline devices are not started; they stay pending until they come
@@ -55,12 +58,16 @@ __all__ = [
     "DeviceState",
     "DeviceView",
     "Health",
+    "LoadBaseline",
     "Plan",
     "RolloutConfig",
     "RolloutStatus",
     "RolloutView",
     "Transition",
+    "WindowHealth",
+    "comparable",
     "judge_health",
+    "judge_latency",
     "plan",
     "wave_size",
 ]
@@ -196,14 +203,69 @@ class RolloutConfig:
         return settings_from_table(cls, d, section="rollout", error=RolloutConfigError)
 
 
+# "Comparable load" (see judge_latency): an observed window is held against
+# the previous version's baseline only when its mean batch is at least this
+# fraction of the baseline's ...
+MIN_BATCH_FRACTION = 0.5
+# ... and its request rate at most this many times the baseline's, plus
+# RATE_ALLOWANCE_RPS so that a device serving a handful of requests is not
+# "overloaded" by a few more.
+MAX_RATE_FACTOR = 4.0
+RATE_ALLOWANCE_RPS = 1.0
+
+
+@dataclass(frozen=True)
+class WindowHealth:
+    """One telemetry window of an observed device, as the latency judgement needs it.
+
+    ``samples``/``sample_p95_ms`` are None for agents that do not report
+    per-sample latency.
+    """
+
+    requests: int
+    window_s: float
+    samples: int | None = None
+    sample_p95_ms: float | None = None
+
+    @property
+    def batch(self) -> float | None:
+        """Mean samples per request, or None without per-sample data."""
+        if self.samples is None or self.requests <= 0:
+            return None
+        return self.samples / self.requests
+
+    @property
+    def rate_rps(self) -> float:
+        """Requests per second over the window."""
+        return self.requests / self.window_s if self.window_s > 0 else float(self.requests)
+
+
+@dataclass(frozen=True)
+class LoadBaseline:
+    """The previous version on this device: per-sample p95 and the load it was measured under.
+
+    Taken from its recent windows when the device starts (``batch`` is mean
+    samples per request, ``rate_rps`` requests per second).
+    """
+
+    sample_p95_ms: float
+    batch: float
+    rate_rps: float
+
+
 @dataclass(frozen=True)
 class Health:
-    """Telemetry of one device with the new model since observation began."""
+    """Telemetry of one device with the new model since observation began.
+
+    ``p95_ms`` is the request-weighted per-request p95; ``window_loads`` holds
+    each window for the per-sample, comparable-load judgement.
+    """
 
     windows: int = 0
     requests: int = 0
     errors: int = 0
     p95_ms: float | None = None
+    window_loads: tuple[WindowHealth, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -227,6 +289,7 @@ class DeviceView:
     install_error: str | None = None
     health: Health = field(default_factory=Health)
     baseline_p95_ms: float | None = None
+    baseline_load: LoadBaseline | None = None
 
 
 @dataclass(frozen=True)
@@ -298,8 +361,80 @@ def wave_size(config: RolloutConfig, wave: int, members: int) -> int:
     return int(min(config.max_rate, math.ceil(size - 1e-9)))
 
 
+def comparable(window: WindowHealth, baseline: LoadBaseline) -> bool:
+    """Whether ``window`` ran under load comparable to the previous version's baseline.
+
+    Two rules, both about what the *device's local load* - not the model -
+    does to per-sample latency:
+
+    * **Batch**: its mean batch is at least :data:`MIN_BATCH_FRACTION` of the
+      baseline's. Per-sample latency only falls as batches grow (a batch
+      shares the run's fixed cost), so a window of bigger batches that is
+      still too slow is a real regression, while a window of much smaller
+      batches would look slower for no fault of the model.
+    * **Rate**: its request rate is at most :data:`MAX_RATE_FACTOR` times the
+      baseline's plus :data:`RATE_ALLOWANCE_RPS`. Beyond that, requests queue
+      for the CPU behind each other (a local client flooding the endpoint)
+      and latency measures the flood, not the model.
+    """
+    batch = window.batch
+    if batch is None or window.sample_p95_ms is None:
+        return False
+    if batch < baseline.batch * MIN_BATCH_FRACTION:
+        return False
+    return window.rate_rps <= baseline.rate_rps * MAX_RATE_FACTOR + RATE_ALLOWANCE_RPS
+
+
+def judge_latency(
+    config: RolloutConfig, baseline: LoadBaseline, windows: Sequence[WindowHealth]
+) -> tuple[bool, str] | None:
+    """Per-sample latency of the comparable windows against the device's previous version.
+
+    Returns None when no window reports per-sample figures (an older agent:
+    the caller falls back to per-request p95). Otherwise ``(healthy, why)``:
+    the sample-weighted mean of the comparable windows' per-sample p95 must
+    be at most ``baseline.sample_p95_ms * max_p95_ratio + p95_slack_ms``. When
+    no window is comparable, latency is not held against the device (local
+    load is not evidence against a model) and the reason says so; the error
+    rate still is.
+    """
+    reporting = [w for w in windows if w.batch is not None and w.sample_p95_ms is not None]
+    if not reporting:
+        return None
+    judged = [w for w in reporting if comparable(w, baseline)]
+    if not judged:
+        heaviest = max(reporting, key=lambda w: w.rate_rps)
+        return True, (
+            f"per-sample latency not judged: none of {len(reporting)} window(s) ran under load "
+            f"comparable to the previous version's (mean batch {baseline.batch:.1f}, "
+            f"{baseline.rate_rps:.1f} req/s; e.g. batch {heaviest.batch or 0:.1f}, "
+            f"{heaviest.rate_rps:.1f} req/s)"
+        )
+    weight = sum(w.samples or 0 for w in judged)
+    observed = (
+        sum((w.sample_p95_ms or 0.0) * (w.samples or 0) for w in judged) / weight
+        if weight
+        else max(w.sample_p95_ms or 0.0 for w in judged)
+    )
+    limit = baseline.sample_p95_ms * config.max_p95_ratio + config.p95_slack_ms
+    scope = f"{len(judged)} of {len(reporting)} window(s) under comparable load"
+    if observed > limit:
+        return False, (
+            f"per-sample p95 latency {observed:.3f} ms exceeds {limit:.3f} ms (previous version "
+            f"{baseline.sample_p95_ms:.3f} ms x {config.max_p95_ratio:g} + "
+            f"{config.p95_slack_ms:g} ms; {scope})"
+        )
+    return True, f"per-sample p95 {observed:.3f} ms within {limit:.3f} ms ({scope})"
+
+
 def judge_health(config: RolloutConfig, view: DeviceView) -> tuple[bool | None, str]:
-    """Judge an observed device: ``(True|False, why)``, or ``(None, why)`` without telemetry."""
+    """Judge an observed device: ``(True|False, why)``, or ``(None, why)`` without telemetry.
+
+    Errors are judged over every window. Latency is judged per sample under
+    comparable load (:func:`judge_latency`) when the device and its baseline
+    have per-sample figures, else per request against the per-request
+    baseline, as agents before per-sample telemetry are judged.
+    """
     h = view.health
     if h.windows == 0:
         return None, "no telemetry with the new model yet"
@@ -307,6 +442,19 @@ def judge_health(config: RolloutConfig, view: DeviceView) -> tuple[bool | None, 
         return False, (
             f"error rate {100 * h.errors / h.requests:.1f}% ({h.errors}/{h.requests}) exceeds "
             f"{100 * config.max_error_rate:.1f}%"
+        )
+    per_sample = (
+        judge_latency(config, view.baseline_load, h.window_loads)
+        if view.baseline_load is not None
+        else None
+    )
+    if per_sample is not None:
+        healthy, why = per_sample
+        if not healthy:
+            return False, why
+        return True, (
+            f"healthy over {h.windows} telemetry window(s): {h.requests} requests, "
+            f"{h.errors} errors, {why}"
         )
     if h.p95_ms is not None and view.baseline_p95_ms is not None:
         limit = view.baseline_p95_ms * config.max_p95_ratio + config.p95_slack_ms

@@ -49,10 +49,12 @@ from edgefleet.controller.rollout.engine import (
     DeviceState,
     DeviceView,
     Health,
+    LoadBaseline,
     Plan,
     RolloutConfig,
     RolloutStatus,
     RolloutView,
+    WindowHealth,
     plan,
 )
 from edgefleet.controller.rollout.errors import RolloutError, RolloutStateError
@@ -193,6 +195,13 @@ def _rollback_deployment_id(rollout_id: str, version_id: int) -> str:
 
 def _release_of(bundle: m.Bundle, version: m.ModelVersion) -> int:
     return version.release if bundle.release is None else bundle.release
+
+
+def _load_baseline(r: m.RolloutDevice) -> LoadBaseline | None:
+    """The stored per-sample baseline of a member, if the device had one at start."""
+    if r.baseline_sample_p95_ms is None or r.baseline_batch is None or r.baseline_rate_rps is None:
+        return None
+    return LoadBaseline(r.baseline_sample_p95_ms, r.baseline_batch, r.baseline_rate_rps)
 
 
 def _runs(device: m.Device, version: m.ModelVersion, release: int) -> bool:
@@ -694,6 +703,7 @@ class RolloutStore:
                         install_error=error,
                         health=health.get(r.device_id, Health()),
                         baseline_p95_ms=r.baseline_p95_ms,
+                        baseline_load=_load_baseline(r),
                     )
                 )
             view = RolloutView(
@@ -847,6 +857,11 @@ class RolloutStore:
             prev = previous.get(active) if active is not None else None
             r.previous_bundle_id = None if prev is None else prev.id
             r.baseline_p95_ms = self._baseline(s, devices[device_id])
+            load = self._baseline_load(s, devices[device_id])
+            if load is not None:
+                r.baseline_sample_p95_ms = load.sample_p95_ms
+                r.baseline_batch = load.batch
+                r.baseline_rate_rps = load.rate_rps
         return refused
 
     @staticmethod
@@ -870,6 +885,44 @@ class RolloutStore:
         if not weight:
             return None
         return sum(int(n) * float(p or 0.0) for n, p in rows) / weight
+
+    @staticmethod
+    def _baseline_load(s: Session, device: m.Device) -> LoadBaseline | None:
+        """Per-sample p95 and load of the device's recent windows with the model it runs now.
+
+        The p95 is weighted by samples (a window that served more rows says
+        more), the mean batch is samples per request and the rate requests per
+        second, over the same windows. None when no recent window has
+        per-sample figures (an older agent).
+        """
+        if device.active_version is None:
+            return None
+        t = m.TelemetryRecord
+        rows = s.execute(
+            sa.select(t.requests, t.window_s, t.samples, t.sample_p95_ms)
+            .where(
+                t.device_id == device.id,
+                t.model_version == device.active_version,
+                t.requests > 0,
+                t.samples > 0,
+                t.sample_p95_ms.is_not(None),
+            )
+            .order_by(t.id.desc())
+            .limit(_BASELINE_WINDOWS)
+        ).all()
+        windows = [
+            (int(r), max(0.0, float(w)), int(n or 0), float(p or 0.0)) for r, w, n, p in rows
+        ]
+        samples = sum(n for _, _, n, _ in windows)
+        requests = sum(r for r, _, _, _ in windows)
+        if not samples or not requests:
+            return None
+        seconds = sum(w for _, w, _, _ in windows)
+        return LoadBaseline(
+            sample_p95_ms=sum(n * p for _, _, n, p in windows) / samples,
+            batch=samples / requests,
+            rate_rps=requests / seconds if seconds > 0 else float(requests),
+        )
 
     def _roll_back(
         self,
@@ -988,6 +1041,25 @@ class RolloutStore:
             )
             .group_by(t.device_id)
         ).all()
+        loads: dict[str, list[WindowHealth]] = {}
+        for device_id, n, window_s, samples, sample_p95 in s.execute(
+            sa.select(t.device_id, t.requests, t.window_s, t.samples, t.sample_p95_ms)
+            .join(rd, sa.and_(rd.device_id == t.device_id, rd.rollout_id == rollout_id))
+            .where(
+                rd.state == DeviceState.OBSERVING.value,
+                t.id > sa.func.coalesce(rd.telemetry_mark, 0),
+                t.model_version == version,
+            )
+            .order_by(t.id)
+        ):
+            loads.setdefault(device_id, []).append(
+                WindowHealth(
+                    requests=int(n),
+                    window_s=float(window_s),
+                    samples=None if samples is None else int(samples),
+                    sample_p95_ms=None if sample_p95 is None else float(sample_p95),
+                )
+            )
         out = {}
         for device_id, windows, requests, errors, w_sum, w in rows:
             out[device_id] = Health(
@@ -995,6 +1067,7 @@ class RolloutStore:
                 requests=int(requests or 0),
                 errors=int(errors or 0),
                 p95_ms=(float(w_sum) / int(w)) if w else None,
+                window_loads=tuple(loads.get(device_id, ())),
             )
         return out
 

@@ -172,3 +172,55 @@ def test_cpu_percent_measures_real_work() -> None:
     sampler = ProcessSampler()
     sum(i * i for i in range(300_000))
     assert sampler.cpu_percent() > 1.0
+
+
+# --------------------------------------------------------------------------- per sample
+def test_weighted_percentiles_nearest_rank_over_weights() -> None:
+    from edgefleet.agent.metrics import weighted_percentiles
+    from edgefleet.shared.latency import percentiles
+
+    # All weights 1: exactly the unweighted nearest rank.
+    values = [5.0, 1.0, 3.0, 2.0, 4.0]
+    assert weighted_percentiles([(v, 1) for v in values], 50, 95) == percentiles(values, 50, 95)
+    # One value carrying 98 of 100 weights is every percentile from 2% to 100%.
+    obs = [(10.0, 1), (0.1, 98), (7.0, 1)]
+    assert weighted_percentiles(obs, 50, 95, 99) == (0.1, 0.1, 7.0)
+    assert weighted_percentiles([(1.0, 0)], 50) is None
+
+
+def test_big_batches_lower_latency_per_sample_not_raise_it() -> None:
+    m = ServingMetrics()
+    for _ in range(19):
+        m.record(0.001, ok=True)  # 19 single-row requests of 1 ms
+    m.record(0.060, ok=True, batch=6000)  # one 6,000-row batch of 60 ms
+    stats = m.take_window()
+    assert (stats.requests, stats.samples) == (20, 6019)
+    # Per request, the batch is the p99 and drags p95 up to 1 ms at least ...
+    assert stats.p99_ms == pytest.approx(60.0)
+    # ... per sample, 6,000 of 6,019 samples (99.7%) took 0.01 ms each.
+    assert stats.sample_latency is not None
+    assert stats.sample_latency.p50 == pytest.approx(0.01)
+    assert stats.sample_latency.p95 == pytest.approx(0.01)
+    assert stats.sample_latency.p99 == pytest.approx(0.01)
+
+
+def test_empty_batches_count_requests_but_no_samples() -> None:
+    m = ServingMetrics()
+    m.record(0.002, ok=True, batch=0)
+    stats = m.take_window()
+    assert (stats.requests, stats.samples) == (1, 0)
+    assert stats.p50_ms == pytest.approx(2.0)
+    assert stats.sample_latency is None
+    empty = m.take_window()
+    assert (empty.samples, empty.sample_latency) == (0, None)
+
+
+def test_reservoir_keeps_per_sample_figures_consistent() -> None:
+    m = ServingMetrics(max_samples=50, rng=random.Random(7))
+    for i in range(1000):
+        m.record(0.004, ok=True, batch=4 if i % 2 else 1)
+    stats = m.take_window()
+    assert stats.samples == 500 * 4 + 500
+    # Per-sample latency is 1 ms (4 ms / 4) for 4/5 of the samples, 4 ms for the rest.
+    assert stats.sample_p50_ms == pytest.approx(1.0)
+    assert stats.sample_p99_ms == pytest.approx(4.0)

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import http.client
 import json
+import selectors
+import socket
 import threading
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator, Mapping
@@ -171,6 +174,174 @@ def test_body_too_large_is_413(server: InferenceServer, holder: ModelHolder) -> 
     assert status == 413
     assert body["error"]["code"] == "too_large"
     assert headers["Connection"] == "close"
+
+
+def _post_raw(
+    port: int, body_size: int, headers: dict[str, str] | None = None
+) -> tuple[int, dict[str, Any], dict[str, str]]:
+    """POST a ``body_size``-byte body with http.client, which sends it all before reading.
+
+    That is how urllib, requests and most clients behave: a server that
+    answers and closes with the body unread makes them fail with a broken
+    pipe or a reset instead of reading the answer.
+    """
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        conn.putrequest("POST", "/v1/infer")
+        conn.putheader("Content-Type", "application/json")
+        conn.putheader("Content-Length", str(body_size))
+        for key, value in (headers or {}).items():
+            conn.putheader(key, value)
+        conn.endheaders()
+        chunk = b" " * (256 * 1024)
+        sent = 0
+        while sent < body_size:
+            piece = chunk[: body_size - sent]
+            conn.send(piece)
+            sent += len(piece)
+        resp = conn.getresponse()
+        return resp.status, json.loads(resp.read()), dict(resp.getheaders())
+    finally:
+        conn.close()
+
+
+def test_a_9_mb_body_gets_the_413_not_a_broken_pipe(
+    holder: ModelHolder, metrics: ServingMetrics
+) -> None:
+    # The agent's default limit (8 MiB) and the body size of issue 9's report.
+    srv = InferenceServer(holder, metrics, poll_interval=0.05)
+    srv.start()
+    try:
+        holder.swap(ScriptedModel(), REF_A)
+        for _ in range(3):  # every time, not by luck of timing
+            status, body, headers = _post_raw(srv.port, 9 * 1024 * 1024)
+            assert status == 413
+            assert body["error"]["code"] == "too_large"
+            assert "exceeds 8388608" in body["error"]["message"]
+            assert headers["Connection"] == "close"
+        assert metrics.total_requests == 0
+        # The server still answers afterwards.
+        status, _, _ = call(srv, "GET", "/healthz")
+        assert status == 200
+    finally:
+        srv.stop()
+
+
+def test_413_is_sent_before_the_body_is_read(server: InferenceServer, holder: ModelHolder) -> None:
+    # Headers only, no body yet: the answer must come from Content-Length alone.
+    holder.swap(ScriptedModel(), REF_A)
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(
+            b"POST /v1/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 9437184\r\n"
+            b"Expect: 100-continue\r\n\r\n"
+        )
+        answer = b""
+        while b"\r\n\r\n" not in answer:
+            data = sock.recv(4096)
+            assert data, f"connection closed without an answer: {answer!r}"
+            answer += data
+    assert answer.startswith(b"HTTP/1.0 413 ")
+
+
+def test_token_guards_inference_and_model_but_not_health(
+    holder: ModelHolder, metrics: ServingMetrics, onnx_model: LoadedModel
+) -> None:
+    token = "s3cret-Token_value"  # noqa: S105 - a test value
+    srv = InferenceServer(
+        holder, metrics, max_body_bytes=64 * 1024, poll_interval=0.05, token=token
+    )
+    srv.start()
+    try:
+        holder.swap(onnx_model, REF_A)
+        body = json.dumps({"inputs": {"x": [[1.0, 2.0, 3.0]]}}).encode()
+
+        def request(path: str, auth: str | None, data: bytes | None = None) -> tuple[int, Any]:
+            req = urllib.request.Request(srv.url + path, data=data)
+            if auth is not None:
+                req.add_header("Authorization", auth)
+            try:
+                with urllib.request.urlopen(req, timeout=10) as resp:
+                    return resp.status, json.loads(resp.read())
+            except urllib.error.HTTPError as err:
+                with err:
+                    status = err.code
+                    challenge = err.headers.get("WWW-Authenticate", "")
+                    answer = json.loads(err.read())
+            assert status != 401 or challenge.startswith("Bearer"), challenge
+            return status, answer
+
+        for auth in (None, "Bearer wrong", f"Basic {token}", f"Bearer {token}x", "Bearer"):
+            status, answer = request("/v1/infer", auth, body)
+            assert (status, answer["error"]["code"]) == (401, "unauthorized"), auth
+            status, answer = request("/v1/model", auth)
+            assert (status, answer["error"]["code"]) == (401, "unauthorized"), auth
+        assert metrics.total_requests == 0  # refused requests never reach the model
+
+        status, answer = request("/v1/infer", f"Bearer {token}", body)
+        assert status == 200 and answer["model"]["version"] == "1.0.0"
+        status, answer = request("/v1/model", f"bearer {token}")
+        assert status == 200
+        assert request("/healthz", None) == (200, {"status": "ok"})
+        assert metrics.total_requests == 1
+        # A refused client sending a large body still reads its 401.
+        status, answer, _ = _post_raw(srv.port, 2 * 1024 * 1024)
+        assert (status, answer["error"]["code"]) == (401, "unauthorized")
+    finally:
+        srv.stop()
+
+
+@pytest.mark.parametrize("token", ["", "two words", "caf\u00e9", "tab\there"])
+def test_unusable_token_is_a_config_error(
+    holder: ModelHolder, metrics: ServingMetrics, token: str
+) -> None:
+    with pytest.raises(ConfigError, match="token"):
+        InferenceServer(holder, metrics, token=token)
+
+
+def test_batch_size_is_recorded_per_request(
+    server: InferenceServer, holder: ModelHolder, metrics: ServingMetrics, onnx_model: LoadedModel
+) -> None:
+    holder.swap(onnx_model, REF_A)
+    for rows in (1, 3, 40):
+        status, _ = infer(server, {"x": [[1.0, 2.0, 3.0]] * rows})
+        assert status == 200
+    stats = metrics.take_window()
+    assert (stats.requests, stats.samples) == (3, 44)
+    # 40 of the 44 samples came in the big batch: it sets the per-sample median.
+    assert stats.sample_p50_ms is not None and stats.p50_ms is not None
+    assert stats.sample_p50_ms < stats.p50_ms
+
+
+def test_a_burst_of_connections_queues_instead_of_having_its_syns_dropped(
+    server: InferenceServer,
+) -> None:
+    # issue 9: one request took 31.6 s during a model switch. When the accept
+    # queue is full the kernel drops a SYN and the client retries after 1, 2,
+    # 4, 8, 16 s (31 s in all). Stop the accept loop (a starved serving thread)
+    # and connect more clients than the old backlog of 64 held.
+    httpd = server._httpd
+    assert httpd is not None
+    httpd.shutdown()  # the socket keeps listening; nothing accepts
+    sel = selectors.DefaultSelector()
+    socks = []
+    try:
+        for _ in range(200):
+            sock = socket.socket()
+            sock.setblocking(False)
+            sock.connect_ex(("127.0.0.1", server.port))
+            sel.register(sock, selectors.EVENT_WRITE)
+            socks.append(sock)
+        connected = 0
+        deadline = time.monotonic() + 0.8  # well before the first SYN retry at 1 s
+        while connected < len(socks) and time.monotonic() < deadline:
+            for key, _ in sel.select(timeout=0.05):
+                sel.unregister(key.fileobj)
+                connected += 1
+        assert connected == 200, f"only {connected} of 200 connections were queued"
+    finally:
+        for sock in socks:
+            sock.close()
+        sel.close()
 
 
 def test_body_without_length_is_411(server: InferenceServer, holder: ModelHolder) -> None:

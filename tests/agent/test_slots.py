@@ -31,7 +31,7 @@ def install(store: SlotStore, release: int, sha: str, payload: bytes = b"model")
     name = SlotStore.slot_name(model, sha)
     staging = store.staging(name)
     (staging / "model.onnx").write_bytes(payload)
-    path = store.commit(staging, name)
+    path = store.commit(staging, name, bundle_sha256=sha)  # sealed, as install() does
     return SlotRecord(slot=name, model=model, bundle_sha256=sha, path=path)
 
 

@@ -204,7 +204,7 @@ class Harness:
             telemetry_interval_s=overrides.pop("telemetry_interval_s", 0.5),
             retry_backoff_s=overrides.pop("retry_backoff_s", 0.5),
             broker=self.broker,
-            http=HttpSettings(port=0),
+            http=overrides.pop("http", HttpSettings(port=0)),
             transfer=transfer,
             **overrides,
         )

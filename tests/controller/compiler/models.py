@@ -198,3 +198,320 @@ def wide_range_mlp(features: int = 16, width: int = 32, seed: int = 0) -> bytes:
         inits,
         "wide",
     )
+
+
+# --- Real-world export patterns (issue 13): each reproduces one way public
+# models differ from the ones the compiler was first built with. ---
+
+
+def _graph_model(
+    nodes: list[onnx.NodeProto],
+    inputs: list[onnx.ValueInfoProto],
+    outputs: list[onnx.ValueInfoProto],
+    inits: dict[str, npt.NDArray[Any]],
+    name: str,
+    *,
+    opset: int = OPSET,
+    ir_version: int = 9,
+) -> bytes:
+    graph = helper.make_graph(
+        nodes, name, inputs, outputs, [numpy_helper.from_array(v, k) for k, v in inits.items()]
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = ir_version
+    onnx.checker.check_model(model, full_check=True)
+    return model.SerializeToString()
+
+
+def neg1_batch(features: int = 16, classes: int = 4, seed: int = 0) -> bytes:
+    """x[-1, features] -> MatMul -> Softmax -> y[-1, classes]: batch as dim_value -1 (Paddle)."""
+    rng = np.random.default_rng(seed)
+    nodes = [
+        helper.make_node("MatMul", ["x", "w"], ["m"], name="fc"),
+        helper.make_node("Softmax", ["m"], ["y"], axis=-1, name="softmax"),
+    ]
+    return _graph_model(
+        nodes,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [-1, features])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [-1, classes])],
+        {"w": _he(rng, (features, classes), features)},
+        "neg1_batch",
+    )
+
+
+def two_unknown_axes(channels: int = 8, seed: int = 0) -> bytes:
+    """x[N, 3, "?", "?"] -> Conv -> Relu -> GlobalAveragePool -> Flatten -> y[N, channels].
+
+    Height and width are both the literal dim_param "?", as paddle2onnx writes
+    them: two independent axes, not one shared one.
+    """
+    rng = np.random.default_rng(seed)
+    nodes = [
+        helper.make_node("Conv", ["x", "w", "b"], ["c"], pads=[1, 1, 1, 1], name="conv"),
+        helper.make_node("Relu", ["c"], ["r"], name="relu"),
+        helper.make_node("GlobalAveragePool", ["r"], ["g"], name="gap"),
+        helper.make_node("Flatten", ["g"], ["y"], name="flatten"),
+    ]
+    return _graph_model(
+        nodes,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, "?", "?"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", channels])],
+        {"w": _he(rng, (channels, 3, 3, 3), 27), "b": rng.normal(0, 0.05, channels).astype(F)},
+        "two_unknown_axes",
+    )
+
+
+def scalar_input(features: int = 16, seed: int = 0) -> bytes:
+    """Inputs x[N, features] and a rank-0 int64 ``sr`` (a sample rate, as silero's)."""
+    rng = np.random.default_rng(seed)
+    nodes = [
+        helper.make_node("MatMul", ["x", "w"], ["m"], name="fc"),
+        helper.make_node("Cast", ["sr"], ["srf"], to=TensorProto.FLOAT, name="cast"),
+        helper.make_node("Div", ["srf", "k"], ["gain"], name="gain"),
+        helper.make_node("Mul", ["m", "gain"], ["y"], name="scale"),
+    ]
+    return _graph_model(
+        nodes,
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", features]),
+            helper.make_tensor_value_info("sr", TensorProto.INT64, []),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
+        {"w": _he(rng, (features, 4), features), "k": np.array(16000.0, F)},
+        "scalar_input",
+    )
+
+
+def constant_weights(features: int = 16, width: int = 32, seed: int = 0) -> bytes:
+    """The mlp shape with every weight in a ``Constant`` node and no initializer at all."""
+    rng = np.random.default_rng(seed)
+    w1 = numpy_helper.from_array(_he(rng, (features, width), features), "w1_value")
+    w2 = numpy_helper.from_array(_he(rng, (width, 4), width), "w2_value")
+    nodes = [
+        helper.make_node("Constant", [], ["w1"], value=w1, name="w1_const"),
+        helper.make_node("Constant", [], ["w2"], value=w2, name="w2_const"),
+        helper.make_node("MatMul", ["x", "w1"], ["h"], name="fc1"),
+        helper.make_node("Relu", ["h"], ["r"], name="relu"),
+        helper.make_node("MatMul", ["r", "w2"], ["y"], name="fc2"),
+    ]
+    return _graph_model(
+        nodes,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", features])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
+        {},
+        "constant_weights",
+    )
+
+
+def opset11_cnn(channels: int = 16, classes: int = 10, size: int = 16, seed: int = 0) -> bytes:
+    """Two biased Convs + GlobalAveragePool at opset 11 (no ``axis`` on DequantizeLinear yet)."""
+    rng = np.random.default_rng(seed)
+    c = channels
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1], name="conv1"),
+        helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+        helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], pads=[1, 1, 1, 1], name="conv2"),
+        helper.make_node("GlobalAveragePool", ["c2"], ["g"], name="gap"),
+        helper.make_node("Flatten", ["g"], ["y"], name="flatten"),
+    ]
+    inits = {
+        "w1": _he(rng, (c, 3, 3, 3), 27),
+        "b1": rng.normal(0, 0.05, c).astype(F),
+        "w2": _he(rng, (classes, c, 3, 3), 9 * c),
+        "b2": rng.normal(0, 0.05, classes).astype(F),
+    }
+    return _graph_model(
+        nodes,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, size, size])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", classes])],
+        inits,
+        "opset11_cnn",
+        opset=11,
+        ir_version=6,
+    )
+
+
+def stateful_if(features: int = 8, hidden: int = 16, seed: int = 0) -> bytes:
+    """A silero-like recurrent step: ``state`` in, ``stateN`` out, the update inside an ``If``.
+
+    ``If(sr == 16000)`` picks a branch computing
+    ``Tanh((x @ wx + state @ ws) * k)``; the branches read the outer
+    initializers ``wx``/``ws`` and hold their own ``k`` in a ``Constant``
+    node. ``prob = Sigmoid(stateN @ wo)`` is a [1, 1] probability.
+    """
+    rng = np.random.default_rng(seed)
+
+    def branch(tag: str, scale: float) -> onnx.GraphProto:
+        k = numpy_helper.from_array(np.array(scale, F), f"{tag}_k_value")
+        return helper.make_graph(
+            [
+                helper.make_node("Constant", [], [f"{tag}_k"], value=k, name=f"{tag}_k_const"),
+                helper.make_node("MatMul", ["x", "wx"], [f"{tag}_a"], name=f"{tag}_in"),
+                helper.make_node("MatMul", ["state", "ws"], [f"{tag}_b"], name=f"{tag}_rec"),
+                helper.make_node("Add", [f"{tag}_a", f"{tag}_b"], [f"{tag}_c"], name=f"{tag}_sum"),
+                helper.make_node("Mul", [f"{tag}_c", f"{tag}_k"], [f"{tag}_d"], name=f"{tag}_gain"),
+                helper.make_node("Tanh", [f"{tag}_d"], [f"{tag}_out"], name=f"{tag}_act"),
+            ],
+            tag,
+            [],
+            [helper.make_tensor_value_info(f"{tag}_out", TensorProto.FLOAT, [1, hidden])],
+        )
+
+    nodes = [
+        helper.make_node("Equal", ["sr", "k16"], ["is16"], name="is16k"),
+        helper.make_node(
+            "If",
+            ["is16"],
+            ["stateN"],
+            then_branch=branch("then", 1.0),
+            else_branch=branch("else", 0.5),
+            name="rate_switch",
+        ),
+        helper.make_node("MatMul", ["stateN", "wo"], ["logit"], name="head"),
+        helper.make_node("Sigmoid", ["logit"], ["prob"], name="sigmoid"),
+    ]
+    inits = {
+        "wx": _he(rng, (features, hidden), features),
+        "ws": (0.3 * _he(rng, (hidden, hidden), hidden)).astype(F),
+        "wo": _he(rng, (hidden, 1), hidden),
+        "k16": np.array(16000, np.int64),
+    }
+    return _graph_model(
+        nodes,
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, features]),
+            helper.make_tensor_value_info("state", TensorProto.FLOAT, [1, hidden]),
+            helper.make_tensor_value_info("sr", TensorProto.INT64, []),
+        ],
+        [
+            helper.make_tensor_value_info("prob", TensorProto.FLOAT, [1, 1]),
+            helper.make_tensor_value_info("stateN", TensorProto.FLOAT, [1, hidden]),
+        ],
+        inits,
+        "stateful_if",
+    )
+
+
+def stateful_if_data(
+    n: int, features: int = 8, hidden: int = 16, seed: int = 1
+) -> dict[str, npt.NDArray[Any]]:
+    """Per-step samples: (samples, 1, features), a zero state each, sr as (samples,)."""
+    rng = np.random.default_rng(seed)
+    return {
+        "x": rng.normal(0, 1, (n, 1, features)).astype(F),
+        "state": np.zeros((n, 1, hidden), F),
+        "sr": np.full(n, 16000, np.int64),
+    }
+
+
+def prob_output(features: int = 16, seed: int = 0) -> bytes:
+    """x[N, features] -> MatMul -> Add -> Sigmoid -> p[N, 1]: one probability per sample.
+
+    Small weights keep many probabilities near 0.5, where a small error flips
+    the decision.
+    """
+    rng = np.random.default_rng(seed)
+    nodes = [
+        helper.make_node("MatMul", ["x", "w"], ["l"], name="fc"),
+        helper.make_node("Add", ["l", "b"], ["lb"], name="bias"),
+        helper.make_node("Sigmoid", ["lb"], ["p"], name="sigmoid"),
+    ]
+    return _graph_model(
+        nodes,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", features])],
+        [helper.make_tensor_value_info("p", TensorProto.FLOAT, ["N", 1])],
+        {"w": rng.normal(0, 0.1, (features, 1)).astype(F), "b": np.zeros(1, F)},
+        "prob_output",
+    )
+
+
+def gemm_row_bias(features: int = 16, width: int = 32, seed: int = 0) -> bytes:
+    """Gemm with a [1, N] bias (tf2onnx after MatMul+Add fusion) -> Relu -> Gemm -> y[N, 4].
+
+    onnxruntime's per-channel QDQ quantizer crashes on the 2-D bias ("The
+    truth value of an array with more than one element is ambiguous").
+    """
+    rng = np.random.default_rng(seed)
+    nodes = [
+        helper.make_node("Gemm", ["x", "w1", "c1"], ["g"], name="fc1"),
+        helper.make_node("Relu", ["g"], ["r"], name="relu"),
+        helper.make_node("Gemm", ["r", "w2", "c2"], ["y"], name="fc2"),
+    ]
+    inits = {
+        "w1": _he(rng, (features, width), features),
+        "c1": rng.normal(0, 0.05, (1, width)).astype(F),
+        "w2": _he(rng, (width, 4), width),
+        "c2": rng.normal(0, 0.05, 4).astype(F),
+    }
+    return _graph_model(
+        nodes,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", features])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
+        inits,
+        "gemm_row_bias",
+    )
+
+
+def gemm_full_bias(batch: int = 2, features: int = 16, width: int = 32, seed: int = 0) -> bytes:
+    """Like :func:`gemm_row_bias` but the first bias is a full [batch, N] matrix (fixed batch).
+
+    That bias cannot be flattened to [N], so the quantizer still fails on
+    ``fc1``: the node it cannot handle must stay float while the rest is
+    quantized.
+    """
+    rng = np.random.default_rng(seed)
+    nodes = [
+        helper.make_node("Gemm", ["x", "w1", "c1"], ["g"], name="fc1"),
+        helper.make_node("Relu", ["g"], ["r"], name="relu"),
+        helper.make_node("Gemm", ["r", "w2", "c2"], ["y"], name="fc2"),
+    ]
+    inits = {
+        "w1": _he(rng, (features, width), features),
+        "c1": rng.normal(0, 0.05, (batch, width)).astype(F),
+        "w2": _he(rng, (width, 4), width),
+        "c2": rng.normal(0, 0.05, 4).astype(F),
+    }
+    return _graph_model(
+        nodes,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, features])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, 4])],
+        inits,
+        "gemm_full_bias",
+    )
+
+
+def weights_in_branches(features: int = 8, width: int = 16, seed: int = 0) -> bytes:
+    """All weights inside ``If`` branches, in ``Constant`` nodes (silero_vad.onnx's layout).
+
+    ``If(sr == 16000)``: each branch computes ``x @ w`` with its own ``w``.
+    """
+    rng = np.random.default_rng(seed)
+
+    def branch(tag: str) -> onnx.GraphProto:
+        w = numpy_helper.from_array(_he(rng, (features, width), features), f"{tag}_w_value")
+        return helper.make_graph(
+            [
+                helper.make_node("Constant", [], [f"{tag}_w"], value=w, name=f"{tag}_w_const"),
+                helper.make_node("MatMul", ["x", f"{tag}_w"], [f"{tag}_y"], name=f"{tag}_fc"),
+            ],
+            tag,
+            [],
+            [helper.make_tensor_value_info(f"{tag}_y", TensorProto.FLOAT, ["N", width])],
+        )
+
+    nodes = [
+        helper.make_node("Equal", ["sr", "k16"], ["is16"], name="is16k"),
+        helper.make_node(
+            "If", ["is16"], ["y"], then_branch=branch("then"), else_branch=branch("else"), name="sw"
+        ),
+    ]
+    return _graph_model(
+        nodes,
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", features]),
+            helper.make_tensor_value_info("sr", TensorProto.INT64, []),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", width])],
+        {"k16": np.array(16000, np.int64)},
+        "weights_in_branches",
+    )

@@ -81,6 +81,9 @@ class TransferSettings:
     request_timeout_s: float = 10.0
     max_attempts: int = 5
     metadata_max_bytes: int = 5_000_000
+    # A refusal (429/503 with a retry-after) is not a failed attempt: the
+    # agent waits and asks again, up to this much waiting per file in total.
+    max_refused_wait_s: float = 300.0
 
 
 class PartialFile:
@@ -277,6 +280,15 @@ class PartialStore:
         shutil.rmtree(self.directory, ignore_errors=True)
 
 
+class _RefusedError(Exception):
+    """The controller answered a request with a refusal (429/503 and a retry-after)."""
+
+    def __init__(self, retry_after_s: float, reason: str) -> None:
+        super().__init__(reason)
+        self.retry_after_s = retry_after_s
+        self.reason = reason
+
+
 Progress = Callable[[str, int, int], None]
 """``progress(path, bytes_done, bytes_total)``."""
 
@@ -314,6 +326,7 @@ class MqttFetcher(FetcherInterface):
         self.requests_sent = 0
         self.blocks_received = 0
         self.blocks_by_path: Counter[str] = Counter()
+        self.refusals = 0
 
     @property
     def request_topic(self) -> str:
@@ -386,6 +399,7 @@ class MqttFetcher(FetcherInterface):
             self._active_request = request_id
         self._drain()
         attempts = 0
+        refused_wait = 0.0
         try:
             while not part.complete:
                 if self._cancel.is_set():
@@ -405,7 +419,24 @@ class MqttFetcher(FetcherInterface):
                 )
                 self._link.publish(self.request_topic, request.encode(), qos=1)
                 self.requests_sent += 1
-                progressed = self._receive(path, part, set(wanted), limit)
+                try:
+                    progressed = self._receive(path, part, set(wanted), limit)
+                except _RefusedError as refusal:
+                    # The controller is protecting itself: back off as told,
+                    # then ask again for what is still missing.
+                    self.refusals += 1
+                    wait = min(refusal.retry_after_s or 1.0, s.request_timeout_s)
+                    if refused_wait + wait > s.max_refused_wait_s:
+                        raise TransferTimeoutError(
+                            f"controller kept refusing {path} for {refused_wait:.0f}s: "
+                            f"{refusal.reason}"
+                        ) from None
+                    refused_wait += wait
+                    log.info("controller refused %s (%s); asking again in %.1fs",
+                             path, refusal.reason, wait)
+                    if self._cancel.wait(wait):
+                        raise TransferError("transfer cancelled: agent is stopping") from None
+                    continue
                 if progressed:
                     attempts = 0
                     continue
@@ -437,6 +468,9 @@ class MqttFetcher(FetcherInterface):
             if frame.kind is FrameKind.ERROR:
                 if frame.status == 404:
                     raise DownloadHTTPError(f"{path}: {frame.message}", 404)
+                if frame.retry_after_s is not None:
+                    # Frames still on their way stay queued for the next window.
+                    raise _RefusedError(frame.retry_after_s, f"{frame.status} {frame.message}")
                 raise TransferError(f"controller refused {path}: {frame.status} {frame.message}")
             if frame.total_size > limit:
                 raise OversizedTransferError(

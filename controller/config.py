@@ -63,6 +63,18 @@ class ServiceSettings:
     # After a (re)connect, how long to wait for the broker's retained outbox
     # marker before concluding it lost the retained desired states.
     outbox_marker_wait_s: float = 2.0
+    # Transfer bounds (controller/transfer.py): every device is potentially
+    # hostile, so what one can make the controller queue is bounded.
+    transfer_max_block_size_bytes: int = 256 * 1024
+    transfer_max_request_bytes: int = 4 * 1024 * 1024
+    # Frame bytes handed to the MQTT client and not yet acknowledged by the broker.
+    transfer_device_inflight_bytes: int = 2 * 1024 * 1024
+    transfer_total_inflight_bytes: int = 32 * 1024 * 1024
+    # Requests a device sends while its earlier one is still queued ("busy");
+    # beyond the bucket they are refused (429) with a retry-after.
+    transfer_busy_requests_per_s: float = 2.0
+    transfer_busy_request_burst: float = 5.0
+    transfer_retry_after_s: float = 1.0
     # Staged rollouts (controller/rollout): how often each active one is stepped.
     run_rollouts: bool = True
     rollout_interval_s: float = 2.0

@@ -57,7 +57,7 @@ from edgefleet.controller.registry import DeploymentInfo, Registry
 from edgefleet.controller.registry.counters import device_rejected_name
 from edgefleet.controller.registry.telemetry import rollup_telemetry
 from edgefleet.controller.rollout.runner import RolloutRunner
-from edgefleet.controller.transfer import TransferServer
+from edgefleet.controller.transfer import RefusalReason, TransferLimits, TransferServer
 from edgefleet.controller.trust import TrustRepository
 from edgefleet.protocols.bounds import fold_reasons
 from edgefleet.protocols.errors import ProtocolError, TopicError
@@ -82,6 +82,26 @@ __all__ = ["ControllerService", "publish_desired_states"]
 log = logging.getLogger(__name__)
 
 _STATUS_VALUES = {b"online": True, b"offline": False}
+# File requests admitted per transfer-loop turn before frames are sent again.
+_REQUESTS_PER_TURN = 256
+# A FileRequest is a few hundred bytes (256 ranges at most: a few KiB); the
+# request queue holds at most _MAX_QUEUED_REQUESTS of them, so at most 32 MiB.
+_MAX_FILE_REQUEST_BYTES = 16 * 1024
+_MAX_QUEUED_REQUESTS = 2_000
+
+
+def transfer_limits(settings: ServiceSettings) -> TransferLimits:
+    """The transfer server's bounds from the ``[service]`` table."""
+    return TransferLimits(
+        max_block_size_bytes=settings.transfer_max_block_size_bytes,
+        max_blocks_per_request=settings.max_blocks_per_request,
+        max_request_bytes=settings.transfer_max_request_bytes,
+        device_inflight_bytes=settings.transfer_device_inflight_bytes,
+        total_inflight_bytes=settings.transfer_total_inflight_bytes,
+        busy_requests_per_s=settings.transfer_busy_requests_per_s,
+        busy_request_burst=settings.transfer_busy_request_burst,
+        retry_after_s=settings.transfer_retry_after_s,
+    )
 
 
 def publish_desired_states(
@@ -136,13 +156,19 @@ class ControllerService:
         self.settings = settings
         # ``links`` (unit tests: ``MemoryBroker.link``) replaces MQTT to ``broker``.
         self.link = (links or mqtt_links(broker))(settings.client_id, on_connect=self._on_connect)
+        self._transfer_wake = threading.Event()
         self.transfers = TransferServer(
             repository,
-            lambda topic, payload: self.link.publish(topic, payload, qos=1),
-            max_blocks_per_request=settings.max_blocks_per_request,
+            lambda topic, payload, on_sent: self.link.publish(
+                topic, payload, qos=1, on_sent=on_sent
+            ),
+            transfer_limits(settings),
+            on_capacity=self._transfer_wake.set,
         )
         self._ingest: queue.Queue[tuple[DeviceTopic, bytes, bool]] = queue.Queue()
-        self._requests: queue.Queue[tuple[DeviceTopic, bytes]] = queue.Queue(maxsize=10_000)
+        self._requests: queue.Queue[tuple[DeviceTopic, bytes]] = queue.Queue(
+            maxsize=_MAX_QUEUED_REQUESTS
+        )
         self._stop = threading.Event()
         self._wake_outbox = threading.Event()
         # Set on every connect: the outbox marker the broker hands back decides
@@ -248,10 +274,20 @@ class ControllerService:
             self.reject("bad_topic", str(exc))
             return
         if parsed.channel is Channel.FILE_REQUEST:
+            if len(payload) > _MAX_FILE_REQUEST_BYTES:
+                # Not queued at all: the queue's bound is in requests, so its
+                # memory is bounded only if each request is small.
+                self.reject("malformed_file_request", f"{len(payload)}-byte file request")
+                return
             try:
                 self._requests.put_nowait((parsed, payload))
             except queue.Full:
-                self.reject("transfer_overload", f"dropped file request from {parsed.device_id}")
+                # Counted per device only for enrolled ids (bounded names);
+                # always in rejected.transfer_queue_full.
+                device = parsed.device_id if parsed.device_id in self._known else None
+                self.transfers.count_refusal(device, RefusalReason.QUEUE_FULL)
+                log.warning("dropped file request from %s: request queue full", parsed.device_id)
+            self._transfer_wake.set()
         else:
             self._ingest.put((parsed, payload, retained))
 
@@ -301,17 +337,32 @@ class ControllerService:
         return message
 
     def _transfer_loop(self) -> None:
+        """Admit queued file requests, then send what the transfer budgets allow.
+
+        Woken by a new request (paho thread) or by an acknowledged frame that
+        freed budget (``on_capacity``); the wake is cleared before the work, so
+        a wake during the work runs the loop once more.
+        """
         while not self._stop.is_set():
+            self._transfer_wake.wait(0.5)
+            self._transfer_wake.clear()
+            for _ in range(_REQUESTS_PER_TURN):
+                try:
+                    topic, payload = self._requests.get_nowait()
+                except queue.Empty:
+                    break
+                try:
+                    request = self._decode(topic, payload, FileRequest)
+                    if isinstance(request, FileRequest):
+                        self.transfers.submit(request)
+                except Exception:  # a bug here must not stop all transfers
+                    log.exception("file request from %s failed", topic.device_id)
+            else:
+                self._transfer_wake.set()  # more requests waiting: come back after sending
             try:
-                topic, payload = self._requests.get(timeout=0.5)
-            except queue.Empty:
-                continue
-            try:
-                request = self._decode(topic, payload, FileRequest)
-                if isinstance(request, FileRequest):
-                    self.transfers.handle(request)
-            except Exception:  # a bug here must not stop all transfers
-                log.exception("file request from %s failed", topic.device_id)
+                self.transfers.pump()
+            except Exception:  # e.g. the link refused a frame; the next turn retries
+                log.exception("sending transfer frames failed")
 
     def _ingest_loop(self) -> None:
         s = self.settings
@@ -507,7 +558,20 @@ class ControllerService:
         return self.registry.expire_events(cut)
 
     def flush_rejections(self) -> None:
-        """Add the rejections counted in memory to the registry's counters."""
+        """Add the rejections counted in memory to the registry's counters.
+
+        Transfer refusals are counted twice: ``rejected.transfer_<reason>``
+        for the fleet, and ``transfer_refused.<device>.<reason>`` per device.
+        Only enrolled devices reach the transfer server and the reasons are a
+        fixed set, so the per-device names are bounded by the fleet.
+        """
+        for (device_id, refusal), n in self.transfers.take_refusals().items():
+            if device_id:
+                self.registry.bump_counter(
+                    f"transfer_refused.{device_id}.{refusal.value}"[:128], n
+                )
+            with self._rejected_lock:
+                self._rejected[f"transfer_{refusal.value}"] += n
         with self._rejected_lock:
             pending, self._rejected = self._rejected, Counter()
             per_device, self._device_rejected = self._device_rejected, Counter()

@@ -9,9 +9,10 @@ isolation, so blocks may arrive in any order, twice, or not at all::
     0       4     magic  b"EFB1"
     4       1     format version (1)
     5       1     kind: 0 = data, 1 = error
-    6       2     status (error frames: 400 bad request, 404 not found, 503 busy)
+    6       2     status (error frames: 400 bad request, 404 not found,
+                  429 rate limited, 503 busy)
     8       16    request id (echo of FileRequest.request_id)
-    24      4     block index
+    24      4     block index (429/503 error frames: retry-after in ms)
     28      4     block size in bytes
     32      8     total file size in bytes
     40      4     payload length
@@ -23,6 +24,11 @@ block of a file of ``total_size`` must be; anything else is a
 :class:`FrameError`. Integrity of the whole file is TUF's job (hashes and
 length in signed metadata); the CRC only stops a corrupted block from being
 stored and then costing a full re-download.
+
+A *refusal* is an error frame with status 429 (this device asked too often)
+or 503 (the controller is busy) whose index field carries how long to wait
+before asking again, in milliseconds. The agent waits that long and asks
+again; it is not a failure of the transfer.
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ __all__ = [
     "HEADER",
     "MAGIC",
     "MAX_FILE_SIZE",
+    "RETRY_STATUSES",
     "BlockFrame",
     "FrameKind",
     "block_count",
@@ -55,6 +62,9 @@ DEFAULT_BLOCK_SIZE = 64 * 1024
 # A sanity bound, not a policy: TUF's signed length is the real limit.
 MAX_FILE_SIZE = 4 * 1024**3
 MAX_ERROR_MESSAGE = 4096
+# Error statuses that mean "ask again later": the index field is a retry-after.
+RETRY_STATUSES = frozenset({429, 503})
+_MAX_RETRY_AFTER_MS = 3_600_000
 
 
 class FrameKind(IntEnum):
@@ -108,6 +118,28 @@ class BlockFrame:
     def error(cls, request_id: str, status: int, message: str) -> BlockFrame:
         payload = message.encode()[:MAX_ERROR_MESSAGE]
         return cls(FrameKind.ERROR, request_id, 0, 0, 0, payload, status)
+
+    @classmethod
+    def refusal(
+        cls, request_id: str, status: int, message: str, retry_after_s: float
+    ) -> BlockFrame:
+        """An error frame telling the agent to ask again after ``retry_after_s``.
+
+        Raises:
+            FrameError: ``status`` is not one of :data:`RETRY_STATUSES`.
+        """
+        if status not in RETRY_STATUSES:
+            raise FrameError(f"status {status} is not a retry status")
+        after_ms = min(_MAX_RETRY_AFTER_MS, max(0, round(retry_after_s * 1000)))
+        payload = message.encode()[:MAX_ERROR_MESSAGE]
+        return cls(FrameKind.ERROR, request_id, after_ms, 0, 0, payload, status)
+
+    @property
+    def retry_after_s(self) -> float | None:
+        """For a refusal (429/503 error frame), how long to wait before asking again."""
+        if self.kind is not FrameKind.ERROR or self.status not in RETRY_STATUSES:
+            return None
+        return min(self.index, _MAX_RETRY_AFTER_MS) / 1000
 
     @property
     def message(self) -> str:

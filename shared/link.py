@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
 
 # Bound on the topic -> handlers cache (one entry per device and channel seen).
 _MAX_ROUTES = 100_000
+# Bound on remembered message ids (paho's mids are 16-bit).
+_MAX_TRACKED = 65_536
 
 Handler = Callable[[str, bytes, bool], None]
 """``handler(topic, payload, retained)``, called on paho's network thread."""
@@ -132,11 +134,17 @@ class Link(Protocol):
         qos: int = 0,
         retain: bool = False,
         wait_s: float | None = None,
+        on_sent: Callable[[], None] | None = None,
     ) -> bool:
         """Send a message; with ``wait_s``, return whether the broker acknowledged it in time.
 
+        ``on_sent`` is called once, on the link's thread (possibly before
+        ``publish`` returns), when the message has left the link: the broker
+        acknowledged it (QoS 1) or it was written (QoS 0). The transfer server
+        uses it to know how many bytes the client still holds.
+
         Raises:
-            BrokerError: the message was refused outright.
+            BrokerError: the message was refused outright (``on_sent`` is not called).
         """
         ...
 
@@ -202,6 +210,10 @@ class MqttLink:
         # most of the controller's receive cost. Cleared when filters change.
         self._routes: dict[str, list[Handler]] = {}
         self._lock = threading.Lock()
+        # mid -> on_sent for messages paho still holds (see _track).
+        self._sent_lock = threading.Lock()
+        self._on_sent: dict[int, Callable[[], None] | None] = {}
+        self._sent_early: set[int] = set()
         self._connected = threading.Event()
         self._refused: str | None = None
         self._stopped = False
@@ -231,6 +243,7 @@ class MqttLink:
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
+        client.on_publish = self._on_publish
         self._client = client
 
     # ------------------------------------------------------------------ lifecycle
@@ -300,8 +313,14 @@ class MqttLink:
         qos: int = 0,
         retain: bool = False,
         wait_s: float | None = None,
+        on_sent: Callable[[], None] | None = None,
     ) -> bool:
         """Queue a message; with ``wait_s``, wait until the broker acknowledged it.
+
+        ``on_sent`` is called on paho's thread when paho reports the message
+        sent (``on_publish``: PUBACK received for QoS 1, written for QoS 0).
+        Until then paho holds the payload in memory; this is how a caller
+        bounds what it has queued (see ``controller/transfer.py``).
 
         Returns:
             True once queued (or acknowledged, with ``wait_s``); False when the
@@ -314,6 +333,7 @@ class MqttLink:
         info = self._client.publish(topic, payload, qos=qos, retain=retain)
         if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
             raise BrokerError(f"publish to {topic} failed: {mqtt.error_string(info.rc)}")
+        self._track(info.mid, on_sent)
         if wait_s is None:
             return True
         try:
@@ -322,7 +342,49 @@ class MqttLink:
             return False
         return info.is_published()
 
+    def _track(self, mid: int, on_sent: Callable[[], None] | None) -> None:
+        """Remember ``on_sent`` for message ``mid`` until paho reports it sent.
+
+        Every publish is recorded (with ``None`` when nobody waits), because
+        paho may report a message sent before ``publish`` returned here: an
+        ``on_publish`` for a mid not yet recorded is kept in ``_sent_early``
+        and consumed by that publish's own record, so no mark outlives its
+        message and a reused mid never matches a stale one. Our lock is never
+        held while calling paho: paho calls ``on_publish`` with its own
+        message lock held, and ``publish`` takes that lock.
+        """
+        with self._sent_lock:
+            if mid in self._sent_early:
+                self._sent_early.discard(mid)
+                done_now = True
+            else:
+                if len(self._on_sent) >= _MAX_TRACKED:
+                    # Only unwaited marks of messages paho dropped (QoS 0 offline)
+                    # can pile up; waited ones are bounded by their callers.
+                    self._on_sent = {m: c for m, c in self._on_sent.items() if c is not None}
+                self._on_sent[mid] = on_sent
+                done_now = False
+        if done_now and on_sent is not None:
+            on_sent()
+
     # ------------------------------------------------------------------ paho callbacks
+    def _on_publish(
+        self, _client: mqtt.Client, _userdata: Any, mid: int, _reason: Any, _props: Any
+    ) -> None:
+        with self._sent_lock:
+            if mid in self._on_sent:
+                callback = self._on_sent.pop(mid)
+            else:
+                if len(self._sent_early) >= _MAX_TRACKED:
+                    self._sent_early.clear()
+                self._sent_early.add(mid)
+                callback = None
+        if callback is not None:
+            try:
+                callback()
+            except Exception:  # a callback bug must not kill paho's network thread
+                log.exception("on_sent callback failed")
+
     def _on_connect(
         self, client: mqtt.Client, _userdata: Any, _flags: Any, reason: Any, _props: Any
     ) -> None:

@@ -444,8 +444,12 @@ class MemoryLink:
         qos: int = 0,
         retain: bool = False,
         wait_s: float | None = None,
+        on_sent: Callable[[], None] | None = None,
     ) -> bool:
         """Hand a message to the broker.
+
+        ``on_sent`` is called as soon as the broker took the message or it was
+        kept for the next connect (this link holds nothing in flight).
 
         Returns:
             True when the broker took it (or, without ``wait_s``, when a QoS 1
@@ -466,10 +470,14 @@ class MemoryLink:
                 f"publish to {topic} failed: payload of {len(data)} bytes is too large"
             )
         if self.connected and self._broker._accept(self, topic, data, qos, retain):
+            if on_sent is not None:
+                on_sent()
             return True
         if qos == 1:
             with self._lock:
                 self._pending.append((topic, data, retain))
+        if on_sent is not None:
+            on_sent()
         return wait_s is None
 
     # ------------------------------------------------------------------ broker side

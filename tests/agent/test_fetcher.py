@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -20,7 +22,7 @@ from edgefleet.agent.fetcher import (
     PartialStore,
     TransferSettings,
 )
-from edgefleet.controller.transfer import TransferServer
+from edgefleet.controller.transfer import RefusalReason, TransferServer
 from edgefleet.protocols.errors import OversizedTransferError, TransferTimeoutError
 from edgefleet.protocols.messages import FileRequest
 from edgefleet.protocols.topics import Channel, DeviceTopic
@@ -45,8 +47,11 @@ class Files:
 class Controller:
     def __init__(self, broker: MemoryBroker, files: Files) -> None:
         self.link = broker.link("test-ctl")
-        self.server = TransferServer(files, lambda t, p: self.link.publish(t, p, qos=1))
+        self.server = TransferServer(
+            files, lambda t, p, done: self.link.publish(t, p, qos=1, on_sent=done)
+        )
         self.requests: list[FileRequest] = []
+        self.refuse_next = 0
         self.serving = threading.Event()
         self.serving.set()
         self.link.subscribe(DeviceTopic.wildcard(Channel.FILE_REQUEST), self._on_request)
@@ -55,7 +60,12 @@ class Controller:
     def _on_request(self, _t: str, payload: bytes, _r: bool) -> None:
         request = FileRequest.decode(payload)
         self.requests.append(request)
-        if self.serving.is_set():
+        if self.refuse_next:
+            self.refuse_next -= 1
+            self.server.refuse(
+                request.device_id, request.request_id, RefusalReason.RATE, "slow down", 0.3
+            )
+        elif self.serving.is_set():
             self.server.handle(request)
 
 
@@ -137,6 +147,38 @@ def test_stalled_transfer_times_out_after_retries(
         list(fetcher.fetch(URL_PREFIX + "targets/slow.bin"))
     assert isinstance(info.value.__cause__, TransferTimeoutError)
     assert len(ctl.requests) == 2  # max_attempts
+
+
+def test_a_refusal_is_waited_out_then_asked_again_not_timed_out(
+    setup: tuple[Controller, Files, MqttFetcher, Link],
+) -> None:
+    ctl, files, fetcher, _ = setup
+    fetcher.settings = replace(fetcher.settings, request_timeout_s=5.0, max_attempts=1)
+    data = os.urandom(6 * BS)
+    files.files["targets/busy.bin"] = data
+    fetcher.expect_length("targets/busy.bin", len(data))
+    ctl.refuse_next = 2
+    started = time.monotonic()
+    assert b"".join(fetcher.fetch(URL_PREFIX + "targets/busy.bin")) == data
+    elapsed = time.monotonic() - started
+    assert fetcher.refusals == 2
+    # It waited the retry-after twice (0.3 s each), not a request timeout (5 s),
+    # and a refusal did not count as one of its (here: one) attempts.
+    assert 0.6 <= elapsed < 4.0
+    assert len(ctl.requests) == 4  # two refused, then the two windows of 4 + 2 blocks
+
+
+def test_endless_refusals_give_up_after_the_refusal_budget(
+    setup: tuple[Controller, Files, MqttFetcher, Link],
+) -> None:
+    ctl, files, fetcher, _ = setup
+    fetcher.settings = replace(fetcher.settings, max_refused_wait_s=1.0)
+    files.files["targets/never.bin"] = os.urandom(BS)
+    ctl.refuse_next = 1000
+    with pytest.raises(DownloadError) as info:
+        list(fetcher.fetch(URL_PREFIX + "targets/never.bin"))
+    assert isinstance(info.value.__cause__, TransferTimeoutError)
+    assert fetcher.refusals >= 3
 
 
 def test_partial_file_survives_reopen_and_ignores_torn_log(tmp_path: Path) -> None:

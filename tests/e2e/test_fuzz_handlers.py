@@ -8,6 +8,7 @@ Nothing may raise, nothing may hang, and every refusal must be counted.
 from __future__ import annotations
 
 import json
+import queue
 from collections.abc import Iterator
 
 import pytest
@@ -17,7 +18,7 @@ from hypothesis import strategies as st
 from edgefleet.agent.config import AgentConfig, HttpSettings
 from edgefleet.agent.daemon import Agent
 from edgefleet.controller.registry import Registry
-from edgefleet.controller.service import ControllerService
+from edgefleet.controller.service import _MAX_FILE_REQUEST_BYTES, ControllerService
 from edgefleet.controller.trust import TrustRepository
 from edgefleet.protocols.errors import FrameError, MessageError
 from edgefleet.protocols.framing import BlockFrame
@@ -142,10 +143,19 @@ def test_controller_file_requests_survive_anything(
 ) -> None:
     before = sum(controller.rejected().values())
     controller._on_message(str(DeviceTopic(DEVICE, Channel.FILE_REQUEST)), payload, False)
-    parsed, raw = controller._requests.get_nowait()
-    request = controller._decode(parsed, raw, FileRequest)
+    try:
+        parsed, raw = controller._requests.get_nowait()
+    except queue.Empty:
+        # Refused on arrival, never queued: only requests over the size bound.
+        assert len(payload) > _MAX_FILE_REQUEST_BYTES
+        request = None
+    else:
+        request = controller._decode(parsed, raw, FileRequest)
     rejected = sum(controller.rejected().values()) - before
-    assert (request is not None) == _valid(Channel.FILE_REQUEST, payload)
+    # Valid, and small enough to be queued (a FileRequest is a few hundred bytes;
+    # the bound keeps the request queue's memory bounded).
+    accepted = _valid(Channel.FILE_REQUEST, payload) and len(payload) <= _MAX_FILE_REQUEST_BYTES
+    assert (request is not None) == accepted
     assert rejected == (0 if request is not None else 1)
 
 

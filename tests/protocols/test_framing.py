@@ -91,3 +91,12 @@ def test_headers_with_any_numbers_are_checked(index: int, bs: int, total: int) -
     else:
         assert index < max(1, block_count(total, bs))
         assert len(frame.payload) == block_length(index, total, bs)
+
+
+def test_a_refusal_carries_its_retry_after_through_a_round_trip() -> None:
+    frame = BlockFrame.decode(BlockFrame.refusal("ab" * 16, 429, "slow down", 1.5).encode())
+    assert frame.kind is FrameKind.ERROR and frame.status == 429
+    assert frame.retry_after_s == 1.5 and frame.message == "slow down"
+    assert BlockFrame.error("ab" * 16, 404, "no such file").retry_after_s is None
+    with pytest.raises(FrameError):
+        BlockFrame.refusal("ab" * 16, 404, "not a retry status", 1.0)

@@ -1051,12 +1051,14 @@ def _profiles_file(cache: Path, objective: str) -> tuple[Path, dict[str, str]]:
     return path, names
 
 
-def compile_one(cache: Path, b: Bench, objective: str, mem_cap_gb: float, help_text: str) -> Run:
+def compile_one(
+    cache: Path, b: Bench, objective: str, mem_cap_gb: float, help_text: str, tag: str = ""
+) -> Run:
     model = model_path(cache, b)
     cal, val, _ = build_data(cache, b)
     if "--state" in help_text:  # this compiler reads label:/stream:id arrays too
         cal, val = extended_data(cache, b)
-    out_dir = cache / "out" / f"{b.key}-{objective}"
+    out_dir = cache / ("out-" + tag if tag else "out") / f"{b.key}-{objective}"
     runtime = "tflite" if b.runtime == "tflite" else "onnxruntime"
     args = [str(model), "--calibration", str(cal), "--validation", str(val), "--json",
             "--latency-runs", str(b.latency_runs), "--output-dir", str(out_dir)]  # fmt: skip
@@ -1242,12 +1244,40 @@ def task_scores(cache: Path, b: Bench, variant: Path | None) -> dict[str, str]:
     return res
 
 
+def wire_ratio(cache: Path, run: dict[str, Any]) -> dict[str, Any] | None:
+    """What bundle compression (xz, kept when it saves >= 5%) does to the chosen model file."""
+    from edgefleet.controller.bundle import compress_bundle
+
+    b = next(x for x in BENCHES if x.key == run["key"])
+    variant = Path(run["variant"]) if run.get("variant") else None
+    if variant is None or not variant.exists():
+        return None
+    data = variant.read_bytes()
+    packed, compression = compress_bundle(data)
+    source = model_path(cache, b).stat().st_size
+    return {
+        "raw": len(data),
+        "wire": len(packed),
+        "compressed": compression is not None,
+        "xz_saving": 1 - len(packed) / len(data),
+        "vs_source": source / len(packed),
+    }
+
+
 # --------------------------------------------------------------------------- table
 def _chosen(report: dict[str, Any] | None) -> dict[str, Any] | None:
     if not report or not report.get("chosen"):
         return None
     name = report["chosen"][0]
     return next((c for c in report["candidates"] if c["name"] == name), None)
+
+
+def _wire(xz: dict[str, Any] | None) -> str:
+    if not xz:
+        return "-"
+    if not xz["compressed"]:
+        return f"{xz['vs_source']:.2f}x (xz saves {xz['xz_saving'] * 100:.0f}%: not used)"
+    return f"{xz['vs_source']:.2f}x"
 
 
 def _acc_summary(acc: dict[str, Any] | None) -> str:
@@ -1284,12 +1314,12 @@ def row(b: Bench, run: dict[str, Any]) -> str:
     rep = run.get("report")
     c = _chosen(rep)
     if run.get("skipped"):
-        return f"| {b.key} | {run['objective']} | skipped: {run['skipped']} | | | | | | | |"
+        return f"| {b.key} | {run['objective']} | skipped: {run['skipped']} | | | | | | | | |"
     if c is None:
         why = run.get("error") or "no report"
         return (
             f"| {b.key} | {run['objective']} | **none** ({why[:160]}) | - | - | - | "
-            f"{_best_size(rep)} | {run.get('task', {}).get('fp32', '')} | {run['seconds']:.0f} | "
+            f"{_best_size(rep)} | {run.get('task', {}).get('fp32', '')} | - | {run['seconds']:.0f} | "
             f"{run['peak_rss_mb'] / 1024:.2f} |"
         )
     summary = _acc_summary(c.get("accuracy"))
@@ -1298,16 +1328,23 @@ def row(b: Bench, run: dict[str, Any]) -> str:
     task_s = f"{task.get('fp32', '')} -> {task.get('chosen', '')}" if task else ""
     return (
         f"| {b.key} | {run['objective']} | {c['name']} | {size} | {_fmt_ratio(c.get('latency_ratio'))} | "
-        f"{summary} | {_best_size(rep)} | {task_s} | {run['seconds']:.0f} | {run['peak_rss_mb'] / 1024:.2f} |"
+        f"{summary} | {_best_size(rep)} | {task_s} | {_wire(run.get('xz'))} | {run['seconds']:.0f} | {run['peak_rss_mb'] / 1024:.2f} |"
     )
 
 
 def table(cache: Path, results: dict[str, dict[str, Any]], command: str) -> str:
     host = next((r["report"]["host"] for r in results.values() if r.get("report")), {})
+    code = subprocess.run(
+        ["git", "-C", str(ROOT), "log", "-1", "--format=%h %s"],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout.strip()
     lines = [
         SECTION,
         "",
         f"Command: `{command}` (wheels, models, data and raw reports in `~/.cache/edgefleet-bench`).",
+        f"Code measured: `{code}`.",
         f"Machine: {host.get('cpu', '?')} ({'/'.join(host.get('features', []))}), 2 cores shared "
         "with 7 other busy sessions: wall times are inflated, latency ratios come from the "
         "compiler's interleaved rounds against fp32 in the same run (about +-15% under this load). "
@@ -1317,10 +1354,12 @@ def table(cache: Path, results: dict[str, dict[str, Any]], command: str) -> str:
         "",
         'Size = fp32 source bytes / variant bytes; latency = variant p50 / fp32 p50. "Smallest passing" '
         "is the smallest candidate that passed the accuracy gate even when the objective did not pick it. "
-        "Task = accuracy of fp32 -> chosen variant against the data's labels (or a task-level agreement).",
+        "Task = accuracy of fp32 -> chosen variant against the data's labels (or a task-level agreement). "
+        "Wire = fp32 source bytes / the chosen model file after bundle compression (xz, only kept when it "
+        "saves >= 5%).",
         "",
-        "| model | objective | chosen | size | latency | agreement (gate) | smallest passing | task (fp32 -> chosen) | compile s | peak GB |",
-        "|---|---|---|---:|---:|---|---|---|---:|---:|",
+        "| model | objective | chosen | size | latency | agreement (gate) | smallest passing | task (fp32 -> chosen) | wire (xz) | compile s | peak GB |",
+        "|---|---|---|---:|---:|---|---|---|---:|---:|---:|",
     ]
     for b in BENCHES:
         for _, run in sorted(results.items()):
@@ -1356,10 +1395,10 @@ def write_section(text: str) -> None:
 
 
 # --------------------------------------------------------------------------- main
-def run_one(cache: Path, key: str, objective: str, mem_cap_gb: float) -> None:
+def run_one(cache: Path, key: str, objective: str, mem_cap_gb: float, tag: str) -> None:
     """Child mode: one compile in a fresh process so RUSAGE_CHILDREN is that compile's alone."""
     b = next(x for x in BENCHES if x.key == key)
-    r = compile_one(cache, b, objective, mem_cap_gb, _cli_options())
+    r = compile_one(cache, b, objective, mem_cap_gb, _cli_options(), tag)
     print(json.dumps(r.__dict__))
 
 
@@ -1376,15 +1415,18 @@ def main() -> None:
     ap.add_argument("--rerun", action="store_true", help="compile again even when a result exists")
     ap.add_argument("--table-only", action="store_true", help="render stored results only")
     ap.add_argument("--write", action="store_true", help="replace the section in BENCHMARKS.md")
+    ap.add_argument(
+        "--tag", default="", help="keep this run's results apart (results-TAG/, out-TAG/)"
+    )
     ap.add_argument("--one", nargs=2, metavar=("KEY", "OBJECTIVE"), help=argparse.SUPPRESS)
     a = ap.parse_args()
     cache = a.cache.expanduser()
     if a.one:
-        run_one(cache, a.one[0], a.one[1], a.mem_cap_gb)
+        run_one(cache, a.one[0], a.one[1], a.mem_cap_gb, a.tag)
         return
     keys = [k for k in a.only.split(",") if k] or [b.key for b in BENCHES]
     objectives = [o for o in a.objective.split(",") if o]
-    results_dir = cache / "results"
+    results_dir = cache / ("results-" + a.tag if a.tag else "results")
     results_dir.mkdir(parents=True, exist_ok=True)
     for b in BENCHES:
         if b.key not in keys or a.table_only:
@@ -1401,7 +1443,8 @@ def main() -> None:
                 flush=True,
             )
             out = subprocess.run(
-                [sys.executable, __file__, "--cache", str(cache), "--mem-cap-gb", str(a.mem_cap_gb), "--one", b.key, objective],
+                [sys.executable, __file__, "--cache", str(cache), "--mem-cap-gb", str(a.mem_cap_gb),
+                 "--tag", a.tag, "--one", b.key, objective],
                 capture_output=True, text=True, check=False,
             )  # fmt: skip
             if out.returncode != 0 or not out.stdout.strip():
@@ -1427,6 +1470,9 @@ def main() -> None:
     for p in sorted(results_dir.glob("*.json")):
         run = json.loads(p.read_text())
         if run["key"] in keys and run["objective"] in objectives:
+            if "xz" not in run:
+                run["xz"] = wire_ratio(cache, run)
+                p.write_text(json.dumps(run, indent=1))
             results[p.stem] = run
     command = "python bench/real_models.py --write" + (
         f" --objective {a.objective}" if a.objective != "latency" else ""

@@ -1076,8 +1076,9 @@ def compile_one(
     cap = int(mem_cap_gb * 2**30)
 
     def limit() -> None:
+        # No nice(): on a shared machine a niced compile is preempted mid-run
+        # and its millisecond timings turn into scheduling noise.
         resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
-        os.nice(10)
 
     started = time.monotonic()
     proc = subprocess.Popen(

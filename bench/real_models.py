@@ -1333,14 +1333,17 @@ def row(b: Bench, run: dict[str, Any]) -> str:
     )
 
 
-def table(cache: Path, results: dict[str, dict[str, Any]], command: str) -> str:
+def table(cache: Path, results: dict[str, dict[str, Any]], command: str, code: str = "") -> str:
     host = next((r["report"]["host"] for r in results.values() if r.get("report")), {})
-    code = subprocess.run(
-        ["git", "-C", str(ROOT), "log", "-1", "--format=%h %s"],
-        capture_output=True,
-        text=True,
-        check=False,
-    ).stdout.strip()
+    code = (
+        code
+        or subprocess.run(
+            ["git", "-C", str(ROOT), "log", "-1", "--format=%h %s"],
+            capture_output=True,
+            text=True,
+            check=False,
+        ).stdout.strip()
+    )
     lines = [
         SECTION,
         "",
@@ -1419,6 +1422,7 @@ def main() -> None:
     ap.add_argument(
         "--tag", default="", help="keep this run's results apart (results-TAG/, out-TAG/)"
     )
+    ap.add_argument("--code", default="", help="describe the code measured (default: git log -1)")
     ap.add_argument("--one", nargs=2, metavar=("KEY", "OBJECTIVE"), help=argparse.SUPPRESS)
     a = ap.parse_args()
     cache = a.cache.expanduser()
@@ -1478,7 +1482,7 @@ def main() -> None:
     command = "python bench/real_models.py --write" + (
         f" --objective {a.objective}" if a.objective != "latency" else ""
     )
-    text = table(cache, results, command)
+    text = table(cache, results, command, a.code)
     print(text)
     if a.write:
         write_section(text)

@@ -1369,6 +1369,7 @@ def table(cache: Path, results: dict[str, dict[str, Any]], command: str, code: s
         for _, run in sorted(results.items()):
             if run["key"] == b.key:
                 lines.append(row(b, run))
+    lines += ["", *targets(results)]
     lines += ["", "Models:", ""]
     for b in BENCHES:
         lines.append(
@@ -1384,6 +1385,55 @@ def table(cache: Path, results: dict[str, dict[str, Any]], command: str, code: s
                    if x["name"] not in ("fp32", "fp32-opt")]  # fmt: skip
             lines.append(f"- `{key}`: nothing smaller shipped; " + "; ".join(why))
     return "\n".join(lines) + "\n"
+
+
+def targets(results: dict[str, dict[str, Any]]) -> list[str]:
+    """The issue's targets, checked against this run's results."""
+    runs = list(results.values())
+    failed = sorted({r["key"] for r in runs if r.get("rc") and not r.get("skipped")})
+    out = ["Targets (issue 13):", ""]
+    measured = sorted({r["key"] for r in runs})
+    missing = [b.key for b in BENCHES if b.key not in measured]
+    out.append(
+        f"- every model compiles: {len(measured) - len(failed)} of {len(measured)} measured compile"
+        + (f"; refused or failed: {', '.join(failed)}" if failed else "")
+        + (f"; not measured in this run: {', '.join(missing)}" if missing else "")
+    )
+    size_rows = []
+    for r in runs:
+        c = _chosen(r.get("report"))
+        if r["objective"] == "size" and c is not None and c.get("size_ratio"):
+            size_rows.append(f"{r['key']} {1 / c['size_ratio']:.2f}x ({c['name']})")
+    if size_rows:
+        out.append(
+            "- `size` objective, chosen size vs fp32 (target >= 3.5x for weight-dominated models at "
+            ">= 99% agreement): " + ", ".join(sorted(size_rows))
+        )
+    slower = []
+    for r in runs:
+        c = _chosen(r.get("report"))
+        if r["objective"] == "latency" and c is not None and (c.get("latency_ratio") or 1) > 1.0:
+            slower.append(f"{r['key']} {c['latency_ratio']:.2f}x")
+    out.append(
+        "- `latency` objective never ships a slower variant: "
+        + ("held" if not slower else "missed: " + ", ".join(slower))
+    )
+    tr = results.get("minilm-latency")
+    if tr and tr.get("report"):
+        cands = [
+            c
+            for c in tr["report"]["candidates"]
+            if c["precision"] == "int8" and c.get("latency_ratio")
+        ]
+        best = min(cands, key=lambda c: c["latency_ratio"], default=None)
+        if best is not None:
+            passed = bool((best.get("accuracy") or {}).get("passed"))
+            out.append(
+                f"- transformer encoder >= 1.5x faster with int8 on VNNI: fastest int8 candidate "
+                f"`{best['name']}` at {best['latency_ratio']:.2f}x fp32 latency "
+                f"({1 / best['latency_ratio']:.2f}x faster), accuracy gate {'passed' if passed else 'failed'}"
+            )
+    return out
 
 
 def write_section(text: str) -> None:

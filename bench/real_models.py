@@ -1342,17 +1342,24 @@ def row(b: Bench, run: dict[str, Any]) -> str:
     )
 
 
+def _size_pick(rep: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The size rule on a report's measurements: smallest passing candidate at p50 <= 1.1x fp32."""
+    if not rep:
+        return None
+    ok = [c for c in rep["candidates"] if c.get("size_ratio") and (c.get("accuracy") or {}).get("passed")
+          and (c.get("latency_ratio") or 99) <= 1.1]  # fmt: skip
+    return min(ok, key=lambda c: c["size_ratio"]) if ok else None
+
+
 def derived_size_row(b: Bench, run: dict[str, Any]) -> str:
     """The `size` objective's pick, applied to the latency run's measurements (same rule:
     the smallest candidate that passed the gate at p50 <= 1.1x fp32)."""
     rep = run.get("report")
     if not rep:
         return f"| {b.key} | size* | - (no latency report) | | | | | | | | |"
-    ok = [c for c in rep["candidates"] if c.get("size_ratio") and (c.get("accuracy") or {}).get("passed")
-          and (c.get("latency_ratio") or 99) <= 1.1]  # fmt: skip
-    if not ok:
+    c = _size_pick(rep)
+    if c is None:
         return f"| {b.key} | size* | fp32 (nothing smaller passed at <= 1.1x latency) | 1.00x | 1.00x | | | | | | |"
-    c = min(ok, key=lambda c: c["size_ratio"])
     return (
         f"| {b.key} | size* | {c['name']} | {1 / c['size_ratio']:.2f}x | {_fmt_ratio(c.get('latency_ratio'))} | "
         f"{_acc_summary(c.get('accuracy'))} | | | | (latency run) | |"
@@ -1434,6 +1441,10 @@ def targets(results: dict[str, dict[str, Any]]) -> list[str]:
         c = _chosen(r.get("report"))
         if r["objective"] == "size" and c is not None and c.get("size_ratio"):
             size_rows.append(f"{r['key']} {1 / c['size_ratio']:.2f}x ({c['name']})")
+        if r["objective"] == "latency" and f"{r['key']}-size" not in results:
+            d = _size_pick(r.get("report"))
+            if d is not None:
+                size_rows.append(f"{r['key']}* {1 / d['size_ratio']:.2f}x ({d['name']})")
     if size_rows:
         out.append(
             "- `size` objective, chosen size vs fp32 (target >= 3.5x for weight-dominated models at "

@@ -1384,7 +1384,8 @@ def table(cache: Path, results: dict[str, dict[str, Any]], command: str, code: s
         f"Code measured: `{code}`.",
         f"Machine: {host.get('cpu', '?')} ({'/'.join(host.get('features', []))}), 2 cores shared "
         "with 7 other busy sessions: wall times are inflated, latency ratios come from the "
-        "compiler's interleaved rounds against fp32 in the same run (about +-15% under this load). "
+        "compiler's interleaved rounds against fp32 in the same run, yet stay noisy under such load "
+        "(compare a model's latency and size rows: same candidates, separate runs). "
         f"ONNX models use the `{host_profile()}` profile (the one matching this host's CPU), TFLite "
         "models `arm64-litert` timed on this x86 host. Peak memory is the compile child's `ru_maxrss` "
         "(address space capped per compile).",

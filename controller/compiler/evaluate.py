@@ -326,7 +326,7 @@ def parse_metric(metric: str) -> tuple[str, float | None]:
     """
     kind, sep, arg = metric.strip().partition(":")
     if kind not in METRICS:
-        raise ValueError(f"{metric!r} is not a metric; metrics: {METRIC_SYNTAX}")
+        raise ValueError(f"{metric!r} is not a metric: must be one of {METRIC_SYNTAX}")
     if kind in ("top1", "cosine", "exact"):
         if sep:
             raise ValueError(f"metric {metric!r}: {kind} takes no parameter")

@@ -4,8 +4,9 @@ One call is one step of a stream: ``x`` (a frame of features), ``state`` (the
 recurrent state the previous step returned) and ``sr`` (the sample rate, a
 scalar) go in; ``prob`` (a [1, 1] probability) and ``stateN`` come out. The
 update is ``Tanh(gain * (xs @ wx + state @ ws))``, where ``xs`` is the frame
-scaled by an ``If`` on the sample rate (silero-vad branches on it too). The recurrent gain is above 1, so a small
-error in the state grows from step to step: what a per-step check never sees.
+scaled by an ``If`` on the sample rate (silero-vad branches on it too). The
+recurrent gain is above 1, so a small error in the state grows from step to
+step: what a per-step check never sees.
 """
 
 from __future__ import annotations
@@ -105,3 +106,24 @@ def stream_frames(
         "sr": np.full(n, 16000, np.int64),
         "stream:id": np.repeat(np.arange(streams), steps).astype(np.int64),
     }
+
+
+def recorded_states(model: bytes, data: dict[str, npt.NDArray[Any]]) -> dict[str, Any]:
+    """Per-step samples: each step with the state fp32 really had there (no ``stream:id``).
+
+    This is what a user without ``--state`` would validate on: the recorded
+    fp32 state at every step, so a candidate never sees its own state.
+    """
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+    ids = data["stream:id"]
+    hidden = session.get_inputs()[1].shape[1]
+    states = []
+    h = np.zeros((1, hidden), F)
+    for i in range(len(ids)):
+        if i == 0 or ids[i] != ids[i - 1]:
+            h = np.zeros((1, hidden), F)
+        states.append(h)
+        _, h = session.run(None, {"x": data["x"][i], "state": h, "sr": np.asarray(data["sr"][i])})
+    return {"x": data["x"], "sr": data["sr"], "state": np.stack(states)}

@@ -213,4 +213,3 @@ def test_cli_state_option(tmp_path: Path) -> None:
     assert unknown.exit_code == 1
     assert "Error: state state=nope: 'nope' is not a model output" in unknown.output
     assert "Traceback" not in unknown.output
-

@@ -94,7 +94,7 @@ def _emit(report: CompileReport, as_json: bool, extra: dict[str, Any] | None = N
     type=float,
     default=0.01,
     show_default=True,
-    help="Accuracy gate: score >= 1 - tolerance (top-1 agreement or cosine).",
+    help="Accuracy gate: every output's score >= 1 - tolerance (see --metric).",
 )
 @click.option(
     "--metric",

@@ -586,6 +586,8 @@ def compile_model(
             calibration, src, role="calibration", max_samples=max_calibration_samples, state=state
         )
     )
+    if max_accuracy_drop is not None and (val is None or not val.labels):
+        raise CompileError("max_accuracy_drop needs 'label:<output>' arrays in the validation data")
     comp = _Compiler(
         src,
         profile,

@@ -239,6 +239,10 @@ def test_max_accuracy_drop_gates_on_labels() -> None:
     assert "output 'logits' accuracy against labels" in nudged.reason
     assert "below fp32's 80.00% (max drop 1 points)" in nudged.reason
     assert _candidate(result, "fp32").status == "chosen"
+    with pytest.raises(CompileError, match="max_accuracy_drop needs 'label:<output>' arrays"):
+        compile_model(
+            tm.mlp(), AVX2, validation=data, recipes=["fp32"], max_accuracy_drop=0.01, **FAST
+        )
 
 
 def _src() -> Any:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,9 @@ from edgefleet.controller.compiler.source import make_session
 
 from . import models as tm
 
-AVX2 = BUILTIN_PROFILES["x86-avx2"]
+# The size objective keeps every passing variant eligible however the timing
+# rounds go on a loaded machine: this test is about the weights, not speed.
+AVX2 = dataclasses.replace(BUILTIN_PROFILES["x86-avx2"], objective="size")
 FAST: dict[str, Any] = {"latency_iterations": 3, "latency_warmup": 1, "sensitivity_attempts": 0}
 
 
@@ -47,7 +50,7 @@ def test_external_data_weights_are_read_and_every_variant_keeps_them(tmp_path: P
         **FAST,
     )
     want = make_session(tm.mlp()).run(None, data)[0]
-    assert {v.name for v in result.chosen} >= {"fp32", "fp16"}
+    assert {v.name for v in result.chosen} == {"fp32", "fp16", "int8-dynamic"}
     for v in result.chosen:
         # Each variant runs on its own, away from the data file.
         got = make_session(v.model).run(None, data)[0]

@@ -432,12 +432,8 @@ class MqttFetcher(FetcherInterface):
                             f"{refusal.reason}"
                         ) from None
                     refused_wait += wait
-                    log.info(
-                        "controller refused %s (%s); asking again in %.1fs",
-                        path,
-                        refusal.reason,
-                        wait,
-                    )
+                    log.info("controller refused %s (%s); asking again in %.1fs",
+                             path, refusal.reason, wait)
                     if self._cancel.wait(wait):
                         raise TransferError("transfer cancelled: agent is stopping") from None
                     continue

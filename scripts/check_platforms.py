@@ -294,12 +294,7 @@ class Result:
 
 
 def _pip_command(
-    p: Platform,
-    python: str,
-    reqs: Sequence[str],
-    workdir: Path,
-    report: Path,
-    url: str,
+    p: Platform, python: str, reqs: Sequence[str], workdir: Path, report: Path, url: str,
     pip_args: Sequence[str],
 ) -> list[str]:
     cmd = [
@@ -319,14 +314,8 @@ def _pip_command(
 
 
 def _pip_resolve(
-    p: Platform,
-    python: str,
-    extra: str,
-    reqs: Sequence[str],
-    workdir: Path,
-    url: str,
-    pip_args: Sequence[str],
-    attempt: int,
+    p: Platform, python: str, extra: str, reqs: Sequence[str], workdir: Path, url: str,
+    pip_args: Sequence[str], attempt: int,
 ) -> Result:
     report = workdir / f"{p.key}-{python}-{extra}-{attempt}.json"
     proc = subprocess.run(
@@ -354,13 +343,8 @@ def _pip_resolve(
 
 
 def resolve(
-    p: Platform,
-    python: str,
-    extra: str,
-    optional: Mapping[str, Sequence[str]],
-    workdir: Path,
-    url: str,
-    pip_args: Sequence[str],
+    p: Platform, python: str, extra: str, optional: Mapping[str, Sequence[str]], workdir: Path,
+    url: str, pip_args: Sequence[str],
 ) -> Result:
     """Resolve one extra for one platform, re-resolving while pip skipped target-only deps."""
     started = time.monotonic()

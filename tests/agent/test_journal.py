@@ -85,6 +85,7 @@ def test_the_journal_is_bounded_and_counts_what_it_drops(tmp_path: Path) -> None
     assert len((tmp_path / JOURNAL_FILE).read_bytes().splitlines()) == 3
 
 
+
 def test_the_journal_is_bounded_in_bytes(tmp_path: Path) -> None:
     size = len(_encode()("0" * 16, 1))
     journal = EventJournal(tmp_path, max_bytes=2 * size + 10)

@@ -86,7 +86,9 @@ def test_importing_the_agent_loads_no_runtime() -> None:
 
 def _custom(runtime: str) -> dict[str, object]:
     spec = TensorSpec("x", "float32", (1, 4))
-    return TargetCustom("m", "1.0", 1, runtime, "fp32", "generic", (spec,), (spec,)).to_dict()
+    return TargetCustom(
+        "m", "1.0", 1, runtime, "fp32", "generic", (spec,), (spec,)
+    ).to_dict()
 
 
 @pytest.mark.parametrize("runtimes", [(), ("tflite",)])

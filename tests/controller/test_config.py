@@ -85,7 +85,7 @@ def test_the_cli_uses_its_own_certificate_or_leaves_publishing_to_serve(tmp_path
     cli = load_controller_config(path, environ={}).cli_broker
     assert cli is not None
     assert (cli.cert_file, cli.key_file, cli.tls) == ("/e/cli.pem", "/e/cli.key", True)
-    path.write_text("[broker]\nport = 1883\n")  # no certificates at all (development)
+    path.write_text('[broker]\nport = 1883\n')  # no certificates at all (development)
     assert load_controller_config(path, environ={}).cli_broker is not None
     path.write_text('[cli]\ncert_file = "/e/cli.pem"\n')
     with pytest.raises(ConfigError, match="together"):

@@ -101,11 +101,7 @@ def test_a_reconnect_republishes_only_what_the_broker_lost(
     for d in ("a", "b"):
         registry.enroll_device(d)
     register_model(
-        registry,
-        service.repository,
-        build_demo_model(),
-        name="m",
-        version="1",
+        registry, service.repository, build_demo_model(), name="m", version="1",
         hardware_classes=("generic",),
     )
     service.deploy("m", "1", ["a", "b"])
@@ -127,11 +123,7 @@ def test_a_reconnect_republishes_only_what_the_broker_lost(
     assert len(inbox.live()) == live_before, "unchanged desired states were re-published"
 
     broker.restart()  # a broker that lost its retained messages gets them all again
-    wait_for(
-        lambda: broker.retained(str(DeviceTopic("a", Channel.DESIRED))) is not None,
-        what="a's desired state restored",
-    )
-    wait_for(
-        lambda: broker.retained(str(DeviceTopic("b", Channel.DESIRED))) is not None,
-        what="b's desired state restored",
-    )
+    wait_for(lambda: broker.retained(str(DeviceTopic("a", Channel.DESIRED))) is not None,
+             what="a's desired state restored")
+    wait_for(lambda: broker.retained(str(DeviceTopic("b", Channel.DESIRED))) is not None,
+             what="b's desired state restored")

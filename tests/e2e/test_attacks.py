@@ -64,9 +64,8 @@ def test_slow_retrieval_times_out_retries_and_recovers(harness: Harness) -> None
     harness.register("1.0")
     v2 = harness.register("2.0", wide_model(8192))
     harness.enroll("gw-slow")
-    transfer = TransferSettings(
-        block_size_bytes=1024, window_blocks=1, request_timeout_s=0.5, max_attempts=2
-    )
+    transfer = TransferSettings(block_size_bytes=1024, window_blocks=1, request_timeout_s=0.5,
+                                max_attempts=2)
     agent = harness.start_agent(harness.agent_config("gw-slow", transfer=transfer))
     harness.deploy("1.0", "gw-slow")
     harness.wait_active(agent, "1.0")

@@ -132,9 +132,8 @@ def test_the_enrollment_servers_certificate_is_no_broker_identity(
     files = {"ca_file": str(tls_broker.ca.ca_file)}
     with pytest.raises(BrokerError):
         connect(
-            tls_broker.settings(
-                cert_file=str(out / "cert.pem"), key_file=str(out / "key.pem"), **files
-            ),
+            tls_broker.settings(cert_file=str(out / "cert.pem"), key_file=str(out / "key.pem"),
+                                **files),
             "edgefleet-enroll",
         )
     connect(tls_broker.device("gw-ok"), "gw-ok").stop()  # control: a client certificate works

@@ -16,6 +16,8 @@ import re
 import resource
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -122,6 +124,50 @@ def run_controller(
         rejected = dict(service.rejected())
         registry.close()
         replies.put(("stopped", usage.ru_utime + usage.ru_stime, usage.ru_maxrss * 1024, rejected))
+
+
+class RssWatch:
+    """A process's peak RSS, sampled every ``period_s`` in a thread (psutil).
+
+    ``timeline`` keeps one ``(seconds since start, rss)`` sample every
+    ``timeline_s``: whether memory levels off or keeps growing.
+    """
+
+    def __init__(self, pid: int, period_s: float = 0.2, timeline_s: float = 5.0) -> None:
+        import psutil
+
+        self.proc = psutil.Process(pid)
+        self._errors: tuple[type[BaseException], ...] = (psutil.Error,)
+        self.period_s = period_s
+        self.timeline_s = timeline_s
+        self.peak = 0
+        self.timeline: list[tuple[float, int]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def rss(self) -> int:
+        return int(self.proc.memory_info().rss)
+
+    def _run(self) -> None:
+        t0 = time.monotonic()
+        next_mark = t0
+        while not self._stop.is_set():
+            with contextlib.suppress(*self._errors):
+                rss = self.rss()
+                self.peak = max(self.peak, rss)
+                if time.monotonic() >= next_mark:
+                    self.timeline.append((time.monotonic() - t0, rss))
+                    next_mark += self.timeline_s
+            self._stop.wait(self.period_s)
+
+    def __enter__(self) -> RssWatch:
+        self.peak = self.rss()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 def mosquitto(workdir: Path) -> MosquittoProcess:

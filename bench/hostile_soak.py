@@ -54,14 +54,19 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.error
-import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import psutil
-from _common import ROOT, machine_line, mosquitto_release, run_controller, table, write_section
+from _common import (
+    ROOT,
+    RssWatch,
+    machine_line,
+    mosquitto_release,
+    run_controller,
+    table,
+    write_section,
+)
 
 SECTION = "## Hostile-device soak"
 MODEL = "soak-model"
@@ -69,7 +74,6 @@ BIG = "soak-big"
 TAG = "soak"
 ATTACKER = "gw-evil"
 MiB = 1024 * 1024
-FEATURES = 16  # tests.e2e.harness.wide_model's input width
 
 _ctx = mp.get_context("spawn")
 
@@ -107,10 +111,12 @@ class SoakResult:
     rss_before: int = 0
     rss_peak: int = 0
     rss_after: int = 0
+    rss_timeline: list[tuple[float, int]] = field(default_factory=list)
     attack: dict[str, int] = field(default_factory=dict)
     big_batches_ok: int = 0
     healthy_events: dict[str, dict[str, int]] = field(default_factory=dict)
     attacker_counters: dict[str, int] = field(default_factory=dict)
+    operator_view: dict[str, dict[str, dict[str, int]]] = field(default_factory=dict)
     healthy_counters: dict[str, int] = field(default_factory=dict)
     fleet_rejected: dict[str, int] = field(default_factory=dict)
     attacker_events_stored: int = 0
@@ -325,75 +331,6 @@ def _attacker(
     out.put(counts)
 
 
-# --------------------------------------------------------------------------- local load
-def _infer(url: str, rows: int, timeout_s: float = 60.0) -> int:
-    body = json.dumps({"inputs": {"features": [[0.25] * FEATURES] * rows}}).encode()
-    # The agent's own loopback endpoint (http://127.0.0.1:<port>), never a user's URL.
-    request = urllib.request.Request(f"{url}/v1/infer", data=body)  # noqa: S310
-    try:
-        with urllib.request.urlopen(request, timeout=timeout_s) as response:  # noqa: S310
-            response.read()
-            return int(response.status)
-    except urllib.error.HTTPError as err:
-        with err:
-            return err.code
-
-
-class Load:
-    """Requests of ``rows`` samples to each agent's inference API, every ``pause_s``."""
-
-    def __init__(self, agents: list[Any], rows: int, pause_s: float) -> None:
-        self.agents, self.rows, self.pause_s = agents, rows, pause_s
-        self.ok = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            for agent in self.agents:
-                with contextlib.suppress(OSError):  # an agent between models
-                    if _infer(agent.server.url, self.rows) == 200:
-                        self.ok += 1
-            self._stop.wait(self.pause_s)
-
-    def __enter__(self) -> Load:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *_exc: object) -> None:
-        self._stop.set()
-        self._thread.join(90)
-
-
-class RssWatch:
-    """The peak RSS of a process, sampled every ``period_s`` in a thread."""
-
-    def __init__(self, pid: int, period_s: float = 0.2) -> None:
-        self.proc = psutil.Process(pid)
-        self.period_s = period_s
-        self.peak = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def rss(self) -> int:
-        return int(self.proc.memory_info().rss)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            with contextlib.suppress(psutil.Error):
-                self.peak = max(self.peak, self.rss())
-            self._stop.wait(self.period_s)
-
-    def __enter__(self) -> RssWatch:
-        self.peak = self.rss()
-        self._thread.start()
-        return self
-
-    def __exit__(self, *_exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-
 # --------------------------------------------------------------------------- run
 def _wait(done: Any, timeout_s: float, poll_s: float = 0.1) -> bool:
     deadline = time.monotonic() + timeout_s
@@ -431,11 +368,13 @@ def run(opts: SoakOptions, tmp: Path) -> SoakResult:
     from edgefleet.agent.fetcher import TransferSettings
     from edgefleet.controller.ca import CertificateAuthority
     from edgefleet.controller.catalog import register_model
+    from edgefleet.controller.cli.output import device_counts
     from edgefleet.controller.registry import Registry
     from edgefleet.controller.rollout.engine import RolloutConfig, RolloutStatus
     from edgefleet.controller.rollout.store import RolloutStore, Selector
     from edgefleet.controller.trust import TrustRepository
     from tests.e2e.harness import wide_model
+    from tests.e2e.test_rollout_health import Load  # requests of N rows to agents' APIs
     from tests.security.conftest import TlsBroker
 
     result = SoakResult(options=opts)
@@ -591,6 +530,7 @@ def run(opts: SoakOptions, tmp: Path) -> SoakResult:
                 time.sleep(3.0)
                 result.rss_after = watch.rss()
             result.rss_peak = watch.peak
+            result.rss_timeline = watch.timeline
             info = store.get(rollout.id)
             result.rollout_status = info.status.value
             result.rollout_counts = dict(info.counts)
@@ -614,6 +554,8 @@ def run(opts: SoakOptions, tmp: Path) -> SoakResult:
         _tag, result.max_events_per_device = replies.get(timeout=60)
         counters = registry.fleet_status().counters
         result.attacker_counters = {k: v for k, v in counters.items() if f".{ATTACKER}." in k}
+        # What `status` and `device events` print per device (their --json shape).
+        result.operator_view = device_counts(counters)
         result.healthy_counters = {
             k: v for k, v in counters.items() if any(f".{d}." in k for d in ids)
         }
@@ -653,7 +595,16 @@ def report(argv: list[str], r: SoakResult) -> list[str]:
     o = r.options
     cmd = "python bench/hostile_soak.py" + "".join(" " + shlex.quote(a) for a in argv)
     growth = (r.rss_peak - r.rss_before) / MiB
-    attack = ", ".join(f"{k} {v}" for k, v in sorted(r.attack.items()))
+    sent = ", ".join(
+        f"{k} {v}"
+        for k, v in sorted(r.attack.items())
+        if not k.startswith(("frames", "bytes", "refusals"))
+    )
+    got = ", ".join(
+        f"{k} {v}" for k, v in sorted(r.attack.items()) if k.startswith(("frames", "refusals"))
+    )
+    every = max(1, len(r.rss_timeline) // 8)
+    timeline = ", ".join(f"{t:.0f} s {rss / MiB:.0f}" for t, rss in r.rss_timeline[::every])
     lost = r.events_lost
     emitted = sum(e["emitted"] for e in r.healthy_events.values())
     rows = [
@@ -671,7 +622,7 @@ def report(argv: list[str], r: SoakResult) -> list[str]:
         [
             "controller RSS before → peak → after",
             f"{r.rss_before / MiB:.0f} → {r.rss_peak / MiB:.0f} → {r.rss_after / MiB:.0f} MiB "
-            f"(+{growth:.0f} MiB at peak)",
+            f"(+{growth:.0f} MiB at peak); MiB over the attack: {timeline}",
         ],
         [
             "healthy events lost",
@@ -683,7 +634,7 @@ def report(argv: list[str], r: SoakResult) -> list[str]:
         ["attacker's events stored", f"{r.attacker_events_stored} (cap {r.max_events_per_device})"],
         [
             "big local batches served on the canary",
-            f"{r.big_batches_ok} of {o.batch_rows} rows (canary {r.canary})",
+            f"{r.big_batches_ok} batches of {o.batch_rows} rows, 200 OK (canary {r.canary})",
         ],
     ]
     counters = ", ".join(f"`{k}` {v}" for k, v in sorted(r.attacker_counters.items()))
@@ -699,7 +650,8 @@ def report(argv: list[str], r: SoakResult) -> list[str]:
         "new `rejected` keys each time); events with a 250 KB unknown field, an event flood "
         "(numbered and not), replays of the same numbered events and retained events; "
         "client-id reuse as `edgefleet-controller` and as a healthy device; and big local "
-        f"batches ({o.batch_rows} rows) on the rollout's canary. Sent: {attack}. "
+        f"batches ({o.batch_rows} rows) on the rollout's canary. Sent: {sent}; the attacker "
+        f"received {got} and {r.attack.get('bytes_received', 0) / MiB:.0f} MiB of frames. "
         f"Meanwhile a staged rollout of a {o.model_mb:g} MiB model runs on {o.healthy} other "
         "devices with real agents (canary 1, then waves; soak 1 s, observe 4 s; single-row "
         "traffic on every device); the baseline is the same rollout, one version earlier, "
@@ -711,8 +663,9 @@ def report(argv: list[str], r: SoakResult) -> list[str]:
         f"What an operator sees for the attacker (per-device counters): {counters or 'none'}. "
         f"Healthy devices' counters: {r.healthy_counters or 'none'}.",
         "",
-        "The machine (2 cores) was shared by 8 workers running tests and benchmarks, so "
-        "timings are pessimistic and only ratios within one run mean much.",
+        "The machine (2 cores) was shared by 8 workers running tests and benchmarks, and the "
+        "soak ran under `nice -n 10`, so timings are pessimistic and only ratios within one "
+        "run mean much.",
     ]
 
 

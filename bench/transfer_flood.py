@@ -35,7 +35,6 @@ import shlex
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -43,6 +42,7 @@ from typing import Any
 import psutil
 from _common import (
     ROOT,
+    RssWatch,
     machine_line,
     mosquitto,
     mosquitto_release,
@@ -122,35 +122,6 @@ def _flood(
     client.loop_stop()
     client.disconnect()
     out.put({"sent": sent, **counts})
-
-
-class RssWatch:
-    """Samples a process's RSS every ``period_s`` in a thread."""
-
-    def __init__(self, pid: int, period_s: float = 0.2) -> None:
-        self.proc = psutil.Process(pid)
-        self.period_s = period_s
-        self.peak = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def rss(self) -> int:
-        return int(self.proc.memory_info().rss)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            with contextlib.suppress(psutil.Error):
-                self.peak = max(self.peak, self.rss())
-            self._stop.wait(self.period_s)
-
-    def __enter__(self) -> RssWatch:
-        self.peak = self.rss()
-        self._thread.start()
-        return self
-
-    def __exit__(self, *_exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
 
 
 # --------------------------------------------------------------------------- run

@@ -87,7 +87,12 @@ def test_one_hostile_device_cannot_stop_a_rollout_or_cost_a_healthy_device(
     assert c.get(f"device_rejected.{evil}.event_cap", 0) > 0, c
     assert len(c) <= 40, f"{len(c)} counter names for one device: {sorted(c)}"
     assert r.attacker_events_stored <= r.max_events_per_device
+    # ... as `status` shows them per device and reason ...
+    shown = r.operator_view.get(evil, {})
+    assert {"rate", "block_size"} <= set(shown.get("transfer_refused", {})), shown
+    assert {"clock_skew", "event_cap"} <= set(shown.get("rejected_by_controller", {})), shown
     # ... and nothing against a healthy device.
+    assert set(r.operator_view) <= {evil}, r.operator_view
     assert not {
         k: v
         for k, v in r.healthy_counters.items()

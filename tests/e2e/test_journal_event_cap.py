@@ -188,3 +188,31 @@ def test_a_device_flooding_events_costs_a_healthy_device_none(
         assert counter(h, device_rejected_name(flooder, "event_cap")) > 0
     finally:
         raw.stop()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a journal that dropped its oldest events leaves a gap no ack can pass: "
+    "the fix needs the agent to say which numbers it gave up (agent/journal.py, "
+    "protocols Event, registry/events.py; see the i9-soak report)",
+)
+def test_a_journal_that_overflowed_while_the_controller_was_away_is_acknowledged(
+    capped: Harness, cut: CuttableLink
+) -> None:
+    """The agent keeps at most 1000 unacknowledged events and drops its oldest beyond.
+
+    The numbers it dropped never reach the controller, so the controller's
+    mark (the highest ``seq`` stored without a gap) cannot pass them, and the
+    agent replays its whole journal every ``event_resend_s`` for ever.
+    """
+    h = capped
+    agent = h.start_agent(h.agent_config("overflow", event_resend_s=1.0))
+    assert agent.link.wait_connected(10)
+    cut.cut()
+    wait_for(lambda: not h.service.link.connected, 10, "the controller to notice the cut")
+    total = 1010
+    for n in range(total):
+        agent._emit(EventKind.DOWNLOAD_STARTED, None, n=n)
+    assert agent.journal.dropped == total - 1000
+    cut.restore()
+    wait_for(lambda: agent.journal.pending() == 0, 30, "the journal to be acknowledged")

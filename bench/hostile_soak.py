@@ -24,6 +24,12 @@ then: the whole rollout runs under attack):
 - and, locally on the canary of the rollout, a process sends big batches
   (``batch_rows`` rows) to the canary's inference API.
 
+Once during the attack the controller's own network link drops for
+``cut_s`` (a TCP forwarder cut, ``tests/support/tcpcut.py``): the broker then
+hands the attacker's retained events back when the controller resubscribes,
+and events healthy agents send meanwhile reach nobody until their journals
+replay them.
+
 Meanwhile a staged rollout (``RolloutStore``; canary, then waves) runs on
 ``healthy`` other devices. The same rollout, one version earlier, runs
 first without any attack: the baseline of the same run.
@@ -45,6 +51,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import multiprocessing as mp
 import secrets
@@ -91,6 +98,14 @@ class SoakOptions:
     batch_rows: int = 6000
     rollout_delay_s: float = 5.0  # attacks run this long before the rollout starts
     timeout_s: float = 240.0  # per phase
+    p95_slack_ms: float = 25.0  # the rollout's latency slack (see run)
+    # The controller's own network link drops once, this far into the attack
+    # (at most half-way),
+    # for ``cut_s``: the broker then hands the attacker's retained events back
+    # on resubscription, and healthy agents' events of that moment reach
+    # nobody until their journals replay them. None: no cut.
+    cut_at_s: float | None = 20.0
+    cut_s: float = 2.0
 
 
 @dataclass
@@ -107,6 +122,9 @@ class SoakResult:
     install_s: list[float] = field(default_factory=list)
     waves: list[int] = field(default_factory=list)
     canary: str = ""
+    # The canary's per-request p95 with the previous model (before the big
+    # batches) and with the new one (during them): what judging per request saw.
+    canary_p95_ms: tuple[float | None, float | None] = (None, None)
     attack_s: float = 0.0
     rss_before: int = 0
     rss_peak: int = 0
@@ -122,6 +140,7 @@ class SoakResult:
     attacker_events_stored: int = 0
     max_events_per_device: int = 0
     controller_connects: int = 0
+    controller_cuts: int = 0
     decisions: list[str] = field(default_factory=list)
 
     @property
@@ -376,6 +395,7 @@ def run(opts: SoakOptions, tmp: Path) -> SoakResult:
     from tests.e2e.harness import wide_model
     from tests.e2e.test_rollout_health import Load  # requests of N rows to agents' APIs
     from tests.security.conftest import TlsBroker
+    from tests.support.tcpcut import CuttableLink
 
     result = SoakResult(options=opts)
     db_url = f"sqlite:///{tmp / 'registry.db'}"
@@ -405,10 +425,20 @@ def run(opts: SoakOptions, tmp: Path) -> SoakResult:
     ca = CertificateAuthority.init(tmp / "ca")
     broker = TlsBroker(ca, tmp / "clients")
     broker.start()
+    cut = CuttableLink(broker.port)
+    via_cut = dataclasses.replace(broker.controller, port=cut.port)
+    cuts: list[threading.Timer] = []
+
+    def blip() -> None:
+        cut.cut()
+        result.controller_cuts += 1
+        time.sleep(opts.cut_s)
+        cut.restore()
+
     commands, replies = _ctx.Queue(), _ctx.Queue()
     controller = _ctx.Process(
         target=_controller,
-        args=(db_url, str(tmp / "repository"), broker.controller, commands, replies),
+        args=(db_url, str(tmp / "repository"), via_cut, commands, replies),
         name="controller",
     )
     agents: list[Any] = []
@@ -461,6 +491,14 @@ def run(opts: SoakOptions, tmp: Path) -> SoakResult:
             observe_s=4.0,
             device_timeout_s=opts.timeout_s,
             min_executed=1,
+            # Every "device" here shares two cores with the attacker, the broker,
+            # the controller and the canary's big batches, and a per-sample p95
+            # over the ~10 single-row requests of an observation is mostly
+            # scheduling noise (measured: 0.3 to 7.5 ms for the same model).
+            # On a fleet, one device's load never lands on another's CPU; the
+            # slack absorbs that, while a per-request judgment of the big
+            # batches (hundreds of ms) would still halt the rollout.
+            p95_slack_ms=opts.p95_slack_ms,
         )
         store = RolloutStore(registry, actor="soak")
 
@@ -505,6 +543,10 @@ def run(opts: SoakOptions, tmp: Path) -> SoakResult:
                 result.rss_before = watch.rss()
                 t_attack = time.monotonic()
                 attacker.start()
+                if opts.cut_at_s is not None:
+                    at = min(opts.cut_at_s, opts.duration_s / 2)
+                    cuts.append(threading.Timer(at, blip))
+                    cuts[-1].start()
                 time.sleep(opts.rollout_delay_s)
                 t0 = time.monotonic()
                 rollout = store.create(MODEL, "3.0", Selector(tags=(TAG,)), config)
@@ -526,6 +568,8 @@ def run(opts: SoakOptions, tmp: Path) -> SoakResult:
                 result.big_batches_ok = big_load.ok
                 result.attack_s = time.monotonic() - t_attack
                 result.attack = out.get(timeout=90)
+                for timer in cuts:
+                    timer.join()
                 attacker.join(30)
                 time.sleep(3.0)
                 result.rss_after = watch.rss()
@@ -535,6 +579,9 @@ def run(opts: SoakOptions, tmp: Path) -> SoakResult:
             result.rollout_status = info.status.value
             result.rollout_counts = dict(info.counts)
             result.waves = [w.devices for w in store.waves(rollout.id)]
+            for d in store.devices(rollout.id):
+                if d.device_id == result.canary:
+                    result.canary_p95_ms = (d.baseline_p95_ms, d.observed_p95_ms)
             result.decisions = [
                 f"{d.kind} {d.device_id or ''}: {d.reason}" for d in store.decisions(rollout.id)
             ]
@@ -579,12 +626,19 @@ def run(opts: SoakOptions, tmp: Path) -> SoakResult:
             if proc.is_alive():
                 proc.kill()
                 proc.join(10)
+        for timer in cuts:
+            timer.cancel()
+        cut.close()
         broker.cleanup()
         registry.close()
     return result
 
 
 # --------------------------------------------------------------------------- report
+def _ms(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.1f} ms"
+
+
 def _fmt_s(values: list[float]) -> str:
     if not values:
         return "none"
@@ -630,11 +684,22 @@ def report(argv: list[str], r: SoakResult) -> list[str]:
             if lost == 0
             else f"{lost} of {emitted}",
         ],
-        ["controller sessions", f"{r.controller_connects} (1 = never knocked off the broker)"],
+        [
+            "controller sessions",
+            f"{r.controller_connects} for {r.controller_cuts} network cut(s) of "
+            f"{o.cut_s:g} s: {'never' if r.controller_connects == 1 + r.controller_cuts else 'WAS'}"
+            " knocked off by the attacker",
+        ],
+        [
+            "retained events handed back on reconnect (refused, counted)",
+            str(r.fleet_rejected.get("retained_event", 0)),
+        ],
         ["attacker's events stored", f"{r.attacker_events_stored} (cap {r.max_events_per_device})"],
         [
             "big local batches served on the canary",
-            f"{r.big_batches_ok} batches of {o.batch_rows} rows, 200 OK (canary {r.canary})",
+            f"{r.big_batches_ok} batches of {o.batch_rows} rows, 200 OK (canary {r.canary}); "
+            f"its per-request p95 {_ms(r.canary_p95_ms[0])} before, {_ms(r.canary_p95_ms[1])} "
+            "during them",
         ],
     ]
     counters = ", ".join(f"`{k}` {v}" for k, v in sorted(r.attacker_counters.items()))
@@ -652,9 +717,13 @@ def report(argv: list[str], r: SoakResult) -> list[str]:
         "client-id reuse as `edgefleet-controller` and as a healthy device; and big local "
         f"batches ({o.batch_rows} rows) on the rollout's canary. Sent: {sent}; the attacker "
         f"received {got} and {r.attack.get('bytes_received', 0) / MiB:.0f} MiB of frames. "
+        f"Once, {min(o.cut_at_s or 0, o.duration_s / 2):g} s in, the controller's own network "
+        f"link is cut for {o.cut_s:g} s (a TCP forwarder), so the broker hands the retained "
+        "events back on its resubscription and healthy agents' journals must replay. "
         f"Meanwhile a staged rollout of a {o.model_mb:g} MiB model runs on {o.healthy} other "
-        "devices with real agents (canary 1, then waves; soak 1 s, observe 4 s; single-row "
-        "traffic on every device); the baseline is the same rollout, one version earlier, "
+        "devices with real agents (canary 1, then waves; soak 1 s, observe 4 s; p95 slack "
+        f"{o.p95_slack_ms:g} ms for co-location noise; single-row traffic on every device); the "
+        "baseline is the same rollout, one version earlier, "
         "unattacked, in the same run. The controller runs in its own process; RSS is "
         "psutil's, sampled every 0.2 s.",
         "",
@@ -662,6 +731,13 @@ def report(argv: list[str], r: SoakResult) -> list[str]:
         "",
         f"What an operator sees for the attacker (per-device counters): {counters or 'none'}. "
         f"Healthy devices' counters: {r.healthy_counters or 'none'}.",
+        "",
+        "With the default `p95_slack_ms` of 2 ms, 2 of 3 runs halted at the last wave on "
+        "latency noise, not on the attack: one device's per-sample p95 over ~10 single-row "
+        "requests was 7.5 ms against its own 1.2 ms a few seconds earlier (same model, same "
+        "load, CPU shared with everything above), so the soak's rollout uses a 25 ms slack. "
+        "The big batches stay a real test: judged per request (the canary's p95 in the table) "
+        "they exceed it by far; judged per sample they do not.",
         "",
         "The machine (2 cores) was shared by 8 workers running tests and benchmarks, and the "
         "soak ran under `nice -n 10`, so timings are pessimistic and only ratios within one "
@@ -693,6 +769,8 @@ def main(argv: list[str] | None = None) -> int:
     lines = report(given, result)
     print("\n".join(lines))
     print(json.dumps({k: v for k, v in asdict(result).items() if k != "decisions"}, default=str))
+    if not result.rollout_completed:
+        print("rollout decisions:", *result.decisions, sep="\n  ")
     if not args.no_write:
         write_section(ROOT / "BENCHMARKS.md", SECTION, lines)
     return 0 if result.rollout_completed and result.events_lost == 0 else 1

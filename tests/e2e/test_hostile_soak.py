@@ -57,6 +57,11 @@ def test_one_hostile_device_cannot_stop_a_rollout_or_cost_a_healthy_device(
         assert r.attack.get(part, 0) > 0, f"{part} was not sent: {r.attack}"
     assert r.attack.get("takeover_connects", 0) + r.attack.get("takeover_refused", 0) > 0
     assert r.big_batches_ok > 0, "no big local batch was served on the canary"
+    # ... and they made each request slow: judged per request, as before issue 9,
+    # they would have halted the rollout at the canary.
+    before, during = r.canary_p95_ms
+    assert before is not None and during is not None
+    assert during > before * 1.5 + opts.p95_slack_ms, r.canary_p95_ms
 
     # The rollout completed, under attack, with every healthy device updated.
     assert r.rollout_completed, "\n".join(r.decisions)
@@ -72,8 +77,12 @@ def test_one_hostile_device_cannot_stop_a_rollout_or_cost_a_healthy_device(
         assert events["journal_dropped"] == 0, (device_id, events)
         assert events["stored"] == events["emitted"] > 0, (device_id, events)
 
-    # Client-id reuse never knocked the controller off the broker.
-    assert r.controller_connects == 1
+    # Client-id reuse never knocked the controller off the broker: one
+    # session, plus one for the network cut the soak makes on purpose.
+    assert r.controller_cuts == 1
+    assert r.controller_connects == 1 + r.controller_cuts
+    # The retained events came back on that reconnect: refused and counted.
+    assert r.fleet_rejected.get("retained_event", 0) > 0, r.fleet_rejected
 
     # What the operator sees: the attacker's refusals and rejections, per
     # device and reason, in a bounded number of counters ...

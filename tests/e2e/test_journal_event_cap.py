@@ -190,22 +190,21 @@ def test_a_device_flooding_events_costs_a_healthy_device_none(
         raw.stop()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a journal that dropped its oldest events leaves a gap no ack can pass; the fix "
-    "belongs in agent/journal.py (see the i9-soak report)",
-)
 def test_a_journal_that_overflowed_while_the_controller_was_away_is_acknowledged(
-    capped: Harness, cut: CuttableLink
+    capped: Harness, cut: CuttableLink, mosquitto: BrokerSettings
 ) -> None:
     """The agent keeps at most 1000 unacknowledged events and drops its oldest beyond.
 
     The numbers it dropped never reach the controller, so the controller's
-    mark (the highest ``seq`` stored without a gap) cannot pass them, and the
-    agent replays its whole journal every ``event_resend_s`` for ever.
+    mark (the highest ``seq`` stored without a gap) could not pass them, and
+    the agent replayed its whole journal every ``event_resend_s`` for ever.
+    A journal that drops events now continues under a new id, renumbered.
     """
     h = capped
-    agent = h.start_agent(h.agent_config("overflow", event_resend_s=1.0))
+    device_id = h.enroll("overflow")
+    # Only the controller is cut off: the agent talks to the broker directly,
+    # so what it publishes meanwhile reaches the broker and nobody else.
+    agent = h.start_agent(h.agent_config("overflow", event_resend_s=1.0, broker=mosquitto))
     assert agent.link.wait_connected(10)
     cut.cut()
     wait_for(lambda: not h.service.link.connected, 10, "the controller to notice the cut")
@@ -213,5 +212,13 @@ def test_a_journal_that_overflowed_while_the_controller_was_away_is_acknowledged
     for n in range(total):
         agent._emit(EventKind.DOWNLOAD_STARTED, None, n=n)
     assert agent.journal.dropped == total - 1000
+    # Let the broker take every one of them (QoS 1 messages of one client go
+    # in order, so the marker's ack means all of them arrived) while the
+    # controller is still away: events 1-10 then exist nowhere but in the past.
+    assert agent.link.publish(f"test/flush/{device_id}", b"", qos=1, wait_s=30)
     cut.restore()
     wait_for(lambda: agent.journal.pending() == 0, 15, "the journal to be acknowledged")
+    # The newest events arrived (the cap keeps the newest of them), and the
+    # replay stops: nothing more is sent once everything is acknowledged.
+    assert stored_marks(h, device_id)[-1] == total - 1
+    assert agent.journal.due(everything=True) == []

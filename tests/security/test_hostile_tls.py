@@ -29,14 +29,16 @@ from click.testing import CliRunner
 from edgefleet.agent.config import AgentConfig
 from edgefleet.agent.fetcher import TransferSettings
 from edgefleet.controller.ca import CONTROLLER_COMMON_NAME
+from edgefleet.controller.catalog import register_model
 from edgefleet.controller.cli import cli
 from edgefleet.controller.config import ServiceSettings
+from edgefleet.controller.demo_model import build_demo_model
 from edgefleet.protocols.errors import BrokerError
 from edgefleet.protocols.framing import BlockFrame, FrameKind
 from edgefleet.protocols.messages import FileRequest
 from edgefleet.protocols.topics import Channel, DeviceTopic
 from edgefleet.shared.link import BrokerSettings, MqttLink
-from tests.e2e.harness import Harness, wait_for, wide_model
+from tests.e2e.harness import MODEL, Harness, wait_for, wide_model
 from tests.e2e.test_hostile_input import send_hostile_values_and_check
 from tests.e2e.test_transfer_flood import paho_queued_bytes, target_path
 from tests.security.conftest import TlsBroker, connect
@@ -330,3 +332,47 @@ def test_a_revoked_device_is_refused_by_the_broker_and_shown_as_revoked(
     table = edgefleet(home, harness, "devices")
     states = {line.split()[0]: line.split()[1] for line in table.splitlines()[1:] if line.strip()}
     assert states[stolen] == "revoked" and states[fine] == "yes"
+
+
+# ------------------------------------------------------------- item 4: downgrade guard
+def test_an_older_release_is_refused_after_it_left_both_kept_slots(
+    harness: Harness, tls_broker: TlsBroker, tmp_path: Path
+) -> None:
+    """Item 4, over TLS: release 2 ran, then two other models, then release 1 is deployed.
+
+    Only the controller may write a device's desired state (the ACL), so the
+    older release arrives as a deploy. The agent refuses it before any
+    download from its durable high-water mark, and the operator sees the
+    ``rejected`` / ``release_rollback`` event in ``edgefleet device events``.
+    """
+    h = harness
+    first = h.register("1.0", build_demo_model(seed=1))
+    h.register("2.0", build_demo_model(seed=2))
+    for other in ("e2e-other-b", "e2e-other-c"):
+        register_model(
+            h.registry, h.repository, build_demo_model(seed=7), name=other, version="1.0"
+        )
+    device = h.enroll("gw-down")
+    agent = h.start_agent(tls_agent_config(h, tls_broker, "gw-down"))
+    h.deploy("2.0", "gw-down")
+    h.wait_active(agent, "2.0")
+    for other in ("e2e-other-b", "e2e-other-c"):
+        h.service.deploy(other, "1.0", [device])
+        wait_for(
+            lambda: agent.active_model is not None and agent.active_model.name == other,  # noqa: B023
+            30,
+            f"{device} to run {other}",
+        )
+    kept = {agent.slots.active(), agent.slots.previous()}
+    assert MODEL not in {r.model.name for r in kept if r is not None}
+
+    h.deploy("1.0", "gw-down")
+    h.wait_error("gw-down", "release_rollback")
+    assert agent.active_model is not None and agent.active_model.name == "e2e-other-c"
+    # Refused before any byte of the old bundle was requested.
+    assert not any(first.bundles[0].sha256 in p for p in agent.fetcher.blocks_by_path)
+    wait_for(
+        lambda: "release_rollback" in edgefleet(tmp_path / "cli", h, "device", "events", device),
+        10,
+        "the release_rollback event in `edgefleet device events`",
+    )

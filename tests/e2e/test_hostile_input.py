@@ -225,7 +225,7 @@ def send_hostile_values_and_check(
     wait_for(counted, what=f"counted refusals, have {harness.registry.counters()}")
     wait_for(
         lambda: harness.summary(name).inferences == 107,
-        what=f"the valid windows stored, have {harness.summary('gw-v')}",
+        what=f"the valid windows stored, have {harness.summary(name)}",
     )
     counters = harness.registry.counters()
     # Counted per device too, for the operator to find the source.
@@ -233,6 +233,10 @@ def send_hostile_values_and_check(
     assert counters[f"device_rejected.{device_id}.clock_skew"] == 1
     assert counters[f"device_rejected.{device_id}.event_cap"] == 8
     # Counter rows this device can create are bounded by the known reasons.
+    # (Stored in the same ingest round as the window, but after it: wait.)
+    other = f"agent_rejected.{device_id}.other"
+    wait_for(lambda: other in harness.registry.counters(), what=f"{other} stored")
+    counters = harness.registry.counters()
     mine = [n for n in counters if n.startswith(f"agent_rejected.{device_id}.")]
     assert mine == [f"agent_rejected.{device_id}.other"]
     assert counters[mine[0]] == 60

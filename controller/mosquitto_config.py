@@ -115,8 +115,9 @@ def render_mosquitto_conf(paths: MosquittoPaths = MosquittoPaths()) -> str:
     # Mosquitto logs an ACL denial ("Denied PUBLISH from <client id> (..., '<topic>',
     # ...)") only at debug level, which also logs every packet: about four lines per
     # QoS 1 message. That is the price of seeing a device write outside its subtree
-    # (docs/security.md, "Seeing attacks"). A denied subscription is never logged;
-    # the subscription itself is, with its filter (debug, or `log_type subscribe`).
+    # (docs/security.md, "Seeing attacks"). A subscription to another device's
+    # topics is accepted and filtered per delivery: it shows as a subscription with
+    # its filter (debug, or `log_type subscribe`), never as a denial.
     denials = (
         "# ACL denials (\"Denied PUBLISH from <CN> ... '<topic>'\") are logged only at\n"
         "# debug level, with every packet (~4 lines per message): rotate this log, or\n"

@@ -244,7 +244,8 @@ def test_without_debug_logging_subscription_probes_are_still_logged(
 
     Mosquitto logs denied publishes only at debug level (with every packet,
     about four lines per message); a fleet too big for that renders the
-    config without it. A denied *subscription* is logged at no level, but
+    config without it. Mosquitto accepts a subscription to another device's
+    topics and filters each delivery, so it is never logged as a denial; but
     ``log_type subscribe`` logs every subscription with its filter, so a
     device subscribing to other devices' topics is still seen.
     """

@@ -107,9 +107,7 @@ class TlsBroker:
         write_public_file(self.config, render_mosquitto_conf(paths).encode())
         self._own_files()
         self.controller = self._client_files(CONTROLLER_COMMON_NAME, service=True)
-        self.process = MosquittoProcess(
-            binary, self.config, self.port, self.dir / "mosquitto.log"
-        )
+        self.process = MosquittoProcess(binary, self.config, self.port, self.dir / "mosquitto.log")
 
     def _own_files(self) -> None:
         if os.geteuid() != 0:

@@ -154,6 +154,7 @@ class ControllerService:
         self.profiles = dict(profiles) if profiles is not None else dict(BUILTIN_PROFILES)
         self.repository = repository
         self.settings = settings
+        registry.limit_device_counters(settings.max_counter_rows_per_device)
         # ``links`` (unit tests: ``MemoryBroker.link``) replaces MQTT to ``broker``.
         self.link = (links or mqtt_links(broker))(settings.client_id, on_connect=self._on_connect)
         self._transfer_wake = threading.Event()

@@ -117,7 +117,6 @@ def test_a_crash_mid_rotation_is_repaired_at_start(tmp_path: Path) -> None:
     assert again.pending() == 0
 
 
-
 def test_the_journal_is_bounded_in_bytes(tmp_path: Path) -> None:
     size = len(_encode()("0" * 16, 1))
     journal = EventJournal(tmp_path, max_bytes=2 * size + 10)

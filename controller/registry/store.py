@@ -275,11 +275,8 @@ class Registry:
         self._counters.set_counters(values)
 
     def limit_device_counters(self, max_rows_per_device: int) -> None:
-        """Cap per-device counter rows (``[service] max_counter_rows_per_device``).
-
-        See :mod:`.counters`. Raises ``TypeError``/``ValueError`` out of range.
-        """
-        self._counters.max_rows_per_device = max_rows_per_device
+        """See :meth:`Counters.limit_device_counters <.counters.Counters.limit_device_counters>`."""
+        self._counters.limit_device_counters(max_rows_per_device)
 
     def counters(self) -> dict[str, int]:
         """See :meth:`Counters.counters <.counters.Counters.counters>`."""

@@ -21,6 +21,12 @@ Length: before a target download the installer calls
 :meth:`MqttFetcher.expect_length` with the length TUF signed. A frame that
 claims a larger file is refused before any byte is stored, and
 ``FetcherInterface.download_file`` enforces the same bound on what we yield.
+
+python-tuf is imported on the first fetch, not with this module: an agent that
+is serving and not installing never loads it (see BENCHMARKS.md, "Agent
+footprint"). So :class:`MqttFetcher` does not subclass ``FetcherInterface``;
+it offers the same ``fetch``/``download_file``/``download_bytes`` surface,
+which the ``Updater`` calls, through a ``FetcherInterface`` made on first use.
 """
 
 from __future__ import annotations
@@ -37,11 +43,10 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
-
-from tuf.api.exceptions import DownloadHTTPError
-from tuf.ngclient import FetcherInterface
+from typing import IO, TYPE_CHECKING
 
 from edgefleet.protocols.errors import (
     FrameError,
@@ -62,6 +67,9 @@ from edgefleet.protocols.messages import FileRequest
 from edgefleet.protocols.topics import Channel, DeviceTopic
 from edgefleet.shared.durable import atomic_write
 from edgefleet.shared.link import Link
+
+if TYPE_CHECKING:
+    from tuf.ngclient import FetcherInterface
 
 __all__ = ["URL_PREFIX", "MqttFetcher", "PartialFile", "PartialStore", "TransferSettings"]
 
@@ -293,7 +301,18 @@ Progress = Callable[[str, int, int], None]
 """``progress(path, bytes_done, bytes_total)``."""
 
 
-class MqttFetcher(FetcherInterface):
+def _tuf_fetcher(fetcher: MqttFetcher) -> FetcherInterface:
+    """A ``tuf.ngclient.FetcherInterface`` whose ``_fetch`` is ``fetcher``'s (tuf loads here)."""
+    from tuf.ngclient import FetcherInterface
+
+    class _Adapter(FetcherInterface):
+        def _fetch(self, url: str) -> Iterator[bytes]:
+            return fetcher._fetch(url)
+
+    return _Adapter()
+
+
+class MqttFetcher:
     """Fetch repository files as block transfers over a :class:`Link`.
 
     The agent subscribes :meth:`on_frame` to its ``files/blocks`` topic. One
@@ -327,6 +346,7 @@ class MqttFetcher(FetcherInterface):
         self.blocks_received = 0
         self.blocks_by_path: Counter[str] = Counter()
         self.refusals = 0
+        self._tuf: FetcherInterface | None = None
 
     @property
     def request_topic(self) -> str:
@@ -375,6 +395,23 @@ class MqttFetcher(FetcherInterface):
         self._frames.put(frame)
 
     # ------------------------------------------------------------------ FetcherInterface
+    def _interface(self) -> FetcherInterface:
+        if self._tuf is None:
+            self._tuf = _tuf_fetcher(self)
+        return self._tuf
+
+    def fetch(self, url: str) -> Iterator[bytes]:
+        """``FetcherInterface.fetch``: our errors become tuf's ``DownloadError``."""
+        return self._interface().fetch(url)
+
+    def download_file(self, url: str, max_length: int) -> AbstractContextManager[IO[bytes]]:
+        """``FetcherInterface.download_file``: at most ``max_length`` bytes into a temp file."""
+        return self._interface().download_file(url, max_length)
+
+    def download_bytes(self, url: str, max_length: int) -> bytes:
+        """``FetcherInterface.download_bytes``: at most ``max_length`` bytes in memory."""
+        return self._interface().download_bytes(url, max_length)
+
     def _fetch(self, url: str) -> Iterator[bytes]:
         if not url.startswith(URL_PREFIX):
             raise TransferError(f"cannot fetch {url!r}: not an edgefleet repository URL")
@@ -432,8 +469,12 @@ class MqttFetcher(FetcherInterface):
                             f"{refusal.reason}"
                         ) from None
                     refused_wait += wait
-                    log.info("controller refused %s (%s); asking again in %.1fs",
-                             path, refusal.reason, wait)
+                    log.info(
+                        "controller refused %s (%s); asking again in %.1fs",
+                        path,
+                        refusal.reason,
+                        wait,
+                    )
                     if self._cancel.wait(wait):
                         raise TransferError("transfer cancelled: agent is stopping") from None
                     continue
@@ -467,6 +508,8 @@ class MqttFetcher(FetcherInterface):
                 continue
             if frame.kind is FrameKind.ERROR:
                 if frame.status == 404:
+                    from tuf.api.exceptions import DownloadHTTPError
+
                     raise DownloadHTTPError(f"{path}: {frame.message}", 404)
                 if frame.retry_after_s is not None:
                     # Frames still on their way stay queued for the next window.

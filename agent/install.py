@@ -37,9 +37,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-
-from tuf.api import exceptions as tuf_errors
-from tuf.ngclient import Updater, UpdaterConfig
+from typing import TYPE_CHECKING, cast
 
 from edgefleet.agent.fetcher import URL_PREFIX, MqttFetcher
 from edgefleet.agent.serving import ModelHolder
@@ -67,6 +65,9 @@ from edgefleet.protocols.errors import (
 from edgefleet.protocols.messages import HardwareInfo, ModelRef
 from edgefleet.shared.durable import atomic_write
 from edgefleet.shared.runtime import LoadedModel, get_backend
+
+if TYPE_CHECKING:
+    from tuf.ngclient import FetcherInterface, Updater
 
 __all__ = ["InstallOutcome", "Installer", "space_needed", "translate_tuf_error"]
 
@@ -119,6 +120,8 @@ def translate_tuf_error(exc: BaseException, *, target: bool) -> AgentError:
     bundle itself (a hash mismatch there is a tampered bundle) or metadata
     (a hash mismatch there is mix-and-match or tampered metadata).
     """
+    from tuf.api import exceptions as tuf_errors
+
     cause: BaseException | None = exc
     while cause is not None:  # our own errors surface through DownloadError.__cause__
         if isinstance(cause, AgentError):
@@ -196,12 +199,17 @@ class Installer:
         atomic_write(self.metadata_dir / "root.json", data)
 
     def _updater(self) -> Updater:
+        # python-tuf (and the cryptography it verifies with) loads with the
+        # first install, not at start: a serving agent does not carry it.
+        from tuf.ngclient import Updater, UpdaterConfig
+
         return Updater(
             metadata_dir=str(self.metadata_dir),
             metadata_base_url=URL_PREFIX + "metadata/",
             target_base_url=URL_PREFIX + "targets/",
             target_dir=str(self.download_dir),
-            fetcher=self.fetcher,
+            # Duck-typed: MqttFetcher has the FetcherInterface methods (fetcher.py).
+            fetcher=cast("FetcherInterface", self.fetcher),
             config=UpdaterConfig(),
             bootstrap=None,
         )
@@ -260,6 +268,8 @@ class Installer:
             VerificationError, TransferError, InstallError: the update was
                 refused; the previous model keeps serving.
         """
+        from tuf.api import exceptions as tuf_errors
+
         try:
             updater = self._updater()
             updater.refresh()

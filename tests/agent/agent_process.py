@@ -4,7 +4,9 @@ SPEC is JSON: ``device_id``, ``state_dir``, ``trust_root``, ``broker`` (the
 fields of :class:`BrokerSettings`), optional ``hide`` (module names made
 unimportable first, e.g. ``["onnxruntime"]`` for a TFLite-only gateway:
 ``sys.modules[name] = None`` makes ``import`` and ``find_spec`` both see them
-as absent) and optional ``agent`` (extra :class:`AgentConfig` fields).
+as absent), optional ``agent`` (extra :class:`AgentConfig` fields) and
+optional ``stall_after_s``: a thread then takes the agent's lock after that
+many seconds and never gives it back, so its loops hang as in a deadlock.
 
 It runs :meth:`Agent.run`, so SIGTERM stops it the way systemd does; the
 test watches it through the broker and the registry (or its sd_notify socket).
@@ -40,7 +42,12 @@ def main(spec_file: str) -> int:
         retry_backoff_s=0.5,
         **spec.get("agent", {}),
     )
-    Agent(config).run()
+    agent = Agent(config)
+    if "stall_after_s" in spec:
+        import threading
+
+        threading.Timer(float(spec["stall_after_s"]), agent._lock.acquire).start()
+    agent.run()
     return 0
 
 

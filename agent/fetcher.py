@@ -22,11 +22,14 @@ Length: before a target download the installer calls
 claims a larger file is refused before any byte is stored, and
 ``FetcherInterface.download_file`` enforces the same bound on what we yield.
 
-python-tuf is imported on the first fetch, not with this module: an agent that
-is serving and not installing never loads it (see BENCHMARKS.md, "Agent
-footprint"). So :class:`MqttFetcher` does not subclass ``FetcherInterface``;
-it offers the same ``fetch``/``download_file``/``download_bytes`` surface,
-which the ``Updater`` calls, through a ``FetcherInterface`` made on first use.
+python-tuf is not imported with this module: the agent's ``Updater`` runs in
+the verifier child (:mod:`edgefleet.agent.verifier`), which this fetcher
+feeds through :meth:`MqttFetcher._fetch`, so a serving agent never loads it
+(BENCHMARKS.md, "Agent footprint"). For an ``Updater`` in this process,
+:class:`MqttFetcher` offers the ``FetcherInterface`` surface
+(``fetch``/``download_file``/``download_bytes``) through an adapter made on
+first use; a 404 from the controller is our :class:`FileNotFoundOnServerError`,
+and tuf's ``DownloadHTTPError(404)`` there.
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
 from edgefleet.protocols.errors import (
+    FileNotFoundOnServerError,
     FrameError,
     InsufficientSpaceError,
     OversizedTransferError,
@@ -303,11 +307,16 @@ Progress = Callable[[str, int, int], None]
 
 def _tuf_fetcher(fetcher: MqttFetcher) -> FetcherInterface:
     """A ``tuf.ngclient.FetcherInterface`` whose ``_fetch`` is ``fetcher``'s (tuf loads here)."""
+    from tuf.api.exceptions import DownloadHTTPError
     from tuf.ngclient import FetcherInterface
 
     class _Adapter(FetcherInterface):
         def _fetch(self, url: str) -> Iterator[bytes]:
-            return fetcher._fetch(url)
+            try:
+                return fetcher._fetch(url)
+            except FileNotFoundOnServerError as exc:
+                # tuf reads a 404 as "no such version" (e.g. the next root).
+                raise DownloadHTTPError(str(exc), 404) from exc
 
     return _Adapter()
 
@@ -508,9 +517,8 @@ class MqttFetcher:
                 continue
             if frame.kind is FrameKind.ERROR:
                 if frame.status == 404:
-                    from tuf.api.exceptions import DownloadHTTPError
-
-                    raise DownloadHTTPError(f"{path}: {frame.message}", 404)
+                    # tuf's DownloadHTTPError(404) once it reaches tuf (_tuf_fetcher).
+                    raise FileNotFoundOnServerError(f"{path}: {frame.message}")
                 if frame.retry_after_s is not None:
                     # Frames still on their way stay queued for the next window.
                     raise _RefusedError(frame.retry_after_s, f"{frame.status} {frame.message}")

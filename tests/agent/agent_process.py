@@ -10,6 +10,8 @@ many seconds and never gives it back, so its loops hang as in a deadlock.
 
 It runs :meth:`Agent.run`, so SIGTERM stops it the way systemd does; the
 test watches it through the broker and the registry (or its sd_notify socket).
+After a clean stop it prints ``{"modules": [...]}``: which of the heavy
+modules (runtimes, python-tuf, cryptography) the process ever imported.
 """
 
 from __future__ import annotations
@@ -48,6 +50,9 @@ def main(spec_file: str) -> int:
 
         threading.Timer(float(spec["stall_after_s"]), agent._lock.acquire).start()
     agent.run()
+    # After a clean stop: which heavy modules this process ever imported.
+    heavy = ("onnxruntime", "ai_edge_litert", "tuf", "securesystemslib", "urllib3", "cryptography")
+    print(json.dumps({"modules": sorted(m for m in heavy if m in sys.modules)}), flush=True)
     return 0
 
 

@@ -10,8 +10,10 @@ In one run, on this machine:
    and registers an ONNX model of about ``--model-mb`` MB;
 2. starts a real agent in its own process and measures its RSS once it is
    connected and idle (*empty agent*), then deploys the model, waits for it to
-   be active, serves ``--requests`` inferences over HTTP and measures again
-   (*agent with model*);
+   be active (timed: deploy to active, TUF verifier child included), serves
+   ``--requests`` inferences over HTTP and measures again (*agent with
+   model*); then restarts it, so that it restores the model from its slot,
+   and measures once more (*restarted*);
 3. starts a *bare* process that holds only what serving that model needs:
    numpy, onnxruntime with the same session (same file, same session options
    as :class:`~edgefleet.shared.runtime.OnnxRuntimeBackend`), and a paho MQTT
@@ -266,6 +268,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     empty: list[int] = []
     loaded: list[int] = []
     restarted: list[int] = []
+    install_s: list[float] = []
     bare: list[int] = []
     with tempfile.TemporaryDirectory() as tmp_name, EmbeddedBroker() as embedded:
         tmp = Path(tmp_name)
@@ -300,6 +303,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                     )
                     time.sleep(args.settle_s)
                     empty.append(rss_kib(agent.pid))
+                    deployed_at = time.monotonic()
                     service.deploy(MODEL, "1.0", [device_id])
                     wait_for(
                         lambda d=device_id: any(
@@ -308,6 +312,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                         120,
                         "the model to be active",
                     )
+                    install_s.append(time.monotonic() - deployed_at)
                     for _ in range(args.requests):
                         infer(port)
                     time.sleep(args.settle_s)
@@ -358,6 +363,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     result["agent_with_model_kib"] = statistics.median(loaded)
     result["bare_kib"] = statistics.median(bare)
     result["restarted_agent_kib"] = statistics.median(restarted)
+    result["install_s"] = statistics.median(install_s)
     result["ratio"] = result["agent_with_model_kib"] / result["bare_kib"]
     result["restarted_ratio"] = result["restarted_agent_kib"] / result["bare_kib"]
     result["samples"] = {
@@ -365,6 +371,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         "loaded": loaded,
         "restarted": restarted,
         "bare": bare,
+        "install_s": install_s,
     }
     result["install_bytes"] = {
         extra: sum(install_closure(extra).values())
@@ -388,6 +395,7 @@ def report(result: dict[str, Any]) -> str:
         f"agent restarted, model restored from its slot:  "
         f"{result['restarted_agent_kib'] / mib:.1f} MiB  "
         f"({result['restarted_ratio']:.2f}x bare)",
+        f"deploy -> model active (verifier child incl.):  {result['install_s']:.2f} s",
         f"empty agent (connected, no model):              "
         f"{result['empty_agent_kib'] / mib:.1f} MiB",
         "install size (site-packages, this platform):",

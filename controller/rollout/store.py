@@ -118,6 +118,9 @@ class RolloutInfo:
     reason: str
     steps: int
     counts: dict[str, int] = field(default_factory=dict)
+    # Selected devices that are not members because no bundle fits them
+    # (device -> why, e.g. "not eligible: no bundle for runtimes [tflite] ...").
+    skipped: dict[str, str] = field(default_factory=dict)
 
     @property
     def label(self) -> str:
@@ -513,6 +516,28 @@ class RolloutStore:
             .group_by(m.RolloutDevice.rollout_id, m.RolloutDevice.state)
         ):
             counts[rid][state] = int(n)
+        skipped: dict[str, dict[str, str]] = {i: {} for i in ids}
+        member = (
+            sa.select(m.RolloutDevice.device_id)
+            .where(
+                m.RolloutDevice.rollout_id == m.RolloutDecision.rollout_id,
+                m.RolloutDevice.device_id == m.RolloutDecision.device_id,
+            )
+            .exists()
+        )
+        for rid, device_id, reason in s.execute(
+            sa.select(
+                m.RolloutDecision.rollout_id, m.RolloutDecision.device_id, m.RolloutDecision.reason
+            )
+            .where(
+                m.RolloutDecision.rollout_id.in_(ids),
+                m.RolloutDecision.kind == "skipped",
+                ~member,
+            )
+            .order_by(m.RolloutDecision.id)
+        ):
+            if device_id is not None:
+                skipped[rid][device_id] = reason  # the latest reason wins
         versions = {
             v.id: v
             for v in s.scalars(
@@ -542,6 +567,7 @@ class RolloutStore:
                     reason=r.reason,
                     steps=r.steps,
                     counts=counts[r.id],
+                    skipped=skipped[r.id],
                 )
             )
         return out

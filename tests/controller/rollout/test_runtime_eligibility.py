@@ -8,12 +8,15 @@ state, and neither takes a canary slot nor counts as a failure.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 
 from edgefleet.controller.catalog import register_model
+from edgefleet.controller.cli import cli
 from edgefleet.controller.demo_model import build_demo_model
 from edgefleet.controller.registry import Registry
 from edgefleet.controller.rollout.engine import DeviceState, RolloutConfig, RolloutStatus
@@ -98,6 +101,9 @@ def test_a_device_without_the_runtime_is_skipped_not_failed(
     assert [(d.device_id, d.reason) for d in skipped] == [
         ("a-tfl", "not eligible: no bundle for runtimes [tflite] (it has bundles for: onnxruntime)")
     ]
+    assert info.skipped == {
+        "a-tfl": "not eligible: no bundle for runtimes [tflite] (it has bundles for: onnxruntime)"
+    }
     started = next(d for d in store.decisions(info.id) if d.kind == "started")
     assert "1 device(s) selected" in started.reason and "1 not eligible" in started.reason
 
@@ -133,6 +139,7 @@ def test_a_device_without_the_runtime_is_skipped_not_failed(
     _step(store, repo, info.id)
     states = {d.device_id: d.state for d in store.devices(info.id)}
     assert states["a-tfl"] is DeviceState.IN_FLIGHT
+    assert store.get(info.id).skipped == {}  # a member now
     assert registry.desired_for("a-tfl") is not None
 
 
@@ -157,3 +164,30 @@ def test_runtimes_reported_after_joining_cancel_the_start_without_a_failure(
     got = store.get(info.id)
     # failure_threshold_pct=0: a single failure would have halted the rollout.
     assert got.status is RolloutStatus.COMPLETED, got.reason
+
+
+def test_cli_shows_the_skipped_device_and_why(tmp_path: Path, database_url: str) -> None:
+    config = tmp_path / "controller.toml"
+    config.write_text(f'home = "{tmp_path / "state"}"\ndatabase_url = "{database_url}"\n')
+
+    def run(*args: str) -> str:
+        result = CliRunner().invoke(cli, ["--config", str(config), *args], catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        return result.output
+
+    run("init")
+    registry = Registry(database_url)
+    try:
+        repo = TrustRepository.open(tmp_path / "state" / "repository")
+        register_model(registry, repo, build_demo_model(), name="m", version="1.0")
+        for device_id, runtimes in (("gw-tfl", ("tflite",)), ("gw-onnx", ("onnxruntime",))):
+            registry.enroll_device(device_id, tags=["gw"])
+            _report(registry, device_id, runtimes)
+    finally:
+        registry.close()
+
+    created = json.loads(run("rollout", "create", "m", "1.0", "--tag", "gw", "--json"))
+    assert list(created["skipped"]) == ["gw-tfl"]
+    assert created["counts"] == {"pending": 1}
+    text = run("rollout", "show", created["id"])
+    assert "skipped gw-tfl: not eligible: no bundle for runtimes [tflite]" in text

@@ -31,7 +31,8 @@ def run_agent(config_file: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="edgefleet-agent", description="edgefleet gateway agent")
+    parser = argparse.ArgumentParser(prog="edgefleet-agent",
+                                     description="edgefleet gateway agent")
     parser.add_argument("--config", required=True, type=Path, help="agent config (TOML)")
     parser.add_argument("-v", "--verbose", action="count", default=0)
     parser.add_argument("--version", action="version", version=f"edgefleet-agent {__version__}")

@@ -88,6 +88,7 @@ def _info_dict(info: RolloutInfo) -> dict[str, Any]:
         "next_wave_at": info.next_wave_at,
         "devices": info.devices,
         "counts": info.counts,
+        "skipped": info.skipped,
     }
 
 
@@ -123,6 +124,7 @@ def _header(info: RolloutInfo) -> str:
         f"created {_ts(info.created_at)}, started {_ts(info.started_at) or '-'}, "
         f"deadline {_ts(info.deadline_at) or '-'}, finished {_ts(info.finished_at) or '-'}",
     ]
+    lines += [f"skipped {d}: {why}" for d, why in sorted(info.skipped.items())]
     if info.next_wave_at is not None and info.status is RolloutStatus.RUNNING:
         lines.append(f"soaking until {_ts(info.next_wave_at)}")
     return "\n".join(lines)

@@ -18,7 +18,8 @@ and showed "0 devices".
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -30,8 +31,31 @@ if TYPE_CHECKING:
     from edgefleet.controller.config import ControllerConfig
     from edgefleet.controller.registry import Registry
     from edgefleet.controller.trust import TrustRepository
+    from edgefleet.shared.link import BrokerSettings
 
-__all__ = ["Context", "HomeMissingError", "home_is_initialized", "pass_ctx"]
+__all__ = [
+    "SERVED_BROKER_FILE",
+    "Context",
+    "HomeMissingError",
+    "home_is_initialized",
+    "pass_ctx",
+    "record_served_broker",
+]
+
+SERVED_BROKER_FILE = "served-broker.json"
+"""In the home: the broker address ``edgefleet serve`` last used (``{"host", "port"}``).
+
+``device enroll`` without a ``--config`` writes it into ``agent.toml``, so a
+one-machine fleet started with ``serve --broker-port N`` enrolls agents for
+port N instead of the default 1883.
+"""
+
+
+def record_served_broker(home: Path, host: str, port: int) -> None:
+    """Remember the broker address ``serve`` runs with (see :data:`SERVED_BROKER_FILE`)."""
+    from edgefleet.shared.durable import atomic_write
+
+    atomic_write(home / SERVED_BROKER_FILE, json.dumps({"host": host, "port": port}).encode())
 
 
 class HomeMissingError(ConfigError):
@@ -105,6 +129,25 @@ class Context:
         except OSError as exc:
             raise ConfigError(f"cannot create controller home {home}: {exc}") from exc
         return home
+
+    def agent_broker(self) -> tuple[BrokerSettings, str]:
+        """The broker address to give enrolled agents, and where it came from.
+
+        The ``[broker]`` table of ``--config`` when there is one; else the
+        address ``edgefleet serve`` last ran with in this home; else the
+        default (127.0.0.1:1883), said so.
+        """
+        cfg = self.config()
+        if self.config_path is not None:
+            return cfg.broker, f"[broker] of {self.config_path}"
+        try:
+            served = json.loads((cfg.home / SERVED_BROKER_FILE).read_text())
+            host, port = served["host"], served["port"]
+            if isinstance(host, str) and isinstance(port, int):
+                return replace(cfg.broker, host=host, port=port), "where `edgefleet serve` ran"
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+        return cfg.broker, "the default: no --config, and `edgefleet serve` has not run here"
 
     def registry(self) -> Registry:
         """Open (and migrate) the registry.

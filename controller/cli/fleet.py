@@ -52,6 +52,10 @@ def _device_rows(
             "online": s.online,
             "revoked": s.device_id in revoked,
             "hardware_class": s.hardware_class,
+            "profile": s.profile,
+            "variant": s.variant,
+            "tags": list(s.tags),
+            "duplicate_at": s.duplicate_at,
             "state": s.state,
             "active_version": s.active_version,
             "desired_version": s.desired_version,
@@ -80,37 +84,54 @@ def devices(ctx: Context, as_json: bool) -> None:
             rows = _device_rows(registry, revoked)
         finally:
             registry.close()
-    emit(
-        as_json,
-        rows,
-        lambda: render_table(
+    emit(as_json, rows, lambda: _devices_table(rows))
+
+
+def _online_cell(row: dict[str, Any]) -> str:
+    online = "revoked" if row["revoked"] else "yes" if row["online"] else "no"
+    return f"{online} (duplicate id?)" if row["duplicate_at"] is not None else online
+
+
+def _devices_table(rows: list[dict[str, Any]]) -> str:
+    text = render_table(
+        [
+            "device",
+            "online",
+            "profile",
+            "variant",
+            "state",
+            "active",
+            "desired",
+            "tags",
+            "inferences",
+            "p50 ms",
+            "last error",
+        ],
+        [
             [
-                "device",
-                "online",
-                "class",
-                "state",
-                "active",
-                "desired",
-                "inferences",
-                "p50 ms",
-                "last error",
-            ],
-            [
-                [
-                    r["id"],
-                    "revoked" if r["revoked"] else "yes" if r["online"] else "no",
-                    r["hardware_class"],
-                    r["state"],
-                    r["active_version"],
-                    r["desired_version"],
-                    r["inferences"],
-                    None if r["p50_ms"] is None else f"{r['p50_ms']:.2f}",
-                    r["last_error"],
-                ]
-                for r in rows
-            ],
-        ),
+                r["id"],
+                _online_cell(r),
+                r["profile"],
+                r["variant"],
+                r["state"],
+                r["active_version"],
+                r["desired_version"],
+                ",".join(r["tags"]) or None,
+                r["inferences"],
+                None if r["p50_ms"] is None else f"{r['p50_ms']:.2f}",
+                r["last_error"],
+            ]
+            for r in rows
+        ],
     )
+    duplicates = [r["id"] for r in rows if r["duplicate_at"] is not None]
+    if duplicates:
+        text += (
+            f"\n\n{len(duplicates)} device id(s) seem to be used by two agents at once: "
+            f"{', '.join(duplicates[:10])}{' ...' if len(duplicates) > 10 else ''} "
+            "(`edgefleet device events ID`)"
+        )
+    return text
 
 
 @click.command()
@@ -217,6 +238,7 @@ def status(ctx: Context, as_json: bool) -> None:
         "versions": fleet.versions,
         "inferences": fleet.inferences,
         "errors": fleet.errors,
+        "duplicate_ids": fleet.duplicates,
         "rejected": rejected_by_controller,
         "agent_rejected": rejected_by_agents,
         "by_device": by_device,
@@ -227,6 +249,11 @@ def status(ctx: Context, as_json: bool) -> None:
             f"devices: {fleet.devices} ({fleet.online} online, {fleet.offline} offline, "
             f"{fleet.failed} failed)\ninferences: {fleet.inferences}, errors: {fleet.errors}"
         )
+        if fleet.duplicates:
+            head += (
+                f"\nduplicate device ids: {fleet.duplicates} device(s) seem to run two agents "
+                "(`edgefleet devices`)"
+            )
         versions = render_table(["model version", "devices"], sorted(fleet.versions.items()))
         rejected = (
             ", ".join(f"{k}={v}" for k, v in sorted(rejected_by_controller.items())) or "none"

@@ -62,6 +62,7 @@ def serve(
     from dataclasses import replace
 
     from edgefleet.controller.broker import EmbeddedBroker
+    from edgefleet.controller.cli.context import record_served_broker
     from edgefleet.controller.service import ControllerService
 
     with friendly_errors():
@@ -71,8 +72,8 @@ def serve(
             broker_settings = replace(broker_settings, host=broker_host)
         if broker_port is not None:
             broker_settings = replace(broker_settings, port=broker_port)
-        registry = ctx.registry()
         repository = ctx.repository()
+        registry = ctx.registry()
         broker: EmbeddedBroker | None = None
         if embedded_broker:
             broker = EmbeddedBroker(broker_settings.host, broker_settings.port)
@@ -81,6 +82,8 @@ def serve(
             except BaseException:
                 registry.close()
                 raise
+        # `device enroll` without --config gives agents this address.
+        record_served_broker(ctx.require_home(), broker_settings.host, broker_settings.port)
         service = ControllerService(
             registry, repository, broker_settings, cfg.service, profiles=cfg.device_profiles()
         )

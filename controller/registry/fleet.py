@@ -13,8 +13,11 @@ bug, is left out of the totals instead of failing ``devices`` or ``status``.
 
 from __future__ import annotations
 
+from datetime import datetime, timedelta
+from typing import Any
+
 import sqlalchemy as sa
-from sqlalchemy.orm import aliased
+from sqlalchemy.orm import Session, aliased
 
 from edgefleet.controller.registry import models as m
 from edgefleet.controller.registry.counters import read_counters
@@ -23,7 +26,50 @@ from edgefleet.controller.registry.dto import DeviceSummary, FleetStatus, error_
 from edgefleet.controller.registry.telemetry import clean_latency, summed_count, valid_count
 from edgefleet.protocols.messages import AgentState
 
-__all__ = ["FleetViews"]
+__all__ = ["DUPLICATE_EVENT_KIND", "DUPLICATE_RECENT_S", "FleetViews", "running_target"]
+
+DUPLICATE_EVENT_KIND = "duplicate_device_id"
+"""The event the controller stores when two agents seem to share a device id."""
+
+DUPLICATE_RECENT_S = 15 * 60.0
+"""A device is shown as a suspected duplicate this long after the last such event."""
+
+
+def running_target(reported: dict[str, Any] | None) -> str | None:
+    """The bundle target path a stored report says the device runs, if any."""
+    active = (reported or {}).get("active")
+    target = active.get("target") if isinstance(active, dict) else None
+    return target if isinstance(target, str) and target else None
+
+
+def _variants(s: Session, targets: set[str]) -> dict[str, str]:
+    """The variant (bundle hardware class) of each known target path, in one query."""
+    if not targets:
+        return {}
+    rows = s.execute(
+        sa.select(m.Bundle.target_path, m.Bundle.hardware_class).where(
+            m.Bundle.target_path.in_(targets)
+        )
+    )
+    return {str(path): str(hardware_class) for path, hardware_class in rows}
+
+
+def _variant_of(target: str | None, known: dict[str, str]) -> str | None:
+    if target is None:
+        return None
+    # A target this registry does not know (re-issued elsewhere): its file name.
+    return known.get(target) or target.rsplit("/", 1)[-1].removesuffix(".bundle")
+
+
+def _duplicates(s: Session, since: datetime) -> dict[str, datetime]:
+    """Devices with a duplicate-id event since ``since``, and the newest such event's time."""
+    e = m.DeviceEvent
+    rows = s.execute(
+        sa.select(e.device_id, sa.func.max(e.at))
+        .where(e.kind == DUPLICATE_EVENT_KIND, e.at >= since)
+        .group_by(e.device_id)
+    )
+    return {str(device_id): at for device_id, at in rows}
 
 
 class FleetViews:
@@ -71,7 +117,11 @@ class FleetViews:
         )
         with self._db.read() as s:
             result = []
-            for device, requests, errors, p50, desired_model, desired_version in s.execute(stmt):
+            rows = list(s.execute(stmt))
+            targets = {running_target(row[0].reported) for row in rows}
+            variants = _variants(s, {t for t in targets if t is not None})
+            duplicates = _duplicates(s, m.utcnow() - timedelta(seconds=DUPLICATE_RECENT_S))
+            for device, requests, errors, p50, desired_model, desired_version in rows:
                 error = error_info(device.last_error)
                 result.append(
                     DeviceSummary(
@@ -90,6 +140,9 @@ class FleetViews:
                         p50_ms=clean_latency(p50),
                         desired_model=desired_model,
                         desired_version=desired_version,
+                        variant=_variant_of(running_target(device.reported), variants),
+                        tags=tuple(device.tags or ()),
+                        duplicate_at=duplicates.get(device.id),
                     )
                 )
             return result
@@ -121,6 +174,8 @@ class FleetViews:
                 )
             ).one()
             counters = read_counters(s)
+            recent = m.utcnow() - timedelta(seconds=DUPLICATE_RECENT_S)
+            duplicates = len(_duplicates(s, recent))
         return FleetStatus(
             devices=total,
             online=online,
@@ -130,4 +185,5 @@ class FleetViews:
             inferences=int(requests or 0),
             errors=int(errors or 0),
             counters=counters,
+            duplicates=duplicates,
         )

@@ -8,18 +8,32 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
+from edgefleet.agent.config import load_agent_config
+from edgefleet.controller.broker import free_port
+from edgefleet.controller.catalog import register_model
 from edgefleet.controller.cli import cli
+from edgefleet.controller.demo_model import build_demo_model
 from edgefleet.controller.registry import Registry, sqlite_url
 from edgefleet.controller.rollout.runner import sign_reissue
 from edgefleet.controller.rollout.store import RolloutStore, Selector
 from edgefleet.controller.trust import TrustRepository
+from edgefleet.protocols.messages import (
+    AgentState,
+    Event,
+    EventKind,
+    HardwareInfo,
+    ModelRef,
+    ReportedState,
+)
 from tests.controller.cli.runner import run, run_in_home
 from tests.controller.rollout.test_store import CFG, Fleet
 
@@ -205,3 +219,171 @@ def test_rollout_watch_exit_status_says_how_the_rollout_ended(tmp_path: Path) ->
         registry.close()
     completed = run_in_home(home, "rollout", "watch", done.id, "--interval", "0.1")
     assert completed.exit_code == 0, completed.output
+
+
+# ----------------------------------------------------------------------------- ports
+
+
+def test_serve_names_a_taken_broker_port_in_one_line(home: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run(home, "serve", "--embedded-broker", "--broker-port", str(port))
+        assert result.exit_code == 1
+        assert result.output.strip() == (
+            f"Error: cannot start the embedded MQTT broker on 127.0.0.1:{port}: port {port} "
+            "is already in use (another broker?); choose another with --broker-port [broker]"
+        )
+        json_result = run(home, "serve", "--embedded-broker", "--broker-port", str(port), "--json")
+        # serve has no --json; a usage error, not a traceback.
+        assert json_result.exit_code == 2 and "Traceback" not in json_result.output
+
+
+def test_serve_on_a_chosen_port_and_enroll_uses_it(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    assert run_in_home(home, "init").exit_code == 0
+    port = free_port()
+    serve = subprocess.Popen(
+        [*EDGEFLEET, "--home", str(home), "serve", "--embedded-broker", "--broker-port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=_bare_env(),
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert serve.poll() is None, serve.stderr.read().decode()  # type: ignore[union-attr]
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "serve never listened on its --broker-port"
+                time.sleep(0.2)
+        # Without --config, an enrolled agent gets the address serve runs with, not 1883.
+        out = tmp_path / "gw-1"
+        result = run_in_home(
+            home, "device", "enroll", "gw-1", "--out", str(out), "--agent-http-port", "18471"
+        )
+        assert result.exit_code == 0, result.output
+        assert f"agent broker 127.0.0.1:{port} (where `edgefleet serve` ran)" in result.output
+        config = load_agent_config(out / "agent.toml")
+        assert (config.broker.host, config.broker.port) == ("127.0.0.1", port)
+        assert config.http.port == 18471 and config.device_id == "gw-1"
+    finally:
+        serve.terminate()
+        serve.wait(timeout=30)
+        assert serve.stderr is not None
+        serve.stderr.close()
+        assert serve.stdout is not None
+        serve.stdout.close()
+
+
+def test_enroll_takes_the_broker_from_the_config(home: Path, tmp_path: Path) -> None:
+    broker_port = int(home.read_text().split("port = ")[1].split()[0])
+    result = run(home, "device", "enroll", "gw-1", "--out", str(tmp_path / "a"), "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert data["broker"] == f"127.0.0.1:{broker_port}" and data["agent_http_port"] == 8470
+    assert data["broker_from"] == f"[broker] of {home}"
+    assert load_agent_config(tmp_path / "a" / "agent.toml").broker.port == broker_port
+    result = run(
+        home, "device", "enroll", "gw-2", "--out", str(tmp_path / "b"),
+        "--broker-host", "mqtt.test", "--broker-port", "8883", "--agent-http-port", "0",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    config = load_agent_config(tmp_path / "b" / "agent.toml")
+    assert (config.broker.host, config.broker.port, config.http.port) == ("mqtt.test", 8883, 0)
+
+
+# ---------------------------------------------------------------------- devices, tags
+
+
+def test_devices_show_profile_running_variant_and_tags(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    assert run_in_home(home, "init").exit_code == 0
+    registry = Registry(sqlite_url(home / "registry.db"))
+    try:
+        repo = TrustRepository.open(home / "repository")
+        reg = register_model(
+            registry, repo, build_demo_model(), name="det", version="1.0",
+            hardware_classes=("generic", "x86-vnni"),
+        )  # fmt: skip
+        vnni = next(b for b in reg.bundles if b.hardware_class == "x86-vnni")
+        registry.enroll_device("gw-1", tags=("lab", "eu"))
+        registry.enroll_device("gw-2")
+        registry.record_reported(
+            ReportedState(
+                device_id="gw-1",
+                state=AgentState.IDLE,
+                active=ModelRef("det", "1.0", reg.version.release, vnni.target_path),
+                hardware=HardwareInfo("x86_64", cpu_features=("avx512_vnni",)),
+            ),
+            profile="x86-vnni",
+        )
+    finally:
+        registry.close()
+    rows = {r["id"]: r for r in json.loads(run_in_home(home, "devices", "--json").output)}
+    assert rows["gw-1"]["hardware_class"] == "generic"  # what the agent was told to call itself
+    assert (rows["gw-1"]["profile"], rows["gw-1"]["variant"]) == ("x86-vnni", "x86-vnni")
+    assert rows["gw-1"]["tags"] == ["lab", "eu"] and rows["gw-2"]["tags"] == []
+    assert rows["gw-2"]["variant"] is None
+    table = run_in_home(home, "devices").output.splitlines()
+    assert table[0].split()[:4] == ["DEVICE", "ONLINE", "PROFILE", "VARIANT"]
+    assert "TAGS" in table[0] and "CLASS" not in table[0]
+    gw1 = table[1].split()
+    assert gw1[:4] == ["gw-1", "no", "x86-vnni", "x86-vnni"] and "lab,eu" in gw1
+
+
+def test_tags_are_editable_after_enrollment(home: Path, tmp_path: Path) -> None:
+    assert run(home, "device", "enroll", "gw-1", "--tag", "a", "--tag", "b", "--out",
+               str(tmp_path / "e")).exit_code == 0  # fmt: skip
+    result = run(home, "device", "tag", "gw-1", "--add", "c", "--remove", "a", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output) == {"device_id": "gw-1", "tags": ["b", "c"]}
+    # Idempotent: adding what is there and removing what is not changes nothing.
+    again = run(home, "device", "tag", "gw-1", "--add", "c", "--remove", "zz")
+    assert again.exit_code == 0 and again.output.strip() == "gw-1: b, c"
+    devices = json.loads(run(home, "devices", "--json").output)
+    assert devices[0]["tags"] == ["b", "c"]
+    assert run(home, "device", "tag", "gw-1").output.strip() == "gw-1: b, c"
+
+    unknown = run(home, "device", "tag", "nope", "--add", "x", "--json")
+    assert unknown.exit_code == 1 and json.loads(unknown.stderr)["error"]["code"] == "not_found"
+    for bad in (["--add", "has space"], ["--add", "a,b"], ["--add", "x", "--remove", "x"]):
+        refused = run(home, "device", "tag", "gw-1", *bad)
+        assert refused.exit_code == 1 and refused.output.startswith("Error: "), refused.output
+    assert json.loads(run(home, "devices", "--json").output)[0]["tags"] == ["b", "c"]
+
+
+# ----------------------------------------------------------------------------- events
+
+
+def test_events_are_listed_in_the_devices_own_order(home: Path, tmp_path: Path) -> None:
+    assert run(home, "device", "enroll", "gw-1", "--out", str(tmp_path / "e")).exit_code == 0
+    registry = Registry(sqlite_url(tmp_path / "state" / "registry.db"))
+    at = float(int(time.time()))  # one second for all of them
+    kinds = {1: EventKind.DOWNLOAD_STARTED, 2: EventKind.VERIFIED, 3: EventKind.INSTALLED}
+
+    def event(seq: int) -> Event:
+        return Event("gw-1", kinds[seq], generation=1, at=at, journal="j1", seq=seq)
+
+    try:
+        # Arrival order 2, 3, then 1 replayed late; then the controller's own event.
+        registry.add_events([event(2)])
+        registry.add_events([event(3)])
+        registry.add_events([event(1)])
+        registry.add_controller_event("gw-1", "duplicate_device_id", {"reason": "journals"})
+    finally:
+        registry.close()
+    listed = json.loads(run(home, "device", "events", "gw-1", "--json").output)
+    assert [(e["kind"], e["seq"]) for e in listed] == [
+        ("duplicate_device_id", None),
+        ("installed", 3),
+        ("verified", 2),
+        ("download_started", 1),
+    ]
+    table = run(home, "device", "events", "gw-1").output.splitlines()
+    assert table[0].split()[:3] == ["SEQ", "AT", "EVENT"]
+    assert [line.split()[0] for line in table[1:5]] == ["-", "3", "2", "1"]
+    assert "journals" in table[1]

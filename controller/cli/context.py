@@ -133,11 +133,15 @@ class Context:
     def agent_broker(self) -> tuple[BrokerSettings, str]:
         """The broker address to give enrolled agents, and where it came from.
 
-        The ``[broker]`` table of ``--config`` when there is one; else the
-        address ``edgefleet serve`` last ran with in this home; else the
-        default (127.0.0.1:1883), said so.
+        The ``[broker]`` table of ``--config`` (with ``EDGEFLEET_BROKER_*``
+        over it) when there is one; else the address ``edgefleet serve`` last
+        ran with in this home; else the default (127.0.0.1:1883), said so.
         """
+        import os
+
         cfg = self.config()
+        if any(name.startswith("EDGEFLEET_BROKER_") for name in os.environ):
+            return cfg.broker, "EDGEFLEET_BROKER_* environment"
         if self.config_path is not None:
             return cfg.broker, f"[broker] of {self.config_path}"
         try:

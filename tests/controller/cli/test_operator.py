@@ -245,7 +245,18 @@ def test_serve_on_a_chosen_port_and_enroll_uses_it(tmp_path: Path) -> None:
     assert run_in_home(home, "init").exit_code == 0
     port = free_port()
     serve = subprocess.Popen(
-        [*EDGEFLEET, "--home", str(home), "serve", "--embedded-broker", "--broker-port", str(port)],
+        [
+            *EDGEFLEET,
+            "--home",
+            str(home),
+            "--log-format",
+            "json",
+            "-v",
+            "serve",
+            "--embedded-broker",
+            "--broker-port",
+            str(port),
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         env=_bare_env(),
@@ -272,11 +283,13 @@ def test_serve_on_a_chosen_port_and_enroll_uses_it(tmp_path: Path) -> None:
         assert config.http.port == 18471 and config.device_id == "gw-1"
     finally:
         serve.terminate()
-        serve.wait(timeout=30)
-        assert serve.stderr is not None
-        serve.stderr.close()
-        assert serve.stdout is not None
-        serve.stdout.close()
+        _, err = serve.communicate(timeout=30)
+    # --log-format json: log records are JSON objects, one a line.
+    records = [json.loads(line) for line in err.decode().splitlines() if line.startswith("{")]
+    assert any(
+        r["logger"] == "edgefleet.controller.broker" and str(port) in r["message"] for r in records
+    ), err.decode()
+    assert all({"at", "level", "logger", "message"} <= r.keys() for r in records)
 
 
 def test_enroll_takes_the_broker_from_the_config(home: Path, tmp_path: Path) -> None:

@@ -24,7 +24,7 @@ module                    commands
 ========================  ===================================================
 ``home``                  ``init``, ``serve``
 ``model``                 ``model register|list|report|compile``
-``device``                ``device enroll|events``
+``device``                ``device enroll|tag|events``
 ``fleet``                 ``devices``, ``deploy``, ``status``
 ``agent``                 ``agent run``
 ``demo``                  ``demo``
@@ -112,7 +112,8 @@ class _Root(click.Group):
     "--home",
     type=click.Path(path_type=Path),
     envvar="EDGEFLEET_HOME",
-    help="State directory (TUF repository, keys, SQLite). Default ./edgefleet-data",
+    help="State directory (TUF repository, keys, SQLite). Default ./edgefleet-data; "
+    "only `edgefleet init` creates it.",
 )
 @click.option(
     "--database-url",

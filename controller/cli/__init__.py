@@ -78,6 +78,23 @@ def _quiet_stdout() -> None:
         pass
 
 
+def _stdout_closed() -> bool:
+    """Whether the reader of stdout went away (so an EPIPE was ours, not a socket's).
+
+    The write end of a pipe whose readers are gone polls as an error. Where
+    stdout is no real file (CliRunner) or cannot be polled, assume it was.
+    """
+    import select
+
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        events = poller.poll(0)
+    except (OSError, ValueError, AttributeError):
+        return True
+    return any(mask & (select.POLLERR | select.POLLHUP) for _fd, mask in events)
+
+
 class _Root(click.Group):
     """The root group: JSON errors for ``--json`` commands, quiet on a broken pipe."""
 
@@ -94,6 +111,8 @@ class _Root(click.Group):
         except OSError as exc:
             if not (isinstance(exc, BrokenPipeError) or exc.errno == errno.EPIPE):
                 raise
+            if not _stdout_closed():  # a socket's broken pipe: a real failure
+                raise click.ClickException(f"broken pipe: {exc}") from exc
             # The reader (`| head -1`) has what it wanted: not a failure.
             _quiet_stdout()
             ctx.exit(0)

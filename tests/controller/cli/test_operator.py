@@ -146,8 +146,9 @@ def test_a_closed_pipe_ends_quietly_with_status_0(tmp_path: Path) -> None:
     assert run_in_home(home, "init").exit_code == 0
     registry = Registry(sqlite_url(home / "registry.db"))
     try:
-        for i in range(3000):  # more than a pipe buffer of table
-            registry.enroll_device(f"gw-{i:04d}", tags=("a-long-tag-to-fill-the-pipe",))
+        tags = tuple(f"a-long-tag-to-fill-the-pipe-{n}" for n in range(10))
+        for i in range(400):  # ~150 KB of table: more than a pipe buffer
+            registry.enroll_device(f"gw-{i:04d}", tags=tags)
     finally:
         registry.close()
     for args in (["devices"], ["devices", "--json"]):

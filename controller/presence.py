@@ -20,7 +20,7 @@ the service feeds it what arrives and acts on its answers.
   * ``telemetry_overlap``: two telemetry windows of one device overlap by
     more than half (one agent's windows follow each other), twice within
     ``window_s``;
-  * ``status_flapping``: ``flaps`` or more ``offline`` statuses within
+  * ``status_flapping``: ``flaps`` (3) or more ``offline`` statuses within
     ``window_s`` while the device kept sending.
 
   :meth:`status` also tells the service to hold back an ``offline`` of a
@@ -76,7 +76,7 @@ class PresenceTracker:
         self,
         *,
         window_s: float = 120.0,
-        flaps: int = 2,
+        flaps: int = 3,
         alive_grace_s: float = 30.0,
         max_devices: int = 100_000,
     ) -> None:

@@ -43,9 +43,30 @@ def _count_rows(by_device: dict[str, dict[str, dict[str, int]]]) -> list[list[An
     return [list(r) for r in rows]
 
 
+ACK_TIMEOUT_S = 300.0
+"""Default seconds after which a published desired state no device reported is flagged."""
+
+
+def _ack_timeout_option(f: Any) -> Any:
+    return click.option(
+        "--ack-timeout-s",
+        type=click.FloatRange(min=0),
+        default=ACK_TIMEOUT_S,
+        show_default=True,
+        envvar="EDGEFLEET_ACK_TIMEOUT_S",
+        help="Flag a published desired state the device has not reported after this long.",
+    )(f)
+
+
 def _device_rows(
-    registry: Registry, revoked: AbstractSet[str] = frozenset()
+    registry: Registry,
+    revoked: AbstractSet[str] = frozenset(),
+    ack_timeout_s: float = ACK_TIMEOUT_S,
 ) -> list[dict[str, Any]]:
+    from edgefleet.controller.registry import models as m
+    from edgefleet.controller.registry.fleet import delivery_state
+
+    now = m.utcnow()
     return [
         {
             "id": s.device_id,
@@ -59,6 +80,7 @@ def _device_rows(
             "state": s.state,
             "active_version": s.active_version,
             "desired_version": s.desired_version,
+            "delivery": delivery_state(s, now, ack_timeout_s),
             "inferences": s.inferences,
             "errors": s.errors,
             "p50_ms": s.p50_ms,
@@ -70,10 +92,16 @@ def _device_rows(
 
 
 @click.command()
+@_ack_timeout_option
 @json_option
 @pass_ctx
-def devices(ctx: Context, as_json: bool) -> None:
-    """List devices with what they run and how they are doing."""
+def devices(ctx: Context, ack_timeout_s: float, as_json: bool) -> None:
+    """List devices with what they run and how they are doing.
+
+    DELIVERY says what became of the desired state: unpublished (no running
+    `edgefleet serve` has sent it), waiting, unacknowledged (sent, and the
+    device has not reported it within --ack-timeout-s) or acknowledged.
+    """
     from edgefleet.controller.ca import revoked_device_ids
 
     with friendly_errors():
@@ -81,7 +109,7 @@ def devices(ctx: Context, as_json: bool) -> None:
         revoked = revoked_device_ids(ctx.config().home / "ca")
         registry = ctx.registry()
         try:
-            rows = _device_rows(registry, revoked)
+            rows = _device_rows(registry, revoked, ack_timeout_s)
         finally:
             registry.close()
     emit(as_json, rows, lambda: _devices_table(rows))
@@ -102,6 +130,7 @@ def _devices_table(rows: list[dict[str, Any]]) -> str:
             "state",
             "active",
             "desired",
+            "delivery",
             "tags",
             "inferences",
             "p50 ms",
@@ -116,6 +145,7 @@ def _devices_table(rows: list[dict[str, Any]]) -> str:
                 r["state"],
                 r["active_version"],
                 r["desired_version"],
+                r["delivery"],
                 ",".join(r["tags"]) or None,
                 r["inferences"],
                 None if r["p50_ms"] is None else f"{r['p50_ms']:.2f}",
@@ -213,16 +243,22 @@ def _agent_rejections(counters: dict[str, int]) -> dict[str, int]:
 
 
 @click.command()
+@_ack_timeout_option
 @json_option
 @pass_ctx
-def status(ctx: Context, as_json: bool) -> None:
-    """Fleet overview: devices online, version distribution, health."""
+def status(ctx: Context, ack_timeout_s: float, as_json: bool) -> None:
+    """Fleet overview: devices online, version distribution, health, delivery."""
     with friendly_errors():
         registry = ctx.registry()
         try:
             fleet = registry.fleet_status()
+            device_rows = _device_rows(registry, ack_timeout_s=ack_timeout_s)
         finally:
             registry.close()
+    delivery = {
+        state: sorted(r["id"] for r in device_rows if r["delivery"] == state)
+        for state in ("unpublished", "unacknowledged")
+    }
     rejected_by_controller = {
         k.removeprefix("rejected."): v
         for k, v in fleet.counters.items()
@@ -239,6 +275,7 @@ def status(ctx: Context, as_json: bool) -> None:
         "inferences": fleet.inferences,
         "errors": fleet.errors,
         "duplicate_ids": fleet.duplicates,
+        "delivery": {state: len(ids) for state, ids in delivery.items()},
         "rejected": rejected_by_controller,
         "agent_rejected": rejected_by_agents,
         "by_device": by_device,
@@ -249,6 +286,14 @@ def status(ctx: Context, as_json: bool) -> None:
             f"devices: {fleet.devices} ({fleet.online} online, {fleet.offline} offline, "
             f"{fleet.failed} failed)\ninferences: {fleet.inferences}, errors: {fleet.errors}"
         )
+        for state, ids in delivery.items():
+            if ids:
+                shown = ", ".join(ids[:5]) + (" ..." if len(ids) > 5 else "")
+                head += f"\ndesired states {state}: {len(ids)} ({shown})"
+        if delivery["unpublished"]:
+            head += "\n  `edgefleet serve` publishes desired states: is it running and connected?"
+        if delivery["unacknowledged"]:
+            head += f"\n  published more than {ack_timeout_s:g}s ago and not reported by the device"
         if fleet.duplicates:
             head += (
                 f"\nduplicate device ids: {fleet.duplicates} device(s) seem to run two agents "

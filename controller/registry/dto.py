@@ -185,6 +185,13 @@ class DeviceSummary:
     variant: str | None = None
     tags: tuple[str, ...] = ()
     duplicate_at: datetime | None = None
+    # Delivery of the desired state: its generation, whether the controller
+    # has published it, since when it is desired, and the generation the
+    # device last reported (see registry.fleet.delivery_state).
+    desired_generation: int | None = None
+    desired_published: bool | None = None
+    desired_since: datetime | None = None
+    reported_generation: int | None = None
 
 
 @dataclass(frozen=True)

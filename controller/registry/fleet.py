@@ -26,7 +26,46 @@ from edgefleet.controller.registry.dto import DeviceSummary, FleetStatus, error_
 from edgefleet.controller.registry.telemetry import clean_latency, summed_count, valid_count
 from edgefleet.protocols.messages import AgentState
 
-__all__ = ["DUPLICATE_EVENT_KIND", "DUPLICATE_RECENT_S", "FleetViews", "running_target"]
+__all__ = [
+    "DELIVERY_STATES",
+    "DUPLICATE_EVENT_KIND",
+    "DUPLICATE_RECENT_S",
+    "FleetViews",
+    "delivery_state",
+    "running_target",
+]
+
+DELIVERY_STATES = ("unpublished", "waiting", "unacknowledged", "acknowledged")
+"""What became of a device's desired state (see :func:`delivery_state`)."""
+
+
+def delivery_state(summary: DeviceSummary, now: datetime, ack_timeout_s: float) -> str | None:
+    """What became of ``summary``'s desired state; ``None`` if it has none.
+
+    - ``unpublished``: recorded, but no controller has published it yet (is
+      ``edgefleet serve`` running, and reaching the broker?);
+    - ``waiting``: published, and the device has not reported it yet, for
+      less than ``ack_timeout_s``;
+    - ``unacknowledged``: published, and not reported by the device within
+      ``ack_timeout_s`` (offline? on another broker? a duplicate id?);
+    - ``acknowledged``: the device reported this generation (or a later one).
+    """
+    if summary.desired_generation is None:
+        return None
+    reported = summary.reported_generation or 0
+    if reported >= summary.desired_generation:
+        return "acknowledged"
+    if not summary.desired_published:
+        return "unpublished"
+    since = summary.desired_since
+    if since is not None and (now - since).total_seconds() > ack_timeout_s:
+        return "unacknowledged"
+    return "waiting"
+
+
+def _reported_generation(reported: dict[str, Any] | None) -> int | None:
+    value = (reported or {}).get("generation")
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 DUPLICATE_EVENT_KIND = "duplicate_device_id"
 """The event the controller stores when two agents seem to share a device id."""
@@ -105,6 +144,9 @@ class FleetViews:
                 latest.p50_ms,
                 m.Model.name,
                 m.ModelVersion.version,
+                m.DesiredStateRecord.generation,
+                m.DesiredStateRecord.published_generation,
+                m.DesiredStateRecord.updated_at,
             )
             .outerjoin(totals, totals.c.device_id == m.Device.id)
             .outerjoin(newest, newest.c.device_id == m.Device.id)
@@ -121,7 +163,17 @@ class FleetViews:
             targets = {running_target(row[0].reported) for row in rows}
             variants = _variants(s, {t for t in targets if t is not None})
             duplicates = _duplicates(s, m.utcnow() - timedelta(seconds=DUPLICATE_RECENT_S))
-            for device, requests, errors, p50, desired_model, desired_version in rows:
+            for (
+                device,
+                requests,
+                errors,
+                p50,
+                desired_model,
+                desired_version,
+                generation,
+                published,
+                desired_since,
+            ) in rows:
                 error = error_info(device.last_error)
                 result.append(
                     DeviceSummary(
@@ -143,6 +195,12 @@ class FleetViews:
                         variant=_variant_of(running_target(device.reported), variants),
                         tags=tuple(device.tags or ()),
                         duplicate_at=duplicates.get(device.id),
+                        desired_generation=generation,
+                        desired_published=(
+                            None if generation is None else (published or 0) >= generation
+                        ),
+                        desired_since=desired_since,
+                        reported_generation=_reported_generation(device.reported),
                     )
                 )
             return result

@@ -34,6 +34,7 @@ from edgefleet.protocols.messages import (
     ModelRef,
     ReportedState,
 )
+from edgefleet.shared.link import BrokerSettings
 from tests.controller.cli.runner import run, run_in_home
 from tests.controller.rollout.test_store import CFG, Fleet
 
@@ -401,3 +402,74 @@ def test_events_are_listed_in_the_devices_own_order(home: Path, tmp_path: Path) 
     assert table[0].split()[:3] == ["SEQ", "AT", "EVENT"]
     assert [line.split()[0] for line in table[1:5]] == ["-", "3", "2", "1"]
     assert "journals" in table[1]
+
+
+# --------------------------------------------------------------------------- delivery
+
+
+def test_devices_and_status_flag_desired_states_nobody_delivered(
+    tmp_path: Path, embedded_broker: BrokerSettings
+) -> None:
+    """Issue 10's worst: a deploy to the wrong broker said "published" and nothing showed it."""
+    dead = tmp_path / "dead.toml"  # a broker nobody listens on: the deploy cannot publish
+    dead.write_text(f'home = "state"\n[broker]\nhost = "127.0.0.1"\nport = {free_port()}\n')
+    assert run(dead, "init").exit_code == 0
+    model = tmp_path / "m.onnx"
+    model.write_bytes(build_demo_model())
+    assert (
+        run(dead, "model", "register", str(model), "--name", "m", "--version", "1").exit_code == 0
+    )
+    for device in ("gw-1", "gw-2"):
+        assert run(dead, "device", "enroll", device, "--out", str(tmp_path / device)).exit_code == 0
+    deployed = run(dead, "deploy", "m", "1", "--device", "gw-1")
+    assert deployed.exit_code == 0 and "0 desired state(s) published" in deployed.output
+    rows = {r["id"]: r for r in json.loads(run(dead, "devices", "--json").output)}
+    assert rows["gw-1"]["delivery"] == "unpublished" and rows["gw-2"]["delivery"] is None
+    status = run(dead, "status")
+    assert "desired states unpublished: 1 (gw-1)" in status.output
+    assert "`edgefleet serve` publishes desired states" in status.output
+    assert json.loads(run(dead, "status", "--json").output)["delivery"] == {
+        "unpublished": 1,
+        "unacknowledged": 0,
+    }
+
+    # The same home with the live broker: published, then waiting for the device.
+    live = tmp_path / "live.toml"
+    live.write_text(
+        f'home = "state"\n[broker]\nhost = "{embedded_broker.host}"\n'
+        f"port = {embedded_broker.port}\n"
+    )
+    deployed = run(live, "deploy", "m", "1", "--device", "gw-2", "--json")
+    assert json.loads(deployed.output)["published"] >= 1
+    rows = {r["id"]: r for r in json.loads(run(live, "devices", "--json").output)}
+    assert rows["gw-2"]["delivery"] == "waiting"
+    rows = {
+        r["id"]: r
+        for r in json.loads(run(live, "devices", "--json", "--ack-timeout-s", "0").output)
+    }
+    assert rows["gw-2"]["delivery"] == "unacknowledged"
+    status = run(live, "status", "--ack-timeout-s", "0").output
+    # The live deploy published gw-1's waiting desired state as well (the outbox).
+    assert "desired states unacknowledged: 2 (gw-1, gw-2)" in status
+
+    # The device reports the generation: acknowledged.
+    registry = Registry(sqlite_url(tmp_path / "state" / "registry.db"))
+    try:
+        desired = registry.desired_for("gw-2")
+        assert desired is not None
+        registry.record_reported(
+            ReportedState(
+                device_id="gw-2",
+                state=AgentState.IDLE,
+                active=None,
+                hardware=HardwareInfo("x86_64"),
+                generation=desired.generation,
+            )
+        )
+    finally:
+        registry.close()
+    rows = {
+        r["id"]: r
+        for r in json.loads(run(live, "devices", "--json", "--ack-timeout-s", "0").output)
+    }
+    assert rows["gw-2"]["delivery"] == "acknowledged"

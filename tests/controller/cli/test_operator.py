@@ -473,3 +473,28 @@ def test_devices_and_status_flag_desired_states_nobody_delivered(
         for r in json.loads(run(live, "devices", "--json", "--ack-timeout-s", "0").output)
     }
     assert rows["gw-2"]["delivery"] == "acknowledged"
+
+
+def test_tags_events_and_duplicates_on_every_database(tmp_path: Path, database_url: str) -> None:
+    """The registry parts behind the commands, on SQLite and PostgreSQL."""
+    home = tmp_path / "home"
+    base = ["--home", str(home), "--database-url", database_url]
+    cli_run = lambda *a: CliRunner().invoke(cli, [*base, *a], catch_exceptions=False)  # noqa: E731
+    assert cli_run("init").exit_code == 0
+    registry = Registry(database_url)
+    try:
+        registry.enroll_device("gw-1", tags=("a",))
+        registry.add_events(
+            [Event("gw-1", EventKind.VERIFIED, generation=1, journal="j", seq=s) for s in (2, 1)]
+        )
+        registry.add_controller_event("gw-1", "duplicate_device_id", {"reason": "journals"})
+        assert not registry.add_controller_event("nope", "duplicate_device_id")
+    finally:
+        registry.close()
+    tagged = cli_run("device", "tag", "gw-1", "--add", "b", "--remove", "a", "--json")
+    assert json.loads(tagged.output)["tags"] == ["b"]
+    listed = json.loads(cli_run("device", "events", "gw-1", "--json").output)
+    assert [e["seq"] for e in listed] == [None, 2, 1]
+    rows = json.loads(cli_run("devices", "--json").output)
+    assert rows[0]["tags"] == ["b"] and rows[0]["duplicate_at"] is not None
+    assert json.loads(cli_run("status", "--json").output)["duplicate_ids"] == 1

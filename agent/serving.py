@@ -439,6 +439,8 @@ class _Handler(BaseHTTPRequestHandler):
 class HttpAddressError(ConfigError, OSError):
     """The inference endpoint cannot listen on its address: taken, or not ours to bind."""
 
+    code = "http_address"
+
     def __init__(self, host: str, port: int, cause: OSError) -> None:
         where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         if cause.errno == errno.EADDRINUSE:

@@ -15,6 +15,8 @@ in the module named in brackets::
     EdgefleetError                         "error"
     ├── ConfigError                        "config"        a config file or value is wrong
     │   ├── EnrollmentFailedError          "enrollment_failed"   [agent.enroll]
+    │   ├── HttpAddressError               "http_address"        [agent.serving] port taken
+    │   ├── HomeMissingError               "home_missing"        [controller.cli.context]
     │   └── ProfileError                   "bad_profile"         [controller.compiler.errors]
     ├── BrokerError                        "broker"        the broker is unreachable or refused us
     ├── ProtocolError                      "protocol"      something received breaks the protocol

@@ -56,7 +56,7 @@ from edgefleet.controller.compiler.evaluate import (
     parse_metric,
     run_samples,
 )
-from edgefleet.controller.compiler.profiles import Profile
+from edgefleet.controller.compiler.profiles import SIZE_MAX_LATENCY_RATIO, Profile
 from edgefleet.controller.compiler.recipe_base import BuildInput, Built, Recipe, SourceRecipe
 from edgefleet.controller.compiler.recipes import default_recipes, prepare_for_quantization
 from edgefleet.controller.compiler.report import (
@@ -82,9 +82,9 @@ from edgefleet.controller.compiler.tflite import (
 )
 from edgefleet.protocols.hardware import normalize_arch, normalize_features
 from edgefleet.shared.hardware import read_cpuinfo
-from edgefleet.shared.runtime import is_tflite
+from edgefleet.shared.runtime import is_tflite, onnx_session_config
 
-__all__ = ["compile_model", "host_info", "load_source"]
+__all__ = ["apply_objective", "compile_model", "host_info", "load_source", "make_onnx_session"]
 
 
 def load_source(source: Path | str | bytes) -> SourceModel:
@@ -188,7 +188,76 @@ def _session_factory(src: SourceModel) -> Callable[[bytes], Any]:
     """How candidates of this source are loaded for measuring: onnxruntime or TFLite."""
     if src.format == "tflite":
         return make_tflite_session
-    return make_session
+    return make_onnx_session
+
+
+def make_onnx_session(model: bytes) -> Any:
+    """An onnxruntime session opened the way the agent will open this model.
+
+    Like :func:`~edgefleet.controller.compiler.source.make_session`, plus the
+    session config entries the model asks for in its metadata (weight-only
+    int8 asks for ``session.disable_quant_qdq=1``), read by the same
+    :func:`~edgefleet.shared.runtime.onnx_session_config` as the agent's
+    backend: a candidate is timed exactly as the gateway will run it.
+    """
+    config = onnx_session_config(model)
+    if not config:
+        return make_session(model)
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.log_severity_level = 3
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    for key, value in config.items():
+        so.add_session_config_entry(key, value)
+    return ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
+
+
+def apply_objective(
+    reports: Sequence[CandidateReport], profile: Profile
+) -> tuple[list[CandidateReport], str]:
+    """The objective's own limits, applied before the shared selection rule; and what it means.
+
+    ``latency`` (the default): the fastest candidate that passes the gate,
+    never slower than fp32 (:func:`~edgefleet.controller.compiler.report.select`
+    rejects p50 > fp32). ``size``, for bandwidth-bound fleets: the smallest
+    candidate that passes the gate *and* runs within
+    :data:`~edgefleet.controller.compiler.profiles.SIZE_MAX_LATENCY_RATIO` of
+    fp32's p50; slower ones are rejected here with that reason, the rest are
+    ranked smallest first by ``select``.
+
+    Returns:
+        The candidates (over-slow ones rejected) and a sentence for the
+        report's notes saying how the objective chooses.
+    """
+    if profile.objective == "latency":
+        return list(reports), (
+            f"objective latency (profile {profile.name}): the fastest candidate that passes "
+            "the accuracy gate, never slower than fp32; within 5% of the fastest, the smaller wins"
+        )
+    cap = SIZE_MAX_LATENCY_RATIO
+    out: list[CandidateReport] = []
+    for cand in reports:
+        # A candidate failing the gate keeps that reason (select gives it).
+        gated_out = cand.accuracy is not None and not cand.accuracy.passed
+        too_slow = cand.latency_ratio is None or cand.latency_ratio > cap
+        if cand.status != "measured" or gated_out or not too_slow:
+            out.append(cand)
+            continue
+        what = (
+            "latency not measured"
+            if cand.latency_ratio is None
+            else f"p50 {cand.latency_ratio:.2f}x fp32"
+        )
+        reason = f"objective size allows at most {cap:g}x fp32 latency: {what}"
+        out.append(dataclasses.replace(cand, status="rejected", reason=reason, rank=None))
+    return out, (
+        f"objective size (profile {profile.name}): the smallest candidate that passes the "
+        f"accuracy gate with p50 latency <= {cap:g}x fp32"
+    )
 
 
 def _describe_error(exc: BaseException) -> str:
@@ -570,8 +639,10 @@ def compile_model(
     if sensitivity_attempts > 0:
         comp.retry_closest_static(inp, sensitivity_attempts)
     baseline, feed_name = comp.measure(latency_iterations, latency_warmup)
-    judged = select(comp.reports, profile, tolerance=float(tolerance))
+    capped, objective_note = apply_objective(comp.reports, profile)
+    judged = select(capped, profile, tolerance=float(tolerance))
     ranked = sorted((c for c in judged if c.rank is not None), key=lambda c: c.rank or 0)
+    comp.notes.append(objective_note + _chosen_note(ranked))
     host = host_info(profile)
     if not host.get("matches_profile", True):
         comp.notes.append(
@@ -628,6 +699,15 @@ def compile_model(
         for c in ranked
     ]
     return CompileResult(report=report, chosen=variants)
+
+
+def _chosen_note(ranked: Sequence[CandidateReport]) -> str:
+    if not ranked:
+        return "; nothing qualified"
+    best = ranked[0]
+    size = f"{1 / best.size_ratio:.2f}x smaller" if best.size_ratio else "size n/a"
+    lat = f"p50 {best.latency_ratio:.2f}x fp32" if best.latency_ratio is not None else "latency n/a"
+    return f"; chose {best.name} ({size}, {lat})"
 
 
 def _check_job(

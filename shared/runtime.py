@@ -24,10 +24,10 @@ import importlib
 import importlib.util
 import logging
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, BinaryIO, Protocol
 
 import numpy as np
 
@@ -342,65 +342,80 @@ _ENTRY_KEY_FIELD = 1
 _ENTRY_VALUE_FIELD = 2
 
 
-def _varint(buf: memoryview, pos: int) -> tuple[int, int]:
+def _read_varint(f: BinaryIO, *, eof_ok: bool = False) -> int | None:
     value = 0
     shift = 0
     while True:
-        if pos >= len(buf) or shift > 63:
-            raise ValueError("truncated or oversized varint")
-        byte = buf[pos]
-        pos += 1
-        value |= (byte & 0x7F) << shift
-        if not byte & 0x80:
-            return value, pos
+        byte = f.read(1)
+        if not byte:
+            if eof_ok and shift == 0:
+                return None
+            raise ValueError("truncated varint")
+        value |= (byte[0] & 0x7F) << shift
+        if not byte[0] & 0x80:
+            return value
         shift += 7
+        if shift > 63:
+            raise ValueError("oversized varint")
 
 
-def _fields(buf: memoryview) -> list[tuple[int, memoryview | int]]:
-    """The top-level fields of a protobuf message; length-delimited ones as views (no copy)."""
-    out: list[tuple[int, memoryview | int]] = []
-    pos = 0
-    while pos < len(buf):
-        tag, pos = _varint(buf, pos)
+def _read_fields(f: BinaryIO, end: int, keep: Collection[int]) -> list[tuple[int, bytes]]:
+    """Length-delimited fields numbered ``keep`` of the message in ``f`` up to offset ``end``.
+
+    Every other field is skipped by seeking past it, so the graph (nearly all
+    of a model's bytes) is never read.
+    """
+    out: list[tuple[int, bytes]] = []
+    while f.tell() < end:
+        tag = _read_varint(f)
+        assert tag is not None
         number, wire = tag >> 3, tag & 7
         if wire == 0:
-            value, pos = _varint(buf, pos)
-            out.append((number, value))
+            _read_varint(f)
         elif wire == 2:
-            length, pos = _varint(buf, pos)
-            if pos + length > len(buf):
+            length = _read_varint(f)
+            assert length is not None
+            if f.tell() + length > end:
                 raise ValueError("truncated length-delimited field")
-            out.append((number, buf[pos : pos + length]))
-            pos += length
+            if number in keep:
+                out.append((number, f.read(length)))
+            else:
+                f.seek(length, 1)
         elif wire in (1, 5):
-            pos += 8 if wire == 1 else 4
+            f.seek(8 if wire == 1 else 4, 1)
         else:
             raise ValueError(f"unsupported protobuf wire type {wire}")
-    if pos != len(buf):
+    if f.tell() != end:
         raise ValueError("truncated field")
     return out
 
 
-def onnx_metadata(data: bytes | memoryview) -> dict[str, str]:
-    """The ``metadata_props`` of a serialized ONNX model, read without the onnx package.
+def onnx_metadata(data: bytes | BinaryIO) -> dict[str, str]:
+    """The ``metadata_props`` of an ONNX model, read without the onnx package.
 
-    Only the top level of the message is walked: the graph (nearly all of
-    the bytes) is skipped by its length, not parsed.
+    Args:
+        data: the serialized model, or a seekable binary file holding it.
 
     Raises:
-        ValueError: ``data`` is not a well-formed protobuf message.
+        ValueError: it is not a well-formed protobuf message.
     """
+    import io
+
+    f = io.BytesIO(data) if isinstance(data, bytes | bytearray) else data
+    start = f.tell()
+    end = f.seek(0, io.SEEK_END)
+    f.seek(start)
     out: dict[str, str] = {}
-    for number, value in _fields(memoryview(data)):
-        if number != _MODEL_METADATA_FIELD or isinstance(value, int):
-            continue
-        entry = {n: v for n, v in _fields(value) if not isinstance(v, int)}
-        key = bytes(entry.get(_ENTRY_KEY_FIELD, b"")).decode("utf-8", "replace")
-        out[key] = bytes(entry.get(_ENTRY_VALUE_FIELD, b"")).decode("utf-8", "replace")
+    for _, raw in _read_fields(f, end, {_MODEL_METADATA_FIELD}):
+        entry = dict(
+            _read_fields(io.BytesIO(raw), len(raw), {_ENTRY_KEY_FIELD, _ENTRY_VALUE_FIELD})
+        )
+        key = entry.get(_ENTRY_KEY_FIELD, b"").decode("utf-8", "replace")
+        out[key] = entry.get(_ENTRY_VALUE_FIELD, b"").decode("utf-8", "replace")
     return out
 
 
-def onnx_session_config(data: bytes | memoryview) -> dict[str, str]:
+def onnx_session_config(data: bytes | BinaryIO) -> dict[str, str]:
     """The session config entries a serialized ONNX model asks for.
 
     The request is JSON under :data:`ONNX_SESSION_CONFIG_KEY` in its metadata.
@@ -414,7 +429,7 @@ def onnx_session_config(data: bytes | memoryview) -> dict[str, str]:
     try:
         raw = onnx_metadata(data).get(ONNX_SESSION_CONFIG_KEY)
     except ValueError as exc:
-        log.warning("cannot read the model's metadata (%s); default session options", exc)
+        log.warning("cannot read the model's metadata (%s); default session options", str(exc))
         return {}
     if raw is None:
         return {}
@@ -436,17 +451,8 @@ def onnx_session_config(data: bytes | memoryview) -> dict[str, str]:
 
 
 def _model_session_config(model_path: Path) -> dict[str, str]:
-    import mmap
-
     with model_path.open("rb") as f:
-        if model_path.stat().st_size == 0:
-            return {}
-        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
-            view = memoryview(mapped)
-            try:
-                return onnx_session_config(view)
-            finally:
-                view.release()
+        return onnx_session_config(f)
 
 
 class OnnxRuntimeBackend:

@@ -65,9 +65,7 @@ class MosquittoPaths:
     log_denials: bool = True  # log_type debug: the only level with "Denied PUBLISH" in 2.0
 
 
-def render_acl(
-    controller_cn: str = CONTROLLER_COMMON_NAME, cli_cn: str = CLI_COMMON_NAME
-) -> str:
+def render_acl(controller_cn: str = CONTROLLER_COMMON_NAME, cli_cn: str = CLI_COMMON_NAME) -> str:
     """The ACL file: the controller reads and writes everything, a device only its own topics.
 
     The CLI (``edgefleet deploy``) may only publish desired states and the

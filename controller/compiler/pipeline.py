@@ -25,6 +25,7 @@ import dataclasses
 import hashlib
 import math
 import platform
+import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -83,6 +84,11 @@ from edgefleet.controller.compiler.tflite import (
 from edgefleet.protocols.hardware import normalize_arch, normalize_features
 from edgefleet.shared.hardware import read_cpuinfo
 from edgefleet.shared.runtime import is_tflite, onnx_session_config
+
+# Timing every candidate in interleaved rounds is budgeted: rounds are cut
+# (to no fewer than MIN_TIMING_ROUNDS) when they would take longer than this.
+TIMING_BUDGET_S = 12.0
+MIN_TIMING_ROUNDS = 10
 
 __all__ = ["apply_objective", "compile_model", "host_info", "load_source", "make_onnx_session"]
 
@@ -291,6 +297,10 @@ class _Compiler:
         self.reports: list[CandidateReport] = []
         self.lives: dict[str, _Live] = {}
         self.session = _session_factory(src)
+        # Lives as long as the compile: the shared calibration caches.
+        self._work = tempfile.TemporaryDirectory(prefix="edgefleet-compile-")
+        self.work_dir = Path(self._work.name)
+        self.iterations_used = 0
         self.runtime = "tflite" if src.format == "tflite" else "onnxruntime"
 
     def prepare(self) -> BuildInput:
@@ -308,7 +318,7 @@ class _Compiler:
         except Exception as exc:  # noqa: BLE001 - recorded; the compile goes on
             error = _describe_error(exc)
             self.notes.append(f"pre-processing failed ({error}); recipes needing it fail")
-        return BuildInput(self.src, prepared, error, self.calibration)
+        return BuildInput(self.src, prepared, error, self.calibration, work_dir=self.work_dir)
 
     def build_all(self, recipes: Sequence[Recipe], inp: BuildInput) -> None:
         for recipe in recipes:
@@ -375,6 +385,9 @@ class _Compiler:
                 if not isinstance(lv.recipe, SourceRecipe)
             }
         )
+        iterations = self.bounded_iterations(
+            sessions[baseline_key], feed, len(sessions), iterations
+        )
         stats, errors = measure_latency(sessions, feed, iterations=iterations, warmup=warmup)
         baseline = stats.get(baseline_key)
         if baseline is None:
@@ -411,6 +424,36 @@ class _Compiler:
             )
         self.reports = updated
         return baseline, feed_name
+
+    def bounded_iterations(self, baseline: Any, feed: Feed, sessions: int, asked: int) -> int:
+        """Timing rounds, fewer when ``asked`` rounds of every candidate would exceed the budget.
+
+        A few probe runs of the fp32 source estimate one round's cost
+        (``sessions`` x fp32 latency); the rounds are then cut to fit
+        :data:`TIMING_BUDGET_S`, but never below :data:`MIN_TIMING_ROUNDS`,
+        so timing scales with model size instead of multiplying it by 50.
+        """
+        self.iterations_used = asked
+        try:
+            started = time.perf_counter()
+            for _ in range(3):
+                baseline.run(None, feed)
+            per_run = (time.perf_counter() - started) / 3
+        except Exception:  # noqa: BLE001 - measure() reports the fp32 failure itself
+            return asked
+        fits = int(TIMING_BUDGET_S / max(per_run * sessions, 1e-9))
+        used = min(asked, max(MIN_TIMING_ROUNDS, fits))
+        if used < asked:
+            self.notes.append(
+                f"latency: {used} interleaved rounds instead of {asked} (fp32 runs "
+                f"{per_run * 1e3:.1f} ms, {sessions} models, {TIMING_BUDGET_S:g} s timing budget)"
+            )
+        self.iterations_used = used
+        return used
+
+    def close(self) -> None:
+        """Remove the compile's working files (calibration caches)."""
+        self._work.cleanup()
 
     def reference_outputs(self) -> None:
         session = self.session(self.src.data)
@@ -639,6 +682,7 @@ def compile_model(
     if sensitivity_attempts > 0:
         comp.retry_closest_static(inp, sensitivity_attempts)
     baseline, feed_name = comp.measure(latency_iterations, latency_warmup)
+    comp.close()
     capped, objective_note = apply_objective(comp.reports, profile)
     judged = select(capped, profile, tolerance=float(tolerance))
     ranked = sorted((c for c in judged if c.rank is not None), key=lambda c: c.rank or 0)
@@ -670,7 +714,7 @@ def compile_model(
         calibration_samples=0 if cal is None else cal.count,
         baseline_latency=baseline,
         latency_config={
-            "iterations": latency_iterations,
+            "iterations": comp.iterations_used or latency_iterations,
             "warmup": latency_warmup,
             "intra_op_threads": 1,
             "runtime": comp.runtime,

@@ -30,6 +30,7 @@ recipes share, live in :mod:`~edgefleet.controller.compiler.recipe_base`.
 
 from __future__ import annotations
 
+import hashlib
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -469,6 +470,31 @@ class DynamicInt8Recipe(_Int8Recipe):
         return Built(data, dedupe_notes(notes), _with_failed(self.options(), failed_nodes))
 
 
+# Samples whose activations are collected and reduced together when
+# calibrating: bounds the calibrator's memory whatever the sample count.
+_CALIBRATION_STRIDE = 8
+
+
+def calibration_stride(count: int, most: int = _CALIBRATION_STRIDE) -> int:
+    """The largest stride <= ``most`` dividing ``count`` (onnxruntime requires a divisor)."""
+    return next(k for k in range(min(most, max(count, 1)), 0, -1) if count % k == 0)
+
+
+def calibration_cache_path(work_dir: Path | None, method: str, model: bytes) -> Path | None:
+    """Where the ranges of ``method`` on this exact model are cached for this compile.
+
+    onnxruntime's ``quantize_static`` writes the calibrated ranges there on
+    the first call and reads them on the next ones, so the per-channel,
+    per-tensor, fallback and sensitivity-retry candidates of one method
+    calibrate once. The ranges cover every tensor (the first call
+    quantizes all op types), a superset of what any later call needs.
+    """
+    if work_dir is None:
+        return None
+    digest = hashlib.sha256(model).hexdigest()[:16]
+    return work_dir / f"calibration-{method}-{digest}.json"
+
+
 class StaticInt8Recipe(_Int8Recipe):
     """int8 weights and activations with calibrated ranges, QDQ format (``quantize_static``).
 
@@ -543,25 +569,50 @@ class StaticInt8Recipe(_Int8Recipe):
         samples = inp.calibration
 
         class Reader(CalibrationDataReader):  # type: ignore[misc]
-            """Feeds calibration samples one inference at a time."""
+            """Feeds calibration samples one inference at a time, a range at a time.
+
+            ``__len__`` and ``set_range`` let onnxruntime calibrate in strides
+            (``CalibStridedMinMax``): it collects and reduces the activations
+            of ``stride`` samples before the next ones, so memory is bounded
+            by the stride, not by the number of samples.
+            """
 
             def __init__(self) -> None:
-                self._it: Iterator[Feed] = samples.feeds()
+                self._start, self._end = 0, samples.count
+                self._it: Iterator[Feed] = self._range()
+
+            def _range(self) -> Iterator[Feed]:
+                for i in range(self._start, self._end):
+                    yield samples.feed(i)
+
+            def __len__(self) -> int:
+                return samples.count
+
+            def set_range(self, start_index: int, end_index: int) -> None:
+                self._start, self._end = start_index, min(end_index, samples.count)
+                self._it = self._range()
 
             def get_next(self) -> Feed | None:
                 return next(self._it, None)
 
             def rewind(self) -> None:
-                self._it = samples.feeds()
+                self._it = self._range()
 
         method = {
             "minmax": CalibrationMethod.MinMax,
             "entropy": CalibrationMethod.Entropy,
             "percentile": CalibrationMethod.Percentile,
         }[self.method]
-        extra: dict[str, Any] = {"ActivationSymmetric": False, "WeightSymmetric": True}
+        extra: dict[str, Any] = {
+            "ActivationSymmetric": False,
+            "WeightSymmetric": True,
+            "CalibStridedMinMax": calibration_stride(samples.count),
+        }
         if self.method == "percentile":
             extra["CalibPercentile"] = 99.99
+        cache = calibration_cache_path(inp.work_dir, self.method, prepared)
+        if cache is not None and cache.is_file():
+            notes.append(f"reused the {self.method} calibration of an earlier candidate")
 
         def run(src: Path, out: Path, only: list[str] | None, failed: list[str]) -> None:
             quantize_static(
@@ -577,6 +628,7 @@ class StaticInt8Recipe(_Int8Recipe):
                 nodes_to_exclude=[*nodes_to_exclude, *failed],
                 calibrate_method=method,
                 extra_options=extra,
+                calibration_cache_path=cache,
             )
 
         data, failed_nodes = self._run_with_fallback(prepared, run, notes, present)

@@ -17,6 +17,26 @@ The steps, and why they are in this order:
 
 Nothing that failed the gate can be chosen; if nothing passes, the compile
 raises :class:`ToleranceError` naming the closest candidates.
+
+Objectives (:func:`apply_objective`): ``latency`` ships the fastest passing
+candidate and never one slower than fp32; ``size`` ships the smallest
+passing candidate whose p50 is at most 1.1x fp32's. The report's notes say
+which objective chose what.
+
+Cost, and why it scales with the model rather than with the recipe count:
+
+* Candidates are built one after another from one pre-processed model; only
+  the live sessions of built candidates are kept.
+* Static int8 calibrates once per method (minmax, percentile, entropy):
+  onnxruntime's calibration cache in a per-compile work directory is
+  reused by the per-channel, per-tensor, node-fallback and sensitivity-retry
+  candidates. Calibration runs in strides of <= 8 samples
+  (``CalibStridedMinMax``), so the histogram calibrators hold the
+  activations of 8 samples at a time, not of every sample.
+* Weight-only int8 and int4 need no calibration: one pass over the weights.
+* Timing is interleaved rounds of every candidate; the number of rounds is
+  cut so the rounds fit a 12 s budget (never fewer than 10), from a probe of
+  the fp32 latency.
 """
 
 from __future__ import annotations
@@ -324,7 +344,7 @@ class _Compiler:
         for recipe in recipes:
             reason = recipe.skip_reason(
                 self.profile, self.src, has_calibration=self.calibration is not None
-            )
+            ) or self.calibration_settled(recipe)
             if reason is not None:
                 self.reports.append(
                     CandidateReport(
@@ -342,6 +362,34 @@ class _Compiler:
             self.reports.append(rep)
             if live is not None:
                 self.lives[rep.name] = live
+
+    def calibration_settled(self, recipe: Recipe) -> str | None:
+        """Why an alternative calibration of static int8 is not worth building, or ``None``.
+
+        Percentile and entropy calibration build the same graph as minmax
+        with other activation ranges: they can only change accuracy, not size
+        or speed, and their histogram calibration is the costliest step of a
+        compile. Once a minmax candidate with the same weight granularity
+        passes the gate, they are skipped.
+        """
+        method = getattr(recipe, "method", None)
+        if not recipe.static_int8 or method in (None, "minmax") or self.validation is None:
+            return None
+        per_channel = getattr(recipe, "per_channel", None)
+        for lv in self.lives.values():
+            if (
+                lv.recipe.static_int8
+                and getattr(lv.recipe, "method", None) == "minmax"
+                and getattr(lv.recipe, "per_channel", None) == per_channel
+                and lv.report.accuracy is not None
+                and lv.report.accuracy.passed
+            ):
+                return (
+                    f"{lv.report.name} already passes the accuracy gate; {method} calibration "
+                    "builds the same graph and could only change accuracy (skipped to save "
+                    "compile time)"
+                )
+        return None
 
     def retry_closest_static(self, inp: BuildInput, attempts: int) -> None:
         """Sensitivity retry of the closest failing static int8 candidate only.

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from edgefleet.controller.compiler import BUILTIN_PROFILES, compile_model
@@ -37,9 +39,28 @@ def test_static_candidates_of_one_method_calibrate_once() -> None:
     rep = result.report
     first = rep.candidate("int8-static-pc-minmax")
     second = rep.candidate("int8-static-pt-minmax")
-    other = rep.candidate("int8-static-pc-entropy")
     assert first.status != "failed" and second.status != "failed", rep.format_table()
     assert not any("reused" in n for n in first.notes)
     assert any("reused the minmax calibration" in n for n in second.notes)
-    # Another method calibrates for itself.
-    assert not any("reused" in n for n in other.notes)
+
+
+def test_other_calibrations_are_skipped_once_minmax_passes_the_gate() -> None:
+    recipes = ["fp32", "int8-static-pc-minmax", "int8-static-pc-entropy"]
+    common: dict[str, Any] = {
+        "calibration": tm.cnn_data(12),
+        "recipes": recipes,
+        "latency_iterations": 3,
+        "latency_warmup": 1,
+        "sensitivity_attempts": 0,
+    }
+    rep = compile_model(tm.cnn(), AVX2, validation=tm.cnn_data(20, seed=7), **common).report
+    assert rep.candidate("int8-static-pc-minmax").accuracy.passed  # type: ignore[union-attr]
+    entropy = rep.candidate("int8-static-pc-entropy")
+    assert entropy.status == "skipped"
+    assert "already passes the accuracy gate" in (entropy.reason or "")
+    # Without validation nothing is known to pass: the entropy candidate is built,
+    # and calibrates for itself (its cache is per method).
+    unverified = compile_model(tm.cnn(), AVX2, **common).report
+    built = unverified.candidate("int8-static-pc-entropy")
+    assert built.status != "skipped"
+    assert not any("reused" in n for n in built.notes)

@@ -79,7 +79,11 @@ from edgefleet.controller.compiler.evaluate import (
 )
 from edgefleet.controller.compiler.profiles import SIZE_MAX_LATENCY_RATIO, Profile
 from edgefleet.controller.compiler.recipe_base import BuildInput, Built, Recipe, SourceRecipe
-from edgefleet.controller.compiler.recipes import default_recipes, prepare_for_quantization
+from edgefleet.controller.compiler.recipes import (
+    WeightOnlyInt8Recipe,
+    default_recipes,
+    prepare_for_quantization,
+)
 from edgefleet.controller.compiler.report import (
     Attempt,
     CandidateReport,
@@ -392,17 +396,26 @@ class _Compiler:
         return None
 
     def retry_closest_static(self, inp: BuildInput, attempts: int) -> None:
-        """Sensitivity retry of the closest failing static int8 candidate only.
+        """Sensitivity retries: the closest failing static int8 candidate, then weight-only int8.
 
-        Retrying one keeps the cost bounded however many static recipes
-        failed; the closest one needs the fewest nodes kept in float.
+        Retrying one static candidate keeps the cost bounded however many
+        static recipes failed; the closest one needs the fewest nodes kept in
+        float. Weight-only int8 is retried the same way (its error comes
+        from a few weight tensors, which the same ranking finds).
         """
+        self.retry_closest(inp, attempts, lambda r: r.static_int8)
+        self.retry_closest(inp, attempts, lambda r: isinstance(r, WeightOnlyInt8Recipe))
+
+    def retry_closest(
+        self, inp: BuildInput, attempts: int, kind: Callable[[Recipe], bool]
+    ) -> None:
         failing = [
             lv
             for lv in self.lives.values()
-            if lv.recipe.static_int8
+            if kind(lv.recipe)
             and lv.report.accuracy is not None
             and not lv.report.accuracy.passed
+            and not lv.report.excluded_nodes
         ]
         if not failing:
             return

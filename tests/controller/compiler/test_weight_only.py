@@ -456,3 +456,56 @@ def test_validation_loader_still_takes_these_models() -> None:
     # The test models themselves are valid compiler inputs (guards the builders).
     for model, data in ((wide_mlp(), mlp_data(2)), (conv_net(), conv_data(2))):
         assert load_samples(data, load_source(model), role="validation").count == 2
+
+
+# --------------------------------------------------------------------------- sensitivity
+def outlier_mlp(features: int = 64, width: int = 128, seed: int = 0) -> bytes:
+    """An MLP whose first weight has one huge row, read by an input that is always tiny.
+
+    Per-channel int8 scales every column of ``w0`` by that outlier, which
+    rounds the column's ordinary weights to zero: ``fc0`` is ruined in int8,
+    the rest is fine. The fp32 model hardly feels the outlier.
+    """
+    rng = np.random.default_rng(seed)
+    w0 = rng.normal(0, np.sqrt(2 / features), (features, width)).astype(F)
+    w0[0, :] = 60.0
+    w1 = rng.normal(0, np.sqrt(2 / width), (width, 10)).astype(F)
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x", "w0"], ["m0"], name="fc0"),
+            helper.make_node("Relu", ["m0"], ["h0"], name="relu0"),
+            helper.make_node("MatMul", ["h0", "w1"], ["logits"], name="fc1"),
+        ],
+        "outlier_mlp",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", features])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])],
+        [numpy_helper.from_array(w0, "w0"), numpy_helper.from_array(w1, "w1")],
+    )
+    return _finish(graph)
+
+
+def outlier_data(n: int, features: int = 64, seed: int = 1) -> dict[str, npt.NDArray[Any]]:
+    x = np.random.default_rng(seed).normal(0, 1, (n, features)).astype(F)
+    x[:, 0] *= 1e-4
+    return {"x": x}
+
+
+def test_failing_weight_only_is_retried_with_its_most_sensitive_weights_float() -> None:
+    result = compile_model(
+        outlier_mlp(),
+        SIZE,
+        calibration=outlier_data(16),
+        validation=outlier_data(200, seed=7),
+        recipes=["fp32", "int8-weight-only"],
+        metrics={"logits": "cosine"},
+        tolerance=0.001,
+        **FAST,
+    )
+    rep = result.report
+    first = rep.candidate("int8-weight-only")
+    assert first.accuracy is not None and not first.accuracy.passed, rep.format_table()
+    retry = rep.candidate("int8-weight-only+exclude")
+    assert retry.accuracy is not None and retry.accuracy.passed, rep.format_table()
+    assert retry.excluded_nodes == ("fc0",)
+    assert retry.size_bytes is not None and first.size_bytes is not None
+    assert retry.size_bytes > first.size_bytes  # w0 stays fp32: the honest cost

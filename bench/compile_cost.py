@@ -12,7 +12,8 @@ Two modes:
 ``cost``
     Compiles each model for ``x86-avx2`` (every applicable recipe, 128
     calibration samples, 200 validation samples) in a child process and
-    records wall time and the child's peak RSS. Models: generated Conv nets and
+    records wall time, CPU time (user+sys: less sensitive to a shared machine's
+    load than wall time) and the child's peak RSS. Models: generated Conv nets and
     MLPs of 1-9 MB, and with ``--model PATH --data magika`` a real model (the
     magika content-type classifier; its input is built from files on disk).
 
@@ -250,6 +251,8 @@ def compile_one(model_path: Path, data: str) -> dict[str, Any]:
     else:
         cal, val = random_data(model, 128, 1), random_data(model, 200, 2)
     prof = BUILTIN_PROFILES["x86-avx2"]
+    before = resource.getrusage(resource.RUSAGE_SELF)
+    cpu_before = before.ru_utime + before.ru_stime
     t = time.time()
     result = compile_model(model, prof, calibration=cal, validation=val)
     wall = time.time() - t
@@ -276,9 +279,11 @@ def compile_one(model_path: Path, data: str) -> dict[str, Any]:
             return "-"
         return f"{c.name} ({1 / c.size_ratio:.2f}x smaller, {c.latency_ratio:.2f}x latency)"
 
+    usage = resource.getrusage(resource.RUSAGE_SELF)
     return {
         "wall_s": wall,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "cpu_s": usage.ru_utime + usage.ru_stime - cpu_before,
+        "peak_rss_mb": usage.ru_maxrss / 1024,
         "latency": describe(best),
         "size": describe(size_best),
         "candidates": len(rep.candidates),
@@ -302,7 +307,7 @@ def cost_mode(extra: list[tuple[str, Path, str]]) -> list[list[str]]:
                 check=False,
             )
             if out.returncode != 0:
-                rows.append([name, f"{path.stat().st_size / 1e6:.2f} MB", "failed", "", "", ""])
+                rows.append([name, f"{path.stat().st_size / 1e6:.2f} MB", "failed", "", "", "", ""])
                 print(out.stderr[-2000:], file=sys.stderr)
                 continue
             r = json.loads(out.stdout.strip().splitlines()[-1])
@@ -311,6 +316,7 @@ def cost_mode(extra: list[tuple[str, Path, str]]) -> list[list[str]]:
                     name,
                     f"{path.stat().st_size / 1e6:.2f} MB",
                     f"{r['wall_s']:.1f} s",
+                    f"{r['cpu_s']:.1f} s",
                     f"{r['peak_rss_mb']:.0f} MB",
                     r["latency"],
                     r["size"],
@@ -338,7 +344,7 @@ def main() -> None:
             (p.stem if p.stem != "model" else p.parent.name, p, d)
             for p, d in zip(args.model, args.data or ["random"] * len(args.model), strict=True)
         ]
-        print("model | size | wall | peak RSS | latency objective | size objective")
+        print("model | size | wall | CPU | peak RSS | latency objective | size objective")
         cost_mode(extra)
 
 

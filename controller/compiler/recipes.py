@@ -473,6 +473,8 @@ class DynamicInt8Recipe(_Int8Recipe):
 # Samples whose activations are collected and reduced together when
 # calibrating: bounds the calibrator's memory whatever the sample count.
 _CALIBRATION_STRIDE = 8
+# Samples the histogram calibrators (percentile, entropy) use at most.
+_HISTOGRAM_SAMPLES = 32
 
 
 def calibration_stride(count: int, most: int = _CALIBRATION_STRIDE) -> int:
@@ -567,6 +569,14 @@ class StaticInt8Recipe(_Int8Recipe):
                 notes.append(converted)
         present = _op_types(prepared) & self._quantizable()
         samples = inp.calibration
+        # Histogram calibrators (percentile, entropy) cost far more per sample
+        # than minmax and settle on a few dozen samples.
+        count = samples.count
+        if self.method != "minmax" and count > _HISTOGRAM_SAMPLES:
+            count = _HISTOGRAM_SAMPLES
+            notes.append(
+                f"{self.method} calibration on the first {count} of {samples.count} samples"
+            )
 
         class Reader(CalibrationDataReader):  # type: ignore[misc]
             """Feeds calibration samples one inference at a time, a range at a time.
@@ -578,7 +588,7 @@ class StaticInt8Recipe(_Int8Recipe):
             """
 
             def __init__(self) -> None:
-                self._start, self._end = 0, samples.count
+                self._start, self._end = 0, count
                 self._it: Iterator[Feed] = self._range()
 
             def _range(self) -> Iterator[Feed]:
@@ -586,10 +596,10 @@ class StaticInt8Recipe(_Int8Recipe):
                     yield samples.feed(i)
 
             def __len__(self) -> int:
-                return samples.count
+                return count
 
             def set_range(self, start_index: int, end_index: int) -> None:
-                self._start, self._end = start_index, min(end_index, samples.count)
+                self._start, self._end = start_index, min(end_index, count)
                 self._it = self._range()
 
             def get_next(self) -> Feed | None:
@@ -606,7 +616,7 @@ class StaticInt8Recipe(_Int8Recipe):
         extra: dict[str, Any] = {
             "ActivationSymmetric": False,
             "WeightSymmetric": True,
-            "CalibStridedMinMax": calibration_stride(samples.count),
+            "CalibStridedMinMax": calibration_stride(count),
         }
         if self.method == "percentile":
             extra["CalibPercentile"] = 99.99

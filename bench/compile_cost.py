@@ -184,7 +184,7 @@ def magika_data(n: int, seed: int) -> dict[str, Arr]:
 
 
 # --------------------------------------------------------------------------- latency
-def latency_mode(rounds: int) -> list[list[str]]:
+def latency_mode(rounds: int, extra: list[tuple[str, Path, str]]) -> list[list[str]]:
     import onnxruntime as ort
 
     from edgefleet.controller.compiler.pipeline import load_source
@@ -203,11 +203,14 @@ def latency_mode(rounds: int) -> list[list[str]]:
         return ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
 
     rows = []
-    for name, build in GENERATED.items():
+    jobs = [(name, build, "random") for name, build in GENERATED.items()]
+    jobs += [(name, path.read_bytes, data) for name, path, data in extra]
+    for name, build, data in jobs:
         model = build()
         src = load_source(model)
         wo = WeightOnlyInt8Recipe().build(BuildInput(src, prepare_for_quantization(src))).model
-        feed = {k: v[:1] for k, v in random_data(model, 1, 0).items()}
+        sample = magika_data(1, 0) if data == "magika" else random_data(model, 1, 0)
+        feed = {k: v[:1] for k, v in sample.items()}
         sessions = {
             "fp32": session(model, False),
             "wo8 folded": session(wo, True),
@@ -336,14 +339,14 @@ def main() -> None:
     ap.add_argument("--model", type=Path, action="append", default=[])
     ap.add_argument("--data", action="append", default=[], help="random or magika, per --model")
     args = ap.parse_args()
+    extra = [
+        (p.stem if p.stem != "model" else p.parent.name, p, d)
+        for p, d in zip(args.model, args.data or ["random"] * len(args.model), strict=True)
+    ]
     if args.mode == "latency":
         print("model | size | wo8 size ratio | fp32 p50 | wo8 folded / fp32 | wo8 default / fp32")
-        latency_mode(args.rounds)
+        latency_mode(args.rounds, extra)
     else:
-        extra = [
-            (p.stem if p.stem != "model" else p.parent.name, p, d)
-            for p, d in zip(args.model, args.data or ["random"] * len(args.model), strict=True)
-        ]
         print("model | size | wall | CPU | peak RSS | latency objective | size objective")
         cost_mode(extra)
 

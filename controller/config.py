@@ -98,6 +98,10 @@ class ServiceSettings:
     # (`rejected.event_cap`, per device `device_rejected.<id>.event_cap`).
     event_retention_s: float = 30 * 24 * 3600.0
     max_events_per_device: int = 1000
+    # Rows per device in each per-device counter family (`device_rejected.`,
+    # `transfer_refused.`, `agent_rejected.`); beyond it a new reason is
+    # added to the device's `other` row (`rejected.counter_cap`).
+    max_counter_rows_per_device: int = 32
 
     def __post_init__(self) -> None:
         # Only the storage bounds are checked here: a bad one would fail every
@@ -109,6 +113,11 @@ class ServiceSettings:
             raise ConfigError("[service] event_retention_s must be >= 0")
         if self.max_events_per_device < 1:
             raise ConfigError("[service] max_events_per_device must be at least 1")
+        cap = self.max_counter_rows_per_device
+        if isinstance(cap, bool) or not isinstance(cap, int) or not 2 <= cap <= 10_000:
+            raise ConfigError(
+                f"[service] max_counter_rows_per_device must be an integer 2..10000, got {cap!r}"
+            )
 
 
 @dataclass(frozen=True)

@@ -154,6 +154,7 @@ class ControllerService:
         self.profiles = dict(profiles) if profiles is not None else dict(BUILTIN_PROFILES)
         self.repository = repository
         self.settings = settings
+        registry.limit_device_counters(settings.max_counter_rows_per_device)
         # ``links`` (unit tests: ``MemoryBroker.link``) replaces MQTT to ``broker``.
         self.link = (links or mqtt_links(broker))(settings.client_id, on_connect=self._on_connect)
         self._transfer_wake = threading.Event()
@@ -184,6 +185,8 @@ class ControllerService:
         self._profiles_seen: dict[str, str | None] = {}
         self._unknown: dict[str, float] = {}
         self._agent_rejected: dict[str, int] = {}
+        # Per device: its journal and the highest seq acknowledged (see _store_events).
+        self._event_marks: dict[str, tuple[str, int]] = {}
         self.ingested = 0
         self.rollouts = RolloutRunner(registry, repository, actor=settings.client_id)
 
@@ -419,21 +422,77 @@ class ControllerService:
             else:
                 self.reject("unexpected_channel", str(topic))
         if events:
-            self.registry.add_events(events, max_per_device=self.settings.max_events_per_device)
-            self._acknowledge_events(events)
+            self._store_events(events)
         if points:
             self.registry.add_telemetry(points)
             self._record_agent_rejections(points)
         self.ingested += len(batch)
 
-    def _acknowledge_events(self, events: list[Event]) -> None:
+    def _store_events(self, events: list[Event]) -> None:
+        """Store a batch of events under the per-device cap, then acknowledge them.
+
+        The cap and the journals' acknowledgements must agree, or a device
+        over its cap would never be acknowledged and replay for ever:
+
+        - Events are stored in chunks of at most ``max_events_per_device``,
+          and each chunk's journal marks advance before the next is stored.
+          A chunk's trim then drops only rows an earlier advance has passed;
+          were the whole batch stored at once, its own oldest rows would be
+          gone before the advance, which stops at the first missing number.
+        - A numbered event at or below its journal's acknowledged mark is a
+          replay (the agent missed our ack) of an event stored already, and
+          maybe since dropped by the cap or retention: it is not stored
+          again, only acknowledged again. Copies within the batch (a replay
+          crossing a resend) are dropped first, so no chunk stores an event
+          an earlier chunk stored and trimmed.
+        """
+        cap = self.settings.max_events_per_device
+        journals = {
+            (e.device_id, e.journal) for e in events if e.journal is not None and e.seq is not None
+        }
+        unknown = {(d, j) for d, j in journals if self._event_marks.get(d, ("", 0))[0] != j}
+        if unknown:  # first numbered event of a journal since we started: read its mark
+            self._remember_marks(self.registry.advance_event_acks(unknown))
+        fresh: list[Event] = []
+        numbers: set[tuple[str, str, int]] = set()
+        for e in events:
+            if e.journal is not None and e.seq is not None:
+                key = (e.device_id, e.journal, e.seq)
+                if key in numbers or self._acknowledged(e):
+                    continue  # a copy in this batch, or a replay of an acknowledged event
+                numbers.add(key)
+            fresh.append(e)
+        chunks = [fresh[i : i + cap] for i in range(0, len(fresh), cap)]
+        for i, chunk in enumerate(chunks):
+            self.registry.add_events(chunk, max_per_device=cap)
+            if i < len(chunks) - 1:
+                self.registry.advance_event_acks(
+                    {(e.device_id, e.journal) for e in chunk if e.journal is not None}
+                )
+        self._acknowledge_events(journals)
+
+    def _acknowledged(self, event: Event) -> bool:
+        """Whether a numbered event is at or below its journal's acknowledged mark."""
+        if event.journal is None or event.seq is None:
+            return False
+        journal, seq = self._event_marks.get(event.device_id, ("", 0))
+        return journal == event.journal and event.seq <= seq
+
+    def _remember_marks(self, marks: list[tuple[str, str, int]]) -> None:
+        # Enrolled devices only (the registry answers for no other), one
+        # journal each: bounded by the fleet.
+        for device_id, journal, seq in marks:
+            self._event_marks[device_id] = (journal, seq)
+
+    def _acknowledge_events(self, journals: set[tuple[str, str]]) -> None:
         """Tell each agent how far its journal is stored, so it can forget those events.
 
         Sent after every batch with numbered events, even when all of them
         were duplicates: an agent replays because it missed an ack.
         """
-        journals = {(e.device_id, e.journal) for e in events if e.journal is not None}
-        for device_id, journal, seq in self.registry.advance_event_acks(journals):
+        marks = self.registry.advance_event_acks(journals)
+        self._remember_marks(marks)
+        for device_id, journal, seq in marks:
             if seq > 0:
                 ack = EventAck(device_id=device_id, journal=journal, seq=seq)
                 topic = str(DeviceTopic(device_id, Channel.EVENTS_ACK))

@@ -248,3 +248,55 @@ def model_list(ctx: Context, as_json: bool) -> None:
             [[r["name"], r["version"], r["release"], r["bundles"], r["created_at"]] for r in rows],
         ),
     )
+
+
+@model_group.command("profiles")
+@click.option(
+    "--profiles",
+    "profiles_file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Also list this TOML file's [profiles.<name>] tables (as `model compile --profiles`).",
+)
+@json_option
+@pass_ctx
+def model_profiles(ctx: Context, profiles_file: Path | None, as_json: bool) -> None:
+    """List the device profiles models can be compiled for: built-in and configured.
+
+    Configured profiles come from the controller config's ``profiles`` file
+    and from --profiles; one with a built-in profile's name replaces it, and
+    the listing says so.
+    """
+    from edgefleet.controller.compiler import BUILTIN_PROFILES, load_profiles
+
+    with friendly_errors():
+        listed: dict[str, dict[str, Any]] = {
+            name: {**p.to_dict(), "source": "built-in"} for name, p in BUILTIN_PROFILES.items()
+        }
+        files = [ctx.config().profiles_file, profiles_file]
+        for path in (f for f in files if f is not None):
+            for name, p in load_profiles(path, include_builtin=False).items():
+                entry: dict[str, Any] = {**p.to_dict(), "source": str(path)}
+                if name in listed:
+                    entry["replaces"] = listed[name]["source"]
+                listed[name] = entry
+    rows = list(listed.values())
+
+    def table() -> str:
+        return render_table(
+            ["name", "source", "runtime", "arch", "features", "precisions", "objective", "max"],
+            [
+                [
+                    r["name"],
+                    r["source"] + (f" (replaces {r['replaces']})" if "replaces" in r else ""),
+                    r["runtime"],
+                    r["arch"],
+                    ",".join(r["cpu_features"]) or "-",
+                    "/".join(r["precisions"]),
+                    r.get("objective"),
+                    r.get("max_bundle_bytes"),
+                ]
+                for r in rows
+            ],
+        )
+
+    emit(as_json, rows, table)

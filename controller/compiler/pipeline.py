@@ -58,6 +58,7 @@ from edgefleet.controller.compiler.data import (
     DataSource,
     Feed,
     SampleSet,
+    check_state,
     load_samples,
     synthetic_feed,
 )
@@ -72,9 +73,11 @@ from edgefleet.controller.compiler.errors import (
 from edgefleet.controller.compiler.evaluate import (
     Accuracy,
     LatencyStats,
+    check_labels,
+    check_metrics,
     compare_outputs,
     measure_latency,
-    parse_metric,
+    record_stream_states,
     run_samples,
 )
 from edgefleet.controller.compiler.profiles import SIZE_MAX_LATENCY_RATIO, Profile
@@ -308,6 +311,7 @@ class _Compiler:
         validation: SampleSet | None,
         calibration: SampleSet | None,
         metrics: Mapping[str, str] | None,
+        max_accuracy_drop: float | None = None,
     ) -> None:
         self.src = src
         self.profile = profile
@@ -315,6 +319,7 @@ class _Compiler:
         self.validation = validation
         self.calibration = calibration
         self.metrics = metrics
+        self.max_accuracy_drop = max_accuracy_drop
         self.output_names = [o.name for o in src.outputs]
         self.reference: list[list[Any]] | None = None
         self.notes: list[str] = []
@@ -525,6 +530,12 @@ class _Compiler:
                 raise DataError(
                     f"the fp32 source cannot run calibration sample 0: {first_line(exc)}"
                 ) from None
+            try:
+                self.calibration = record_stream_states(session, self.calibration)
+            except Exception as exc:  # noqa: BLE001 - as above
+                raise DataError(
+                    f"the fp32 source cannot run the calibration streams: {first_line(exc)}"
+                ) from None
         if self.validation is None:
             return
         try:
@@ -534,6 +545,10 @@ class _Compiler:
                 f"the fp32 source cannot run the validation data: {first_line(exc)}"
             ) from None
         _check_reference(self.reference, self.output_names)
+        try:
+            check_labels(self.reference, self.output_names, self.validation, self.metrics)
+        except ValueError as exc:
+            raise DataError(f"validation labels: {exc}") from None
 
     def score(self, session: Any) -> Accuracy | None:
         if self.validation is None or self.reference is None:
@@ -545,6 +560,8 @@ class _Compiler:
             self.output_names,
             tolerance=self.tolerance,
             metrics=self.metrics,
+            samples=self.validation,
+            max_accuracy_drop=self.max_accuracy_drop,
         )
 
     def build_one(
@@ -664,6 +681,8 @@ def compile_model(
     tolerance: float = 0.01,
     recipes: Sequence[str | Recipe] | None = None,
     metrics: Mapping[str, str] | None = None,
+    state: Mapping[str, str] | None = None,
+    max_accuracy_drop: float | None = None,
     latency_iterations: int = 50,
     latency_warmup: int = 5,
     max_calibration_samples: int = 128,
@@ -688,8 +707,16 @@ def compile_model(
             agreement for classifier outputs, mean cosine otherwise).
         recipes: recipe names or objects to try; ``None`` (or ``"auto"``) is
             every built-in recipe the profile and op mix call for.
-        metrics: per output name, force ``top1``, ``cosine``, ``exact`` or
-            ``threshold:T`` (decision agreement at ``T``).
+        metrics: per output name, force ``top1``, ``topk:K``, ``cosine``,
+            ``mae:X``, ``exact`` or ``threshold:T`` (decision agreement at ``T``);
+            see :mod:`~edgefleet.controller.compiler.evaluate`.
+        state: state input name to the output fed back into it: validation
+            (and calibration) samples are then consecutive steps of streams,
+            each model runs its own state through them and every step is
+            scored (see :mod:`~edgefleet.controller.compiler.data`).
+        max_accuracy_drop: with ``label:<output>`` arrays in the validation
+            data, also fail a candidate whose label accuracy is more than
+            this below fp32's.
         latency_iterations: interleaved timing rounds.
         latency_warmup: untimed runs per model first.
         max_calibration_samples / max_validation_samples: use at most this
@@ -713,20 +740,35 @@ def compile_model(
     started = time.time()
     src = load_source(source)
     _check_format(src, profile)
-    _check_metrics(src, metrics)
+    metrics = _check_metrics(src, metrics)
+    state = check_state(src, state)
+    if max_accuracy_drop is not None and not (0.0 <= max_accuracy_drop <= 1.0):
+        raise CompileError(f"max_accuracy_drop must be in [0, 1], got {max_accuracy_drop!r}")
     chosen_recipes = _resolve_recipes(profile, recipes)
     val = (
         None
         if validation is None
-        else load_samples(validation, src, role="validation", max_samples=max_validation_samples)
+        else load_samples(
+            validation, src, role="validation", max_samples=max_validation_samples, state=state
+        )
     )
     cal = (
         None
         if calibration is None
-        else load_samples(calibration, src, role="calibration", max_samples=max_calibration_samples)
+        else load_samples(
+            calibration, src, role="calibration", max_samples=max_calibration_samples, state=state
+        )
     )
+    if max_accuracy_drop is not None and (val is None or not val.labels):
+        raise CompileError("max_accuracy_drop needs 'label:<output>' arrays in the validation data")
     comp = _Compiler(
-        src, profile, tolerance=float(tolerance), validation=val, calibration=cal, metrics=metrics
+        src,
+        profile,
+        tolerance=float(tolerance),
+        validation=val,
+        calibration=cal,
+        metrics=metrics,
+        max_accuracy_drop=max_accuracy_drop,
     )
     comp.reference_outputs()
     if src.lifted_constants:
@@ -849,15 +891,11 @@ def _check_format(src: SourceModel, profile: Profile) -> None:
         )
 
 
-def _check_metrics(src: SourceModel, metrics: Mapping[str, str] | None) -> None:
-    names = {o.name for o in src.outputs}
-    for out, metric in (metrics or {}).items():
-        if out not in names:
-            raise CompileError(f"metric override for unknown output {out!r}")
-        try:
-            parse_metric(metric)
-        except ValueError as exc:
-            raise CompileError(f"metric for {out!r}: {exc}") from None
+def _check_metrics(src: SourceModel, metrics: Mapping[str, str] | None) -> dict[str, str]:
+    try:
+        return check_metrics(src.outputs, metrics)
+    except ValueError as exc:
+        raise CompileError(str(exc)) from None
 
 
 def _raise_nothing_chosen(report: CompileReport) -> None:

@@ -274,6 +274,13 @@ class Registry:
         """See :meth:`Counters.set_counters <.counters.Counters.set_counters>`."""
         self._counters.set_counters(values)
 
+    def limit_device_counters(self, max_rows_per_device: int) -> None:
+        """Cap per-device counter rows (``[service] max_counter_rows_per_device``).
+
+        See :mod:`.counters`. Raises ``TypeError``/``ValueError`` out of range.
+        """
+        self._counters.max_rows_per_device = max_rows_per_device
+
     def counters(self) -> dict[str, int]:
         """See :meth:`Counters.counters <.counters.Counters.counters>`."""
         return self._counters.counters()

@@ -53,6 +53,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 
 from edgefleet.controller.compiler.data import (
     DataSource,
@@ -95,7 +96,7 @@ from edgefleet.controller.compiler.report import (
     Variant,
     select,
 )
-from edgefleet.controller.compiler.sensitivity import rank_sensitive_nodes
+from edgefleet.controller.compiler.sensitivity import NodeSensitivity, rank_sensitive_nodes
 from edgefleet.controller.compiler.source import (
     SourceModel,
     first_line,
@@ -116,6 +117,8 @@ from edgefleet.shared.runtime import is_tflite, onnx_session_config
 # (to no fewer than MIN_TIMING_ROUNDS) when they would take longer than this.
 TIMING_BUDGET_S = 12.0
 MIN_TIMING_ROUNDS = 10
+# After the per-node sensitivity attempts: how many whole op types may be kept float.
+OP_FALLBACK_ATTEMPTS = 2
 
 __all__ = ["apply_objective", "compile_model", "host_info", "load_source", "make_onnx_session"]
 
@@ -411,9 +414,7 @@ class _Compiler:
         self.retry_closest(inp, attempts, lambda r: r.static_int8)
         self.retry_closest(inp, attempts, lambda r: isinstance(r, WeightOnlyInt8Recipe))
 
-    def retry_closest(
-        self, inp: BuildInput, attempts: int, kind: Callable[[Recipe], bool]
-    ) -> None:
+    def retry_closest(self, inp: BuildInput, attempts: int, kind: Callable[[Recipe], bool]) -> None:
         failing = [
             lv
             for lv in self.lives.values()
@@ -610,6 +611,52 @@ class _Compiler:
         report = dataclasses.replace(base, status="measured", accuracy=accuracy)
         return _Live(recipe, built, session, report), report
 
+    def op_type_fallback(
+        self,
+        recipe: Recipe,
+        inp: BuildInput,
+        name: str,
+        excluded: list[str],
+        ranking: Sequence[NodeSensitivity],
+        history: list[Attempt],
+        result: tuple[_Live | None, CandidateReport],
+    ) -> tuple[_Live | None, CandidateReport]:
+        """Per-operator fallback after the per-node attempts failed.
+
+        When the error is spread over many nodes of one op type (every
+        MatMul of a block, every LayerNorm Mul), excluding nodes one by one
+        runs out of attempts. The op types are ranked by the error their
+        nodes add in total (the last sensitivity ranking), and all nodes of
+        the worst type, then of the next, stay float, at most
+        :data:`OP_FALLBACK_ATTEMPTS` times; it stops at the first pass.
+        """
+        assert inp.prepared is not None
+        totals: dict[str, float] = {}
+        for sens in ranking:
+            if sens.node not in excluded and math.isfinite(sens.added):
+                totals[sens.op_type] = totals.get(sens.op_type, 0.0) + sens.added
+        graph = onnx.load_model_from_string(inp.prepared).graph
+        worst = sorted(totals, key=lambda op: (-totals[op], op))[:OP_FALLBACK_ATTEMPTS]
+        for op in worst:
+            excluded.extend(
+                n.name for n in graph.node if n.op_type == op and n.name not in excluded
+            )
+            new_live, rep = self.build_one(recipe, inp, name=name, exclude=excluded)
+            passed = bool(rep.accuracy and rep.accuracy.passed)
+            history.append(
+                Attempt(
+                    tuple(excluded),
+                    rep.score,
+                    passed,
+                    sensitive=tuple(s for s in ranking if s.op_type == op)[:5],
+                    error=None if new_live else rep.reason,
+                )
+            )
+            result = (new_live, rep)
+            if new_live is None or passed:
+                break
+        return result
+
     def retry_sensitive(
         self, live: _Live, inp: BuildInput, attempts: int
     ) -> tuple[_Live | None, CandidateReport] | None:
@@ -617,7 +664,8 @@ class _Compiler:
 
         Attempt *k* (0-based) adds the ``2**k`` most sensitive nodes not yet
         excluded, re-ranking on the latest model each time, and stops at the
-        first attempt that passes. Ranking uses the calibration samples, so
+        first attempt that passes. If none does, whole op types follow
+        (:meth:`op_type_fallback`). Ranking uses the calibration samples, so
         the validation samples stay an independent check.
         """
         if inp.prepared is None or self.calibration is None:
@@ -627,6 +675,7 @@ class _Compiler:
         current = live
         result: tuple[_Live | None, CandidateReport] | None = None
         name = f"{live.recipe.name}+exclude"
+        last_ranking: list[NodeSensitivity] = []
         for k in range(attempts):
             try:
                 ranking = rank_sensitive_nodes(
@@ -645,6 +694,7 @@ class _Compiler:
                     )
                 )
                 break
+            last_ranking = ranking
             fresh = [s for s in ranking if s.node not in excluded][: 2**k]
             if not fresh:
                 break
@@ -664,6 +714,11 @@ class _Compiler:
             if new_live is None or passed:
                 break
             current = new_live
+            last_ranking = ranking
+        if result is not None and result[0] is not None and not history[-1].passed:
+            result = self.op_type_fallback(
+                live.recipe, inp, name, excluded, last_ranking, history, result
+            )
         if result is None:
             return None
         new_live, rep = result

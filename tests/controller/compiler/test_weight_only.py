@@ -509,3 +509,82 @@ def test_failing_weight_only_is_retried_with_its_most_sensitive_weights_float() 
     assert retry.excluded_nodes == ("fc0",)
     assert retry.size_bytes is not None and first.size_bytes is not None
     assert retry.size_bytes > first.size_bytes  # w0 stays fp32: the honest cost
+
+
+def spread_outlier_model(branches: int = 8, features: int = 64, seed: int = 0) -> bytes:
+    """Eight MatMul branches that all int8 ruins (outlier rows), plus a Conv path that is fine.
+
+    Keeping nodes float one by one (1, 2, then 4 more) still leaves a ruined
+    branch; keeping the MatMul op type float fixes it and the Conv/Gemm
+    weights stay int8.
+    """
+    rng = np.random.default_rng(seed)
+    inits: list[onnx.TensorProto] = []
+    nodes: list[onnx.NodeProto] = []
+    outs = []
+    for i in range(branches):
+        w = rng.normal(0, np.sqrt(2 / features), (features, 10)).astype(F)
+        w[0, :] = 60.0
+        inits.append(numpy_helper.from_array(w, f"bw{i}"))
+        nodes.append(helper.make_node("MatMul", ["x", f"bw{i}"], [f"bo{i}"], name=f"branch{i}"))
+        outs.append(f"bo{i}")
+    inits += [
+        numpy_helper.from_array(rng.normal(0, 0.3, (32, 3, 3, 3)).astype(F), "cw"),
+        numpy_helper.from_array(rng.normal(0, 0.2, (10, 32)).astype(F), "gw"),
+    ]
+    nodes += [
+        helper.make_node("Conv", ["img", "cw"], ["c"], pads=[1, 1, 1, 1], name="conv"),
+        helper.make_node("Relu", ["c"], ["r"], name="relu"),
+        helper.make_node("GlobalAveragePool", ["r"], ["g"], name="gap"),
+        helper.make_node("Flatten", ["g"], ["f"], name="flatten"),
+        helper.make_node("Gemm", ["f", "gw"], ["head"], transB=1, name="head"),
+        helper.make_node("Sum", [*outs, "head"], ["logits"], name="sum"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "spread_outliers",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", features]),
+            helper.make_tensor_value_info("img", TensorProto.FLOAT, ["N", 3, 8, 8]),
+        ],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])],
+        inits,
+    )
+    return _finish(graph)
+
+
+def spread_data(n: int, seed: int = 1) -> dict[str, npt.NDArray[Any]]:
+    rng = np.random.default_rng(seed)
+    x = rng.normal(0, 1, (n, 64)).astype(F)
+    x[:, 0] *= 1e-4
+    return {"x": x, "img": rng.normal(0, 1, (n, 3, 8, 8)).astype(F)}
+
+
+def test_per_op_type_fallback_after_per_node_attempts_run_out() -> None:
+    result = compile_model(
+        spread_outlier_model(),
+        SIZE,
+        calibration=spread_data(16),
+        validation=spread_data(100, seed=7),
+        recipes=["fp32", "int8-weight-only"],
+        metrics={"logits": "cosine"},
+        tolerance=0.001,
+        sensitivity_attempts=3,
+        **FAST,
+    )
+    rep = result.report
+    retry = rep.candidate("int8-weight-only+exclude")
+    attempts = retry.attempts
+    # Three per-node attempts (1, 3, 7 nodes) fail: one ruined branch is always left.
+    assert [len(a.excluded_nodes) for a in attempts[:3]] == [1, 3, 7]
+    assert not any(a.passed for a in attempts[:3])
+    # Then the op type: every MatMul stays float, and that passes.
+    last = attempts[-1]
+    assert last.passed, rep.format_table()
+    assert {f"branch{i}" for i in range(8)} <= set(last.excluded_nodes)
+    assert retry.status in ("chosen", "eligible")
+    proto = onnx.load_model_from_string(
+        next(v.model for v in result.chosen if v.name == retry.name)
+    )
+    dq_out = {n.output[0] for n in proto.graph.node if n.op_type == "DequantizeLinear"}
+    assert {"cw", "gw"} <= dq_out  # the Conv and Gemm weights are still int8

@@ -342,14 +342,12 @@ _ENTRY_KEY_FIELD = 1
 _ENTRY_VALUE_FIELD = 2
 
 
-def _read_varint(f: BinaryIO, *, eof_ok: bool = False) -> int | None:
+def _read_varint(f: BinaryIO) -> int:
     value = 0
     shift = 0
     while True:
         byte = f.read(1)
         if not byte:
-            if eof_ok and shift == 0:
-                return None
             raise ValueError("truncated varint")
         value |= (byte[0] & 0x7F) << shift
         if not byte[0] & 0x80:
@@ -368,13 +366,11 @@ def _read_fields(f: BinaryIO, end: int, keep: Collection[int]) -> list[tuple[int
     out: list[tuple[int, bytes]] = []
     while f.tell() < end:
         tag = _read_varint(f)
-        assert tag is not None
         number, wire = tag >> 3, tag & 7
         if wire == 0:
             _read_varint(f)
         elif wire == 2:
             length = _read_varint(f)
-            assert length is not None
             if f.tell() + length > end:
                 raise ValueError("truncated length-delimited field")
             if number in keep:

@@ -21,6 +21,15 @@ Length: before a target download the installer calls
 :meth:`MqttFetcher.expect_length` with the length TUF signed. A frame that
 claims a larger file is refused before any byte is stored, and
 ``FetcherInterface.download_file`` enforces the same bound on what we yield.
+
+python-tuf is not imported with this module: the agent's ``Updater`` runs in
+the verifier child (:mod:`edgefleet.agent.verifier`), which this fetcher
+feeds through :meth:`MqttFetcher._fetch`, so a serving agent never loads it
+(BENCHMARKS.md, "Agent footprint"). For an ``Updater`` in this process,
+:class:`MqttFetcher` offers the ``FetcherInterface`` surface
+(``fetch``/``download_file``/``download_bytes``) through an adapter made on
+first use; a 404 from the controller is our :class:`FileNotFoundOnServerError`,
+and tuf's ``DownloadHTTPError(404)`` there.
 """
 
 from __future__ import annotations
@@ -37,13 +46,13 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
-
-from tuf.api.exceptions import DownloadHTTPError
-from tuf.ngclient import FetcherInterface
+from typing import IO, TYPE_CHECKING
 
 from edgefleet.protocols.errors import (
+    FileNotFoundOnServerError,
     FrameError,
     InsufficientSpaceError,
     OversizedTransferError,
@@ -62,6 +71,9 @@ from edgefleet.protocols.messages import FileRequest
 from edgefleet.protocols.topics import Channel, DeviceTopic
 from edgefleet.shared.durable import atomic_write
 from edgefleet.shared.link import Link
+
+if TYPE_CHECKING:
+    from tuf.ngclient import FetcherInterface
 
 __all__ = ["URL_PREFIX", "MqttFetcher", "PartialFile", "PartialStore", "TransferSettings"]
 
@@ -293,7 +305,23 @@ Progress = Callable[[str, int, int], None]
 """``progress(path, bytes_done, bytes_total)``."""
 
 
-class MqttFetcher(FetcherInterface):
+def _tuf_fetcher(fetcher: MqttFetcher) -> FetcherInterface:
+    """A ``tuf.ngclient.FetcherInterface`` whose ``_fetch`` is ``fetcher``'s (tuf loads here)."""
+    from tuf.api.exceptions import DownloadHTTPError
+    from tuf.ngclient import FetcherInterface
+
+    class _Adapter(FetcherInterface):
+        def _fetch(self, url: str) -> Iterator[bytes]:
+            try:
+                return fetcher._fetch(url)
+            except FileNotFoundOnServerError as exc:
+                # tuf reads a 404 as "no such version" (e.g. the next root).
+                raise DownloadHTTPError(str(exc), 404) from exc
+
+    return _Adapter()
+
+
+class MqttFetcher:
     """Fetch repository files as block transfers over a :class:`Link`.
 
     The agent subscribes :meth:`on_frame` to its ``files/blocks`` topic. One
@@ -327,6 +355,7 @@ class MqttFetcher(FetcherInterface):
         self.blocks_received = 0
         self.blocks_by_path: Counter[str] = Counter()
         self.refusals = 0
+        self._tuf: FetcherInterface | None = None
 
     @property
     def request_topic(self) -> str:
@@ -375,6 +404,23 @@ class MqttFetcher(FetcherInterface):
         self._frames.put(frame)
 
     # ------------------------------------------------------------------ FetcherInterface
+    def _interface(self) -> FetcherInterface:
+        if self._tuf is None:
+            self._tuf = _tuf_fetcher(self)
+        return self._tuf
+
+    def fetch(self, url: str) -> Iterator[bytes]:
+        """``FetcherInterface.fetch``: our errors become tuf's ``DownloadError``."""
+        return self._interface().fetch(url)
+
+    def download_file(self, url: str, max_length: int) -> AbstractContextManager[IO[bytes]]:
+        """``FetcherInterface.download_file``: at most ``max_length`` bytes into a temp file."""
+        return self._interface().download_file(url, max_length)
+
+    def download_bytes(self, url: str, max_length: int) -> bytes:
+        """``FetcherInterface.download_bytes``: at most ``max_length`` bytes in memory."""
+        return self._interface().download_bytes(url, max_length)
+
     def _fetch(self, url: str) -> Iterator[bytes]:
         if not url.startswith(URL_PREFIX):
             raise TransferError(f"cannot fetch {url!r}: not an edgefleet repository URL")
@@ -432,8 +478,12 @@ class MqttFetcher(FetcherInterface):
                             f"{refusal.reason}"
                         ) from None
                     refused_wait += wait
-                    log.info("controller refused %s (%s); asking again in %.1fs",
-                             path, refusal.reason, wait)
+                    log.info(
+                        "controller refused %s (%s); asking again in %.1fs",
+                        path,
+                        refusal.reason,
+                        wait,
+                    )
                     if self._cancel.wait(wait):
                         raise TransferError("transfer cancelled: agent is stopping") from None
                     continue
@@ -467,7 +517,8 @@ class MqttFetcher(FetcherInterface):
                 continue
             if frame.kind is FrameKind.ERROR:
                 if frame.status == 404:
-                    raise DownloadHTTPError(f"{path}: {frame.message}", 404)
+                    # tuf's DownloadHTTPError(404) once it reaches tuf (_tuf_fetcher).
+                    raise FileNotFoundOnServerError(f"{path}: {frame.message}")
                 if frame.retry_after_s is not None:
                     # Frames still on their way stay queued for the next window.
                     raise _RefusedError(frame.retry_after_s, f"{frame.status} {frame.message}")

@@ -1,7 +1,10 @@
 """Controller configuration: a TOML file, environment variables, CLI flags.
 
 Precedence (highest first): CLI flags, environment (``EDGEFLEET_HOME``,
-``EDGEFLEET_DATABASE_URL``), the config file, defaults. Example
+``EDGEFLEET_DATABASE_URL``, ``EDGEFLEET_PROFILES`` and
+``EDGEFLEET_<TABLE>_<KEY>`` for every key of ``[broker]``, ``[service]`` and
+``[cli]``, e.g. ``EDGEFLEET_BROKER_PORT=18830``; see
+:func:`edgefleet.shared.settings.merge_environment`), the config file, defaults. Example
 (``deploy/controller.example.toml``)::
 
     home = "/var/lib/edgefleet"                 # TUF repository, keys, SQLite file
@@ -30,7 +33,12 @@ from typing import Any
 
 from edgefleet.protocols.errors import ConfigError
 from edgefleet.shared.link import BrokerSettings
-from edgefleet.shared.settings import read_toml, refuse_unknown_keys, settings_from_table
+from edgefleet.shared.settings import (
+    merge_environment,
+    read_toml,
+    refuse_unknown_keys,
+    settings_from_table,
+)
 
 __all__ = [
     "DEFAULT_HOME",
@@ -210,16 +218,20 @@ def load_controller_config(
     """
     env = os.environ if environ is None else environ
     config = ControllerConfig()
-    if path is not None:
-        raw = read_toml(Path(path), "controller config")
+    # EDGEFLEET_<TABLE>_<KEY> (and EDGEFLEET_PROFILES) override the file
+    # (shared/settings.py); EDGEFLEET_HOME/DATABASE_URL keep their handling below.
+    raw = read_toml(Path(path), "controller config") if path is not None else {}
+    sections = {"broker": BrokerSettings, "service": ServiceSettings, "cli": CliSettings}
+    merge_environment(raw, env, "EDGEFLEET", top={"profiles": str}, sections=sections)
+    if raw:
         try:
             broker = _section(raw, "broker", BrokerSettings)
             service = _section(raw, "service", ServiceSettings)
             cli = _section(raw, "cli", CliSettings)
             refuse_unknown_keys(raw, {"home", "database_url", "profiles"})
         except ConfigError as exc:
-            raise ConfigError(f"{path}: {exc}") from None
-        base = Path(path).resolve().parent
+            raise ConfigError(f"{path or 'environment'}: {exc}") from None
+        base = Path(path).resolve().parent if path is not None else Path.cwd()
         config = ControllerConfig(
             home=base / raw["home"] if "home" in raw else DEFAULT_HOME,
             database_url=raw.get("database_url"),

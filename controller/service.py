@@ -53,6 +53,7 @@ from datetime import datetime, timedelta, timezone
 from edgefleet.controller.compiler.errors import ProfileError
 from edgefleet.controller.compiler.profiles import BUILTIN_PROFILES, Profile, match_profile
 from edgefleet.controller.config import ServiceSettings
+from edgefleet.controller.presence import DUPLICATE_EVENT_KIND, Duplicate, PresenceTracker
 from edgefleet.controller.registry import DeploymentInfo, Registry
 from edgefleet.controller.registry.counters import device_rejected_name
 from edgefleet.controller.registry.telemetry import rollup_telemetry
@@ -187,6 +188,8 @@ class ControllerService:
         self._agent_rejected: dict[str, int] = {}
         # Per device: its journal and the highest seq acknowledged (see _store_events).
         self._event_marks: dict[str, tuple[str, int]] = {}
+        # Liveness and duplicate device ids (controller/presence.py); ingest thread only.
+        self.presence = PresenceTracker()
         self.ingested = 0
         self.rollouts = RolloutRunner(registry, repository, actor=settings.client_id)
 
@@ -382,6 +385,11 @@ class ControllerService:
                     self._store(batch)
                 except Exception:  # keep ingesting; the database may be back next time
                     log.exception("storing %d messages failed", len(batch))
+            try:
+                for device_id in self.presence.due_offline(time.monotonic()):
+                    self.registry.set_online(device_id, False)
+            except Exception:  # the database may be back next time
+                log.exception("storing held-back offline statuses failed")
 
     def _store(self, batch: list[tuple[DeviceTopic, bytes, bool]]) -> None:
         events: list[Event] = []
@@ -393,7 +401,12 @@ class ControllerService:
                 if online is None:
                     self.reject("malformed_status", f"{topic.device_id}: {payload[:32]!r}")
                 elif self._is_known(topic.device_id):
-                    self.registry.set_online(topic.device_id, online)
+                    store, duplicate = self.presence.status(
+                        topic.device_id, online, time.monotonic()
+                    )
+                    if store:
+                        self.registry.set_online(topic.device_id, online)
+                    self._duplicate(duplicate)
                 else:
                     self.reject("unknown_device", f"{topic.device_id} is not enrolled")
             elif channel is Channel.REPORTED:
@@ -415,10 +428,25 @@ class ControllerService:
                         self.reject("retained_event", f"{topic.device_id}: unnumbered")
                     else:
                         events.append(message)
+                        if not retained:
+                            self._alive(message.device_id)
+                            if message.journal is not None:
+                                self._duplicate(
+                                    self.presence.journal(
+                                        message.device_id, message.journal, time.monotonic()
+                                    )
+                                )
             elif channel is Channel.TELEMETRY:
                 message = self._decode(topic, payload, Telemetry)
                 if isinstance(message, Telemetry) and self._clock_ok(message.device_id, message.at):
                     points.append(message)
+                    if not retained and self._fresh(message):
+                        self._alive(message.device_id)
+                        self._duplicate(
+                            self.presence.telemetry_window(
+                                message.device_id, message.at, message.window_s, time.monotonic()
+                            )
+                        )
             else:
                 self.reject("unexpected_channel", str(topic))
         if events:
@@ -483,6 +511,32 @@ class ControllerService:
         # journal each: bounded by the fleet.
         for device_id, journal, seq in marks:
             self._event_marks[device_id] = (journal, seq)
+
+    def _alive(self, device_id: str) -> None:
+        """Fresh telemetry or an event: the device is connected, whatever its retained status."""
+        if self.presence.alive(device_id, time.monotonic()):
+            self.registry.set_online(device_id, True)
+
+    @staticmethod
+    def _fresh(point: Telemetry) -> bool:
+        """Whether a telemetry window ended recently enough to prove the agent is connected."""
+        return not point.at or abs(time.time() - point.at) <= max(2 * point.window_s, 30.0)
+
+    def _duplicate(self, duplicate: Duplicate | None) -> None:
+        """Record a suspected duplicate device id as a device event, and say so in the log."""
+        if duplicate is None:
+            return
+        log.warning(
+            "device %s: two agents seem to use this device id (%s: %s)",
+            duplicate.device_id,
+            duplicate.reason,
+            duplicate.detail,
+        )
+        self.registry.add_controller_event(
+            duplicate.device_id,
+            DUPLICATE_EVENT_KIND,
+            {"reason": duplicate.reason, **duplicate.detail},
+        )
 
     def _acknowledge_events(self, journals: set[tuple[str, str]]) -> None:
         """Tell each agent how far its journal is stored, so it can forget those events.

@@ -149,6 +149,14 @@ class Counters:
     def max_rows_per_device(self, value: int) -> None:
         self._max_rows = check_max_rows_per_device(value)
 
+    def limit_device_counters(self, max_rows_per_device: int) -> None:
+        """Cap per-device counter rows (``[service] max_counter_rows_per_device``).
+
+        Raises:
+            TypeError, ValueError: not an integer in range.
+        """
+        self.max_rows_per_device = max_rows_per_device
+
     def _over_cap(self, s: Session, name: str) -> str | None:
         """The stem ``<prefix><device>.`` if creating ``name`` would pass the cap.
 

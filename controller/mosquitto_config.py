@@ -69,9 +69,7 @@ class MosquittoPaths:
     log_denials: bool = True
 
 
-def render_acl(
-    controller_cn: str = CONTROLLER_COMMON_NAME, cli_cn: str = CLI_COMMON_NAME
-) -> str:
+def render_acl(controller_cn: str = CONTROLLER_COMMON_NAME, cli_cn: str = CLI_COMMON_NAME) -> str:
     """The ACL file: the controller reads and writes everything, a device only its own topics.
 
     The CLI (``edgefleet deploy``) may only publish desired states and the

@@ -680,9 +680,7 @@ class ControllerService:
         """
         for (device_id, refusal), n in self.transfers.take_refusals().items():
             if device_id:
-                self.registry.bump_counter(
-                    f"transfer_refused.{device_id}.{refusal.value}"[:128], n
-                )
+                self.registry.bump_counter(f"transfer_refused.{device_id}.{refusal.value}"[:128], n)
             with self._rejected_lock:
                 self._rejected[f"transfer_{refusal.value}"] += n
         with self._rejected_lock:

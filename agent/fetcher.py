@@ -106,15 +106,16 @@ class PartialFile:
     that can never complete must not keep the disk full for every later
     install, across restarts.
 
-    The log is append-only (4-byte block indices). Blocks are written to the
-    data file (kept open while the download runs) as they arrive and named in
-    the log only by :meth:`flush`, after one ``fdatasync`` of the data: the
-    fetcher flushes once per window, so a block the log names survives a
-    power cut, and a crash loses at most the unflushed tail (one window),
-    which the next run fetches again. A torn trailing record is ignored. The
-    size record (``meta``) is replaced atomically. TUF's hash check still
-    guards the whole file: a damaged partial download fails it and the
-    installer discards it - a wasted download, never a wrong install.
+    The log is append-only (4-byte block indices). :meth:`put_block` writes a
+    block to the data file (kept open while the download runs); the block is
+    named in the log only by :meth:`flush`, after one ``fdatasync`` of the
+    data (:meth:`write_block` does both). The fetcher flushes once per
+    window, so a block the log names survives a power cut, and a crash loses
+    at most the unflushed tail (one window), which the next run fetches again.
+    A torn trailing record is ignored. The size record (``meta``) is replaced
+    atomically. TUF's hash check still guards the whole file: a damaged
+    partial download fails it and the installer discards it - a wasted
+    download, never a wrong install.
 
     Progress is kept as running totals (:attr:`done_bytes`, the number of
     blocks still missing and the lowest missing index), so a block costs the
@@ -158,7 +159,10 @@ class PartialFile:
             if int(block_size_s) != self.block_size:
                 raise ValueError("block size changed")
             self.total_size = int(total_s)
-            raw = self._log_path.read_bytes()
+            if not self.data_path.exists():
+                raise ValueError("data file missing")
+            # No log yet: the size is set but no window was flushed.
+            raw = self._log_path.read_bytes() if self._log_path.exists() else b""
         except (OSError, ValueError):
             self._reset()
             return
@@ -196,6 +200,11 @@ class PartialFile:
         self._recount()
 
     def write_block(self, index: int, payload: bytes) -> None:
+        """Write one block, sync it and name it in the log (durable on return)."""
+        self.put_block(index, payload)
+        self.flush()
+
+    def put_block(self, index: int, payload: bytes) -> None:
         """Write one block's data; :meth:`flush` makes it durable and names it in the log."""
         if index in self.have or self.total_size is None:
             return
@@ -304,6 +313,9 @@ class _MemoryFile:
             self.done_bytes = 0
 
     def write_block(self, index: int, payload: bytes) -> None:
+        self.put_block(index, payload)
+
+    def put_block(self, index: int, payload: bytes) -> None:
         if self.total_size is None or not block_length(index, self.total_size, self.block_size):
             return  # beyond the end (decoding already refuses such frames)
         if index not in self.blocks:
@@ -328,9 +340,8 @@ class _MemoryFile:
 
     @property
     def complete(self) -> bool:
-        return (
-            self.total_size is not None
-            and len(self.blocks) == block_count(self.total_size, self.block_size)
+        return self.total_size is not None and len(self.blocks) == block_count(
+            self.total_size, self.block_size
         )
 
     def chunks(self) -> Iterator[bytes]:
@@ -633,7 +644,7 @@ class MqttFetcher:
                 # us (mutable metadata): start over at the new size.
                 part.set_total(frame.total_size)
                 wanted = {i for i in wanted if block_length(i, frame.total_size, part.block_size)}
-            part.write_block(frame.index, frame.payload)
+            part.put_block(frame.index, frame.payload)  # synced and logged per window
             self.blocks_received += 1
             self.blocks_by_path[path] += 1
             progressed = True

@@ -119,7 +119,6 @@ def test_resume_requests_only_missing_blocks(
     part.set_total(len(data))
     for i in [0, 1, 2, 3, 4, 9]:
         part.write_block(i, data[i * BS : (i + 1) * BS])
-    part.close()  # the end of that run's last window: synced, then logged
     fetcher.expect_length(path, len(data))
     assert b"".join(fetcher.fetch(URL_PREFIX + path)) == data
     asked = {i for r in ctl.requests for i in r.block_indices(1000)}
@@ -187,7 +186,6 @@ def test_partial_file_survives_reopen_and_ignores_torn_log(tmp_path: Path) -> No
     part.set_total(5000)
     part.write_block(0, b"a" * 1024)
     part.write_block(3, b"b" * 1024)
-    part.flush()
     with open(tmp_path / "p" / "blocks", "ab") as f:
         f.write(b"\x00\x00")  # a crash mid-append
     again = PartialFile(tmp_path / "p", 1024)

@@ -96,6 +96,11 @@ class TransferSettings:
     # A refusal (429/503 with a retry-after) is not a failed attempt: the
     # agent waits and asks again, up to this much waiting per file in total.
     max_refused_wait_s: float = 300.0
+    # Received blocks are synced (one fdatasync) and logged, so that they
+    # survive a crash, at the end of the first window that brings this many
+    # unsynced bytes, and at the end of the transfer. A crash loses at most
+    # about this much (fetched again on resume); smaller costs more syncs.
+    sync_every_bytes: int = 4 * 1024 * 1024
 
 
 class PartialFile:
@@ -109,9 +114,10 @@ class PartialFile:
     The log is append-only (4-byte block indices). :meth:`put_block` writes a
     block to the data file (kept open while the download runs); the block is
     named in the log only by :meth:`flush`, after one ``fdatasync`` of the
-    data (:meth:`write_block` does both). The fetcher flushes once per
-    window, so a block the log names survives a power cut, and a crash loses
-    at most the unflushed tail (one window), which the next run fetches again.
+    data (:meth:`write_block` does both). The fetcher flushes at the end of a
+    window once ``TransferSettings.sync_every_bytes`` are unsynced, and at the
+    end of the transfer, so a block the log names survives a power cut, and a
+    crash loses at most the unflushed tail, which the next run fetches again.
     A torn trailing record is ignored. The size record (``meta``) is replaced
     atomically. TUF's hash check still guards the whole file: a damaged
     partial download fails it and the installer discards it - a wasted
@@ -136,6 +142,7 @@ class PartialFile:
         self._first_missing = 0  # every index below it is in ``have``
         self._fd: int | None = None  # the data file, open while blocks arrive
         self._unlogged: list[int] = []  # written, not yet synced and logged
+        self.unlogged_bytes = 0
         self._load()
 
     def _recount(self) -> None:
@@ -174,6 +181,7 @@ class PartialFile:
     def _reset(self) -> None:
         self._close_fd()
         self._unlogged = []
+        self.unlogged_bytes = 0
         for p in (self.data_path, self._log_path, self._meta_path):
             p.unlink(missing_ok=True)
         self.total_size = None
@@ -219,6 +227,7 @@ class PartialFile:
             self._give_up_if_full(exc)
             raise
         self._unlogged.append(index)
+        self.unlogged_bytes += length
         self.have.add(index)
         self.done_bytes += length
         self._missing_count -= 1
@@ -241,6 +250,7 @@ class PartialFile:
             self._give_up_if_full(exc)
             raise
         self._unlogged = []
+        self.unlogged_bytes = 0
 
     def close(self) -> None:
         """Flush, then close the data file (the download may go on later, from the log)."""
@@ -323,6 +333,8 @@ class _MemoryFile:
         else:
             self.done_bytes += len(payload) - len(self.blocks[index])
         self.blocks[index] = payload
+
+    unlogged_bytes = 0  # nothing to make durable: metadata is always fetched whole
 
     def flush(self) -> None:
         """Nothing to make durable: metadata is always fetched whole."""
@@ -574,8 +586,10 @@ class MqttFetcher:
                     try:
                         progressed = self._receive(path, part, set(wanted), limit)
                     finally:
-                        # Once per window: one fdatasync, then the log names the blocks.
-                        part.flush()
+                        # One fdatasync every sync_every_bytes, then the log names
+                        # the blocks; the rest at the end (part.close() below).
+                        if part.unlogged_bytes >= s.sync_every_bytes:
+                            part.flush()
                 except _RefusedError as refusal:
                     # The controller is protecting itself: back off as told,
                     # then ask again for what is still missing.

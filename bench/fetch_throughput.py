@@ -14,7 +14,7 @@ command:
 
 This process is the agent side: :class:`MqttFetcher` over an
 :class:`MqttLink` with the agent's default :class:`TransferSettings`
-(window of 16 blocks), writing the partial download to a temp directory as
+(window of 16 blocks, or ``--window``), writing the partial download to a temp directory as
 the agent does (fdatasync included), then reading it back and checking its
 SHA-256. Its wall time and this process's CPU seconds are measured per run.
 
@@ -55,6 +55,7 @@ MB = 1_000_000
 RAW_TOPIC = "bench/raw"
 DEVICE = "fetch-bench"
 PATH = "targets/bench.bin"
+BLOCK_SIZE = [64 * 1024]  # the agent's block size, set from --block-size
 
 _ctx = mp.get_context("spawn")
 
@@ -148,7 +149,7 @@ def _fetcher_module(rev: str) -> ModuleType:
 
 
 def _fetch_once(
-    module: ModuleType, port: int, workdir: Path, size: int, digest: str
+    module: ModuleType, port: int, workdir: Path, size: int, digest: str, window: int
 ) -> tuple[float, float]:
     from edgefleet.shared.link import BrokerSettings, MqttLink
 
@@ -160,7 +161,7 @@ def _fetch_once(
         link,
         DEVICE,
         module.PartialStore(store_dir),
-        module.TransferSettings(),
+        module.TransferSettings(block_size_bytes=BLOCK_SIZE[0], window_blocks=window),
         on_progress=lambda _p, done, _t: progress.append(done),
     )
     fetcher.expect_length(PATH, size)  # as the installer does, with TUF's length
@@ -221,19 +222,25 @@ def main() -> int:
     parser.add_argument("--mb", type=int, default=50, help="bundle size in MB (10^6 bytes)")
     parser.add_argument("--block-size", type=int, default=64 * 1024)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--window", type=int, action="append", help="agent window in blocks (repeatable; 16)"
+    )
     parser.add_argument("--against", default="main", help="git revision to compare; '' for none")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
+    BLOCK_SIZE[0] = args.block_size
 
     sys.path.insert(0, str(ROOT))
     import edgefleet.agent.fetcher as current
 
-    variants: list[tuple[str, ModuleType]] = [("this tree", current)]
+    windows = args.window or [16]
+    modules: list[tuple[str, ModuleType]] = [("this tree", current)]
     if args.against:
-        variants.append((f"`{args.against}`", _fetcher_module(args.against)))
+        modules.append((f"`{args.against}`", _fetcher_module(args.against)))
+    variants = [(f"{name}, window {w}", module, w) for w in windows for name, module in modules]
     size = args.mb * MB
     results: dict[str, list[tuple[float, float]]] = {"raw": []}
-    for name, _ in variants:
+    for name, _, _ in variants:
         results[name] = []
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -250,8 +257,10 @@ def main() -> int:
                 assert tag == "ready"
                 for r in range(args.rounds):
                     results["raw"].append(_raw_once(broker.port, size, commands, replies))
-                    for name, module in variants:
-                        results[name].append(_fetch_once(module, broker.port, work, size, digest))
+                    for name, module, window in variants:
+                        results[name].append(
+                            _fetch_once(module, broker.port, work, size, digest, window)
+                        )
                     print(
                         f"round {r + 1}: "
                         + ", ".join(
@@ -285,8 +294,9 @@ def main() -> int:
     body = [
         f"`{command.strip()}` - {machine_line()}; {mosquitto_release()}.",
         "",
-        f"One agent fetches a {args.mb} MB bundle ({args.block_size // 1024} KiB blocks, QoS 1, "
-        "window of 16) from the real transfer server through a Mosquitto the script starts; "
+        f"One agent fetches a {args.mb} MB bundle ({args.block_size // 1024} KiB blocks, QoS 1) "
+        f"with windows of {'/'.join(map(str, windows))} blocks from the real transfer server "
+        "through a Mosquitto the script starts; "
         "raw paho moves the same bytes in the same block size through the same broker in the same "
         f"run. Median of {args.rounds} interleaved rounds. CPU is the agent process's (for raw: "
         "the subscriber's).",

@@ -211,7 +211,7 @@ _CHILD = textwrap.dedent(
     fetcher = MqttFetcher(
         link, "gw-kill", PartialStore(Path(store)),
         TransferSettings(block_size_bytes=int(bs), window_blocks=int(window),
-                         request_timeout_s=120.0),
+                         request_timeout_s=120.0, sync_every_bytes=2 * int(window) * int(bs)),
         on_progress=progress,
     )
     fetcher.expect_length(path, int(size))
@@ -230,7 +230,7 @@ def _indices(requests: Iterable[FileRequest]) -> set[int]:
 def test_killed_mid_window_loses_only_the_unlogged_tail_and_resumes(
     tmp_path: Path, mosquitto: BrokerSettings
 ) -> None:
-    window, windows_whole = 8, 3
+    window, windows_whole = 8, 4  # synced every 2 windows: after the 2nd and the 4th
     data = os.urandom(64 * BS)
     path = "targets/killed.bin"
     files = Files({path: data})
@@ -281,9 +281,9 @@ def test_killed_mid_window_loses_only_the_unlogged_tail_and_resumes(
 
         kept = PartialFile(store_dir / os.listdir(store_dir)[0], BS)
         whole = set(range(windows_whole * window))
-        # The windows completed before the kill are logged; of the half
-        # window at most what was synced is (with one sync per window: none
-        # of it). Whatever the log names must be on disk, intact.
+        # The windows synced before the kill are logged; of the half window,
+        # never synced, at most what made it to the log (none, here).
+        # Whatever the log names must be on disk, intact.
         assert whole <= kept.have <= served, sorted(kept.have - whole)
         with open(kept.data_path, "rb") as f:
             for i in kept.have:
@@ -309,3 +309,48 @@ def test_killed_mid_window_loses_only_the_unlogged_tail_and_resumes(
         assert _indices(requests[before:]) == set(range(64)) - kept.have
     finally:
         ctl.stop()
+
+
+def test_one_sync_per_sync_every_bytes_not_per_block(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    blocks, window = 256, 16
+    data = os.urandom(blocks * BS)
+    path = "targets/synced.bin"
+    broker = MemoryBroker()
+    ctl = broker.link("ctl")
+    _serve(ctl, Files({path: data}))
+    ctl.start()
+    link = broker.link("agent")
+    store_dir = tmp_path / "partial"
+    fetcher = MqttFetcher(
+        link,
+        "gw-1",
+        PartialStore(store_dir),
+        Settings(
+            block_size_bytes=BS,
+            window_blocks=window,
+            request_timeout_s=5.0,
+            sync_every_bytes=3 * window * BS,  # every third window
+        ),
+    )
+    link.subscribe(fetcher.frame_topic, fetcher.on_frame)
+    link.start()
+    syncs = [0]
+    real_fdatasync = os.fdatasync
+
+    def counting_fdatasync(fd: int) -> None:
+        syncs[0] += 1
+        real_fdatasync(fd)
+
+    monkeypatch.setattr(fetcher_module.os, "fdatasync", counting_fdatasync)
+    try:
+        fetcher.expect_length(path, len(data))
+        chunks = fetcher.fetch(URL_PREFIX + path)
+        # Done: everything is synced and logged before the bytes are handed on.
+        assert PartialStore(store_dir).blocks_present(path, BS) == blocks
+        assert b"".join(chunks) == data
+    finally:
+        broker.close()
+    # 16 windows: synced after windows 3, 6, 9, 12, 15, then the last at the end.
+    assert syncs[0] == 6

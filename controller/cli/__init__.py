@@ -51,6 +51,7 @@ from edgefleet.controller.cli import (
     model,
     rollout,
     security,
+    token,
 )
 from edgefleet.controller.cli.context import Context
 
@@ -107,6 +108,7 @@ for _command in (
     security.broker_config,
     security.enroll_server,
     rollout.rollout_group,
+    token.token_group,
 ):
     cli.add_command(_command)
 device.device_group.add_command(security.device_token)

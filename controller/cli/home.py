@@ -33,9 +33,12 @@ def init(ctx: Context, as_json: bool) -> None:
     is_flag=True,
     help="Also run an embedded MQTT broker (amqtt) on the configured port.",
 )
+@click.option("--api-address", help="Management API HOST:PORT (default: [api] address).")
+@click.option("--no-api", is_flag=True, help="Do not serve the management API.")
 @pass_ctx
-def serve(ctx: Context, embedded_broker: bool) -> None:
-    """Run the controller: publish desired state, serve transfers, ingest telemetry."""
+def serve(ctx: Context, embedded_broker: bool, api_address: str | None, no_api: bool) -> None:
+    """Run the controller: publish desired state, serve transfers, ingest telemetry, the API."""
+    from edgefleet.controller.api.server import start_configured_api
     from edgefleet.controller.broker import EmbeddedBroker
     from edgefleet.controller.service import ControllerService
 
@@ -49,8 +52,11 @@ def serve(ctx: Context, embedded_broker: bool) -> None:
         service = ControllerService(
             registry, ctx.repository(), cfg.broker, cfg.service, profiles=cfg.device_profiles()
         )
+        api = start_configured_api(service, cfg, api_address, disabled=no_api)
         click.echo(
-            f"controller serving via MQTT {cfg.broker.host}:{cfg.broker.port}; Ctrl-C to stop",
+            f"controller serving via MQTT {cfg.broker.host}:{cfg.broker.port}"
+            + (f", API on {api.url}" if api else "")
+            + "; Ctrl-C to stop",
             err=True,
         )
         try:
@@ -58,6 +64,8 @@ def serve(ctx: Context, embedded_broker: bool) -> None:
         except KeyboardInterrupt:
             pass
         finally:
+            if api:
+                api.stop()
             registry.close()
             if broker is not None:
                 broker.stop()

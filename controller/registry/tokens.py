@@ -21,7 +21,7 @@ import hashlib
 import hmac
 import re
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from enum import Enum
 
@@ -184,4 +184,5 @@ class TokenStore:
                 s.execute(
                     sa.update(m.ApiToken).where(m.ApiToken.id == info.id).values(last_used_at=now)
                 )
+            info = replace(info, last_used_at=now)
         return info

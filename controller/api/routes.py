@@ -177,8 +177,18 @@ def device(
 ) -> dict[str, Any]:
     registry = _registry(request)
     info = _device_or_404(registry, device_id)
-    summary = next((s for s in registry.device_summaries() if s.device_id == device_id), None)
-    out = device_json(info, summary)
+    out = device_json(info, None)
+    desired = registry.desired_for(device_id)
+    out["desired"] = (
+        None
+        if desired is None or desired.model is None
+        else {
+            "model": desired.model.name,
+            "version": desired.model.version,
+            "generation": desired.generation,
+            "deployment_id": desired.deployment_id,
+        }
+    )
     out["events"] = [event_json(e) for e in registry.events_for(device_id, events)]
     series = telemetry_series(registry, device_id, limit=minutes)
     out["telemetry"] = [minute_json(p) for p in series]

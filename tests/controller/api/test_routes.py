@@ -169,6 +169,9 @@ def test_deploy_lists_and_reports_per_device(api: ApiFixture) -> None:
     assert one == body["deployment"]
     devices = _ok(api.client.get("/api/v1/devices?tag=lab", api.viewer))["devices"]
     assert all(d["desired"] == {"model": MODEL, "version": "1.0"} for d in devices)
+    detail = _ok(api.client.get(f"/api/v1/devices/{a}", api.viewer))["desired"]
+    assert (detail["version"], detail["deployment_id"]) == ("1.0", deployment_id)
+    assert _ok(api.client.get(f"/api/v1/devices/{c}", api.viewer))["desired"] is None
     _error(api.client.get("/api/v1/deployments/nope", api.viewer), 404, "not_found")
 
 
@@ -294,3 +297,28 @@ def test_revoke_a_device_needs_admin_and_a_ca(api: ApiFixture) -> None:
     _error(api.client.post(f"/api/v1/devices/{a}/revoke", api.admin), 409, "certificate")
     _error(api.client.post("/api/v1/devices/ghost/revoke", api.admin), 404, "not_found")
     del h
+
+
+def test_deploy_while_the_broker_is_unreachable_says_unpublished(api: ApiFixture) -> None:
+    """The answer must not claim a delivery the broker never acknowledged."""
+    h = api.harness
+    a, _b, _c = _fleet(api)
+    h.register("1.0")
+    h.service.link.stop()
+    reply = api.client.post(
+        "/api/v1/deployments",
+        api.operator,
+        {"model": MODEL, "version": "1.0", "devices": [a], "wait_published_s": 1},
+    )
+    body = _ok(reply, 201)
+    assert body["all_published"] is False
+    assert body["devices"] == [
+        {
+            "device_id": a,
+            "generation": body["devices"][0]["generation"],
+            "bundle_target": body["devices"][0]["bundle_target"],
+            "published": False,
+        }
+    ]
+    # Recorded, so the outbox sends it when the broker is back.
+    assert [d.device_id for d in h.registry.unpublished_desired()] == [a]

@@ -22,6 +22,7 @@ from edgefleet.controller.registry import (
     ModelVersionInfo,
 )
 from edgefleet.controller.registry.census import MinutePoint
+from edgefleet.controller.registry.tokens import ApiTokenInfo
 from edgefleet.controller.rollout.store import (
     DecisionInfo,
     RolloutDeviceInfo,
@@ -43,6 +44,7 @@ __all__ = [
     "model_version_json",
     "rollout_device_json",
     "rollout_json",
+    "token_json",
     "wave_json",
 ]
 
@@ -262,4 +264,16 @@ def rollout_device_json(d: RolloutDeviceInfo) -> dict[str, Any]:
         "observed_p95_ms": d.observed_p95_ms,
         "observed_requests": d.observed_requests,
         "observed_errors": d.observed_errors,
+    }
+
+
+def token_json(t: ApiTokenInfo) -> dict[str, Any]:
+    """A token without its secret (which is stored nowhere)."""
+    return {
+        "id": t.id,
+        "name": t.name,
+        "role": t.role.value,
+        "created_at": t.created_at,
+        "last_used_at": t.last_used_at,
+        "revoked_at": t.revoked_at,
     }

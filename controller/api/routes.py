@@ -4,7 +4,8 @@ Reads go through the registry facade, :mod:`~edgefleet.controller.registry.censu
 and the rollout store; actions that must reach devices go through the running
 :class:`~edgefleet.controller.service.ControllerService`
 (:mod:`~edgefleet.controller.fleet_actions`). Roles: ``viewer`` reads,
-``operator`` deploys and steers rollouts, ``admin`` revokes devices.
+``operator`` deploys and steers rollouts, ``admin`` revokes devices and
+manages API tokens.
 Handlers are plain functions: FastAPI runs them in its thread pool, where
 the registry's blocking calls belong.
 """
@@ -33,13 +34,14 @@ from edgefleet.controller.api.resources import (
     model_version_json,
     rollout_device_json,
     rollout_json,
+    token_json,
     wave_json,
 )
 from edgefleet.controller.errors import NotFoundError
 from edgefleet.controller.fleet_actions import deploy_and_confirm, select_devices
 from edgefleet.controller.registry import Registry
 from edgefleet.controller.registry.census import rollout_counts, tag_counts, telemetry_series
-from edgefleet.controller.registry.tokens import ApiTokenInfo, Role
+from edgefleet.controller.registry.tokens import ApiTokenInfo, Role, TokenStore
 from edgefleet.controller.rollout.engine import RolloutConfig
 from edgefleet.controller.rollout.selector import Selector
 from edgefleet.controller.rollout.store import RolloutStore
@@ -114,6 +116,13 @@ class RolloutRequest(_Body):
         default_factory=dict, description="RolloutConfig settings (base_rate, soak_s, ...)"
     )
     start: bool = True
+
+
+class TokenRequest(_Body):
+    """A new API token: who uses it, and what it may do."""
+
+    name: str = _NAME
+    role: Role
 
 
 class ReasonRequest(_Body):
@@ -378,3 +387,25 @@ def abort_rollout(
 ) -> dict[str, Any]:
     out: dict[str, Any] = _steer(request, token, rollout_id, "abort", body.reason if body else "")
     return out
+
+
+# --------------------------------------------------------------------------- tokens
+def _tokens(request: Request) -> TokenStore:
+    store: TokenStore = request.app.state.tokens
+    return store
+
+
+@router.get("/tokens", summary="API tokens, without secrets (admin)")
+def tokens(request: Request, _t: Admin) -> dict[str, Any]:
+    return {"tokens": [token_json(t) for t in _tokens(request).list_tokens()]}
+
+
+@router.post("/tokens", status_code=201, summary="Create an API token; shown once (admin)")
+def create_token(request: Request, body: TokenRequest, _t: Admin) -> dict[str, Any]:
+    created = _tokens(request).create(body.name, body.role)
+    return {**token_json(created.info), "token": created.token}
+
+
+@router.post("/tokens/{token_id}/revoke", summary="Revoke an API token (admin)")
+def revoke_token(request: Request, token_id: str, _t: Admin) -> dict[str, Any]:
+    return token_json(_tokens(request).revoke(token_id))

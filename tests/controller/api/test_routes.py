@@ -322,3 +322,22 @@ def test_deploy_while_the_broker_is_unreachable_says_unpublished(api: ApiFixture
     ]
     # Recorded, so the outbox sends it when the broker is back.
     assert [d.device_id for d in h.registry.unpublished_desired()] == [a]
+
+
+def test_admins_manage_tokens(api: ApiFixture) -> None:
+    made = _ok(
+        api.client.post("/api/v1/tokens", api.admin, {"name": "grafana", "role": "viewer"}), 201
+    )
+    assert made["token"].startswith("eft_") and made["role"] == "viewer"
+    # The new token works, with its role.
+    assert api.client.get("/api/v1/fleet", made["token"]).status == 200
+    assert api.client.post("/api/v1/deployments", made["token"], {}).status == 403
+    listed = _ok(api.client.get("/api/v1/tokens", api.admin))["tokens"]
+    assert "grafana" in [t["name"] for t in listed]
+    assert all("token" not in t for t in listed) and made["token"] not in str(listed)
+    revoked = _ok(api.client.post(f"/api/v1/tokens/{made['id']}/revoke", api.admin))
+    assert revoked["revoked_at"] is not None
+    _error(api.client.get("/api/v1/fleet", made["token"]), 401, "unauthorized")
+    _error(api.client.post("/api/v1/tokens/0000/revoke", api.admin), 404, "not_found")
+    _error(api.client.post("/api/v1/tokens", api.admin, {"name": "x", "role": "root"}), 422)
+    _error(api.client.post("/api/v1/tokens", api.admin, {"name": "", "role": "viewer"}), 422)

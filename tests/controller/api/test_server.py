@@ -96,3 +96,71 @@ def test_serve_names_the_busy_api_address(tmp_path: Path) -> None:
     assert result.exit_code == 1, result.output
     assert f"127.0.0.1:{port} is already in use" in result.output
     assert "Traceback" not in result.output
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@pytest.mark.slow
+def test_serve_runs_the_api_and_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    home = tmp_path / "home"
+    config = tmp_path / "controller.toml"
+    config.write_text(
+        f'home = "{home}"\n[broker]\nhost = "127.0.0.1"\nport = {_free_port()}\n'
+        f'[api]\naddress = "127.0.0.1:{_free_port()}"\n'
+    )
+    made = CliRunner().invoke(
+        cli, ["--config", str(config), "token", "create", "--role", "viewer", "--name", "t"]
+    )
+    assert made.exit_code == 0, made.output
+    token = made.output.split()[0]
+    api_port = load_controller_config(config).api.port
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "from edgefleet.controller.cli import main; main()",
+            "--config",
+            str(config),
+            "serve",
+            "--embedded-broker",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env=env,
+    )
+    try:
+        client = ApiClient(f"http://127.0.0.1:{api_port}")
+        deadline = time.monotonic() + 90
+        reply = None
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                reply = client.get("/api/v1/fleet", token)
+                break
+            except OSError:
+                time.sleep(0.2)
+        assert reply is not None and reply.status == 200, proc.poll()
+        assert client.get("/api/v1/fleet").status == 401
+        proc.send_signal(signal.SIGINT)
+        output, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text = output.decode()
+    assert proc.returncode == 0, text
+    assert f"API on http://127.0.0.1:{api_port}" in text and "Traceback" not in text
+    with socket.socket() as probe:  # the port is free again
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.bind(("127.0.0.1", api_port))

@@ -148,7 +148,10 @@ def fleet(request: Request, _t: Viewer) -> dict[str, Any]:
     return fleet_json(registry.fleet_status(), rollout_counts(registry))
 
 
-@router.get("/devices", summary="Devices, filtered by tag, profile, status and version")
+@router.get(
+    "/devices",
+    summary="Devices by id, filtered by tag, profile, status and version; paged by `after`",
+)
 def devices(
     request: Request,
     _t: Viewer,
@@ -158,15 +161,29 @@ def devices(
     version: Annotated[
         str | None, Query(max_length=200, description="name@version or version")
     ] = None,
+    after: Annotated[
+        str | None, Query(max_length=64, description="the `next` of the previous page")
+    ] = None,
+    limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
 ) -> dict[str, Any]:
     if status is not None and status not in DEVICE_STATUSES:
         raise ApiError(422, "bad_request", f"status must be one of {', '.join(DEVICE_STATUSES)}")
     registry = _registry(request)
     summaries = {s.device_id: s for s in registry.device_summaries()}
     chosen = filter_devices(
-        registry.list_devices(), tag=tag, profile=profile, status=status, version=version
+        sorted(registry.list_devices(), key=lambda d: d.id),
+        tag=tag,
+        profile=profile,
+        status=status,
+        version=version,
     )
-    return {"devices": [device_json(d, summaries.get(d.id)) for d in chosen]}
+    if after is not None:
+        chosen = [d for d in chosen if d.id > after]
+    page = chosen[:limit]
+    return {
+        "devices": [device_json(d, summaries.get(d.id)) for d in page],
+        "next": page[-1].id if len(chosen) > limit else None,
+    }
 
 
 def _device_or_404(registry: Registry, device_id: str) -> Any:

@@ -68,6 +68,15 @@ def test_fleet_devices_and_filters(api: ApiFixture) -> None:
     assert body["devices"][0]["last_error"] == {"code": "tampered", "message": "bad hash"}
     _error(api.client.get("/api/v1/devices?status=sleeping", api.viewer), 422, "bad_request")
 
+    # Pages by id: `next` is the cursor of the following page, None on the last.
+    first = _ok(api.client.get("/api/v1/devices?limit=2", api.viewer))
+    assert [d["id"] for d in first["devices"]] == sorted([a, b, c])[:2]
+    assert first["next"] == sorted([a, b, c])[1]
+    rest = _ok(api.client.get(f"/api/v1/devices?limit=2&after={first['next']}", api.viewer))
+    assert [d["id"] for d in rest["devices"]] == sorted([a, b, c])[2:]
+    assert rest["next"] is None
+    _error(api.client.get("/api/v1/devices?limit=0", api.viewer), 422, "bad_request")
+
 
 def test_version_filter_matches_what_devices_run(api: ApiFixture) -> None:
     h = api.harness

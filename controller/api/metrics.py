@@ -18,6 +18,7 @@ edgefleet_controller_info                      gauge   version
 edgefleet_fleet_devices                        gauge   online, state, version, profile
 edgefleet_ingest_messages_total                counter
 edgefleet_ingest_queue_messages                gauge   (ingestion lag: messages waiting)
+edgefleet_ingest_newest_telemetry_age_seconds  gauge   (ingestion lag: age of the newest)
 edgefleet_rejected_messages_total              counter reason
 edgefleet_transfer_blocks_sent_total           counter
 edgefleet_transfer_sent_bytes_total            counter
@@ -34,6 +35,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
+from datetime import datetime, timezone
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Histogram
@@ -43,7 +45,12 @@ from sqlalchemy import event
 from sqlalchemy.engine import Engine
 
 from edgefleet import __version__
-from edgefleet.controller.registry.census import decision_counts, device_counts, rollout_counts
+from edgefleet.controller.registry.census import (
+    decision_counts,
+    device_counts,
+    newest_telemetry_at,
+    rollout_counts,
+)
 from edgefleet.controller.service import ControllerService
 
 __all__ = ["ControllerCollector", "QueryTimer", "metrics_registry"]
@@ -90,6 +97,15 @@ class ControllerCollector(Collector):
             "Messages received and waiting to be stored: the ingestion lag.",
             value=queue.qsize() if queue is not None else 0,
         )
+
+        newest = newest_telemetry_at(registry)
+        if newest is not None:
+            yield GaugeMetricFamily(
+                "edgefleet_ingest_newest_telemetry_age_seconds",
+                "Age of the newest stored telemetry window: grows when ingest falls behind "
+                "(or every device stops reporting).",
+                value=max(0.0, (datetime.now(timezone.utc) - newest).total_seconds()),
+            )
 
         rejected = CounterMetricFamily(
             "edgefleet_rejected_messages",

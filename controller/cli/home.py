@@ -52,14 +52,15 @@ def serve(ctx: Context, embedded_broker: bool, api_address: str | None, no_api: 
         service = ControllerService(
             registry, ctx.repository(), cfg.broker, cfg.service, profiles=cfg.device_profiles()
         )
-        api = start_configured_api(service, cfg, api_address, disabled=no_api)
-        click.echo(
-            f"controller serving via MQTT {cfg.broker.host}:{cfg.broker.port}"
-            + (f", API on {api.url}" if api else "")
-            + "; Ctrl-C to stop",
-            err=True,
-        )
+        api = None
         try:
+            api = start_configured_api(service, cfg, api_address, disabled=no_api)
+            click.echo(
+                f"controller serving via MQTT {cfg.broker.host}:{cfg.broker.port}"
+                + (f", API on {api.url}" if api else "")
+                + "; Ctrl-C to stop",
+                err=True,
+            )
             service.run_forever()
         except KeyboardInterrupt:
             pass

@@ -25,6 +25,7 @@ __all__ = [
     "MinutePoint",
     "decision_counts",
     "device_counts",
+    "newest_telemetry_at",
     "rollout_counts",
     "tag_counts",
     "telemetry_series",
@@ -115,6 +116,13 @@ def decision_counts(registry: HasDatabase) -> dict[str, int]:
             kind: int(n)
             for kind, n in s.execute(sa.select(d.kind, sa.func.count()).group_by(d.kind))
         }
+
+
+def newest_telemetry_at(registry: HasDatabase) -> datetime | None:
+    """The time of the most recently stored telemetry window (by id: an index read)."""
+    t = m.TelemetryRecord
+    with registry.database.read() as s:
+        return s.scalar(sa.select(t.at).order_by(t.id.desc()).limit(1))
 
 
 def telemetry_series(

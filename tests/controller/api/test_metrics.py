@@ -8,7 +8,7 @@ from edgefleet.protocols.messages import AgentState
 from edgefleet.protocols.topics import Channel, DeviceTopic
 from edgefleet.shared.link import mqtt_links
 from tests.controller.api.conftest import ApiFixture
-from tests.controller.registry.builders import make_report
+from tests.controller.registry.builders import make_report, make_telemetry
 from tests.e2e.harness import MODEL, wait_for
 
 
@@ -51,6 +51,10 @@ def test_metrics_count_the_fleet_without_device_labels(api: ApiFixture) -> None:
     text = api.client.get("/metrics", api.viewer).body
     assert not any(device_id in text for device_id in ids)
     assert _value(samples, "edgefleet_controller_info") == 1
+    assert "edgefleet_ingest_newest_telemetry_age_seconds" not in samples  # nothing stored yet
+    reg.add_telemetry([make_telemetry(ids[0], 10, p50=1.0)])
+    age = _value(_scrape(api), "edgefleet_ingest_newest_telemetry_age_seconds")
+    assert 0 <= age < 60
     assert _value(samples, "edgefleet_database_query_duration_seconds_count") > 0
 
 

@@ -84,18 +84,34 @@ def test_tls(api: ApiFixture, tmp_path: Path) -> None:
         start_api(api.harness.service, missing)
 
 
-def test_serve_names_the_busy_api_address(tmp_path: Path) -> None:
+def test_serve_names_the_busy_api_address_and_cleans_up(tmp_path: Path) -> None:
+    broker_port = _free_port()
+    config = tmp_path / "controller.toml"
+    config.write_text(
+        f'home = "{tmp_path / "home"}"\n[broker]\nhost = "127.0.0.1"\nport = {broker_port}\n'
+    )
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
         result = CliRunner().invoke(
             cli,
-            ["--home", str(tmp_path / "home"), "serve", "--api-address", f"127.0.0.1:{port}"],
+            [
+                "--config",
+                str(config),
+                "serve",
+                "--embedded-broker",
+                "--api-address",
+                f"127.0.0.1:{port}",
+            ],
         )
     assert result.exit_code == 1, result.output
     assert f"127.0.0.1:{port} is already in use" in result.output
     assert "Traceback" not in result.output
+    # The embedded broker it had started is stopped again.
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.bind(("127.0.0.1", broker_port))
 
 
 def _free_port() -> int:

@@ -5,6 +5,7 @@ module                 what
 =====================  ========================================================
 :mod:`.auth`           bearer tokens and roles on every route
 :mod:`.errors`         JSON errors ``{"error": {"code", "message"}}``
+:mod:`.limits`         request bodies bounded before anything reads them
 :mod:`.resources`      registry results as JSON, device filters
 :mod:`.routes`         the ``/api/v1`` routes (thin: they call the registry,
                        the rollout store and the running service)

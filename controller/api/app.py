@@ -17,6 +17,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from edgefleet import __version__
 from edgefleet.controller.api.errors import install_error_handlers
+from edgefleet.controller.api.limits import BodyLimit
 from edgefleet.controller.api.metrics import metrics_registry
 from edgefleet.controller.api.routes import Viewer, router
 from edgefleet.controller.registry.tokens import TokenStore
@@ -53,6 +54,7 @@ def create_app(service: ControllerService, *, ca_dir: Path | None = None) -> Fas
     prometheus, timer = metrics_registry(service)
     app.state.query_timer = timer
     install_error_handlers(app)
+    app.add_middleware(BodyLimit)
     app.include_router(router)
 
     @app.get(OPENAPI_PATH, include_in_schema=False)

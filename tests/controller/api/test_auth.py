@@ -128,3 +128,35 @@ def test_unknown_path_is_json_404_and_docs_are_off(api: ApiFixture) -> None:
     for path in ("/api/v1/nothing", "/docs", "/redoc", "/openapi.json"):
         reply = api.client.get(path, api.viewer)
         _assert_error(reply, 404, "not_found")
+
+
+def test_oversized_bodies_are_refused_before_auth_reads_them(api: ApiFixture) -> None:
+    big = b'{"model": "' + b"x" * (2 * 1024 * 1024) + b'"}'
+    for token in (None, api.operator):
+        reply = api.client.call("POST", "/api/v1/deployments", token, raw=big)
+        _assert_error(reply, 413, "too_large")
+    # Just under the limit is read, validated and refused as bad input instead.
+    fits = b'{"model": "' + b"x" * 1000 + b'"}'
+    _assert_error(
+        api.client.call("POST", "/api/v1/deployments", api.operator, raw=fits), 422, "bad_request"
+    )
+
+
+def test_a_body_without_a_length_is_refused(api: ApiFixture) -> None:
+    import http.client
+    import json
+
+    conn = http.client.HTTPConnection(api.server.host, api.server.port, timeout=10)
+    try:
+        conn.request(
+            "POST",
+            "/api/v1/deployments",
+            body=iter([b'{"model": ', b'"m"}']),
+            headers={"Authorization": f"Bearer {api.operator}", "Transfer-Encoding": "chunked"},
+            encode_chunked=True,
+        )
+        response = conn.getresponse()
+        assert response.status == 411
+        assert json.loads(response.read())["error"]["code"] == "length_required"
+    finally:
+        conn.close()

@@ -131,15 +131,29 @@ def test_unknown_path_is_json_404_and_docs_are_off(api: ApiFixture) -> None:
 
 
 def test_oversized_bodies_are_refused_before_auth_reads_them(api: ApiFixture) -> None:
-    big = b'{"model": "' + b"x" * (2 * 1024 * 1024) + b'"}'
+    import http.client
+    import json
+
     for token in (None, api.operator):
-        reply = api.client.call("POST", "/api/v1/deployments", token, raw=big)
-        _assert_error(reply, 413, "too_large")
+        # Declare 2 GiB and send none of it: the answer comes from the
+        # headers alone (the server never waits for, or buffers, the body).
+        conn = http.client.HTTPConnection(api.server.host, api.server.port, timeout=10)
+        try:
+            conn.putrequest("POST", "/api/v1/deployments")
+            conn.putheader("Content-Type", "application/json")
+            conn.putheader("Content-Length", str(2 * 1024**3))
+            if token is not None:
+                conn.putheader("Authorization", f"Bearer {token}")
+            conn.endheaders()
+            response = conn.getresponse()
+            assert response.status == 413
+            assert json.loads(response.read())["error"]["code"] == "too_large"
+        finally:
+            conn.close()
     # Just under the limit is read, validated and refused as bad input instead.
     fits = b'{"model": "' + b"x" * 1000 + b'"}'
-    _assert_error(
-        api.client.call("POST", "/api/v1/deployments", api.operator, raw=fits), 422, "bad_request"
-    )
+    reply = api.client.call("POST", "/api/v1/deployments", api.operator, raw=fits)
+    _assert_error(reply, 422, "bad_request")
 
 
 def test_a_body_without_a_length_is_refused(api: ApiFixture) -> None:
@@ -148,13 +162,11 @@ def test_a_body_without_a_length_is_refused(api: ApiFixture) -> None:
 
     conn = http.client.HTTPConnection(api.server.host, api.server.port, timeout=10)
     try:
-        conn.request(
-            "POST",
-            "/api/v1/deployments",
-            body=iter([b'{"model": ', b'"m"}']),
-            headers={"Authorization": f"Bearer {api.operator}", "Transfer-Encoding": "chunked"},
-            encode_chunked=True,
-        )
+        # Headers only: the refusal must not wait for the chunks.
+        conn.putrequest("POST", "/api/v1/deployments")
+        conn.putheader("Authorization", f"Bearer {api.operator}")
+        conn.putheader("Transfer-Encoding", "chunked")
+        conn.endheaders()
         response = conn.getresponse()
         assert response.status == 411
         assert json.loads(response.read())["error"]["code"] == "length_required"

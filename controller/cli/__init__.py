@@ -61,6 +61,7 @@ from edgefleet.controller.cli import (
     model,
     rollout,
     security,
+    token,
 )
 from edgefleet.controller.cli.context import Context
 from edgefleet.controller.cli.output import JSON_META_KEY, show_error
@@ -190,6 +191,7 @@ for _command in (
     security.broker_config,
     security.enroll_server,
     rollout.rollout_group,
+    token.token_group,
 ):
     cli.add_command(_command)
 device.device_group.add_command(security.device_token)

@@ -90,6 +90,7 @@ def test_serve_names_the_busy_api_address_and_cleans_up(tmp_path: Path) -> None:
     config.write_text(
         f'home = "{tmp_path / "home"}"\n[broker]\nhost = "127.0.0.1"\nport = {broker_port}\n'
     )
+    assert CliRunner().invoke(cli, ["--config", str(config), "init"]).exit_code == 0
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
@@ -135,6 +136,7 @@ def test_serve_runs_the_api_and_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
         f'home = "{home}"\n[broker]\nhost = "127.0.0.1"\nport = {_free_port()}\n'
         f'[api]\naddress = "127.0.0.1:{_free_port()}"\n'
     )
+    assert CliRunner().invoke(cli, ["--config", str(config), "init"]).exit_code == 0
     made = CliRunner().invoke(
         cli, ["--config", str(config), "token", "create", "--role", "viewer", "--name", "t"]
     )

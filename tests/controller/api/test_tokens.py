@@ -101,6 +101,7 @@ def test_roles_are_ordered_and_names_checked(registry: Registry) -> None:
 def test_token_cli_create_list_revoke(tmp_path: Path) -> None:
     runner = CliRunner()
     home = ["--home", str(tmp_path / "home")]
+    assert runner.invoke(cli, [*home, "init"]).exit_code == 0
     made = runner.invoke(
         cli, [*home, "token", "create", "--role", "operator", "--name", "ci", "--json"]
     )

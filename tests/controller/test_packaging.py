@@ -436,6 +436,7 @@ def mosquitto_harness(tmp_path: Path, mosquitto: BrokerSettings) -> Iterator[Har
 
 @pytest.mark.slow
 @pytest.mark.mosquitto
+@pytest.mark.timeout(900)
 def test_x86_package_installs_offline_and_serves(
     tmp_path: Path, cache_dir: Path, mosquitto_harness: Harness
 ) -> None:

@@ -550,6 +550,10 @@ def test_x86_package_installs_offline_and_serves(
         info = h.registry.get_device(device_id)
         assert info is not None and info.arch == "x86_64"
         assert "onnxruntime" in info.runtimes
+    except AssertionError as exc:
+        log.flush()
+        agent_log = (tmp_path / "agent.log").read_text()[-4000:]
+        raise AssertionError(f"{exc}\nagent log:\n{agent_log}") from None
     finally:
         agent.terminate()
         try:

@@ -268,6 +268,9 @@ def test_aarch64_package_runs_under_emulation(
             got = np.asarray(answer["outputs"][name])
             np.testing.assert_allclose(got, expected[0], rtol=1e-4, atol=1e-6)
             wait_for(lambda: h.summary("arm64").inferences >= 1, 120, "telemetry from ARM")
+        except AssertionError as exc:
+            log.flush()
+            raise AssertionError(f"{exc}\nagent log:\n{log_path.read_text()[-4000:]}") from None
         finally:
             agent.terminate()
             try:

@@ -12,6 +12,7 @@ hold nothing built for another platform.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -268,6 +269,36 @@ def test_foreign_wheels_are_found() -> None:
         armv7,
         ["tflite_runtime-2.14.0-cp311-cp311-manylinux_2_34_armv7l.whl", names[1]],
     ) == [names[1]]
+
+
+def test_platforms_agree_with_the_platform_check() -> None:
+    """The package command builds for what scripts/check_platforms.py checks (README table)."""
+    spec = importlib.util.spec_from_file_location(
+        "check_platforms_for_packaging", ROOT / "scripts" / "check_platforms.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        del sys.modules[spec.name]
+    checked = {p.key: p for p in module.PLATFORMS}
+    assert set(checked) == set(packaging.PLATFORMS)
+    for key, ours in packaging.PLATFORMS.items():
+        theirs = checked[key]
+        assert (ours.arch, ours.glibc_minor, ours.os_provided) == (
+            theirs.arch,
+            theirs.glibc_minor,
+            theirs.os_provided,
+        ), key
+        for runtime, extra in packaging.RUNTIMES.items():
+            assert (runtime in ours.unavailable) == (extra not in theirs.extras), (key, runtime)
+        if ours.default_python is not None:
+            assert ours.default_python in theirs.pythons
+        assert module.manylinux_tags(ours.arch, ours.glibc_minor) == packaging.manylinux_tags(
+            ours.arch, ours.glibc_minor
+        )
 
 
 def test_the_unit_of_an_enrolled_device_loads_no_credential() -> None:

@@ -689,8 +689,18 @@ def build_edgefleet_wheel(source: Path, dest: Path, options: PackageOptions) -> 
         options.pip_timeout_s,
     )
     if proc.returncode != 0:
-        tail = (proc.stdout + proc.stderr).strip().splitlines()[-5:]
-        raise PackagingError(f"building the edgefleet wheel from {source} failed: {' '.join(tail)}")
+        text = proc.stdout + proc.stderr
+        if any(marker in text for marker in NETWORK_ERRORS):
+            raise IndexUnreachableError(
+                "the package index is unreachable while building the edgefleet wheel (pip "
+                "fetches its build backend, setuptools, from there); check the network or "
+                "--index-url, or pass --edgefleet-wheel PATH"
+            )
+        tail = [ln.strip() for ln in text.strip().splitlines() if "is ignored" not in ln][-5:]
+        raise PackagingError(
+            f"building the edgefleet wheel from {source} failed: {' '.join(tail)}; "
+            "or pass --edgefleet-wheel PATH"
+        )
     wheels = sorted(out.glob("edgefleet-*.whl"))
     if len(wheels) != 1:
         raise PackagingError(f"building the edgefleet wheel gave {len(wheels)} wheels")

@@ -205,6 +205,13 @@ def test_unreachable_index_is_a_clear_error(
     with pytest.raises(packaging.IndexUnreachableError, match="package index is unreachable"):
         packaging.build_package(options)
     assert not options.out.exists()
+    # Building the edgefleet wheel itself needs the index too (its build backend).
+    from_source = packaging.PackageOptions(
+        **{**options.__dict__, "edgefleet_wheel": None, "source_dir": ROOT}
+    )
+    with pytest.raises(packaging.IndexUnreachableError, match="building the edgefleet wheel"):
+        packaging.build_package(from_source)
+    assert not options.out.exists()
 
 
 def test_a_package_without_a_wheel_for_the_platform_is_named(tmp_path: Path) -> None:

@@ -32,7 +32,7 @@ class _ModelGroup(click.Group):
         return super().get_command(ctx, cmd_name)
 
 
-@click.group("model", cls=_ModelGroup)
+@click.group("model", cls=_ModelGroup, short_help="Compile, register, list and inspect models.")
 def model_group() -> None:
     """Compile models for device profiles, publish them as signed bundles, inspect them.
 

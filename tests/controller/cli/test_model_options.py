@@ -8,6 +8,7 @@ home (SQLite registry, TUF repository) and reads back what was stored with
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -259,6 +260,8 @@ def test_model_help_names_every_command_truly(home: Path) -> None:
     assert "publishes nothing" in summaries["compile"]
     assert "compile per profile" in summaries["register"]
     assert "profiles" in summaries["profiles"]
+    root = run(home, "--help").output
+    assert re.search(r"^  model +Compile, register, list and inspect models\.$", root, re.M), root
     for option in ("--metric", "--state", "--max-accuracy-drop", "--objective"):
         assert option in run(home, "model", "register", "--help").output
         assert option in run(home, "model", "compile", "--help").output

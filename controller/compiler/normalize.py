@@ -19,6 +19,7 @@ applied to the ``fp32`` candidate: that one ships the source bytes as given.
 from __future__ import annotations
 
 import heapq
+
 import numpy as np
 import onnx
 from onnx import numpy_helper

@@ -23,10 +23,11 @@ registers them, and nothing imports it back (the command modules import
 module                    commands
 ========================  ===================================================
 ``home``                  ``init``, ``serve``
-``model``                 ``model register|list|report|compile``
+``model``                 ``model register|list|report|compile|profiles``
 ``device``                ``device enroll|tag|events``
 ``fleet``                 ``devices``, ``deploy``, ``status``
-``agent``                 ``agent run``
+``agent``                 ``agent run|package``
+``token``                 ``token create|list|revoke``
 ``demo``                  ``demo``
 ``keys``                  ``keys show|rotate|offline-root|renew-root``
 ``security``              ``ca``, ``broker-config``, ``enroll-server``,

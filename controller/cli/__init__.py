@@ -23,10 +23,11 @@ registers them, and nothing imports it back (the command modules import
 module                    commands
 ========================  ===================================================
 ``home``                  ``init``, ``serve``
-``model``                 ``model register|list|report|compile``
+``model``                 ``model register|list|report|compile|profiles``
 ``device``                ``device enroll|tag|events``
 ``fleet``                 ``devices``, ``deploy``, ``status``
-``agent``                 ``agent run``
+``agent``                 ``agent run|package``
+``token``                 ``token create|list|revoke``
 ``demo``                  ``demo``
 ``keys``                  ``keys show|rotate|offline-root|renew-root``
 ``security``              ``ca``, ``broker-config``, ``enroll-server``,
@@ -61,6 +62,7 @@ from edgefleet.controller.cli import (
     model,
     rollout,
     security,
+    token,
 )
 from edgefleet.controller.cli.context import Context
 from edgefleet.controller.cli.output import JSON_META_KEY, show_error
@@ -190,6 +192,7 @@ for _command in (
     security.broker_config,
     security.enroll_server,
     rollout.rollout_group,
+    token.token_group,
 ):
     cli.add_command(_command)
 device.device_group.add_command(security.device_token)

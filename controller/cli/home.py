@@ -54,13 +54,21 @@ def init(ctx: Context, as_json: bool) -> None:
     help="Broker port (with --embedded-broker: the port it listens on). "
     "Default: [broker] port of the config.",
 )
+@click.option("--api-address", help="Management API HOST:PORT (default: [api] address).")
+@click.option("--no-api", is_flag=True, help="Do not serve the management API.")
 @pass_ctx
 def serve(
-    ctx: Context, embedded_broker: bool, broker_host: str | None, broker_port: int | None
+    ctx: Context,
+    embedded_broker: bool,
+    broker_host: str | None,
+    broker_port: int | None,
+    api_address: str | None,
+    no_api: bool,
 ) -> None:
-    """Run the controller: publish desired state, serve transfers, ingest telemetry."""
+    """Run the controller: publish desired state, serve transfers, ingest telemetry, the API."""
     from dataclasses import replace
 
+    from edgefleet.controller.api.server import start_configured_api
     from edgefleet.controller.broker import EmbeddedBroker
     from edgefleet.controller.cli.context import record_served_broker
     from edgefleet.controller.service import ControllerService
@@ -87,16 +95,22 @@ def serve(
         service = ControllerService(
             registry, repository, broker_settings, cfg.service, profiles=cfg.device_profiles()
         )
-        click.echo(
-            f"controller serving via MQTT {broker_settings.host}:{broker_settings.port}"
-            f"{' (embedded broker)' if broker else ''}; Ctrl-C to stop",
-            err=True,
-        )
+        api = None
         try:
+            api = start_configured_api(service, cfg, api_address, disabled=no_api)
+            click.echo(
+                f"controller serving via MQTT {broker_settings.host}:{broker_settings.port}"
+                + (" (embedded broker)" if broker else "")
+                + (f", API on {api.url}" if api else "")
+                + "; Ctrl-C to stop",
+                err=True,
+            )
             service.run_forever()
         except KeyboardInterrupt:
             pass
         finally:
+            if api:
+                api.stop()
             registry.close()
             if broker is not None:
                 broker.stop()

@@ -10,6 +10,7 @@ still printed first so the user sees the measurements behind it.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -18,18 +19,25 @@ import click
 
 from edgefleet.controller.compiler.errors import NoVariantError
 from edgefleet.controller.compiler.pipeline import compile_model
-from edgefleet.controller.compiler.profiles import BUILTIN_PROFILES, get_profile, load_profiles
+from edgefleet.controller.compiler.profiles import (
+    BUILTIN_PROFILES,
+    OBJECTIVES,
+    SIZE_MAX_LATENCY_RATIO,
+    Profile,
+    get_profile,
+    load_profiles,
+)
 from edgefleet.controller.compiler.report import CompileReport, CompileResult
 from edgefleet.protocols.errors import EdgefleetError
 
-__all__ = ["compile_command"]
+__all__ = ["compile_command", "parse_pairs", "with_objective"]
 
 
 def _one_line(text: str) -> str:
     return " ".join(text.split())
 
 
-def _pairs(option: str, values: tuple[str, ...], what: str) -> dict[str, str]:
+def parse_pairs(option: str, values: tuple[str, ...], what: str) -> dict[str, str]:
     """``("a=b", ...)`` to ``{"a": "b"}``; a malformed or repeated key is a usage error."""
     out: dict[str, str] = {}
     for raw in values:
@@ -41,6 +49,11 @@ def _pairs(option: str, values: tuple[str, ...], what: str) -> dict[str, str]:
             raise click.BadParameter(f"{key!r} is given twice", param_hint=option)
         out[key] = value
     return out
+
+
+def with_objective(profile: Profile, objective: str | None) -> Profile:
+    """``profile`` with its objective replaced for one compile (``None``: as configured)."""
+    return profile if objective is None else dataclasses.replace(profile, objective=objective)
 
 
 def _write_outputs(result: CompileResult, out_dir: Path, *, every: bool) -> list[dict[str, Any]]:
@@ -65,7 +78,9 @@ def _emit(report: CompileReport, as_json: bool, extra: dict[str, Any] | None = N
         click.echo(report.format_table())
 
 
-@click.command("compile")
+@click.command(
+    "compile", short_help="Compile and measure variants for one profile; publishes nothing."
+)
 @click.argument("source", type=click.Path(path_type=Path))
 @click.option(
     "--profile",
@@ -120,6 +135,13 @@ def _emit(report: CompileReport, as_json: bool, extra: dict[str, Any] | None = N
     "accuracy is more than this below fp32's (0.01 = 1 point).",
 )
 @click.option(
+    "--objective",
+    type=click.Choice(OBJECTIVES),
+    help="Override the profile's objective for this compile: latency (the fastest variant "
+    f"that passes the gate) or size (the smallest, at most {SIZE_MAX_LATENCY_RATIO:g}x "
+    "fp32 latency).",
+)
+@click.option(
     "--recipe",
     "recipe_names",
     multiple=True,
@@ -154,6 +176,7 @@ def compile_command(
     metric_specs: tuple[str, ...],
     state_specs: tuple[str, ...],
     max_accuracy_drop: float | None,
+    objective: str | None,
     recipe_names: tuple[str, ...],
     latency_runs: int,
     as_json: bool,
@@ -166,11 +189,11 @@ def compile_command(
     on the validation data, and timed against it on this machine; the report
     says which one is chosen and why the others are not.
     """
-    metrics = _pairs("--metric", metric_specs, "OUTPUT=METRIC (e.g. prob=threshold:0.5)")
-    state = _pairs("--state", state_specs, "INPUT=OUTPUT (e.g. state=stateN)")
+    metrics = parse_pairs("--metric", metric_specs, "OUTPUT=METRIC (e.g. prob=threshold:0.5)")
+    state = parse_pairs("--state", state_specs, "INPUT=OUTPUT (e.g. state=stateN)")
     try:
         profiles = load_profiles(profiles_file) if profiles_file else None
-        profile = get_profile(profile_name, profiles)
+        profile = with_objective(get_profile(profile_name, profiles), objective)
         result = compile_model(
             source,
             profile,

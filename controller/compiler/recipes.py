@@ -44,6 +44,7 @@ from edgefleet.controller.compiler.normalize import (
     ensure_opset,
     flatten_gemm_biases,
     float_weight_bytes,
+    sort_topologically,
 )
 from edgefleet.controller.compiler.profiles import BUILTIN_PROFILES, Profile
 from edgefleet.controller.compiler.recipe_base import (
@@ -234,6 +235,9 @@ class Float16Recipe(Recipe):
 
             model = onnx.load_model_from_string(inp.need_prepared())
             converted = convert_float_to_float16(model, keep_io_types=True)
+        # The converter appends the fp32<->fp16 Casts of the inputs and
+        # outputs after the nodes that read them; order them for the checker.
+        sort_topologically(converted.graph)
         return Built(converted.SerializeToString(), dedupe_notes(notes), self.options())
 
 

@@ -23,21 +23,39 @@ Example (``deploy/agent.example.toml`` has the full, commented version)::
 
 Relative paths are resolved against the directory of the config file, so an
 enrollment bundle (config + root.json + certificates) can be copied anywhere.
-Unknown keys are refused: a typo must not silently fall back to a default.
+Unknown keys are refused: a typo must not silently fall back to a default,
+and a value of the wrong type is named with its table and key
+(``agent.toml [http] port: expected an integer 0-65535, got 'abc'``).
+
+Every setting can also come from the environment, which wins over the file:
+``EDGEFLEET_AGENT_<FIELD>`` for top-level keys (``EDGEFLEET_AGENT_DEVICE_ID``)
+and ``EDGEFLEET_AGENT_<TABLE>_<KEY>`` for tables
+(``EDGEFLEET_AGENT_HTTP_PORT=8471``, ``EDGEFLEET_AGENT_BROKER_TLS=true``);
+see :func:`edgefleet.shared.settings.merge_environment` for the conversions.
+Paths given there are resolved like the file's.
 """
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from edgefleet.agent.enroll import EnrollmentSettings
 from edgefleet.agent.fetcher import TransferSettings
 from edgefleet.protocols.errors import ConfigError, TopicError
 from edgefleet.protocols.topics import validate_device_id
 from edgefleet.shared.link import BrokerSettings
-from edgefleet.shared.settings import read_toml, refuse_unknown_keys, settings_from_table
+from edgefleet.shared.settings import (
+    check_field_types,
+    field_types,
+    merge_environment,
+    read_toml,
+    refuse_unknown_keys,
+    settings_from_table,
+)
 
 __all__ = ["AgentConfig", "HttpSettings", "load_agent_config"]
 
@@ -60,6 +78,8 @@ class HttpSettings:
     max_body_bytes: int = 8 * 1024 * 1024
     token: str | None = None
     token_file: Path | None = None
+    # Port 0 asks the OS for any free port (tests, several agents on one machine).
+    settings_ranges: ClassVar[dict[str, tuple[int, int]]] = {"port": (0, 65535)}
 
 
 @dataclass(frozen=True)
@@ -110,6 +130,10 @@ def _table(raw: dict[str, Any], key: str, kind: type[Any], base: Path) -> Any:
 
 def _http(raw: dict[str, Any], base: Path) -> HttpSettings:
     """The ``[http]`` table; ``token_file`` (relative to the config) is read into ``token``."""
+    table = raw.get("http")
+    token: object = table.get("token") if isinstance(table, dict) else None
+    if token is not None and not isinstance(token, str):
+        raise ConfigError("[http] token must be a string")
     value: HttpSettings = _table(raw, "http", HttpSettings, base)
     token_file: object = value.token_file  # still the raw TOML value here
     if token_file is None:
@@ -142,23 +166,43 @@ def _enrollment(raw: dict[str, Any], base: Path) -> EnrollmentSettings | None:
     return replace(value, token_file=base / token_file)
 
 
-def load_agent_config(path: Path | str) -> AgentConfig:
-    """Read and validate an agent config file.
+ENV_PREFIX = "EDGEFLEET_AGENT"
+"""Environment variables ``EDGEFLEET_AGENT_[<TABLE>_]<KEY>`` override the file."""
+
+_TABLES: dict[str, type[Any]] = {
+    "broker": BrokerSettings,
+    "http": HttpSettings,
+    "transfer": TransferSettings,
+    "enrollment": EnrollmentSettings,
+}
+
+
+def load_agent_config(path: Path | str, *, environ: Mapping[str, str] | None = None) -> AgentConfig:
+    """Read and validate an agent config file, with the environment's overrides.
 
     Raises:
         ConfigError: the file is missing, not TOML, or has unknown or invalid
-            settings. The message names the file and the setting.
+            settings; or an ``EDGEFLEET_AGENT_*`` variable does not convert.
+            The message names the file (or variable) and the setting.
     """
     path = Path(path)
     raw = read_toml(path, "agent config")
     base = path.resolve().parent
+    top = {k: v for k, v in field_types(AgentConfig).items() if k not in _TABLES}
+    try:
+        merge_environment(
+            raw, os.environ if environ is None else environ, ENV_PREFIX, top=top, sections=_TABLES
+        )
+    except ConfigError as exc:
+        raise ConfigError(f"{path} (environment): {exc}") from None
     try:
         broker = _table(raw, "broker", BrokerSettings, base)
         http = _http(raw, base)
         transfer = _table(raw, "transfer", TransferSettings, base)
         enrollment = _enrollment(raw, base)
-        known = set(AgentConfig.__dataclass_fields__) - {"broker", "http", "transfer", "enrollment"}
+        known = set(AgentConfig.__dataclass_fields__) - set(_TABLES)
         refuse_unknown_keys(raw, known)
+        check_field_types(AgentConfig, raw, section="")
         if "device_id" not in raw or "state_dir" not in raw:
             raise ConfigError("device_id and state_dir are required")
         for key in ("state_dir", "trust_root"):
@@ -170,6 +214,9 @@ def load_agent_config(path: Path | str) -> AgentConfig:
             broker=broker, http=http, transfer=transfer, enrollment=enrollment, **raw
         )
     except ConfigError as exc:
-        raise ConfigError(f"{path}: {exc}") from None
+        message = str(exc)
+        # "agent.toml [http] port: ..." reads as the place to look.
+        where = f"{path} {message}" if message.startswith("[") else f"{path}: {message}"
+        raise ConfigError(where) from None
     except TypeError as exc:
         raise ConfigError(f"{path}: invalid setting: {exc}") from None

@@ -15,6 +15,10 @@ Threads, and why each exists:
   while ours stayed up). Every event is journaled (fsynced) before it is
   first published, and forgotten when ``events/ack`` covers it.
 - The HTTP server's threads serve inference from the live model.
+- The *main* thread (:meth:`Agent.run`) supervises: it tells systemd the agent
+  is ready, then pings systemd's watchdog while every loop above still turns
+  (:meth:`Agent.health_problem`), so a hung agent is restarted
+  (:mod:`edgefleet.agent.systemd`).
 
 What the agent publishes (all under ``edgefleet/v1/devices/{id}/``):
 ``status`` (retained ``online``; the Last Will sets ``offline``),
@@ -48,6 +52,7 @@ from edgefleet.agent.reconcile import (
 )
 from edgefleet.agent.serving import InferenceServer, ModelHolder
 from edgefleet.agent.slots import SlotRecord, SlotStore
+from edgefleet.agent.systemd import SystemdNotifier, watchdog_interval_s
 from edgefleet.protocols.errors import (
     AgentError,
     ConfigError,
@@ -77,6 +82,14 @@ log = logging.getLogger(__name__)
 
 STATUS_ONLINE = b"online"
 STATUS_OFFLINE = b"offline"
+
+# READY=1 waits for the broker at most this long. A gateway that cannot reach
+# its controller still serves its model, so it must not sit in "activating"
+# until systemd's start timeout kills it (the unit's TimeoutStartSec is longer).
+READY_WITHOUT_BROKER_S = 60.0
+# A loop that has not turned for this long (and at least the watchdog timeout)
+# is stuck: the watchdog is no longer pinged.
+MIN_STALL_S = 5.0
 
 
 class Agent:
@@ -159,6 +172,9 @@ class Agent:
         self._threads: list[threading.Thread] = []
         self._window_started = time.monotonic()
         self.installs = 0
+        # Loop name -> when it last turned (monotonic); see health_problem().
+        self._beats: dict[str, float] = {}
+        self.notifier = SystemdNotifier()
 
     def _topic(self, channel: Channel) -> str:
         return str(DeviceTopic(self.device_id, channel))
@@ -214,10 +230,62 @@ class Agent:
         signal.signal(signal.SIGINT, _terminate)
         self.start()
         try:
-            while not self._stop.wait(1.0):
-                pass
+            self._supervise()
         finally:
+            self.notifier.notify("STOPPING=1", "STATUS=stopping")
             self.stop()
+            self.notifier.close()
+
+    def _supervise(self) -> None:
+        """The main loop: READY=1 once connected and serving, then WATCHDOG=1 while healthy."""
+        interval = watchdog_interval_s()
+        stall_s = max(MIN_STALL_S, 2 * interval) if interval is not None else MIN_STALL_S
+        tick = 1.0 if interval is None else min(1.0, interval / 2)
+        started = time.monotonic()
+        ready = False
+        next_ping = started
+        reported: str | None = None
+        while not self._stop.wait(tick):
+            now = time.monotonic()
+            if not ready and (self.link.connected or now - started >= READY_WITHOUT_BROKER_S):
+                ready = True
+                how = "connected" if self.link.connected else "broker not reachable yet"
+                self.notifier.notify("READY=1", f"STATUS=serving on {self.server.url}; {how}")
+            if interval is None or now < next_ping:
+                continue
+            problem = self.health_problem(now, stall_s)
+            if problem is None:
+                self.notifier.notify("WATCHDOG=1")
+                next_ping = now + interval
+                if reported is not None:
+                    log.warning("agent healthy again; watchdog pings resume")
+                    self.notifier.notify(f"STATUS=serving on {self.server.url}")
+                reported = None
+            elif problem != reported:
+                # No ping: systemd restarts the agent when WatchdogSec passes.
+                log.error("not pinging the watchdog: %s", problem)
+                self.notifier.notify(f"STATUS=unhealthy: {problem}")
+                reported = problem
+
+    def health_problem(self, now: float | None = None, stall_s: float = MIN_STALL_S) -> str | None:
+        """Why the agent is not healthy, or ``None``.
+
+        Unhealthy: a worker thread died, or the events loop (turns at least
+        every second) has not turned for ``stall_s``, or the telemetry loop
+        not for its interval plus ``stall_s`` - for example a deadlock on the
+        agent's lock, which both take. The reconcile thread only has to be
+        alive: an install may legitimately take minutes.
+        """
+        now = time.monotonic() if now is None else now
+        for t in self._threads:
+            if not t.is_alive():
+                return f"thread {t.name} died"
+        limits = {"events": stall_s, "telemetry": self.config.telemetry_interval_s + stall_s}
+        for loop, limit in limits.items():
+            beat = self._beats.get(loop)
+            if beat is not None and now - beat > limit:
+                return f"the {loop} loop has not run for {now - beat:.0f}s"
+        return None
 
     # ------------------------------------------------------------------ status
     @property
@@ -464,6 +532,7 @@ class Agent:
     def _events_loop(self) -> None:
         """Re-send journaled events the controller has not acknowledged (see the module doc)."""
         while not self._stop.is_set():
+            self._beats["events"] = time.monotonic()
             self._ack_ready.wait(1.0)
             self._ack_ready.clear()
             with self._lock:
@@ -478,8 +547,10 @@ class Agent:
                 self.link.publish(self._topic(Channel.EVENTS), payload, qos=1)
 
     def _telemetry_loop(self) -> None:
+        self._beats["telemetry"] = time.monotonic()
         while not self._stop.wait(self.config.telemetry_interval_s):
             point = self.telemetry()
+            self._beats["telemetry"] = time.monotonic()
             self.link.publish(self._topic(Channel.TELEMETRY), point.encode(), qos=0)
 
     def flush_telemetry(self) -> None:

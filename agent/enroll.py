@@ -17,7 +17,10 @@ private key's mode is checked: a key readable by group or others is refused,
 since anyone who can read it can be this device on the broker.
 
 Only the stdlib (urllib, ssl) and ``cryptography`` are used: the agent stays
-small and never imports the controller.
+small and never imports the controller. ``cryptography`` and urllib are
+imported only when enrolling (the first start): an enrolled agent never loads
+them for this (about 10 MB of RSS on x86-64; see BENCHMARKS.md, "Agent
+footprint").
 """
 
 from __future__ import annotations
@@ -28,20 +31,16 @@ import logging
 import os
 import ssl
 import stat
-import urllib.error
-import urllib.request
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
-
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
+from typing import TYPE_CHECKING, Any
 
 from edgefleet.protocols.errors import ConfigError
 from edgefleet.shared.durable import atomic_write
 from edgefleet.shared.link import BrokerSettings
+
+if TYPE_CHECKING:
+    import urllib.error
 
 __all__ = [
     "EnrollmentFailedError",
@@ -202,6 +201,14 @@ def enroll(device_id: str, identity: Identity, settings: EnrollmentSettings) -> 
             not be reached, or answered something unusable.
         ConfigError: the token file is missing or malformed, or is for another device.
     """
+    import urllib.error
+    import urllib.request
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
     doc = _read_token_file(settings.token_file)
     if doc["device_id"] != device_id:
         raise ConfigError(
@@ -262,6 +269,9 @@ def enroll(device_id: str, identity: Identity, settings: EnrollmentSettings) -> 
 
 
 def _store(identity: Identity, answer: Any, device_id: str) -> None:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
     try:
         cert_pem = answer["certificate"].encode()
         chain = "".join(answer["ca_chain"]).encode()

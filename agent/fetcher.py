@@ -21,6 +21,15 @@ Length: before a target download the installer calls
 :meth:`MqttFetcher.expect_length` with the length TUF signed. A frame that
 claims a larger file is refused before any byte is stored, and
 ``FetcherInterface.download_file`` enforces the same bound on what we yield.
+
+python-tuf is not imported with this module: the agent's ``Updater`` runs in
+the verifier child (:mod:`edgefleet.agent.verifier`), which this fetcher
+feeds through :meth:`MqttFetcher._fetch`, so a serving agent never loads it
+(BENCHMARKS.md, "Agent footprint"). For an ``Updater`` in this process,
+:class:`MqttFetcher` offers the ``FetcherInterface`` surface
+(``fetch``/``download_file``/``download_bytes``) through an adapter made on
+first use; a 404 from the controller is our :class:`FileNotFoundOnServerError`,
+and tuf's ``DownloadHTTPError(404)`` there.
 """
 
 from __future__ import annotations
@@ -37,13 +46,13 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
-
-from tuf.api.exceptions import DownloadHTTPError
-from tuf.ngclient import FetcherInterface
+from typing import IO, TYPE_CHECKING
 
 from edgefleet.protocols.errors import (
+    FileNotFoundOnServerError,
     FrameError,
     InsufficientSpaceError,
     OversizedTransferError,
@@ -62,6 +71,9 @@ from edgefleet.protocols.messages import FileRequest
 from edgefleet.protocols.topics import Channel, DeviceTopic
 from edgefleet.shared.durable import atomic_write
 from edgefleet.shared.link import Link
+
+if TYPE_CHECKING:
+    from tuf.ngclient import FetcherInterface
 
 __all__ = ["URL_PREFIX", "MqttFetcher", "PartialFile", "PartialStore", "TransferSettings"]
 
@@ -84,6 +96,11 @@ class TransferSettings:
     # A refusal (429/503 with a retry-after) is not a failed attempt: the
     # agent waits and asks again, up to this much waiting per file in total.
     max_refused_wait_s: float = 300.0
+    # Received blocks are synced (one fdatasync) and logged, so that they
+    # survive a crash, at the end of the first window that brings this many
+    # unsynced bytes, and at the end of the transfer. A crash loses at most
+    # about this much (fetched again on resume); smaller costs more syncs.
+    sync_every_bytes: int = 4 * 1024 * 1024
 
 
 class PartialFile:
@@ -94,13 +111,21 @@ class PartialFile:
     that can never complete must not keep the disk full for every later
     install, across restarts.
 
-    The log is append-only (4-byte block indices) and written after the block
-    data is synced to disk, so a block the log names survives a power cut; a
-    crash can at worst lose the last record or two (a torn trailing record is
-    ignored) and those blocks are fetched again. The size record (``meta``)
-    is replaced atomically. TUF's hash check still guards the whole file: a
-    damaged partial download fails it and the installer discards it - a
-    wasted download, never a wrong install.
+    The log is append-only (4-byte block indices). :meth:`put_block` writes a
+    block to the data file (kept open while the download runs); the block is
+    named in the log only by :meth:`flush`, after one ``fdatasync`` of the
+    data (:meth:`write_block` does both). The fetcher flushes at the end of a
+    window once ``TransferSettings.sync_every_bytes`` are unsynced, and at the
+    end of the transfer, so a block the log names survives a power cut, and a
+    crash loses at most the unflushed tail, which the next run fetches again.
+    A torn trailing record is ignored. The size record (``meta``) is replaced
+    atomically. TUF's hash check still guards the whole file: a damaged
+    partial download fails it and the installer discards it - a wasted
+    download, never a wrong install.
+
+    Progress is kept as running totals (:attr:`done_bytes`, the number of
+    blocks still missing and the lowest missing index), so a block costs the
+    same whether it is the first or the ten-thousandth.
     """
 
     def __init__(self, directory: Path, block_size: int) -> None:
@@ -112,7 +137,28 @@ class PartialFile:
         self.block_size = block_size
         self.total_size: int | None = None
         self.have: set[int] = set()
+        self.done_bytes = 0  # sum of the lengths of the blocks in ``have``
+        self._missing_count = 1  # unknown size: block 0 is missing
+        self._first_missing = 0  # every index below it is in ``have``
+        self._fd: int | None = None  # the data file, open while blocks arrive
+        self._unlogged: list[int] = []  # written, not yet synced and logged
+        self.unlogged_bytes = 0
         self._load()
+
+    def _recount(self) -> None:
+        """Recompute the running totals from ``have`` (load and reset only)."""
+        if self.total_size is None:
+            self.done_bytes, self._missing_count, self._first_missing = 0, 1, 0
+            return
+        count = block_count(self.total_size, self.block_size)
+        self.done_bytes = sum(block_length(i, self.total_size, self.block_size) for i in self.have)
+        self._missing_count = count - len(self.have)
+        self._first_missing = 0
+        self._advance()
+
+    def _advance(self) -> None:
+        while self._first_missing in self.have:
+            self._first_missing += 1
 
     def _load(self) -> None:
         try:
@@ -120,19 +166,32 @@ class PartialFile:
             if int(block_size_s) != self.block_size:
                 raise ValueError("block size changed")
             self.total_size = int(total_s)
-            raw = self._log_path.read_bytes()
+            if not self.data_path.exists():
+                raise ValueError("data file missing")
+            # No log yet: the size is set but no window was flushed.
+            raw = self._log_path.read_bytes() if self._log_path.exists() else b""
         except (OSError, ValueError):
             self._reset()
             return
         usable = len(raw) - len(raw) % _INDEX.size
         count = block_count(self.total_size, self.block_size)
         self.have = {i for (i,) in _INDEX.iter_unpack(raw[:usable]) if i < count}
+        self._recount()
 
     def _reset(self) -> None:
+        self._close_fd()
+        self._unlogged = []
+        self.unlogged_bytes = 0
         for p in (self.data_path, self._log_path, self._meta_path):
             p.unlink(missing_ok=True)
         self.total_size = None
         self.have = set()
+        self._recount()
+
+    def _close_fd(self) -> None:
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            os.close(fd)
 
     def set_total(self, total_size: int) -> None:
         if self.total_size == total_size:
@@ -146,23 +205,59 @@ class PartialFile:
         except OSError as exc:
             self._give_up_if_full(exc)
             raise
+        self._recount()
 
     def write_block(self, index: int, payload: bytes) -> None:
-        if index in self.have:
+        """Write one block, sync it and name it in the log (durable on return)."""
+        self.put_block(index, payload)
+        self.flush()
+
+    def put_block(self, index: int, payload: bytes) -> None:
+        """Write one block's data; :meth:`flush` makes it durable and names it in the log."""
+        if index in self.have or self.total_size is None:
             return
+        length = block_length(index, self.total_size, self.block_size)
+        if length == 0:
+            return  # beyond the end (decoding already refuses such frames)
         try:
-            fd = os.open(self.data_path, os.O_WRONLY)
-            try:
-                os.pwrite(fd, payload, index * self.block_size)
-                os.fdatasync(fd)  # before the log names the block: logged means on disk
-            finally:
-                os.close(fd)
-            with open(self._log_path, "ab") as log_file:
-                log_file.write(_INDEX.pack(index))
+            if self._fd is None:
+                self._fd = os.open(self.data_path, os.O_WRONLY)
+            os.pwrite(self._fd, payload, index * self.block_size)
         except OSError as exc:
             self._give_up_if_full(exc)
             raise
+        self._unlogged.append(index)
+        self.unlogged_bytes += length
         self.have.add(index)
+        self.done_bytes += length
+        self._missing_count -= 1
+        if index == self._first_missing:
+            self._advance()
+
+    def flush(self) -> None:
+        """Sync the data written since the last flush, then name those blocks in the log.
+
+        One ``fdatasync`` per call, not per block; the log is appended only
+        after it returns, so logged still means on disk.
+        """
+        if not self._unlogged or self._fd is None:
+            return
+        try:
+            os.fdatasync(self._fd)
+            with open(self._log_path, "ab") as log_file:
+                log_file.write(b"".join(_INDEX.pack(i) for i in self._unlogged))
+        except OSError as exc:
+            self._give_up_if_full(exc)
+            raise
+        self._unlogged = []
+        self.unlogged_bytes = 0
+
+    def close(self) -> None:
+        """Flush, then close the data file (the download may go on later, from the log)."""
+        try:
+            self.flush()
+        finally:
+            self._close_fd()
 
     def remove(self) -> None:
         """Delete this partial download from disk entirely."""
@@ -179,18 +274,30 @@ class PartialFile:
             "(another writer shares it?); the partial download was removed"
         ) from exc
 
-    def missing(self) -> list[int]:
+    def missing(self, limit: int | None = None) -> list[int]:
+        """The missing block indices in order, at most ``limit`` of them.
+
+        Scans from the lowest missing index, so asking for the next window
+        does not walk the blocks already received.
+        """
         if self.total_size is None:
             return [0]
-        return [
-            i for i in range(block_count(self.total_size, self.block_size)) if i not in self.have
-        ]
+        count = block_count(self.total_size, self.block_size)
+        want = self._missing_count if limit is None else min(limit, self._missing_count)
+        out: list[int] = []
+        i = self._first_missing
+        while len(out) < want and i < count:
+            if i not in self.have:
+                out.append(i)
+            i += 1
+        return out
 
     @property
     def complete(self) -> bool:
-        return self.total_size is not None and not self.missing()
+        return self.total_size is not None and self._missing_count == 0
 
     def chunks(self) -> Iterator[bytes]:
+        self.close()
         with open(self.data_path, "rb") as f:
             while chunk := f.read(_READ_CHUNK):
                 yield chunk
@@ -203,6 +310,7 @@ class _MemoryFile:
         self.block_size = block_size
         self.total_size: int | None = None
         self.blocks: dict[int, bytes] = {}
+        self.done_bytes = 0
 
     @property
     def have(self) -> set[int]:
@@ -212,20 +320,41 @@ class _MemoryFile:
         if self.total_size != total_size:
             self.total_size = total_size
             self.blocks.clear()
+            self.done_bytes = 0
 
     def write_block(self, index: int, payload: bytes) -> None:
+        self.put_block(index, payload)
+
+    def put_block(self, index: int, payload: bytes) -> None:
+        if self.total_size is None or not block_length(index, self.total_size, self.block_size):
+            return  # beyond the end (decoding already refuses such frames)
+        if index not in self.blocks:
+            self.done_bytes += len(payload)
+        else:
+            self.done_bytes += len(payload) - len(self.blocks[index])
         self.blocks[index] = payload
 
-    def missing(self) -> list[int]:
+    unlogged_bytes = 0  # nothing to make durable: metadata is always fetched whole
+
+    def flush(self) -> None:
+        """Nothing to make durable: metadata is always fetched whole."""
+
+    def close(self) -> None:
+        """Nothing to close."""
+
+    def missing(self, limit: int | None = None) -> list[int]:
         if self.total_size is None:
             return [0]
-        return [
+        out = [
             i for i in range(block_count(self.total_size, self.block_size)) if i not in self.blocks
         ]
+        return out if limit is None else out[:limit]
 
     @property
     def complete(self) -> bool:
-        return self.total_size is not None and not self.missing()
+        return self.total_size is not None and len(self.blocks) == block_count(
+            self.total_size, self.block_size
+        )
 
     def chunks(self) -> Iterator[bytes]:
         for i in sorted(self.blocks):
@@ -293,7 +422,23 @@ Progress = Callable[[str, int, int], None]
 """``progress(path, bytes_done, bytes_total)``."""
 
 
-class MqttFetcher(FetcherInterface):
+def _tuf_fetcher(fetcher: MqttFetcher) -> FetcherInterface:
+    """A ``tuf.ngclient.FetcherInterface`` whose ``_fetch`` is ``fetcher``'s (tuf loads here)."""
+    from tuf.api.exceptions import DownloadHTTPError
+    from tuf.ngclient import FetcherInterface
+
+    class _Adapter(FetcherInterface):
+        def _fetch(self, url: str) -> Iterator[bytes]:
+            try:
+                return fetcher._fetch(url)
+            except FileNotFoundOnServerError as exc:
+                # tuf reads a 404 as "no such version" (e.g. the next root).
+                raise DownloadHTTPError(str(exc), 404) from exc
+
+    return _Adapter()
+
+
+class MqttFetcher:
     """Fetch repository files as block transfers over a :class:`Link`.
 
     The agent subscribes :meth:`on_frame` to its ``files/blocks`` topic. One
@@ -327,6 +472,7 @@ class MqttFetcher(FetcherInterface):
         self.blocks_received = 0
         self.blocks_by_path: Counter[str] = Counter()
         self.refusals = 0
+        self._tuf: FetcherInterface | None = None
 
     @property
     def request_topic(self) -> str:
@@ -375,6 +521,23 @@ class MqttFetcher(FetcherInterface):
         self._frames.put(frame)
 
     # ------------------------------------------------------------------ FetcherInterface
+    def _interface(self) -> FetcherInterface:
+        if self._tuf is None:
+            self._tuf = _tuf_fetcher(self)
+        return self._tuf
+
+    def fetch(self, url: str) -> Iterator[bytes]:
+        """``FetcherInterface.fetch``: our errors become tuf's ``DownloadError``."""
+        return self._interface().fetch(url)
+
+    def download_file(self, url: str, max_length: int) -> AbstractContextManager[IO[bytes]]:
+        """``FetcherInterface.download_file``: at most ``max_length`` bytes into a temp file."""
+        return self._interface().download_file(url, max_length)
+
+    def download_bytes(self, url: str, max_length: int) -> bytes:
+        """``FetcherInterface.download_bytes``: at most ``max_length`` bytes in memory."""
+        return self._interface().download_bytes(url, max_length)
+
     def _fetch(self, url: str) -> Iterator[bytes]:
         if not url.startswith(URL_PREFIX):
             raise TransferError(f"cannot fetch {url!r}: not an edgefleet repository URL")
@@ -409,7 +572,7 @@ class MqttFetcher(FetcherInterface):
                 if part.total_size is None:
                     wanted = list(range(s.window_blocks))
                 else:
-                    wanted = part.missing()[: s.window_blocks]
+                    wanted = part.missing(s.window_blocks)
                 request = FileRequest(
                     device_id=self._device_id,
                     request_id=request_id,
@@ -420,7 +583,13 @@ class MqttFetcher(FetcherInterface):
                 self._link.publish(self.request_topic, request.encode(), qos=1)
                 self.requests_sent += 1
                 try:
-                    progressed = self._receive(path, part, set(wanted), limit)
+                    try:
+                        progressed = self._receive(path, part, set(wanted), limit)
+                    finally:
+                        # One fdatasync every sync_every_bytes, then the log names
+                        # the blocks; the rest at the end (part.close() below).
+                        if part.unlogged_bytes >= s.sync_every_bytes:
+                            part.flush()
                 except _RefusedError as refusal:
                     # The controller is protecting itself: back off as told,
                     # then ask again for what is still missing.
@@ -432,8 +601,12 @@ class MqttFetcher(FetcherInterface):
                             f"{refusal.reason}"
                         ) from None
                     refused_wait += wait
-                    log.info("controller refused %s (%s); asking again in %.1fs",
-                             path, refusal.reason, wait)
+                    log.info(
+                        "controller refused %s (%s); asking again in %.1fs",
+                        path,
+                        refusal.reason,
+                        wait,
+                    )
                     if self._cancel.wait(wait):
                         raise TransferError("transfer cancelled: agent is stopping") from None
                     continue
@@ -450,6 +623,7 @@ class MqttFetcher(FetcherInterface):
         finally:
             with self._lock:
                 self._active_request = None
+            part.close()
 
     def _receive(
         self, path: str, part: PartialFile | _MemoryFile, wanted: set[int], limit: int
@@ -467,7 +641,8 @@ class MqttFetcher(FetcherInterface):
                 continue
             if frame.kind is FrameKind.ERROR:
                 if frame.status == 404:
-                    raise DownloadHTTPError(f"{path}: {frame.message}", 404)
+                    # tuf's DownloadHTTPError(404) once it reaches tuf (_tuf_fetcher).
+                    raise FileNotFoundOnServerError(f"{path}: {frame.message}")
                 if frame.retry_after_s is not None:
                     # Frames still on their way stay queued for the next window.
                     raise _RefusedError(frame.retry_after_s, f"{frame.status} {frame.message}")
@@ -483,15 +658,14 @@ class MqttFetcher(FetcherInterface):
                 # us (mutable metadata): start over at the new size.
                 part.set_total(frame.total_size)
                 wanted = {i for i in wanted if block_length(i, frame.total_size, part.block_size)}
-            part.write_block(frame.index, frame.payload)
+            part.put_block(frame.index, frame.payload)  # synced and logged per window
             self.blocks_received += 1
             self.blocks_by_path[path] += 1
             progressed = True
             wanted.discard(frame.index)
             deadline = time.monotonic() + self.settings.request_timeout_s
             if self._on_progress is not None and part.total_size:
-                done = sum(block_length(i, part.total_size, part.block_size) for i in part.have)
-                self._on_progress(path, done, part.total_size)
+                self._on_progress(path, part.done_bytes, part.total_size)
         return progressed
 
     def _drain(self) -> None:

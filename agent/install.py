@@ -3,7 +3,9 @@
 Order matters, and each step can only make things safer:
 
 1. **Verify.** A fresh ``tuf.ngclient.Updater`` refreshes root -> timestamp ->
-   snapshot -> targets over MQTT and looks the desired target up. Its signed
+   snapshot -> targets over MQTT and looks the desired target up. It runs in
+   a child process that exits with the install (:mod:`edgefleet.agent.verifier`),
+   so the serving agent never carries python-tuf and cryptography. Its signed
    ``custom`` field must name the model, version and release the controller
    asked for, a hardware class this device is (or ``generic``), a runtime it
    has, and a release no older than the newest this device ever ran
@@ -38,26 +40,19 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from tuf.api import exceptions as tuf_errors
-from tuf.ngclient import Updater, UpdaterConfig
-
-from edgefleet.agent.fetcher import URL_PREFIX, MqttFetcher
+from edgefleet.agent.fetcher import MqttFetcher
 from edgefleet.agent.serving import ModelHolder
 from edgefleet.agent.slots import SlotRecord, SlotStore
 from edgefleet.agent.unpack import smoke_test, unpack_bundle
+from edgefleet.agent.verifier import Verifier, translate_tuf_error
 from edgefleet.protocols.bundle import BundleManifest, TargetCustom
 from edgefleet.protocols.errors import (
     AgentError,
     BundleFormatError,
     ConfigError,
-    ExpiredMetadataError,
     InsufficientSpaceError,
     MessageError,
-    MetadataRollbackError,
-    OversizedTransferError,
     ReleaseRollbackError,
-    TamperedBundleError,
-    TransferError,
     UnknownTargetError,
     UnsupportedRuntimeError,
     UntrustedMetadataError,
@@ -110,35 +105,6 @@ class InstallOutcome:
 
     record: SlotRecord
     downloaded: bool
-
-
-def translate_tuf_error(exc: BaseException, *, target: bool) -> AgentError:
-    """Map python-tuf's exceptions to ours, one error per attack.
-
-    ``target`` says whether the failure happened while downloading the
-    bundle itself (a hash mismatch there is a tampered bundle) or metadata
-    (a hash mismatch there is mix-and-match or tampered metadata).
-    """
-    cause: BaseException | None = exc
-    while cause is not None:  # our own errors surface through DownloadError.__cause__
-        if isinstance(cause, AgentError):
-            return cause
-        cause = cause.__cause__
-    if isinstance(exc, tuf_errors.ExpiredMetadataError):
-        return ExpiredMetadataError(f"repository metadata has expired: {exc}")
-    if isinstance(exc, tuf_errors.BadVersionNumberError):
-        return MetadataRollbackError(f"repository metadata went backwards: {exc}")
-    if isinstance(exc, tuf_errors.LengthOrHashMismatchError):
-        if target:
-            return TamperedBundleError(f"bundle does not match its signed hash/length: {exc}")
-        return UntrustedMetadataError(f"metadata does not match what was signed: {exc}")
-    if isinstance(exc, tuf_errors.DownloadLengthMismatchError):
-        return OversizedTransferError(f"more data than TUF promised: {exc}")
-    if isinstance(exc, tuf_errors.RepositoryError):
-        return UntrustedMetadataError(f"repository metadata refused: {exc}")
-    if isinstance(exc, tuf_errors.DownloadError):
-        return TransferError(f"download failed: {exc}")
-    return AgentError(f"{type(exc).__name__}: {exc}")
 
 
 Notify = Callable[[str, ModelRef], None]
@@ -195,17 +161,6 @@ class Installer:
             raise ConfigError(f"cannot read trust_root {trust_root}: {exc.strerror}") from None
         atomic_write(self.metadata_dir / "root.json", data)
 
-    def _updater(self) -> Updater:
-        return Updater(
-            metadata_dir=str(self.metadata_dir),
-            metadata_base_url=URL_PREFIX + "metadata/",
-            target_base_url=URL_PREFIX + "targets/",
-            target_dir=str(self.download_dir),
-            fetcher=self.fetcher,
-            config=UpdaterConfig(),
-            bootstrap=None,
-        )
-
     # ------------------------------------------------------------------ startup
     def restore(self) -> ModelRef | None:
         """Load the active slot's model at startup; fall back to the previous slot.
@@ -260,21 +215,24 @@ class Installer:
             VerificationError, TransferError, InstallError: the update was
                 refused; the previous model keeps serving.
         """
+        # TUF runs in a child process that exits with this install (verifier.py).
+        verifier = Verifier(self.fetcher, self.metadata_dir, self.download_dir)
         try:
-            updater = self._updater()
-            updater.refresh()
-            info = updater.get_targetinfo(want.target)
-        except (tuf_errors.RepositoryError, tuf_errors.DownloadError, OSError) as exc:
-            raise translate_tuf_error(exc, target=False) from exc
-        if info is None:
-            raise UnknownTargetError(f"{want.target} is not in the signed targets metadata")
-        custom = self._check_custom(want, info.custom)
-        self._notify("verified", want)
-        sha256 = info.hashes.get("sha256")
-        if not sha256:
-            raise UntrustedMetadataError(f"{want.target} has no sha256 in targets metadata")
-
-        existing = self.slots.find(sha256, on_corrupt=self._report_corrupt)
+            info = verifier.target_info(want.target)
+            if info is None:
+                raise UnknownTargetError(f"{want.target} is not in the signed targets metadata")
+            custom = self._check_custom(want, info.custom)
+            self._notify("verified", want)
+            sha256 = info.hashes.get("sha256")
+            if not sha256:
+                raise UntrustedMetadataError(f"{want.target} has no sha256 in targets metadata")
+            existing = self.slots.find(sha256, on_corrupt=self._report_corrupt)
+            if existing is None:
+                bundle_path = self._download(
+                    verifier, want, info.prefixed_path, info.length, sha256
+                )
+        finally:
+            verifier.close()
         if existing is not None:
             # Same signed bytes are already unpacked in a kept slot: a rollback
             # (or a repeat) costs no download.
@@ -284,31 +242,6 @@ class Installer:
             smoke_test(model, existing.path, manifest)
             self._activate(record, model)
             return InstallOutcome(record, downloaded=False)
-
-        # ngclient puts the hash in front of the file name, not the whole path.
-        repo_path = "targets/" + info.get_prefixed_paths()[0]
-        bundle_path = self.download_dir / f"{sha256}.bundle"
-        self._ensure_space(want, repo_path, info.length, bundle_path)
-        self.fetcher.expect_length(repo_path, info.length)
-        self.download_dir.mkdir(parents=True, exist_ok=True)
-        self._notify("downloading", want)
-        try:
-            updater.download_target(info, filepath=str(bundle_path))
-        except (tuf_errors.RepositoryError, tuf_errors.DownloadError, OSError) as exc:
-            if _is_enospc(exc):
-                self.fetcher.discard(repo_path)
-                bundle_path.unlink(missing_ok=True)
-                raise self._disk_full(want, exc) from exc
-            error = translate_tuf_error(exc, target=True)
-            if isinstance(
-                error, VerificationError | OversizedTransferError | InsufficientSpaceError
-            ):
-                # Bytes we hold are provably wrong (or were dropped on a full
-                # disk); never resume from them.
-                self.fetcher.discard(repo_path)
-                bundle_path.unlink(missing_ok=True)
-            raise error from exc
-        self.fetcher.discard(repo_path)
 
         name = self.slots.slot_name(want, sha256)
         staging = self.slots.staging(name)
@@ -331,6 +264,35 @@ class Installer:
         record = SlotRecord(name, want, sha256, slot_path)
         self._activate(record, model)
         return InstallOutcome(record, downloaded=True)
+
+    def _download(
+        self, verifier: Verifier, want: ModelRef, prefixed_path: str, length: int, sha256: str
+    ) -> Path:
+        """Download the bundle through the verifier (TUF checks length and hashes)."""
+        # ngclient puts the hash in front of the file name, not the whole path.
+        repo_path = "targets/" + prefixed_path
+        bundle_path = self.download_dir / f"{sha256}.bundle"
+        self._ensure_space(want, repo_path, length, bundle_path)
+        self.fetcher.expect_length(repo_path, length)
+        self.download_dir.mkdir(parents=True, exist_ok=True)
+        self._notify("downloading", want)
+        try:
+            verifier.download(bundle_path)
+        except OSError as exc:
+            if not _is_enospc(exc):
+                raise
+            self.fetcher.discard(repo_path)
+            bundle_path.unlink(missing_ok=True)
+            raise self._disk_full(want, exc) from exc
+        except (VerificationError, InsufficientSpaceError):
+            # Bytes we hold are provably wrong (or were dropped on a full
+            # disk); never resume from them. (OversizedTransferError is a
+            # VerificationError.)
+            self.fetcher.discard(repo_path)
+            bundle_path.unlink(missing_ok=True)
+            raise
+        self.fetcher.discard(repo_path)
+        return bundle_path
 
     # ------------------------------------------------------------------ disk space
     def _free_bytes(self) -> int:

@@ -27,6 +27,15 @@ Bounded: at most ``max_entries`` unacknowledged events, and at most
 and counted in :attr:`EventJournal.dropped` (a device
 cut off for days keeps its newest events, not its oldest).
 
+Dropping leaves a gap the controller's "highest contiguous ``seq``" can never
+pass, so the agent would replay its whole journal for ever. A journal that
+drops events therefore *rotates*: it takes a new random id and renumbers the
+events it kept from 1 (rewriting ``journal``/``seq`` inside their payloads).
+The controller sees a new journal and acknowledges it as usual. Rotation
+writes the meta file first and the journal second; a crash between the two is
+repaired at the next start, which renumbers any line whose payload names
+another journal than the meta file does.
+
 File layout in the agent's state directory::
 
     events.journal   one line per unacknowledged event: {"seq": n, "payload": "<JSON>"}
@@ -99,6 +108,10 @@ class EventJournal:
         self._entries: list[JournalEntry] = self._load_entries()
         self._next = max([self._acked, *(e.seq for e in self._entries)]) + 1
         if self._trim():
+            self._rotate()
+        elif any(_journal_of(e.payload) != self.journal_id for e in self._entries):
+            # A crash between a rotation's meta write and its journal rewrite.
+            self._renumber(self.journal_id, self._acked)
             self._rewrite()
 
     # ------------------------------------------------------------------ loading
@@ -168,13 +181,18 @@ class EventJournal:
             seq = self._next
             self._next += 1
             payload = encode(self.journal_id, seq)
-            self._entries.append(JournalEntry(seq, payload, sent_at=time.monotonic()))
+            entry = JournalEntry(seq, payload, sent_at=time.monotonic())
+            self._entries.append(entry)
             if self._trim():
-                log.warning("event journal full: dropped the oldest unacknowledged events")
-                self._rewrite()
+                log.warning(
+                    "event journal full: dropped the oldest unacknowledged events "
+                    "(%d so far); continuing as a new journal",
+                    self.dropped,
+                )
+                self._rotate()
             else:
                 self._append_line(_line(seq, payload))
-            return payload
+            return entry.payload
 
     def _append_line(self, line: bytes) -> None:
         try:
@@ -199,6 +217,28 @@ class EventJournal:
             dropped += 1
         self.dropped += dropped
         return dropped > 0
+
+    def _rotate(self) -> None:
+        """Continue under a new journal id, the kept entries renumbered from 1 (module doc)."""
+        journal = secrets.token_hex(8)
+        try:
+            self._write_meta(journal, 0)
+        except OSError as exc:
+            # Keep the old journal: its gap stalls acks, but nothing is lost.
+            self.write_errors += 1
+            log.warning("cannot write %s: %s", self._meta_path, exc)
+            self._rewrite()
+            return
+        self.journal_id, self._acked = journal, 0
+        self._renumber(journal, 0)
+        self._rewrite()
+
+    def _renumber(self, journal: str, after: int) -> None:
+        """Number the entries ``after + 1, after + 2, ...`` of ``journal``, payloads included."""
+        for offset, entry in enumerate(self._entries, start=1):
+            entry.seq = after + offset
+            entry.payload = _renumbered(entry.payload, journal, entry.seq)
+        self._next = after + len(self._entries) + 1
 
     def _rewrite(self) -> None:
         lines = b"".join(_line(e.seq, e.payload) for e in self._entries)
@@ -275,3 +315,24 @@ def _line(seq: int, payload: bytes) -> bytes:
     """One journal line: the number and the exact payload that was (or will be) published."""
     text = json.dumps({"seq": seq, "payload": payload.decode()}, separators=(",", ":"))
     return text.encode() + b"\n"
+
+
+def _journal_of(payload: bytes) -> str | None:
+    """The ``journal`` an event payload names, or None when it is unreadable."""
+    try:
+        value = json.loads(payload).get("journal")
+    except (ValueError, AttributeError):
+        return None
+    return value if isinstance(value, str) else None
+
+
+def _renumbered(payload: bytes, journal: str, seq: int) -> bytes:
+    """``payload`` (an event's JSON object) with its ``journal`` and ``seq`` replaced."""
+    try:
+        message = json.loads(payload)
+    except ValueError:
+        return payload  # not ours to fix: the controller rejects it and counts it
+    if not isinstance(message, dict):
+        return payload
+    message["journal"], message["seq"] = journal, seq
+    return json.dumps(message, separators=(",", ":")).encode()

@@ -93,6 +93,7 @@ queued instead. ``bench/serving_backlog.py`` reproduces both (BENCHMARKS.md).
 from __future__ import annotations
 
 import contextlib
+import errno
 import hmac
 import ipaddress
 import json
@@ -111,7 +112,7 @@ from edgefleet.protocols.errors import ConfigError
 from edgefleet.protocols.messages import ModelRef
 from edgefleet.shared.runtime import InferenceInputError, LoadedModel, coerce_inputs
 
-__all__ = ["DEFAULT_MAX_BODY_BYTES", "InferenceServer", "ModelHolder"]
+__all__ = ["DEFAULT_MAX_BODY_BYTES", "HttpAddressError", "InferenceServer", "ModelHolder"]
 
 log = logging.getLogger(__name__)
 
@@ -435,6 +436,24 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(200, {"status": "no_model" if live is None else "ok"})
 
 
+class HttpAddressError(ConfigError, OSError):
+    """The inference endpoint cannot listen on its address: taken, or not ours to bind."""
+
+    code = "http_address"
+
+    def __init__(self, host: str, port: int, cause: OSError) -> None:
+        where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        if cause.errno == errno.EADDRINUSE:
+            why = (
+                f"port {port} is already in use (another agent?); give each agent its own "
+                "[http] port (or EDGEFLEET_AGENT_HTTP_PORT)"
+            )
+        else:
+            why = cause.strerror or str(cause)
+        super().__init__(f"cannot serve inference on {where}: {why}")
+        self.errno = cause.errno
+
+
 class InferenceServer:
     """Serves the model in a :class:`ModelHolder` over HTTP on a background thread."""
 
@@ -493,14 +512,18 @@ class InferenceServer:
 
         Raises:
             RuntimeError: already started.
-            OSError: the address cannot be bound.
+            HttpAddressError: the address cannot be bound (an ``OSError`` and
+                a ``ConfigError``); the message names the address and port.
         """
         if self._httpd is not None:
             raise RuntimeError("server already started")
         cls = _Server6 if ":" in self.host else _Server
-        httpd = cls(
-            (self.host, self._port), self.holder, self.metrics, self.max_body_bytes, self._token
-        )
+        try:
+            httpd = cls(
+                (self.host, self._port), self.holder, self.metrics, self.max_body_bytes, self._token
+            )
+        except OSError as exc:
+            raise HttpAddressError(self.host, self._port, exc) from exc
         self._httpd = httpd
         self._thread = threading.Thread(
             target=httpd.serve_forever,

@@ -1,9 +1,10 @@
 """Shared pieces of the MQTT benchmarks: our own Mosquitto, PostgreSQL schemas, reporting.
 
-Not a benchmark itself; ``bench/ingest.py`` and ``bench/rollout_fleet.py``
-import it (``bench/`` is on ``sys.path`` when a script there runs). The
-Mosquitto and PostgreSQL helpers are the tests' own (``tests/support``), so a
-benchmark runs the broker exactly as the tests do.
+Not a benchmark itself; the scripts beside it import it (``bench/`` is on
+``sys.path`` when a script there runs). The Mosquitto and PostgreSQL helpers
+are the tests' own (``tests/support``), so a benchmark runs the broker exactly
+as the tests do. :func:`run_controller` is the controller process the MQTT
+benchmarks share: its CPU and RSS are then its own.
 """
 
 from __future__ import annotations
@@ -15,7 +16,16 @@ import re
 import resource
 import subprocess
 import sys
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from edgefleet.controller.config import ServiceSettings
+    from edgefleet.controller.service import ControllerService
+    from edgefleet.shared.link import BrokerSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # benchmarks run from a checkout: reach tests.support
@@ -58,6 +68,106 @@ def raise_nofile(want: int = 65536) -> int:
         with contextlib.suppress(ValueError, OSError):
             resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def run_controller(
+    db_url: str,
+    repo: str,
+    broker: BrokerSettings,
+    commands: Any,
+    replies: Any,
+    handle: Callable[[ControllerService, tuple[Any, ...]], tuple[Any, ...] | None],
+    settings: ServiceSettings | None = None,
+) -> None:
+    """Run a ``ControllerService`` in this (benchmark child) process until ``("stop",)``.
+
+    Replies ``("started",)`` once connected; then each command but ``stop``
+    goes to ``handle``, whose answer (unless None) is put on ``replies``. On
+    the way out it replies ``("stopped", cpu_s, maxrss_bytes, rejected)``:
+    this process's user+system CPU, its peak RSS and the controller's
+    rejection counters.
+
+    Args:
+        db_url: the registry (already migrated by the parent).
+        repo: the TUF repository directory (the parent no longer writes it).
+        broker: where and how to connect.
+        commands, replies: multiprocessing queues.
+        handle: answers one command, in this process.
+        settings: default ``ServiceSettings`` with a client id of this pid.
+    """
+    import logging
+
+    from edgefleet.controller.config import ServiceSettings
+    from edgefleet.controller.registry import Registry
+    from edgefleet.controller.service import ControllerService
+    from edgefleet.controller.trust import TrustRepository
+
+    raise_nofile()
+    logging.basicConfig(level=logging.ERROR)
+    registry = Registry(db_url, migrate=False)
+    service = ControllerService(
+        registry,
+        TrustRepository.open(Path(repo)),
+        broker,
+        settings or ServiceSettings(client_id=f"bench-controller-{os.getpid()}"),
+    )
+    service.start()
+    replies.put(("started",))
+    try:
+        while (cmd := commands.get())[0] != "stop":
+            answer = handle(service, cmd)
+            if answer is not None:
+                replies.put(answer)
+    finally:
+        service.stop()
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        rejected = dict(service.rejected())
+        registry.close()
+        replies.put(("stopped", usage.ru_utime + usage.ru_stime, usage.ru_maxrss * 1024, rejected))
+
+
+class RssWatch:
+    """A process's peak RSS, sampled every ``period_s`` in a thread (psutil).
+
+    ``timeline`` keeps one ``(seconds since start, rss)`` sample every
+    ``timeline_s``: whether memory levels off or keeps growing.
+    """
+
+    def __init__(self, pid: int, period_s: float = 0.2, timeline_s: float = 5.0) -> None:
+        import psutil
+
+        self.proc = psutil.Process(pid)
+        self._errors: tuple[type[BaseException], ...] = (psutil.Error,)
+        self.period_s = period_s
+        self.timeline_s = timeline_s
+        self.peak = 0
+        self.timeline: list[tuple[float, int]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def rss(self) -> int:
+        return int(self.proc.memory_info().rss)
+
+    def _run(self) -> None:
+        t0 = time.monotonic()
+        next_mark = t0
+        while not self._stop.is_set():
+            with contextlib.suppress(*self._errors):
+                rss = self.rss()
+                self.peak = max(self.peak, rss)
+                if time.monotonic() >= next_mark:
+                    self.timeline.append((time.monotonic() - t0, rss))
+                    next_mark += self.timeline_s
+            self._stop.wait(self.period_s)
+
+    def __enter__(self) -> RssWatch:
+        self.peak = self.rss()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 def mosquitto(workdir: Path) -> MosquittoProcess:

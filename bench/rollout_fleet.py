@@ -27,7 +27,6 @@ import argparse
 import contextlib
 import multiprocessing as mp
 import os
-import resource
 import shlex
 import sys
 import tempfile
@@ -45,6 +44,7 @@ from _common import (
     mosquitto_release,
     postgres_schema,
     raise_nofile,
+    run_controller,
     table,
     write_section,
 )
@@ -65,45 +65,15 @@ def _controller(
     db_url: str, port: int, repo: str, ids: list[str], commands: Any, done: Any
 ) -> None:
     """The controller in its own process. Commands: ("deploy", version), ("stop",)."""
-    import logging
-
-    from edgefleet.controller.config import ServiceSettings
-    from edgefleet.controller.registry import Registry
-    from edgefleet.controller.service import ControllerService
-    from edgefleet.controller.trust import TrustRepository
     from edgefleet.shared.link import BrokerSettings
 
-    raise_nofile()
-    logging.basicConfig(level=logging.ERROR)
-    registry = Registry(db_url, migrate=False)
-    service = ControllerService(
-        registry,
-        TrustRepository.open(Path(repo)),
-        BrokerSettings(host="127.0.0.1", port=port),
-        ServiceSettings(client_id=f"bench-controller-{os.getpid()}"),
+    def handle(service: Any, cmd: tuple[Any, ...]) -> tuple[Any, ...]:
+        service.deploy(MODEL, cmd[1], ids)
+        return ("deployed",)
+
+    run_controller(
+        db_url, repo, BrokerSettings(host="127.0.0.1", port=port), commands, done, handle
     )
-    service.start()
-    done.put(("started",))
-    try:
-        while True:
-            cmd = commands.get()
-            if cmd[0] == "deploy":
-                service.deploy(MODEL, cmd[1], ids)
-                done.put(("deployed",))
-            else:
-                break
-    finally:
-        service.stop()
-        usage = resource.getrusage(resource.RUSAGE_SELF)
-        registry.close()
-        done.put(
-            (
-                "stopped",
-                usage.ru_utime + usage.ru_stime,
-                usage.ru_maxrss * 1024,
-                dict(service.rejected()),
-            )
-        )
 
 
 def _agents(

@@ -35,13 +35,21 @@ import shlex
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import psutil
-from _common import ROOT, machine_line, mosquitto, mosquitto_release, table, write_section
+from _common import (
+    ROOT,
+    RssWatch,
+    machine_line,
+    mosquitto,
+    mosquitto_release,
+    run_controller,
+    table,
+    write_section,
+)
 
 SECTION = "## Transfer flood"
 MODEL = "flood-bench"
@@ -60,45 +68,19 @@ def _model(size_bytes: int, seed: int) -> bytes:
 
 # --------------------------------------------------------------------------- processes
 def _controller(db_url: str, port: int, repo: str, commands: Any, replies: Any) -> None:
-    """The controller in its own process. Commands: ("deploy", version, device), ("stop",)."""
-    import logging
-
-    from edgefleet.controller.config import ServiceSettings
-    from edgefleet.controller.registry import Registry
-    from edgefleet.controller.service import ControllerService
-    from edgefleet.controller.trust import TrustRepository
+    """The controller in its own process. Commands: ("deploy", version, device), ("stats",)."""
     from edgefleet.shared.link import BrokerSettings
 
-    logging.basicConfig(level=logging.ERROR)
-    registry = Registry(db_url, migrate=False)
-    service = ControllerService(
-        registry,
-        TrustRepository.open(Path(repo)),
-        BrokerSettings(host="127.0.0.1", port=port),
-        ServiceSettings(client_id=f"bench-controller-{os.getpid()}"),
+    def handle(service: Any, cmd: tuple[Any, ...]) -> tuple[Any, ...]:
+        if cmd[0] == "deploy":
+            service.deploy(MODEL, cmd[1], [cmd[2]])
+            return ("deployed",)
+        transfers = service.transfers
+        return ("stats", dict(service.rejected()), getattr(transfers, "peak_inflight_bytes", -1))
+
+    run_controller(
+        db_url, repo, BrokerSettings(host="127.0.0.1", port=port), commands, replies, handle
     )
-    service.start()
-    replies.put(("started",))
-    try:
-        while True:
-            cmd = commands.get()
-            if cmd[0] == "deploy":
-                service.deploy(MODEL, cmd[1], [cmd[2]])
-                replies.put(("deployed",))
-            elif cmd[0] == "stats":
-                transfers = service.transfers
-                replies.put(
-                    (
-                        "stats",
-                        dict(service.rejected()),
-                        getattr(transfers, "peak_inflight_bytes", -1),
-                    )
-                )
-            else:
-                break
-    finally:
-        service.stop()
-        registry.close()
 
 
 def _flood(
@@ -140,35 +122,6 @@ def _flood(
     client.loop_stop()
     client.disconnect()
     out.put({"sent": sent, **counts})
-
-
-class RssWatch:
-    """Samples a process's RSS every ``period_s`` in a thread."""
-
-    def __init__(self, pid: int, period_s: float = 0.2) -> None:
-        self.proc = psutil.Process(pid)
-        self.period_s = period_s
-        self.peak = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def rss(self) -> int:
-        return int(self.proc.memory_info().rss)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            with contextlib.suppress(psutil.Error):
-                self.peak = max(self.peak, self.rss())
-            self._stop.wait(self.period_s)
-
-    def __enter__(self) -> RssWatch:
-        self.peak = self.rss()
-        self._thread.start()
-        return self
-
-    def __exit__(self, *_exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
 
 
 # --------------------------------------------------------------------------- run

@@ -14,6 +14,7 @@ offline persistent session - which our protocol never relies on.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import socket
 import threading
@@ -21,7 +22,7 @@ from typing import Any
 
 from edgefleet.protocols.errors import BrokerError
 
-__all__ = ["EmbeddedBroker", "free_port"]
+__all__ = ["EmbeddedBroker", "check_port_free", "free_port"]
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +33,40 @@ def free_port(host: str = "127.0.0.1") -> int:
         s.bind((host, 0))
         port: int = s.getsockname()[1]
         return port
+
+
+def _bind_error(host: str, port: int, exc: OSError) -> BrokerError:
+    if exc.errno == errno.EADDRINUSE:
+        return BrokerError(
+            f"cannot start the embedded MQTT broker on {host}:{port}: port {port} is already "
+            "in use (another broker?); choose another with --broker-port"
+        )
+    return BrokerError(
+        f"cannot start the embedded MQTT broker on {host}:{port}: {exc.strerror or exc}"
+    )
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Refuse, with a sentence naming the address, a port something already listens on.
+
+    amqtt reports a taken port as a traceback from deep in asyncio; binding
+    first (with ``SO_REUSEADDR``, as asyncio does, so a port in ``TIME_WAIT``
+    passes) turns that into one line.
+
+    Raises:
+        BrokerError: the address cannot be bound.
+    """
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise BrokerError(f"cannot resolve broker host {host!r}: {exc.strerror}") from None
+    family, kind, proto, _name, address = infos[0]
+    with socket.socket(family, kind, proto) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(address)
+        except OSError as exc:
+            raise _bind_error(host, port, exc) from None
 
 
 class EmbeddedBroker:
@@ -60,7 +95,8 @@ class EmbeddedBroker:
         """Start listening.
 
         Raises:
-            BrokerError: amqtt is not installed, or the broker failed to start.
+            BrokerError: amqtt is not installed, the port is taken (the
+                message names it), or the broker failed to start.
         """
         try:
             import amqtt.broker  # noqa: F401
@@ -68,12 +104,16 @@ class EmbeddedBroker:
             raise BrokerError(
                 "the embedded broker needs amqtt: pip install 'edgefleet[embedded-broker]'"
             ) from exc
+        check_port_free(self.host, self.port)
         self._thread = threading.Thread(target=self._run, name="embedded-broker", daemon=True)
         self._thread.start()
         if not self._ready.wait(timeout_s):
             raise BrokerError(f"embedded broker did not start within {timeout_s:g}s")
-        if self._error is not None:
-            raise BrokerError(f"embedded broker failed to start: {self._error}") from self._error
+        error = self._error
+        if isinstance(error, OSError):  # lost a race for the port after check_port_free
+            raise _bind_error(self.host, self.port, error) from None
+        if error is not None:
+            raise BrokerError(f"embedded broker failed to start: {error}") from error
         log.info("embedded MQTT broker listening on %s:%d", self.host, self.port)
 
     def _run(self) -> None:

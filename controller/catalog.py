@@ -180,11 +180,19 @@ def register_compiled(
     calibration: DataSource | None = None,
     validation: DataSource | None = None,
     tolerance: float = 0.01,
+    metrics: Mapping[str, str] | None = None,
+    state: Mapping[str, str] | None = None,
+    max_accuracy_drop: float | None = None,
     sample_inputs: Mapping[str, np.ndarray] | None = None,
     description: str = "",
     latency_iterations: int = 50,
 ) -> CompiledModel:
     """Compile ``source`` for each profile and register the chosen variants.
+
+    ``metrics``, ``state`` and ``max_accuracy_drop`` judge accuracy as
+    :func:`~edgefleet.controller.compiler.compile_model` does, for every
+    profile; a profile's objective is its own (pass a replaced profile to
+    override it).
 
     Raises:
         CompileError: the source or the data is unusable, or a profile has no
@@ -200,6 +208,9 @@ def register_compiled(
             calibration=calibration,
             validation=validation,
             tolerance=tolerance,
+            metrics=metrics,
+            state=state,
+            max_accuracy_drop=max_accuracy_drop,
             latency_iterations=latency_iterations,
         )
         for p in profiles

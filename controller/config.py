@@ -1,7 +1,10 @@
 """Controller configuration: a TOML file, environment variables, CLI flags.
 
 Precedence (highest first): CLI flags, environment (``EDGEFLEET_HOME``,
-``EDGEFLEET_DATABASE_URL``), the config file, defaults. Example
+``EDGEFLEET_DATABASE_URL``, ``EDGEFLEET_PROFILES`` and
+``EDGEFLEET_<TABLE>_<KEY>`` for every key of ``[broker]``, ``[service]`` and
+``[cli]``, e.g. ``EDGEFLEET_BROKER_PORT=18830``; see
+:func:`edgefleet.shared.settings.merge_environment`), the config file, defaults. Example
 (``deploy/controller.example.toml``)::
 
     home = "/var/lib/edgefleet"                 # TUF repository, keys, SQLite file
@@ -19,6 +22,11 @@ Precedence (highest first): CLI flags, environment (``EDGEFLEET_HOME``,
     [cli]                                       # the CLI's own broker identity
     cert_file = "/etc/edgefleet/cli.pem"
     key_file = "/etc/edgefleet/cli.key"
+
+    [api]                                       # the management API of `serve`
+    address = "127.0.0.1:8480"
+    cert_file = "/etc/edgefleet/api.pem"        # optional: HTTPS
+    key_file = "/etc/edgefleet/api.key"
 """
 
 from __future__ import annotations
@@ -30,10 +38,17 @@ from typing import Any
 
 from edgefleet.protocols.errors import ConfigError
 from edgefleet.shared.link import BrokerSettings
-from edgefleet.shared.settings import read_toml, refuse_unknown_keys, settings_from_table
+from edgefleet.shared.settings import (
+    merge_environment,
+    read_toml,
+    refuse_unknown_keys,
+    settings_from_table,
+)
 
 __all__ = [
+    "DEFAULT_API_ADDRESS",
     "DEFAULT_HOME",
+    "ApiSettings",
     "CliSettings",
     "ControllerConfig",
     "ServiceSettings",
@@ -98,6 +113,10 @@ class ServiceSettings:
     # (`rejected.event_cap`, per device `device_rejected.<id>.event_cap`).
     event_retention_s: float = 30 * 24 * 3600.0
     max_events_per_device: int = 1000
+    # Rows per device in each per-device counter family (`device_rejected.`,
+    # `transfer_refused.`, `agent_rejected.`); beyond it a new reason is
+    # added to the device's `other` row (`rejected.counter_cap`).
+    max_counter_rows_per_device: int = 32
 
     def __post_init__(self) -> None:
         # Only the storage bounds are checked here: a bad one would fail every
@@ -109,6 +128,11 @@ class ServiceSettings:
             raise ConfigError("[service] event_retention_s must be >= 0")
         if self.max_events_per_device < 1:
             raise ConfigError("[service] max_events_per_device must be at least 1")
+        cap = self.max_counter_rows_per_device
+        if isinstance(cap, bool) or not isinstance(cap, int) or not 2 <= cap <= 10_000:
+            raise ConfigError(
+                f"[service] max_counter_rows_per_device must be an integer 2..10000, got {cap!r}"
+            )
 
 
 @dataclass(frozen=True)
@@ -129,6 +153,65 @@ class CliSettings:
             raise ConfigError("[cli] cert_file and key_file must be given together")
 
 
+DEFAULT_API_ADDRESS = "127.0.0.1:8480"
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    """``host:port`` (``[v6]:port`` for IPv6) as a pair.
+
+    Raises:
+        ConfigError: no port, or a port outside 0-65535.
+    """
+    host, sep, port_text = address.strip().rpartition(":")
+    if not sep or not host:
+        raise ConfigError(f"API address must be host:port, got {address!r}")
+    try:
+        port = int(port_text)
+    except ValueError:
+        raise ConfigError(f"API address {address!r} has a non-numeric port") from None
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"API address {address!r}: port must be 0-65535")
+    return host.strip("[]"), port
+
+
+@dataclass(frozen=True)
+class ApiSettings:
+    """The ``[api]`` table.
+
+    ``address`` is ``host:port`` (port 0: any free port, for tests). With
+    ``cert_file`` and ``key_file`` the API speaks HTTPS only.
+    """
+
+    enabled: bool = True
+    address: str = DEFAULT_API_ADDRESS
+    cert_file: str | None = None
+    key_file: str | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.enabled, bool):
+            raise ConfigError("[api] enabled must be true or false")
+        if not isinstance(self.address, str):
+            raise ConfigError("[api] address must be a string host:port")
+        for name in ("cert_file", "key_file"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise ConfigError(f"[api] {name} must be a path string")
+        parse_address(self.address)
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ConfigError("[api] cert_file and key_file must be given together")
+
+    @property
+    def host(self) -> str:
+        return parse_address(self.address)[0]
+
+    @property
+    def port(self) -> int:
+        return parse_address(self.address)[1]
+
+    @property
+    def tls(self) -> bool:
+        return self.cert_file is not None
+
+
 @dataclass(frozen=True)
 class ControllerConfig:
     """Where the controller keeps its state and how it reaches the broker."""
@@ -139,6 +222,8 @@ class ControllerConfig:
     broker: BrokerSettings = field(default_factory=BrokerSettings)
     service: ServiceSettings = field(default_factory=ServiceSettings)
     cli: CliSettings = field(default_factory=CliSettings)
+    # The management API (controller/api): `[api]` address, tls, enabled.
+    api: ApiSettings = field(default_factory=ApiSettings)
 
     @property
     def cli_broker(self) -> BrokerSettings | None:
@@ -201,16 +286,21 @@ def load_controller_config(
     """
     env = os.environ if environ is None else environ
     config = ControllerConfig()
-    if path is not None:
-        raw = read_toml(Path(path), "controller config")
+    # EDGEFLEET_<TABLE>_<KEY> (and EDGEFLEET_PROFILES) override the file
+    # (shared/settings.py); EDGEFLEET_HOME/DATABASE_URL keep their handling below.
+    raw = read_toml(Path(path), "controller config") if path is not None else {}
+    sections = {"broker": BrokerSettings, "service": ServiceSettings, "cli": CliSettings}
+    merge_environment(raw, env, "EDGEFLEET", top={"profiles": str}, sections=sections)
+    if raw:
         try:
             broker = _section(raw, "broker", BrokerSettings)
             service = _section(raw, "service", ServiceSettings)
             cli = _section(raw, "cli", CliSettings)
+            api = _section(raw, "api", ApiSettings)
             refuse_unknown_keys(raw, {"home", "database_url", "profiles"})
         except ConfigError as exc:
-            raise ConfigError(f"{path}: {exc}") from None
-        base = Path(path).resolve().parent
+            raise ConfigError(f"{path or 'environment'}: {exc}") from None
+        base = Path(path).resolve().parent if path is not None else Path.cwd()
         config = ControllerConfig(
             home=base / raw["home"] if "home" in raw else DEFAULT_HOME,
             database_url=raw.get("database_url"),
@@ -218,6 +308,7 @@ def load_controller_config(
             broker=broker,
             service=service,
             cli=cli,
+            api=api,
         )
     env_home = env.get("EDGEFLEET_HOME")
     env_url = env.get("EDGEFLEET_DATABASE_URL")

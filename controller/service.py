@@ -53,6 +53,7 @@ from datetime import datetime, timedelta, timezone
 from edgefleet.controller.compiler.errors import ProfileError
 from edgefleet.controller.compiler.profiles import BUILTIN_PROFILES, Profile, match_profile
 from edgefleet.controller.config import ServiceSettings
+from edgefleet.controller.presence import DUPLICATE_EVENT_KIND, Duplicate, PresenceTracker
 from edgefleet.controller.registry import DeploymentInfo, Registry
 from edgefleet.controller.registry.counters import device_rejected_name
 from edgefleet.controller.registry.telemetry import rollup_telemetry
@@ -154,6 +155,7 @@ class ControllerService:
         self.profiles = dict(profiles) if profiles is not None else dict(BUILTIN_PROFILES)
         self.repository = repository
         self.settings = settings
+        registry.limit_device_counters(settings.max_counter_rows_per_device)
         # ``links`` (unit tests: ``MemoryBroker.link``) replaces MQTT to ``broker``.
         self.link = (links or mqtt_links(broker))(settings.client_id, on_connect=self._on_connect)
         self._transfer_wake = threading.Event()
@@ -184,6 +186,10 @@ class ControllerService:
         self._profiles_seen: dict[str, str | None] = {}
         self._unknown: dict[str, float] = {}
         self._agent_rejected: dict[str, int] = {}
+        # Per device: its journal and the highest seq acknowledged (see _store_events).
+        self._event_marks: dict[str, tuple[str, int]] = {}
+        # Liveness and duplicate device ids (controller/presence.py); ingest thread only.
+        self.presence = PresenceTracker()
         self.ingested = 0
         self.rollouts = RolloutRunner(registry, repository, actor=settings.client_id)
 
@@ -379,6 +385,11 @@ class ControllerService:
                     self._store(batch)
                 except Exception:  # keep ingesting; the database may be back next time
                     log.exception("storing %d messages failed", len(batch))
+            try:
+                for device_id in self.presence.due_offline(time.monotonic()):
+                    self.registry.set_online(device_id, False)
+            except Exception:  # the database may be back next time
+                log.exception("storing held-back offline statuses failed")
 
     def _store(self, batch: list[tuple[DeviceTopic, bytes, bool]]) -> None:
         events: list[Event] = []
@@ -390,7 +401,12 @@ class ControllerService:
                 if online is None:
                     self.reject("malformed_status", f"{topic.device_id}: {payload[:32]!r}")
                 elif self._is_known(topic.device_id):
-                    self.registry.set_online(topic.device_id, online)
+                    store, duplicate = self.presence.status(
+                        topic.device_id, online, time.monotonic()
+                    )
+                    if store:
+                        self.registry.set_online(topic.device_id, online)
+                    self._duplicate(duplicate)
                 else:
                     self.reject("unknown_device", f"{topic.device_id} is not enrolled")
             elif channel is Channel.REPORTED:
@@ -412,28 +428,125 @@ class ControllerService:
                         self.reject("retained_event", f"{topic.device_id}: unnumbered")
                     else:
                         events.append(message)
+                        if not retained:
+                            self._alive(message.device_id)
+                            if message.journal is not None:
+                                self._duplicate(
+                                    self.presence.journal(
+                                        message.device_id, message.journal, time.monotonic()
+                                    )
+                                )
             elif channel is Channel.TELEMETRY:
                 message = self._decode(topic, payload, Telemetry)
                 if isinstance(message, Telemetry) and self._clock_ok(message.device_id, message.at):
                     points.append(message)
+                    if not retained and self._fresh(message):
+                        self._alive(message.device_id)
+                        self._duplicate(
+                            self.presence.telemetry_window(
+                                message.device_id, message.at, message.window_s, time.monotonic()
+                            )
+                        )
             else:
                 self.reject("unexpected_channel", str(topic))
         if events:
-            self.registry.add_events(events, max_per_device=self.settings.max_events_per_device)
-            self._acknowledge_events(events)
+            self._store_events(events)
         if points:
             self.registry.add_telemetry(points)
             self._record_agent_rejections(points)
         self.ingested += len(batch)
 
-    def _acknowledge_events(self, events: list[Event]) -> None:
+    def _store_events(self, events: list[Event]) -> None:
+        """Store a batch of events under the per-device cap, then acknowledge them.
+
+        The cap and the journals' acknowledgements must agree, or a device
+        over its cap would never be acknowledged and replay for ever:
+
+        - Events are stored in chunks of at most ``max_events_per_device``,
+          and each chunk's journal marks advance before the next is stored.
+          A chunk's trim then drops only rows an earlier advance has passed;
+          were the whole batch stored at once, its own oldest rows would be
+          gone before the advance, which stops at the first missing number.
+        - A numbered event at or below its journal's acknowledged mark is a
+          replay (the agent missed our ack) of an event stored already, and
+          maybe since dropped by the cap or retention: it is not stored
+          again, only acknowledged again. Copies within the batch (a replay
+          crossing a resend) are dropped first, so no chunk stores an event
+          an earlier chunk stored and trimmed.
+        """
+        cap = self.settings.max_events_per_device
+        journals = {
+            (e.device_id, e.journal) for e in events if e.journal is not None and e.seq is not None
+        }
+        unknown = {(d, j) for d, j in journals if self._event_marks.get(d, ("", 0))[0] != j}
+        if unknown:  # first numbered event of a journal since we started: read its mark
+            self._remember_marks(self.registry.advance_event_acks(unknown))
+        fresh: list[Event] = []
+        numbers: set[tuple[str, str, int]] = set()
+        for e in events:
+            if e.journal is not None and e.seq is not None:
+                key = (e.device_id, e.journal, e.seq)
+                if key in numbers or self._acknowledged(e):
+                    continue  # a copy in this batch, or a replay of an acknowledged event
+                numbers.add(key)
+            fresh.append(e)
+        chunks = [fresh[i : i + cap] for i in range(0, len(fresh), cap)]
+        for i, chunk in enumerate(chunks):
+            self.registry.add_events(chunk, max_per_device=cap)
+            if i < len(chunks) - 1:
+                self.registry.advance_event_acks(
+                    {(e.device_id, e.journal) for e in chunk if e.journal is not None}
+                )
+        self._acknowledge_events(journals)
+
+    def _acknowledged(self, event: Event) -> bool:
+        """Whether a numbered event is at or below its journal's acknowledged mark."""
+        if event.journal is None or event.seq is None:
+            return False
+        journal, seq = self._event_marks.get(event.device_id, ("", 0))
+        return journal == event.journal and event.seq <= seq
+
+    def _remember_marks(self, marks: list[tuple[str, str, int]]) -> None:
+        # Enrolled devices only (the registry answers for no other), one
+        # journal each: bounded by the fleet.
+        for device_id, journal, seq in marks:
+            self._event_marks[device_id] = (journal, seq)
+
+    def _alive(self, device_id: str) -> None:
+        """Fresh telemetry or an event: the device is connected, whatever its retained status."""
+        if self.presence.alive(device_id, time.monotonic()):
+            self.registry.set_online(device_id, True)
+
+    @staticmethod
+    def _fresh(point: Telemetry) -> bool:
+        """Whether a telemetry window ended recently enough to prove the agent is connected."""
+        return not point.at or abs(time.time() - point.at) <= max(2 * point.window_s, 30.0)
+
+    def _duplicate(self, duplicate: Duplicate | None) -> None:
+        """Record a suspected duplicate device id as a device event, and say so in the log."""
+        if duplicate is None:
+            return
+        log.warning(
+            "device %s: two agents seem to use this device id (%s: %s)",
+            duplicate.device_id,
+            duplicate.reason,
+            duplicate.detail,
+        )
+        self.registry.add_controller_event(
+            duplicate.device_id,
+            DUPLICATE_EVENT_KIND,
+            {"reason": duplicate.reason, **duplicate.detail},
+        )
+
+    def _acknowledge_events(self, journals: set[tuple[str, str]]) -> None:
         """Tell each agent how far its journal is stored, so it can forget those events.
 
         Sent after every batch with numbered events, even when all of them
         were duplicates: an agent replays because it missed an ack.
         """
-        journals = {(e.device_id, e.journal) for e in events if e.journal is not None}
-        for device_id, journal, seq in self.registry.advance_event_acks(journals):
+        marks = self.registry.advance_event_acks(journals)
+        self._remember_marks(marks)
+        for device_id, journal, seq in marks:
             if seq > 0:
                 ack = EventAck(device_id=device_id, journal=journal, seq=seq)
                 topic = str(DeviceTopic(device_id, Channel.EVENTS_ACK))
@@ -567,9 +680,7 @@ class ControllerService:
         """
         for (device_id, refusal), n in self.transfers.take_refusals().items():
             if device_id:
-                self.registry.bump_counter(
-                    f"transfer_refused.{device_id}.{refusal.value}"[:128], n
-                )
+                self.registry.bump_counter(f"transfer_refused.{device_id}.{refusal.value}"[:128], n)
             with self._rejected_lock:
                 self._rejected[f"transfer_{refusal.value}"] += n
         with self._rejected_lock:

@@ -15,6 +15,8 @@ in the module named in brackets::
     EdgefleetError                         "error"
     ├── ConfigError                        "config"        a config file or value is wrong
     │   ├── EnrollmentFailedError          "enrollment_failed"   [agent.enroll]
+    │   ├── HttpAddressError               "http_address"        [agent.serving] port taken
+    │   ├── HomeMissingError               "home_missing"        [controller.cli.context]
     │   └── ProfileError                   "bad_profile"         [controller.compiler.errors]
     ├── BrokerError                        "broker"        the broker is unreachable or refused us
     ├── ProtocolError                      "protocol"      something received breaks the protocol
@@ -56,6 +58,12 @@ in the module named in brackets::
     ├── RolloutError                       "rollout"       [controller.rollout.errors]
     │   ├── RolloutConfigError             "rollout_config"
     │   └── RolloutStateError              "rollout_state"
+    ├── PackagingError                     "packaging"     [controller.packaging] offline installer
+    │   ├── UnsupportedTargetError         "unsupported_target"  e.g. onnx on armv7l
+    │   ├── PackageConfigError             "package_config"      enrollment files missing
+    │   ├── IndexUnreachableError          "index_unreachable"
+    │   ├── UnsatisfiableError             "unsatisfiable"       a package has no wheel there
+    │   └── ForeignWheelError              "foreign_wheel"       a wheel for another platform
     └── CompileError                       "compile"       [controller.compiler.errors]
         ├── SourceModelError               "bad_source_model"
         ├── DataError                      "bad_data"

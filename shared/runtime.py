@@ -24,10 +24,10 @@ import importlib
 import importlib.util
 import logging
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, BinaryIO, Protocol
 
 import numpy as np
 
@@ -41,6 +41,8 @@ from edgefleet.protocols.errors import (
 )
 
 __all__ = [
+    "ONNX_SESSION_CONFIG_ALLOWED",
+    "ONNX_SESSION_CONFIG_KEY",
     "Backend",
     "InferenceError",
     "InferenceInputError",
@@ -52,6 +54,8 @@ __all__ = [
     "coerce_inputs",
     "get_backend",
     "is_tflite",
+    "onnx_metadata",
+    "onnx_session_config",
     "tflite_interpreter_class",
 ]
 
@@ -312,6 +316,141 @@ class _OnnxModel:
         return {n: np.asarray(r) for n, r in zip(self._output_names, results, strict=True)}
 
 
+# ------------------------------------------------------------ onnx session options
+# A compiled variant may ask for session config entries through its own
+# metadata (``metadata_props``), so the file carries how it must be opened and
+# the agent needs neither the bundle format nor the onnx package to know it.
+# The compiler times each candidate with the same entries.
+ONNX_SESSION_CONFIG_KEY = "edgefleet.onnxruntime.session_config"
+# Entries a model may set, with their allowed values. Only what changes how a
+# correct model is optimised: a signed bundle still must not be able to tune
+# threads, memory arenas or file paths on the gateway.
+#
+# ``session.disable_quant_qdq=1`` keeps weight-only int8 models (int8 weight
+# initializer -> DequantizeLinear -> float Conv/MatMul) fast: onnxruntime then
+# folds the DequantizeLinear of constant weights at load and runs float kernels
+# (with Conv fusions and NCHWc layouts). By default it keeps the
+# DequantizeLinear nodes for QDQ fusions that weight-only models do not have,
+# which runs 1.65-1.84x slower than fp32. It would hurt a static QDQ model,
+# which is why it is per model and not a backend default.
+ONNX_SESSION_CONFIG_ALLOWED: Mapping[str, frozenset[str]] = {
+    "session.disable_quant_qdq": frozenset({"0", "1"}),
+}
+# ModelProto.metadata_props; StringStringEntryProto.key / .value.
+_MODEL_METADATA_FIELD = 14
+_ENTRY_KEY_FIELD = 1
+_ENTRY_VALUE_FIELD = 2
+
+
+def _read_varint(f: BinaryIO) -> int:
+    value = 0
+    shift = 0
+    while True:
+        byte = f.read(1)
+        if not byte:
+            raise ValueError("truncated varint")
+        value |= (byte[0] & 0x7F) << shift
+        if not byte[0] & 0x80:
+            return value
+        shift += 7
+        if shift > 63:
+            raise ValueError("oversized varint")
+
+
+def _read_fields(f: BinaryIO, end: int, keep: Collection[int]) -> list[tuple[int, bytes]]:
+    """Length-delimited fields numbered ``keep`` of the message in ``f`` up to offset ``end``.
+
+    Every other field is skipped by seeking past it, so the graph (nearly all
+    of a model's bytes) is never read.
+    """
+    out: list[tuple[int, bytes]] = []
+    while f.tell() < end:
+        tag = _read_varint(f)
+        number, wire = tag >> 3, tag & 7
+        if wire == 0:
+            _read_varint(f)
+        elif wire == 2:
+            length = _read_varint(f)
+            if f.tell() + length > end:
+                raise ValueError("truncated length-delimited field")
+            if number in keep:
+                out.append((number, f.read(length)))
+            else:
+                f.seek(length, 1)
+        elif wire in (1, 5):
+            f.seek(8 if wire == 1 else 4, 1)
+        else:
+            raise ValueError(f"unsupported protobuf wire type {wire}")
+    if f.tell() != end:
+        raise ValueError("truncated field")
+    return out
+
+
+def onnx_metadata(data: bytes | BinaryIO) -> dict[str, str]:
+    """The ``metadata_props`` of an ONNX model, read without the onnx package.
+
+    Args:
+        data: the serialized model, or a seekable binary file holding it.
+
+    Raises:
+        ValueError: it is not a well-formed protobuf message.
+    """
+    import io
+
+    f = io.BytesIO(data) if isinstance(data, bytes | bytearray) else data
+    start = f.tell()
+    end = f.seek(0, io.SEEK_END)
+    f.seek(start)
+    out: dict[str, str] = {}
+    for _, raw in _read_fields(f, end, {_MODEL_METADATA_FIELD}):
+        entry = dict(
+            _read_fields(io.BytesIO(raw), len(raw), {_ENTRY_KEY_FIELD, _ENTRY_VALUE_FIELD})
+        )
+        key = entry.get(_ENTRY_KEY_FIELD, b"").decode("utf-8", "replace")
+        out[key] = entry.get(_ENTRY_VALUE_FIELD, b"").decode("utf-8", "replace")
+    return out
+
+
+def onnx_session_config(data: bytes | BinaryIO) -> dict[str, str]:
+    """The session config entries a serialized ONNX model asks for.
+
+    The request is JSON under :data:`ONNX_SESSION_CONFIG_KEY` in its metadata.
+
+    Entries outside :data:`ONNX_SESSION_CONFIG_ALLOWED`, and a malformed
+    request, are logged and ignored: the model then loads with the defaults,
+    which is slower for weight-only models but never wrong.
+    """
+    import json
+
+    try:
+        raw = onnx_metadata(data).get(ONNX_SESSION_CONFIG_KEY)
+    except ValueError as exc:
+        log.warning("cannot read the model's metadata (%s); default session options", str(exc))
+        return {}
+    if raw is None:
+        return {}
+    try:
+        asked = json.loads(raw)
+    except ValueError:
+        asked = None
+    if not isinstance(asked, dict):
+        log.warning("ignoring malformed %s metadata %r", ONNX_SESSION_CONFIG_KEY, raw[:80])
+        return {}
+    config: dict[str, str] = {}
+    for key, value in asked.items():
+        allowed = ONNX_SESSION_CONFIG_ALLOWED.get(key)
+        if allowed is None or not isinstance(value, str) or value not in allowed:
+            log.warning("ignoring session config entry %r=%r the model asks for", key, value)
+            continue
+        config[key] = value
+    return config
+
+
+def _model_session_config(model_path: Path) -> dict[str, str]:
+    with model_path.open("rb") as f:
+        return onnx_session_config(f)
+
+
 class OnnxRuntimeBackend:
     """Loads ``.onnx`` files into onnxruntime CPU sessions tuned for gateways.
 
@@ -348,6 +487,11 @@ class OnnxRuntimeBackend:
         options.log_severity_level = 3  # errors only; warnings go nowhere useful on a gateway
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.add_session_config_entry("session.inter_op.allow_spinning", "0")
+        try:
+            for key, value in _model_session_config(model_path).items():
+                options.add_session_config_entry(key, value)
+        except OSError as exc:
+            raise ModelLoadError(f"cannot read {model_path.name}: {exc}") from exc
         try:
             session = ort.InferenceSession(
                 str(model_path), options, providers=["CPUExecutionProvider"]

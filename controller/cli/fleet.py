@@ -43,18 +43,44 @@ def _count_rows(by_device: dict[str, dict[str, dict[str, int]]]) -> list[list[An
     return [list(r) for r in rows]
 
 
+ACK_TIMEOUT_S = 300.0
+"""Default seconds after which a published desired state no device reported is flagged."""
+
+
+def _ack_timeout_option(f: Any) -> Any:
+    return click.option(
+        "--ack-timeout-s",
+        type=click.FloatRange(min=0),
+        default=ACK_TIMEOUT_S,
+        show_default=True,
+        envvar="EDGEFLEET_ACK_TIMEOUT_S",
+        help="Flag a published desired state the device has not reported after this long.",
+    )(f)
+
+
 def _device_rows(
-    registry: Registry, revoked: AbstractSet[str] = frozenset()
+    registry: Registry,
+    revoked: AbstractSet[str] = frozenset(),
+    ack_timeout_s: float = ACK_TIMEOUT_S,
 ) -> list[dict[str, Any]]:
+    from edgefleet.controller.registry import models as m
+    from edgefleet.controller.registry.fleet import delivery_state
+
+    now = m.utcnow()
     return [
         {
             "id": s.device_id,
             "online": s.online,
             "revoked": s.device_id in revoked,
             "hardware_class": s.hardware_class,
+            "profile": s.profile,
+            "variant": s.variant,
+            "tags": list(s.tags),
+            "duplicate_at": s.duplicate_at,
             "state": s.state,
             "active_version": s.active_version,
             "desired_version": s.desired_version,
+            "delivery": delivery_state(s, now, ack_timeout_s),
             "inferences": s.inferences,
             "errors": s.errors,
             "p50_ms": s.p50_ms,
@@ -66,10 +92,16 @@ def _device_rows(
 
 
 @click.command()
+@_ack_timeout_option
 @json_option
 @pass_ctx
-def devices(ctx: Context, as_json: bool) -> None:
-    """List devices with what they run and how they are doing."""
+def devices(ctx: Context, ack_timeout_s: float, as_json: bool) -> None:
+    """List devices with what they run and how they are doing.
+
+    DELIVERY says what became of the desired state: unpublished (no running
+    `edgefleet serve` has sent it), waiting, unacknowledged (sent, and the
+    device has not reported it within --ack-timeout-s) or acknowledged.
+    """
     from edgefleet.controller.ca import revoked_device_ids
 
     with friendly_errors():
@@ -77,40 +109,59 @@ def devices(ctx: Context, as_json: bool) -> None:
         revoked = revoked_device_ids(ctx.config().home / "ca")
         registry = ctx.registry()
         try:
-            rows = _device_rows(registry, revoked)
+            rows = _device_rows(registry, revoked, ack_timeout_s)
         finally:
             registry.close()
-    emit(
-        as_json,
-        rows,
-        lambda: render_table(
+    emit(as_json, rows, lambda: _devices_table(rows))
+
+
+def _online_cell(row: dict[str, Any]) -> str:
+    online = "revoked" if row["revoked"] else "yes" if row["online"] else "no"
+    return f"{online} (duplicate id?)" if row["duplicate_at"] is not None else online
+
+
+def _devices_table(rows: list[dict[str, Any]]) -> str:
+    text = render_table(
+        [
+            "device",
+            "online",
+            "profile",
+            "variant",
+            "state",
+            "active",
+            "desired",
+            "delivery",
+            "tags",
+            "inferences",
+            "p50 ms",
+            "last error",
+        ],
+        [
             [
-                "device",
-                "online",
-                "class",
-                "state",
-                "active",
-                "desired",
-                "inferences",
-                "p50 ms",
-                "last error",
-            ],
-            [
-                [
-                    r["id"],
-                    "revoked" if r["revoked"] else "yes" if r["online"] else "no",
-                    r["hardware_class"],
-                    r["state"],
-                    r["active_version"],
-                    r["desired_version"],
-                    r["inferences"],
-                    None if r["p50_ms"] is None else f"{r['p50_ms']:.2f}",
-                    r["last_error"],
-                ]
-                for r in rows
-            ],
-        ),
+                r["id"],
+                _online_cell(r),
+                r["profile"],
+                r["variant"],
+                r["state"],
+                r["active_version"],
+                r["desired_version"],
+                r["delivery"],
+                ",".join(r["tags"]) or None,
+                r["inferences"],
+                None if r["p50_ms"] is None else f"{r['p50_ms']:.2f}",
+                r["last_error"],
+            ]
+            for r in rows
+        ],
     )
+    duplicates = [r["id"] for r in rows if r["duplicate_at"] is not None]
+    if duplicates:
+        text += (
+            f"\n\n{len(duplicates)} device id(s) seem to be used by two agents at once: "
+            f"{', '.join(duplicates[:10])}{' ...' if len(duplicates) > 10 else ''} "
+            "(`edgefleet device events ID`)"
+        )
+    return text
 
 
 @click.command()
@@ -192,16 +243,22 @@ def _agent_rejections(counters: dict[str, int]) -> dict[str, int]:
 
 
 @click.command()
+@_ack_timeout_option
 @json_option
 @pass_ctx
-def status(ctx: Context, as_json: bool) -> None:
-    """Fleet overview: devices online, version distribution, health."""
+def status(ctx: Context, ack_timeout_s: float, as_json: bool) -> None:
+    """Fleet overview: devices online, version distribution, health, delivery."""
     with friendly_errors():
         registry = ctx.registry()
         try:
             fleet = registry.fleet_status()
+            device_rows = _device_rows(registry, ack_timeout_s=ack_timeout_s)
         finally:
             registry.close()
+    delivery = {
+        state: sorted(r["id"] for r in device_rows if r["delivery"] == state)
+        for state in ("unpublished", "unacknowledged")
+    }
     rejected_by_controller = {
         k.removeprefix("rejected."): v
         for k, v in fleet.counters.items()
@@ -217,6 +274,8 @@ def status(ctx: Context, as_json: bool) -> None:
         "versions": fleet.versions,
         "inferences": fleet.inferences,
         "errors": fleet.errors,
+        "duplicate_ids": fleet.duplicates,
+        "delivery": {state: len(ids) for state, ids in delivery.items()},
         "rejected": rejected_by_controller,
         "agent_rejected": rejected_by_agents,
         "by_device": by_device,
@@ -227,6 +286,19 @@ def status(ctx: Context, as_json: bool) -> None:
             f"devices: {fleet.devices} ({fleet.online} online, {fleet.offline} offline, "
             f"{fleet.failed} failed)\ninferences: {fleet.inferences}, errors: {fleet.errors}"
         )
+        for state, ids in delivery.items():
+            if ids:
+                shown = ", ".join(ids[:5]) + (" ..." if len(ids) > 5 else "")
+                head += f"\ndesired states {state}: {len(ids)} ({shown})"
+        if delivery["unpublished"]:
+            head += "\n  `edgefleet serve` publishes desired states: is it running and connected?"
+        if delivery["unacknowledged"]:
+            head += f"\n  published more than {ack_timeout_s:g}s ago and not reported by the device"
+        if fleet.duplicates:
+            head += (
+                f"\nduplicate device ids: {fleet.duplicates} device(s) seem to run two agents "
+                "(`edgefleet devices`)"
+            )
         versions = render_table(["model version", "devices"], sorted(fleet.versions.items()))
         rejected = (
             ", ".join(f"{k}={v}" for k, v in sorted(rejected_by_controller.items())) or "none"

@@ -1,4 +1,4 @@
-"""``edgefleet model ...``: register a model (compiled per profile or as-is), list, report.
+"""``edgefleet model ...``: compile, register (compiled or as-is), list, report, profiles.
 
 ``model compile`` is the compiler's own command
 (:mod:`edgefleet.controller.compiler.cli`); the group loads it, and with it
@@ -32,12 +32,19 @@ class _ModelGroup(click.Group):
         return super().get_command(ctx, cmd_name)
 
 
-@click.group("model", cls=_ModelGroup)
+@click.group("model", cls=_ModelGroup, short_help="Compile, register, list and inspect models.")
 def model_group() -> None:
-    """Register and list models."""
+    """Compile models for device profiles, publish them as signed bundles, inspect them.
+
+    `model compile` builds and measures the variants for one profile and
+    publishes nothing; `model register` compiles for each --profile the same
+    way (or takes the model as-is) and publishes signed bundles to deploy.
+    """
 
 
-@model_group.command("register")
+@model_group.command(
+    "register", short_help="Register a model: compile per profile, publish signed bundles."
+)
 @click.argument("source", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--name", required=True, help="Model name, e.g. 'defect-detector'.")
 @click.option("--version", "version", required=True, help="Model version, e.g. '1.4.0'.")
@@ -72,6 +79,36 @@ def model_group() -> None:
     help="Accuracy gate: allowed loss vs fp32 (0.01 = 1%).",
 )
 @click.option(
+    "--metric",
+    "metric_specs",
+    multiple=True,
+    metavar="OUTPUT=METRIC",
+    help="With --profile: how to judge one output (repeatable), as `model compile --metric`: "
+    "top1, topk:K, cosine, mae:X, threshold:T or exact.",
+)
+@click.option(
+    "--state",
+    "state_specs",
+    multiple=True,
+    metavar="INPUT=OUTPUT",
+    help="With --profile: stateful model, OUTPUT fed back into INPUT (repeatable); "
+    "--validation then holds whole streams, as `model compile --state`.",
+)
+@click.option(
+    "--max-accuracy-drop",
+    type=click.FloatRange(0, 1),
+    help="With --profile and 'label:<output>' arrays in --validation: also fail a variant "
+    "whose accuracy is more than this below fp32's (0.01 = 1 point).",
+)
+@click.option(
+    # The choices are the compiler's OBJECTIVES (a test holds them equal); the
+    # compiler is not imported here so that `edgefleet --help` stays fast.
+    "--objective",
+    type=click.Choice(("latency", "size")),
+    help="With --profile: override every named profile's objective: latency (fastest "
+    "passing variant) or size (smallest passing variant; see `model compile --help`).",
+)
+@click.option(
     "--hardware-class",
     "hardware_classes",
     multiple=True,
@@ -94,16 +131,23 @@ def model_register(
     calibration: Path | None,
     validation: Path | None,
     tolerance: float,
+    metric_specs: tuple[str, ...],
+    state_specs: tuple[str, ...],
+    max_accuracy_drop: float | None,
+    objective: str | None,
     hardware_classes: tuple[str, ...],
     sample: Path | None,
     as_json: bool,
 ) -> None:
-    """Register SOURCE (an .onnx file) and publish signed bundles for it.
+    """Register a model and publish signed bundles, compiled per --profile or as-is.
 
-    With --profile, the model is compiled for each profile first and the
-    variant that passes the accuracy gate and runs best is published for that
-    profile (plus the fp32 source as the generic fallback); the compile
-    reports are stored with the bundles (`edgefleet model report`).
+    SOURCE is an .onnx or .tflite file. With --profile, the model is compiled
+    for each profile first and the variant that passes the accuracy gate and
+    best meets the profile's objective is published for that profile (plus
+    the fp32 source as the generic fallback); the compile reports are stored
+    with the bundles (`edgefleet model report`). --metric, --state,
+    --max-accuracy-drop and --objective judge and choose variants exactly as
+    in `edgefleet model compile`.
     """
     from edgefleet.controller.catalog import register_compiled, register_model
     from edgefleet.controller.compiler import (
@@ -112,6 +156,7 @@ def model_register(
         get_profile,
         load_profiles,
     )
+    from edgefleet.controller.compiler.cli import parse_pairs, with_objective
 
     # The compiler's .npz reader turns every way a data file can be bad into a
     # DataError, so a wrong --sample file is a one-line error, not a traceback.
@@ -119,6 +164,22 @@ def model_register(
 
     if profile_names and hardware_classes:
         raise click.UsageError("use --profile (compile) or --hardware-class (as-is), not both")
+    judging = [
+        option
+        for option, given in (
+            ("--metric", metric_specs),
+            ("--state", state_specs),
+            ("--max-accuracy-drop", max_accuracy_drop is not None),
+            ("--objective", objective is not None),
+        )
+        if given
+    ]
+    if judging and not profile_names:
+        raise click.UsageError(
+            f"{', '.join(judging)} only apply when compiling: give --profile as well"
+        )
+    metrics = parse_pairs("--metric", metric_specs, "OUTPUT=METRIC (e.g. prob=threshold:0.5)")
+    state = parse_pairs("--state", state_specs, "INPUT=OUTPUT (e.g. state=stateN)")
     with friendly_errors():
         sample_inputs = None
         if sample is not None:
@@ -130,7 +191,7 @@ def model_register(
                 known = dict(BUILTIN_PROFILES) | ctx.config().device_profiles()
                 if profiles_file is not None:
                     known.update(load_profiles(profiles_file))
-                profiles = [get_profile(p, known) for p in profile_names]
+                profiles = [with_objective(get_profile(p, known), objective) for p in profile_names]
                 compiled = register_compiled(
                     registry,
                     ctx.repository(),
@@ -141,6 +202,9 @@ def model_register(
                     calibration=calibration,
                     validation=validation,
                     tolerance=tolerance,
+                    metrics=metrics or None,
+                    state=state or None,
+                    max_accuracy_drop=max_accuracy_drop,
                     sample_inputs=sample_inputs,
                 )
                 release, bundles = compiled.version.release, compiled.bundles
@@ -248,3 +312,55 @@ def model_list(ctx: Context, as_json: bool) -> None:
             [[r["name"], r["version"], r["release"], r["bundles"], r["created_at"]] for r in rows],
         ),
     )
+
+
+@model_group.command("profiles", short_help="List the device profiles: built-in and configured.")
+@click.option(
+    "--profiles",
+    "profiles_file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Also list this TOML file's [profiles.<name>] tables (as `model compile --profiles`).",
+)
+@json_option
+@pass_ctx
+def model_profiles(ctx: Context, profiles_file: Path | None, as_json: bool) -> None:
+    """List the device profiles models can be compiled for: built-in and configured.
+
+    Configured profiles come from the controller config's ``profiles`` file
+    and from --profiles; one with a built-in profile's name replaces it, and
+    the listing says so.
+    """
+    from edgefleet.controller.compiler import BUILTIN_PROFILES, load_profiles
+
+    with friendly_errors():
+        listed: dict[str, dict[str, Any]] = {
+            name: {**p.to_dict(), "source": "built-in"} for name, p in BUILTIN_PROFILES.items()
+        }
+        files = [ctx.config().profiles_file, profiles_file]
+        for path in (f for f in files if f is not None):
+            for name, p in load_profiles(path, include_builtin=False).items():
+                entry: dict[str, Any] = {**p.to_dict(), "source": str(path)}
+                if name in listed:
+                    entry["replaces"] = listed[name]["source"]
+                listed[name] = entry
+    rows = list(listed.values())
+
+    def table() -> str:
+        return render_table(
+            ["name", "source", "runtime", "arch", "features", "precisions", "objective", "max"],
+            [
+                [
+                    r["name"],
+                    r["source"] + (f" (replaces {r['replaces']})" if "replaces" in r else ""),
+                    r["runtime"],
+                    r["arch"],
+                    ",".join(r["cpu_features"]) or "-",
+                    "/".join(r["precisions"]),
+                    r.get("objective"),
+                    r.get("max_bundle_bytes"),
+                ]
+                for r in rows
+            ],
+        )
+
+    emit(as_json, rows, table)

@@ -5,6 +5,12 @@ function that renders the human view, so the two outputs cannot drift apart
 and ``--json`` means the same thing everywhere. :func:`friendly_errors` is the
 one place where our errors become ``Error: ...`` on stderr and exit status 1:
 an operator sees a sentence and the error's stable code, never a traceback.
+
+With ``--json``, errors are JSON too: one object on **stderr**
+(``{"error": {"code": "home_missing", "message": "..."}}``; stdout stays
+empty), with the same exit status (1 failed, 2 usage). :func:`show_error`
+writes it; the root group calls it for every :class:`click.ClickException`
+of a command that had ``--json``.
 """
 
 from __future__ import annotations
@@ -20,13 +26,19 @@ from edgefleet.protocols.errors import EdgefleetError
 
 __all__ = [
     "DEVICE_COUNTER_KINDS",
+    "JSON_META_KEY",
+    "CommandError",
     "device_counts",
     "emit",
     "error_message",
     "friendly_errors",
     "json_option",
     "render_table",
+    "show_error",
 ]
+
+JSON_META_KEY = "edgefleet.json"
+"""Set in ``click.Context.meta`` when the running command was given ``--json``."""
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -52,9 +64,57 @@ def emit(as_json: bool, data: object, table: Callable[[], str]) -> None:
         click.echo(table())
 
 
+def _remember_json(ctx: click.Context, _param: click.Parameter, value: bool) -> bool:
+    if value:
+        ctx.meta[JSON_META_KEY] = True
+    return value
+
+
 def json_option(f: F) -> F:
-    """The ``--json`` flag every listing has, passed to the command as ``as_json``."""
-    return click.option("--json", "as_json", is_flag=True, help="Machine-readable JSON output.")(f)
+    """The ``--json`` flag every listing has, passed to the command as ``as_json``.
+
+    It also marks the context, so that the command's errors are JSON as well
+    (see :func:`show_error`).
+    """
+    return click.option(
+        "--json",
+        "as_json",
+        is_flag=True,
+        is_eager=True,  # parsed first: a usage error later on the line is JSON too
+        callback=_remember_json,
+        help="Machine-readable JSON output (errors too: an object on stderr).",
+    )(f)
+
+
+class CommandError(click.ClickException):
+    """A command's expected failure: a sentence and a stable ``code``, exit status 1.
+
+    ``message`` (what ``Error: ...`` shows) is the sentence followed by the
+    code, as :func:`error_message` writes it; JSON errors carry the two apart.
+    """
+
+    def __init__(self, sentence: str, code: str = "error") -> None:
+        # As before JSON errors: the sentence, then the error's own code if it has one.
+        plain = ("error", "os_error", EdgefleetError.code)
+        super().__init__(sentence if code in plain else f"{sentence} [{code}]")
+        self.sentence = sentence
+        self.code = code
+
+
+def error_code(exc: click.ClickException) -> str:
+    """The stable code a JSON error carries: the error's own, else ``usage`` or ``error``."""
+    code = getattr(exc, "code", None)
+    if isinstance(code, str) and code:
+        return code
+    return "usage" if isinstance(exc, click.UsageError) else "error"
+
+
+def show_error(exc: click.ClickException) -> None:
+    """Write ``exc`` as one JSON object on stderr: ``{"error": {"code", "message"}}``."""
+    message = getattr(exc, "sentence", exc.message)
+    error = {"code": error_code(exc), "message": message, "exit_status": exc.exit_code}
+    body = {"error": error}
+    click.echo(json.dumps(body, sort_keys=True), err=True)
 
 
 def error_message(exc: EdgefleetError) -> str:
@@ -79,9 +139,11 @@ def friendly_errors() -> Iterator[None]:
     try:
         yield
     except EdgefleetError as exc:
-        raise click.ClickException(error_message(exc)) from exc
+        raise CommandError(str(exc), getattr(exc, "code", None) or EdgefleetError.code) from exc
+    except BrokenPipeError:
+        raise  # the reader went away (`| head`); the root group exits quietly
     except OSError as exc:
-        raise click.ClickException(_os_error_message(exc)) from exc
+        raise CommandError(_os_error_message(exc), "os_error") from exc
 
 
 def _os_error_message(exc: OSError) -> str:

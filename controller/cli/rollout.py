@@ -19,7 +19,13 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from edgefleet.controller.cli.context import Context, pass_ctx
-from edgefleet.controller.cli.output import emit, friendly_errors, json_option, render_table
+from edgefleet.controller.cli.output import (
+    CommandError,
+    emit,
+    friendly_errors,
+    json_option,
+    render_table,
+)
 from edgefleet.controller.rollout.engine import RolloutConfig, RolloutStatus
 
 if TYPE_CHECKING:
@@ -88,6 +94,7 @@ def _info_dict(info: RolloutInfo) -> dict[str, Any]:
         "next_wave_at": info.next_wave_at,
         "devices": info.devices,
         "counts": info.counts,
+        "skipped": info.skipped,
     }
 
 
@@ -123,6 +130,7 @@ def _header(info: RolloutInfo) -> str:
         f"created {_ts(info.created_at)}, started {_ts(info.started_at) or '-'}, "
         f"deadline {_ts(info.deadline_at) or '-'}, finished {_ts(info.finished_at) or '-'}",
     ]
+    lines += [f"skipped {d}: {why}" for d, why in sorted(info.skipped.items())]
     if info.next_wave_at is not None and info.status is RolloutStatus.RUNNING:
         lines.append(f"soaking until {_ts(info.next_wave_at)}")
     return "\n".join(lines)
@@ -403,7 +411,12 @@ def show_cmd(ctx: Context, rollout_id: str, with_devices: bool, as_json: bool) -
 @json_option
 @pass_ctx
 def watch_cmd(ctx: Context, rollout_id: str, interval: float, once: bool, as_json: bool) -> None:
-    """Live per-wave progress and latency until the rollout ends (Ctrl-C to stop watching)."""
+    """Live per-wave progress and latency until the rollout ends (Ctrl-C to stop watching).
+
+    Exit status: 0 when the rollout completed (or with --once), 1 when it
+    ended any other way (halted, aborted, superseded), so scripts can wait on it.
+    """
+    info: RolloutInfo | None = None
     with friendly_errors():
         store = _store(ctx)
         last_decision = 0
@@ -439,9 +452,13 @@ def watch_cmd(ctx: Context, rollout_id: str, interval: float, once: bool, as_jso
                     break
                 time.sleep(interval)
         except KeyboardInterrupt:
-            pass
+            return
         finally:
             store.registry.close()
+    if not once and info is not None and info.status is not RolloutStatus.COMPLETED:
+        status = info.status.value
+        reason = f": {info.reason}" if info.reason else ""
+        raise CommandError(f"rollout {info.id} {status}{reason}", f"rollout_{status}")
 
 
 def _rolling_back(info: RolloutInfo) -> bool:

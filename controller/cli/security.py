@@ -37,7 +37,8 @@ __all__ = ["broker_config", "ca", "device_revoke", "device_token", "enroll_serve
 
 
 def _ca_dir(ctx: Context) -> Path:
-    return Path(ctx.config().home) / "ca"
+    # The CA lives in the home, which only `edgefleet init` creates.
+    return ctx.require_home() / "ca"
 
 
 def _open_ca(ctx: Context) -> CertificateAuthority:

@@ -10,6 +10,7 @@ still printed first so the user sees the measurements behind it.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -18,15 +19,41 @@ import click
 
 from edgefleet.controller.compiler.errors import NoVariantError
 from edgefleet.controller.compiler.pipeline import compile_model
-from edgefleet.controller.compiler.profiles import BUILTIN_PROFILES, get_profile, load_profiles
+from edgefleet.controller.compiler.profiles import (
+    BUILTIN_PROFILES,
+    OBJECTIVES,
+    SIZE_MAX_LATENCY_RATIO,
+    Profile,
+    get_profile,
+    load_profiles,
+)
 from edgefleet.controller.compiler.report import CompileReport, CompileResult
 from edgefleet.protocols.errors import EdgefleetError
 
-__all__ = ["compile_command"]
+__all__ = ["compile_command", "parse_pairs", "with_objective"]
 
 
 def _one_line(text: str) -> str:
     return " ".join(text.split())
+
+
+def parse_pairs(option: str, values: tuple[str, ...], what: str) -> dict[str, str]:
+    """``("a=b", ...)`` to ``{"a": "b"}``; a malformed or repeated key is a usage error."""
+    out: dict[str, str] = {}
+    for raw in values:
+        key, sep, value = raw.partition("=")
+        key, value = key.strip(), value.strip()
+        if not sep or not key or not value:
+            raise click.BadParameter(f"{raw!r} is not {what}", param_hint=option)
+        if key in out:
+            raise click.BadParameter(f"{key!r} is given twice", param_hint=option)
+        out[key] = value
+    return out
+
+
+def with_objective(profile: Profile, objective: str | None) -> Profile:
+    """``profile`` with its objective replaced for one compile (``None``: as configured)."""
+    return profile if objective is None else dataclasses.replace(profile, objective=objective)
 
 
 def _write_outputs(result: CompileResult, out_dir: Path, *, every: bool) -> list[dict[str, Any]]:
@@ -51,7 +78,9 @@ def _emit(report: CompileReport, as_json: bool, extra: dict[str, Any] | None = N
         click.echo(report.format_table())
 
 
-@click.command("compile")
+@click.command(
+    "compile", short_help="Compile and measure variants for one profile; publishes nothing."
+)
 @click.argument("source", type=click.Path(path_type=Path))
 @click.option(
     "--profile",
@@ -80,7 +109,37 @@ def _emit(report: CompileReport, as_json: bool, extra: dict[str, Any] | None = N
     type=float,
     default=0.01,
     show_default=True,
-    help="Accuracy gate: score >= 1 - tolerance (top-1 agreement or cosine).",
+    help="Accuracy gate: every output's score >= 1 - tolerance (see --metric).",
+)
+@click.option(
+    "--metric",
+    "metric_specs",
+    multiple=True,
+    metavar="OUTPUT=METRIC",
+    help="How to judge one output (repeatable): top1, topk:K, cosine, mae:X, "
+    "threshold:T or exact. Default: chosen from the output's shape and dtype.",
+)
+@click.option(
+    "--state",
+    "state_specs",
+    multiple=True,
+    metavar="INPUT=OUTPUT",
+    help="Stateful model (repeatable): OUTPUT is fed back into INPUT. Validation samples "
+    "are then consecutive steps of streams ('stream:id' array marks stream starts); "
+    "every model runs its own state and every step is scored.",
+)
+@click.option(
+    "--max-accuracy-drop",
+    type=click.FloatRange(0, 1),
+    help="With 'label:<output>' arrays in --validation: also fail a variant whose "
+    "accuracy is more than this below fp32's (0.01 = 1 point).",
+)
+@click.option(
+    "--objective",
+    type=click.Choice(OBJECTIVES),
+    help="Override the profile's objective for this compile: latency (the fastest variant "
+    f"that passes the gate) or size (the smallest, at most {SIZE_MAX_LATENCY_RATIO:g}x "
+    "fp32 latency).",
 )
 @click.option(
     "--recipe",
@@ -114,6 +173,10 @@ def compile_command(
     calibration: Path | None,
     validation: Path | None,
     tolerance: float,
+    metric_specs: tuple[str, ...],
+    state_specs: tuple[str, ...],
+    max_accuracy_drop: float | None,
+    objective: str | None,
     recipe_names: tuple[str, ...],
     latency_runs: int,
     as_json: bool,
@@ -126,15 +189,20 @@ def compile_command(
     on the validation data, and timed against it on this machine; the report
     says which one is chosen and why the others are not.
     """
+    metrics = parse_pairs("--metric", metric_specs, "OUTPUT=METRIC (e.g. prob=threshold:0.5)")
+    state = parse_pairs("--state", state_specs, "INPUT=OUTPUT (e.g. state=stateN)")
     try:
         profiles = load_profiles(profiles_file) if profiles_file else None
-        profile = get_profile(profile_name, profiles)
+        profile = with_objective(get_profile(profile_name, profiles), objective)
         result = compile_model(
             source,
             profile,
             calibration=calibration,
             validation=validation,
             tolerance=tolerance,
+            metrics=metrics or None,
+            state=state or None,
+            max_accuracy_drop=max_accuracy_drop,
             recipes=list(recipe_names) or None,
             latency_iterations=latency_runs,
         )

@@ -18,13 +18,36 @@ without a real name (nothing, ``-1``, ``0`` or the literal ``?``) are each
 dynamic on their own. A rank-0 (scalar) input takes a ``(samples,)`` array.
 Anything else raises :class:`~edgefleet.controller.compiler.errors.DataError`
 naming the array and what was expected, before any compilation work starts.
+
+Two kinds of reserved keys may sit beside the input arrays:
+
+* ``label:<output>``: the true answer per sample for model output
+  ``<output>``, so the report gives real accuracy for fp32 and every
+  candidate (:mod:`~edgefleet.controller.compiler.evaluate`). For a
+  classifier output (``top1``/``topk:K``) an integer class index per row:
+  shape ``(samples,)`` for one row per sample, or ``(samples, rows)``. For a
+  probability output (``threshold:T``) 0/1 per value: ``(samples,)`` or
+  ``(samples, *output_shape)``. For an integer output (``exact``), values
+  of the output's shape. Calibration ignores labels.
+* ``stream:id`` (only with a state mapping, ``--state IN=OUT``): an integer
+  per sample; consecutive samples with the same id form one stream, and a
+  change of value starts the next. Without it all samples are one stream.
+
+Streams (stateful models)
+-------------------------
+With a state mapping ``{IN: OUT}`` the samples along axis 0 are consecutive
+steps of streams. At the first step of each stream the model gets the
+array's value for ``IN`` (the initial state); at every later step it gets
+the ``OUT`` it produced at the step before, so each model (fp32 and every
+candidate) runs its own state through the whole stream. The ``IN`` array may
+be left out: the initial state is then zeros (dynamic axes of size 1).
 """
 
 from __future__ import annotations
 
 import zipfile
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +57,18 @@ from edgefleet.controller.compiler.errors import DataError
 from edgefleet.controller.compiler.source import SourceModel
 from edgefleet.protocols.bundle import TensorSpec
 
-__all__ = ["DataSource", "SampleSet", "load_samples", "synthetic_feed"]
+__all__ = [
+    "LABEL_PREFIX",
+    "STREAM_KEY",
+    "DataSource",
+    "SampleSet",
+    "check_state",
+    "load_samples",
+    "synthetic_feed",
+]
+
+LABEL_PREFIX = "label:"
+STREAM_KEY = "stream:id"
 
 Array = npt.NDArray[np.generic]
 Feed = dict[str, Array]
@@ -53,6 +87,12 @@ class SampleSet:
             an extra sample axis (sample *i* is ``array[i]``).
         count: number of samples used.
         total: number of samples in the data before truncation.
+        state: state input name to the output fed back into it (empty: every
+            sample is independent).
+        streams: ``(start, stop)`` sample ranges of the streams, in order
+            (only with ``state``).
+        labels: per output name, the true answers (``label:<output>``
+            arrays), truncated like the inputs.
     """
 
     role: str
@@ -60,6 +100,9 @@ class SampleSet:
     batched: Mapping[str, bool]
     count: int
     total: int
+    state: Mapping[str, str] = field(default_factory=dict)
+    streams: tuple[tuple[int, int], ...] = ()
+    labels: Mapping[str, Array] = field(default_factory=dict)
 
     def feed(self, i: int) -> Feed:
         """The input feed of sample ``i`` (a batch of one where axis 0 is a batch axis).
@@ -175,6 +218,7 @@ def load_samples(
     *,
     role: str,
     max_samples: int | None = None,
+    state: Mapping[str, str] | None = None,
 ) -> SampleSet:
     """Load and validate calibration or validation data for ``model``.
 
@@ -183,6 +227,8 @@ def load_samples(
         model: the source model whose inputs the data must feed.
         role: ``"calibration"`` or ``"validation"``, for messages.
         max_samples: use at most this many samples (the first ones).
+        state: state input to the output fed back into it (see "Streams"
+            above); check it with :func:`check_state` first.
 
     Raises:
         DataError: unreadable file, missing or extra arrays, wrong dtype, a
@@ -196,8 +242,10 @@ def load_samples(
         raw = source
     else:
         raise DataError(f"{role} data must be a .npz path or a mapping of input name to array")
+    state = dict(state or {})
+    raw, label_raw, stream_raw = _split_reserved(role, raw, model, state)
     specs = {s.name: s for s in model.inputs}
-    missing = [n for n in specs if n not in raw]
+    missing = [n for n in specs if n not in raw and n not in state]
     extra = sorted(n for n in raw if n not in specs)
     if missing or extra:
         parts = []
@@ -211,17 +259,147 @@ def load_samples(
     arrays: dict[str, Array] = {}
     batched: dict[str, bool] = {}
     for name, spec in specs.items():
-        arrays[name], batched[name] = _one_array(role, spec, raw[name])
+        if name in raw:
+            arrays[name], batched[name] = _one_array(role, spec, raw[name])
+    if not arrays:
+        raise DataError(
+            f"{role} data: give at least one input array besides the state input(s) "
+            f"{', '.join(map(repr, state))}"
+        )
     counts = {name: int(a.shape[0]) for name, a in arrays.items()}
+    counts.update({f"{LABEL_PREFIX}{n}": int(np.shape(a)[0]) for n, a in label_raw.items()})
+    if stream_raw is not None:
+        counts[STREAM_KEY] = int(stream_raw.shape[0])
     if len(set(counts.values())) > 1:
         listing = ", ".join(f"{n}: {c}" for n, c in counts.items())
         raise DataError(f"{role} arrays have different sample counts ({listing})")
     total = next(iter(counts.values()))
+    for name, spec in specs.items():
+        if name not in arrays:
+            # A state input left out starts every stream from zeros.
+            arrays[name] = np.zeros(
+                (total, *(1 if d is None else d for d in spec.shape)), dtype=np.dtype(spec.dtype)
+            )
+            batched[name] = False
+    arrays = {n: arrays[n] for n in specs}
     _check_symbolic(role, model, arrays, batched)
     count = total if max_samples is None else max(1, min(total, max_samples))
+    if state and count < total:
+        # Cut at a stream boundary when at least one whole stream fits.
+        whole = [stop for _, stop in _stream_ranges(stream_raw, total) if stop <= count]
+        count = whole[-1] if whole else count
+    labels = {n: np.asarray(a) for n, a in label_raw.items()}
     if count < total:
         arrays = {n: a[:count] for n, a in arrays.items()}
-    return SampleSet(role=role, arrays=arrays, batched=batched, count=count, total=total)
+        labels = {n: a[:count] for n, a in labels.items()}
+    streams: tuple[tuple[int, int], ...] = ()
+    if state:
+        ids = None if stream_raw is None else stream_raw[:count]
+        streams = _stream_ranges(ids, count)
+    return SampleSet(
+        role=role,
+        arrays=arrays,
+        batched=batched,
+        count=count,
+        total=total,
+        state=state,
+        streams=streams,
+        labels=labels if role != "calibration" else {},
+    )
+
+
+def check_state(model: SourceModel, state: Mapping[str, str] | None) -> dict[str, str]:
+    """Validate a state mapping ``{input: output}`` against the model.
+
+    Raises:
+        DataError: an unknown input or output name, an output used twice, or a
+            state output whose dtype or fixed shape differs from its input's.
+    """
+    mapping = dict(state or {})
+    ins = {s.name: s for s in model.inputs}
+    outs = {s.name: s for s in model.outputs}
+    used: set[str] = set()
+    for i, o in mapping.items():
+        if i not in ins:
+            raise DataError(
+                f"state {i}={o}: {i!r} is not a model input (inputs: {', '.join(map(repr, ins))})"
+            )
+        if o not in outs:
+            raise DataError(
+                f"state {i}={o}: {o!r} is not a model output "
+                f"(outputs: {', '.join(map(repr, outs))})"
+            )
+        if o in used:
+            raise DataError(f"state output {o!r} is fed back into more than one input")
+        used.add(o)
+        si, so = ins[i], outs[o]
+        if si.dtype != so.dtype:
+            raise DataError(
+                f"state {i}={o}: input {i!r} is {si.dtype} but output {o!r} is {so.dtype}"
+            )
+        fixed_clash = len(si.shape) == len(so.shape) and any(
+            a is not None and b is not None and a != b
+            for a, b in zip(si.shape, so.shape, strict=True)
+        )
+        if fixed_clash or (si.shape and so.shape and len(si.shape) != len(so.shape)):
+            raise DataError(
+                f"state {i}={o}: output shape {_shape_text(so.shape)} cannot feed input "
+                f"shape {_shape_text(si.shape)}"
+            )
+    return mapping
+
+
+def _split_reserved(
+    role: str, raw: Mapping[str, npt.ArrayLike], model: SourceModel, state: Mapping[str, str]
+) -> tuple[dict[str, npt.ArrayLike], dict[str, Array], Array | None]:
+    """Separate ``label:<output>`` and ``stream:id`` arrays from the input arrays."""
+    inputs: dict[str, npt.ArrayLike] = {}
+    labels: dict[str, Array] = {}
+    stream: Array | None = None
+    outputs = [o.name for o in model.outputs]
+    input_names = {s.name for s in model.inputs}
+    for key, value in raw.items():
+        if key in input_names:
+            inputs[key] = value
+        elif key.startswith(LABEL_PREFIX):
+            out = key[len(LABEL_PREFIX) :]
+            if out not in outputs:
+                raise DataError(
+                    f"{role} array {key!r}: {out!r} is not a model output "
+                    f"(outputs: {', '.join(map(repr, outputs))})"
+                )
+            arr = np.asarray(value)
+            if arr.ndim == 0 or arr.shape[0] == 0 or arr.dtype.kind not in "biuf":
+                raise DataError(
+                    f"{role} array {key!r} must hold numeric labels with samples along axis 0"
+                )
+            if arr.dtype.kind == "f" and not np.all(np.isfinite(arr)):
+                raise DataError(f"{role} array {key!r} contains NaN or infinity")
+            labels[out] = arr
+        elif key == STREAM_KEY:
+            if not state:
+                raise DataError(
+                    f"{role} array {STREAM_KEY!r} marks streams, which only a state mapping "
+                    "(--state IN=OUT) uses"
+                )
+            arr = np.asarray(value)
+            if arr.ndim != 1 or arr.dtype.kind not in "biu" or arr.shape[0] == 0:
+                raise DataError(
+                    f"{role} array {STREAM_KEY!r} must be one integer stream id per sample, "
+                    f"shape (samples,); got {arr.dtype} {list(arr.shape)}"
+                )
+            stream = arr
+        else:
+            inputs[key] = value
+    return inputs, labels, stream
+
+
+def _stream_ranges(ids: Array | None, count: int) -> tuple[tuple[int, int], ...]:
+    """``(start, stop)`` per stream: a new stream wherever the id changes."""
+    if ids is None:
+        return ((0, count),)
+    starts = [0, *(int(i) for i in np.flatnonzero(ids[1:] != ids[:-1]) + 1)]
+    return tuple(zip(starts, [*starts[1:], count], strict=True))
 
 
 def _check_symbolic(

@@ -18,6 +18,8 @@ applied to the ``fp32`` candidate: that one ships the source bytes as given.
 
 from __future__ import annotations
 
+import heapq
+
 import numpy as np
 import onnx
 from onnx import numpy_helper
@@ -203,3 +205,56 @@ def flatten_gemm_biases(model: onnx.ModelProto) -> list[str]:
         del graph.value_info[:]
         graph.value_info.extend(kept)
     return changed
+
+
+def _consumed(node: onnx.NodeProto) -> set[str]:
+    """Every value ``node`` reads, its subgraphs' outer-scope reads included.
+
+    Names produced inside a subgraph are counted too (an over-approximation):
+    no top-level node produces them, so they add no ordering constraint.
+    """
+    names = {name for name in node.input if name}
+    stack = _subgraphs(node)
+    while stack:
+        graph = stack.pop()
+        for inner in graph.node:
+            names.update(name for name in inner.input if name)
+            stack.extend(_subgraphs(inner))
+    return names
+
+
+def sort_topologically(graph: onnx.GraphProto) -> bool:
+    """Order ``graph``'s nodes so each comes after the nodes whose outputs it reads.
+
+    Some converters (onnxruntime's fp16 converter with ``keep_io_types``)
+    append the nodes they add after their consumers. onnxruntime sorts for
+    itself, but the ONNX checker, and every tool that follows it, refuses such
+    a graph. Stable: nodes already in order keep their order. A cycle leaves
+    the graph as it is (the checker will name it).
+
+    Returns:
+        Whether the order changed.
+    """
+    nodes = list(graph.node)
+    producer = {out: i for i, node in enumerate(nodes) for out in node.output if out}
+    waiting = [0] * len(nodes)  # how many producers each node still waits for
+    readers: list[list[int]] = [[] for _ in nodes]
+    for i, node in enumerate(nodes):
+        for j in {producer[n] for n in _consumed(node) if n in producer and producer[n] != i}:
+            waiting[i] += 1
+            readers[j].append(i)
+    ready = [i for i, count in enumerate(waiting) if count == 0]
+    heapq.heapify(ready)  # the earliest ready node first: stable
+    placed: list[int] = []
+    while ready:
+        i = heapq.heappop(ready)
+        placed.append(i)
+        for reader in readers[i]:
+            waiting[reader] -= 1
+            if waiting[reader] == 0:
+                heapq.heappush(ready, reader)
+    if len(placed) < len(nodes) or placed == list(range(len(nodes))):
+        return False  # in order already, or a cycle (not ours to hide: the checker names it)
+    del graph.node[:]
+    graph.node.extend(nodes[i] for i in placed)
+    return True

@@ -17,6 +17,26 @@ The steps, and why they are in this order:
 
 Nothing that failed the gate can be chosen; if nothing passes, the compile
 raises :class:`ToleranceError` naming the closest candidates.
+
+Objectives (:func:`apply_objective`): ``latency`` ships the fastest passing
+candidate and never one slower than fp32; ``size`` ships the smallest
+passing candidate whose p50 is at most 1.1x fp32's. The report's notes say
+which objective chose what.
+
+Cost, and why it scales with the model rather than with the recipe count:
+
+* Candidates are built one after another from one pre-processed model; only
+  the live sessions of built candidates are kept.
+* Static int8 calibrates once per method (minmax, percentile, entropy):
+  onnxruntime's calibration cache in a per-compile work directory is
+  reused by the per-channel, per-tensor, node-fallback and sensitivity-retry
+  candidates. Calibration runs in strides of <= 8 samples
+  (``CalibStridedMinMax``), so the histogram calibrators hold the
+  activations of 8 samples at a time, not of every sample.
+* Weight-only int8 and int4 need no calibration: one pass over the weights.
+* Timing is interleaved rounds of every candidate; the number of rounds is
+  cut so the rounds fit a 12 s budget (never fewer than 10), from a probe of
+  the fp32 latency.
 """
 
 from __future__ import annotations
@@ -25,6 +45,7 @@ import dataclasses
 import hashlib
 import math
 import platform
+import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -32,11 +53,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 
 from edgefleet.controller.compiler.data import (
     DataSource,
     Feed,
     SampleSet,
+    check_state,
     load_samples,
     synthetic_feed,
 )
@@ -51,14 +74,20 @@ from edgefleet.controller.compiler.errors import (
 from edgefleet.controller.compiler.evaluate import (
     Accuracy,
     LatencyStats,
+    check_labels,
+    check_metrics,
     compare_outputs,
     measure_latency,
-    parse_metric,
+    record_stream_states,
     run_samples,
 )
-from edgefleet.controller.compiler.profiles import Profile
+from edgefleet.controller.compiler.profiles import SIZE_MAX_LATENCY_RATIO, Profile
 from edgefleet.controller.compiler.recipe_base import BuildInput, Built, Recipe, SourceRecipe
-from edgefleet.controller.compiler.recipes import default_recipes, prepare_for_quantization
+from edgefleet.controller.compiler.recipes import (
+    WeightOnlyInt8Recipe,
+    default_recipes,
+    prepare_for_quantization,
+)
 from edgefleet.controller.compiler.report import (
     Attempt,
     CandidateReport,
@@ -67,7 +96,7 @@ from edgefleet.controller.compiler.report import (
     Variant,
     select,
 )
-from edgefleet.controller.compiler.sensitivity import rank_sensitive_nodes
+from edgefleet.controller.compiler.sensitivity import NodeSensitivity, rank_sensitive_nodes
 from edgefleet.controller.compiler.source import (
     SourceModel,
     first_line,
@@ -82,9 +111,16 @@ from edgefleet.controller.compiler.tflite import (
 )
 from edgefleet.protocols.hardware import normalize_arch, normalize_features
 from edgefleet.shared.hardware import read_cpuinfo
-from edgefleet.shared.runtime import is_tflite
+from edgefleet.shared.runtime import is_tflite, onnx_session_config
 
-__all__ = ["compile_model", "host_info", "load_source"]
+# Timing every candidate in interleaved rounds is budgeted: rounds are cut
+# (to no fewer than MIN_TIMING_ROUNDS) when they would take longer than this.
+TIMING_BUDGET_S = 12.0
+MIN_TIMING_ROUNDS = 10
+# After the per-node sensitivity attempts: how many whole op types may be kept float.
+OP_FALLBACK_ATTEMPTS = 2
+
+__all__ = ["apply_objective", "compile_model", "host_info", "load_source", "make_onnx_session"]
 
 
 def load_source(source: Path | str | bytes) -> SourceModel:
@@ -188,7 +224,76 @@ def _session_factory(src: SourceModel) -> Callable[[bytes], Any]:
     """How candidates of this source are loaded for measuring: onnxruntime or TFLite."""
     if src.format == "tflite":
         return make_tflite_session
-    return make_session
+    return make_onnx_session
+
+
+def make_onnx_session(model: bytes) -> Any:
+    """An onnxruntime session opened the way the agent will open this model.
+
+    Like :func:`~edgefleet.controller.compiler.source.make_session`, plus the
+    session config entries the model asks for in its metadata (weight-only
+    int8 asks for ``session.disable_quant_qdq=1``), read by the same
+    :func:`~edgefleet.shared.runtime.onnx_session_config` as the agent's
+    backend: a candidate is timed exactly as the gateway will run it.
+    """
+    config = onnx_session_config(model)
+    if not config:
+        return make_session(model)
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.log_severity_level = 3
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    for key, value in config.items():
+        so.add_session_config_entry(key, value)
+    return ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
+
+
+def apply_objective(
+    reports: Sequence[CandidateReport], profile: Profile
+) -> tuple[list[CandidateReport], str]:
+    """The objective's own limits, applied before the shared selection rule; and what it means.
+
+    ``latency`` (the default): the fastest candidate that passes the gate,
+    never slower than fp32 (:func:`~edgefleet.controller.compiler.report.select`
+    rejects p50 > fp32). ``size``, for bandwidth-bound fleets: the smallest
+    candidate that passes the gate *and* runs within
+    :data:`~edgefleet.controller.compiler.profiles.SIZE_MAX_LATENCY_RATIO` of
+    fp32's p50; slower ones are rejected here with that reason, the rest are
+    ranked smallest first by ``select``.
+
+    Returns:
+        The candidates (over-slow ones rejected) and a sentence for the
+        report's notes saying how the objective chooses.
+    """
+    if profile.objective == "latency":
+        return list(reports), (
+            f"objective latency (profile {profile.name}): the fastest candidate that passes "
+            "the accuracy gate, never slower than fp32; within 5% of the fastest, the smaller wins"
+        )
+    cap = SIZE_MAX_LATENCY_RATIO
+    out: list[CandidateReport] = []
+    for cand in reports:
+        # A candidate failing the gate keeps that reason (select gives it).
+        gated_out = cand.accuracy is not None and not cand.accuracy.passed
+        too_slow = cand.latency_ratio is None or cand.latency_ratio > cap
+        if cand.status != "measured" or gated_out or not too_slow:
+            out.append(cand)
+            continue
+        what = (
+            "latency not measured"
+            if cand.latency_ratio is None
+            else f"p50 {cand.latency_ratio:.2f}x fp32"
+        )
+        reason = f"objective size allows at most {cap:g}x fp32 latency: {what}"
+        out.append(dataclasses.replace(cand, status="rejected", reason=reason, rank=None))
+    return out, (
+        f"objective size (profile {profile.name}): the smallest candidate that passes the "
+        f"accuracy gate with p50 latency <= {cap:g}x fp32"
+    )
 
 
 def _describe_error(exc: BaseException) -> str:
@@ -209,6 +314,7 @@ class _Compiler:
         validation: SampleSet | None,
         calibration: SampleSet | None,
         metrics: Mapping[str, str] | None,
+        max_accuracy_drop: float | None = None,
     ) -> None:
         self.src = src
         self.profile = profile
@@ -216,12 +322,17 @@ class _Compiler:
         self.validation = validation
         self.calibration = calibration
         self.metrics = metrics
+        self.max_accuracy_drop = max_accuracy_drop
         self.output_names = [o.name for o in src.outputs]
         self.reference: list[list[Any]] | None = None
         self.notes: list[str] = []
         self.reports: list[CandidateReport] = []
         self.lives: dict[str, _Live] = {}
         self.session = _session_factory(src)
+        # Lives as long as the compile: the shared calibration caches.
+        self._work = tempfile.TemporaryDirectory(prefix="edgefleet-compile-")
+        self.work_dir = Path(self._work.name)
+        self.iterations_used = 0
         self.runtime = "tflite" if src.format == "tflite" else "onnxruntime"
 
     def prepare(self) -> BuildInput:
@@ -239,13 +350,13 @@ class _Compiler:
         except Exception as exc:  # noqa: BLE001 - recorded; the compile goes on
             error = _describe_error(exc)
             self.notes.append(f"pre-processing failed ({error}); recipes needing it fail")
-        return BuildInput(self.src, prepared, error, self.calibration)
+        return BuildInput(self.src, prepared, error, self.calibration, work_dir=self.work_dir)
 
     def build_all(self, recipes: Sequence[Recipe], inp: BuildInput) -> None:
         for recipe in recipes:
             reason = recipe.skip_reason(
                 self.profile, self.src, has_calibration=self.calibration is not None
-            )
+            ) or self.calibration_settled(recipe)
             if reason is not None:
                 self.reports.append(
                     CandidateReport(
@@ -264,18 +375,53 @@ class _Compiler:
             if live is not None:
                 self.lives[rep.name] = live
 
-    def retry_closest_static(self, inp: BuildInput, attempts: int) -> None:
-        """Sensitivity retry of the closest failing static int8 candidate only.
+    def calibration_settled(self, recipe: Recipe) -> str | None:
+        """Why an alternative calibration of static int8 is not worth building, or ``None``.
 
-        Retrying one keeps the cost bounded however many static recipes
-        failed; the closest one needs the fewest nodes kept in float.
+        Percentile and entropy calibration build the same graph as minmax
+        with other activation ranges: they can only change accuracy, not size
+        or speed, and their histogram calibration is the costliest step of a
+        compile. Once a minmax candidate with the same weight granularity
+        passes the gate, they are skipped.
         """
+        method = getattr(recipe, "method", None)
+        if not recipe.static_int8 or method in (None, "minmax") or self.validation is None:
+            return None
+        per_channel = getattr(recipe, "per_channel", None)
+        for lv in self.lives.values():
+            if (
+                lv.recipe.static_int8
+                and getattr(lv.recipe, "method", None) == "minmax"
+                and getattr(lv.recipe, "per_channel", None) == per_channel
+                and lv.report.accuracy is not None
+                and lv.report.accuracy.passed
+            ):
+                return (
+                    f"{lv.report.name} already passes the accuracy gate; {method} calibration "
+                    "builds the same graph and could only change accuracy (skipped to save "
+                    "compile time)"
+                )
+        return None
+
+    def retry_closest_static(self, inp: BuildInput, attempts: int) -> None:
+        """Sensitivity retries: the closest failing static int8 candidate, then weight-only int8.
+
+        Retrying one static candidate keeps the cost bounded however many
+        static recipes failed; the closest one needs the fewest nodes kept in
+        float. Weight-only int8 is retried the same way (its error comes
+        from a few weight tensors, which the same ranking finds).
+        """
+        self.retry_closest(inp, attempts, lambda r: r.static_int8)
+        self.retry_closest(inp, attempts, lambda r: isinstance(r, WeightOnlyInt8Recipe))
+
+    def retry_closest(self, inp: BuildInput, attempts: int, kind: Callable[[Recipe], bool]) -> None:
         failing = [
             lv
             for lv in self.lives.values()
-            if lv.recipe.static_int8
+            if kind(lv.recipe)
             and lv.report.accuracy is not None
             and not lv.report.accuracy.passed
+            and not lv.report.excluded_nodes
         ]
         if not failing:
             return
@@ -305,6 +451,9 @@ class _Compiler:
                 for name, lv in self.lives.items()
                 if not isinstance(lv.recipe, SourceRecipe)
             }
+        )
+        iterations = self.bounded_iterations(
+            sessions[baseline_key], feed, len(sessions), iterations
         )
         stats, errors = measure_latency(sessions, feed, iterations=iterations, warmup=warmup)
         baseline = stats.get(baseline_key)
@@ -343,6 +492,37 @@ class _Compiler:
         self.reports = updated
         return baseline, feed_name
 
+    def bounded_iterations(self, baseline: Any, feed: Feed, sessions: int, asked: int) -> int:
+        """Timing rounds, fewer when ``asked`` rounds of every candidate would exceed the budget.
+
+        A few probe runs of the fp32 source estimate one round's cost
+        (``sessions`` x fp32 latency); the rounds are then cut to fit
+        :data:`TIMING_BUDGET_S`, but never below :data:`MIN_TIMING_ROUNDS`,
+        so timing scales with model size instead of multiplying it by 50.
+        """
+        self.iterations_used = asked
+        try:
+            baseline.run(None, feed)  # first run allocates: not a round's cost
+            started = time.perf_counter()
+            for _ in range(3):
+                baseline.run(None, feed)
+            per_run = (time.perf_counter() - started) / 3
+        except Exception:  # noqa: BLE001 - measure() reports the fp32 failure itself
+            return asked
+        fits = int(TIMING_BUDGET_S / max(per_run * sessions, 1e-9))
+        used = min(asked, max(MIN_TIMING_ROUNDS, fits))
+        if used < asked:
+            self.notes.append(
+                f"latency: {used} interleaved rounds instead of {asked} (fp32 runs "
+                f"{per_run * 1e3:.1f} ms, {sessions} models, {TIMING_BUDGET_S:g} s timing budget)"
+            )
+        self.iterations_used = used
+        return used
+
+    def close(self) -> None:
+        """Remove the compile's working files (calibration caches)."""
+        self._work.cleanup()
+
     def reference_outputs(self) -> None:
         session = self.session(self.src.data)
         if self.calibration is not None:
@@ -351,6 +531,12 @@ class _Compiler:
             except Exception as exc:  # noqa: BLE001 - the runtimes raise RuntimeError subclasses
                 raise DataError(
                     f"the fp32 source cannot run calibration sample 0: {first_line(exc)}"
+                ) from None
+            try:
+                self.calibration = record_stream_states(session, self.calibration)
+            except Exception as exc:  # noqa: BLE001 - as above
+                raise DataError(
+                    f"the fp32 source cannot run the calibration streams: {first_line(exc)}"
                 ) from None
         if self.validation is None:
             return
@@ -361,6 +547,10 @@ class _Compiler:
                 f"the fp32 source cannot run the validation data: {first_line(exc)}"
             ) from None
         _check_reference(self.reference, self.output_names)
+        try:
+            check_labels(self.reference, self.output_names, self.validation, self.metrics)
+        except ValueError as exc:
+            raise DataError(f"validation labels: {exc}") from None
 
     def score(self, session: Any) -> Accuracy | None:
         if self.validation is None or self.reference is None:
@@ -372,6 +562,8 @@ class _Compiler:
             self.output_names,
             tolerance=self.tolerance,
             metrics=self.metrics,
+            samples=self.validation,
+            max_accuracy_drop=self.max_accuracy_drop,
         )
 
     def build_one(
@@ -419,6 +611,52 @@ class _Compiler:
         report = dataclasses.replace(base, status="measured", accuracy=accuracy)
         return _Live(recipe, built, session, report), report
 
+    def op_type_fallback(
+        self,
+        recipe: Recipe,
+        inp: BuildInput,
+        name: str,
+        excluded: list[str],
+        ranking: Sequence[NodeSensitivity],
+        history: list[Attempt],
+        result: tuple[_Live | None, CandidateReport],
+    ) -> tuple[_Live | None, CandidateReport]:
+        """Per-operator fallback after the per-node attempts failed.
+
+        When the error is spread over many nodes of one op type (every
+        MatMul of a block, every LayerNorm Mul), excluding nodes one by one
+        runs out of attempts. The op types are ranked by the error their
+        nodes add in total (the last sensitivity ranking), and all nodes of
+        the worst type, then of the next, stay float, at most
+        :data:`OP_FALLBACK_ATTEMPTS` times; it stops at the first pass.
+        """
+        assert inp.prepared is not None
+        totals: dict[str, float] = {}
+        for sens in ranking:
+            if sens.node not in excluded and math.isfinite(sens.added):
+                totals[sens.op_type] = totals.get(sens.op_type, 0.0) + sens.added
+        graph = onnx.load_model_from_string(inp.prepared).graph
+        worst = sorted(totals, key=lambda op: (-totals[op], op))[:OP_FALLBACK_ATTEMPTS]
+        for op in worst:
+            excluded.extend(
+                n.name for n in graph.node if n.op_type == op and n.name not in excluded
+            )
+            new_live, rep = self.build_one(recipe, inp, name=name, exclude=excluded)
+            passed = bool(rep.accuracy and rep.accuracy.passed)
+            history.append(
+                Attempt(
+                    tuple(excluded),
+                    rep.score,
+                    passed,
+                    sensitive=tuple(s for s in ranking if s.op_type == op)[:5],
+                    error=None if new_live else rep.reason,
+                )
+            )
+            result = (new_live, rep)
+            if new_live is None or passed:
+                break
+        return result
+
     def retry_sensitive(
         self, live: _Live, inp: BuildInput, attempts: int
     ) -> tuple[_Live | None, CandidateReport] | None:
@@ -426,7 +664,8 @@ class _Compiler:
 
         Attempt *k* (0-based) adds the ``2**k`` most sensitive nodes not yet
         excluded, re-ranking on the latest model each time, and stops at the
-        first attempt that passes. Ranking uses the calibration samples, so
+        first attempt that passes. If none does, whole op types follow
+        (:meth:`op_type_fallback`). Ranking uses the calibration samples, so
         the validation samples stay an independent check.
         """
         if inp.prepared is None or self.calibration is None:
@@ -436,6 +675,7 @@ class _Compiler:
         current = live
         result: tuple[_Live | None, CandidateReport] | None = None
         name = f"{live.recipe.name}+exclude"
+        last_ranking: list[NodeSensitivity] = []
         for k in range(attempts):
             try:
                 ranking = rank_sensitive_nodes(
@@ -454,6 +694,7 @@ class _Compiler:
                     )
                 )
                 break
+            last_ranking = ranking
             fresh = [s for s in ranking if s.node not in excluded][: 2**k]
             if not fresh:
                 break
@@ -473,6 +714,11 @@ class _Compiler:
             if new_live is None or passed:
                 break
             current = new_live
+            last_ranking = ranking
+        if result is not None and result[0] is not None and not history[-1].passed:
+            result = self.op_type_fallback(
+                live.recipe, inp, name, excluded, last_ranking, history, result
+            )
         if result is None:
             return None
         new_live, rep = result
@@ -491,6 +737,8 @@ def compile_model(
     tolerance: float = 0.01,
     recipes: Sequence[str | Recipe] | None = None,
     metrics: Mapping[str, str] | None = None,
+    state: Mapping[str, str] | None = None,
+    max_accuracy_drop: float | None = None,
     latency_iterations: int = 50,
     latency_warmup: int = 5,
     max_calibration_samples: int = 128,
@@ -515,8 +763,16 @@ def compile_model(
             agreement for classifier outputs, mean cosine otherwise).
         recipes: recipe names or objects to try; ``None`` (or ``"auto"``) is
             every built-in recipe the profile and op mix call for.
-        metrics: per output name, force ``top1``, ``cosine``, ``exact`` or
-            ``threshold:T`` (decision agreement at ``T``).
+        metrics: per output name, force ``top1``, ``topk:K``, ``cosine``,
+            ``mae:X``, ``exact`` or ``threshold:T`` (decision agreement at ``T``);
+            see :mod:`~edgefleet.controller.compiler.evaluate`.
+        state: state input name to the output fed back into it: validation
+            (and calibration) samples are then consecutive steps of streams,
+            each model runs its own state through them and every step is
+            scored (see :mod:`~edgefleet.controller.compiler.data`).
+        max_accuracy_drop: with ``label:<output>`` arrays in the validation
+            data, also fail a candidate whose label accuracy is more than
+            this below fp32's.
         latency_iterations: interleaved timing rounds.
         latency_warmup: untimed runs per model first.
         max_calibration_samples / max_validation_samples: use at most this
@@ -540,20 +796,35 @@ def compile_model(
     started = time.time()
     src = load_source(source)
     _check_format(src, profile)
-    _check_metrics(src, metrics)
+    metrics = _check_metrics(src, metrics)
+    state = check_state(src, state)
+    if max_accuracy_drop is not None and not (0.0 <= max_accuracy_drop <= 1.0):
+        raise CompileError(f"max_accuracy_drop must be in [0, 1], got {max_accuracy_drop!r}")
     chosen_recipes = _resolve_recipes(profile, recipes)
     val = (
         None
         if validation is None
-        else load_samples(validation, src, role="validation", max_samples=max_validation_samples)
+        else load_samples(
+            validation, src, role="validation", max_samples=max_validation_samples, state=state
+        )
     )
     cal = (
         None
         if calibration is None
-        else load_samples(calibration, src, role="calibration", max_samples=max_calibration_samples)
+        else load_samples(
+            calibration, src, role="calibration", max_samples=max_calibration_samples, state=state
+        )
     )
+    if max_accuracy_drop is not None and (val is None or not val.labels):
+        raise CompileError("max_accuracy_drop needs 'label:<output>' arrays in the validation data")
     comp = _Compiler(
-        src, profile, tolerance=float(tolerance), validation=val, calibration=cal, metrics=metrics
+        src,
+        profile,
+        tolerance=float(tolerance),
+        validation=val,
+        calibration=cal,
+        metrics=metrics,
+        max_accuracy_drop=max_accuracy_drop,
     )
     comp.reference_outputs()
     if src.lifted_constants:
@@ -570,8 +841,11 @@ def compile_model(
     if sensitivity_attempts > 0:
         comp.retry_closest_static(inp, sensitivity_attempts)
     baseline, feed_name = comp.measure(latency_iterations, latency_warmup)
-    judged = select(comp.reports, profile, tolerance=float(tolerance))
+    comp.close()
+    capped, objective_note = apply_objective(comp.reports, profile)
+    judged = select(capped, profile, tolerance=float(tolerance))
     ranked = sorted((c for c in judged if c.rank is not None), key=lambda c: c.rank or 0)
+    comp.notes.append(objective_note + _chosen_note(ranked))
     host = host_info(profile)
     if not host.get("matches_profile", True):
         comp.notes.append(
@@ -599,7 +873,7 @@ def compile_model(
         calibration_samples=0 if cal is None else cal.count,
         baseline_latency=baseline,
         latency_config={
-            "iterations": latency_iterations,
+            "iterations": comp.iterations_used or latency_iterations,
             "warmup": latency_warmup,
             "intra_op_threads": 1,
             "runtime": comp.runtime,
@@ -628,6 +902,15 @@ def compile_model(
         for c in ranked
     ]
     return CompileResult(report=report, chosen=variants)
+
+
+def _chosen_note(ranked: Sequence[CandidateReport]) -> str:
+    if not ranked:
+        return "; nothing qualified"
+    best = ranked[0]
+    size = f"{1 / best.size_ratio:.2f}x smaller" if best.size_ratio else "size n/a"
+    lat = f"p50 {best.latency_ratio:.2f}x fp32" if best.latency_ratio is not None else "latency n/a"
+    return f"; chose {best.name} ({size}, {lat})"
 
 
 def _check_job(
@@ -664,15 +947,11 @@ def _check_format(src: SourceModel, profile: Profile) -> None:
         )
 
 
-def _check_metrics(src: SourceModel, metrics: Mapping[str, str] | None) -> None:
-    names = {o.name for o in src.outputs}
-    for out, metric in (metrics or {}).items():
-        if out not in names:
-            raise CompileError(f"metric override for unknown output {out!r}")
-        try:
-            parse_metric(metric)
-        except ValueError as exc:
-            raise CompileError(f"metric for {out!r}: {exc}") from None
+def _check_metrics(src: SourceModel, metrics: Mapping[str, str] | None) -> dict[str, str]:
+    try:
+        return check_metrics(src.outputs, metrics)
+    except ValueError as exc:
+        raise CompileError(str(exc)) from None
 
 
 def _raise_nothing_chosen(report: CompileReport) -> None:

@@ -46,6 +46,7 @@ __all__ = [
     "BUILTIN_PROFILES",
     "COMPILER_PRECISIONS",
     "OBJECTIVES",
+    "SIZE_MAX_LATENCY_RATIO",
     "Profile",
     "get_profile",
     "load_profiles",
@@ -56,10 +57,12 @@ __all__ = [
 
 ARCHES = ("x86_64", "arm64", "any")
 OBJECTIVES = ("latency", "size")
+# The ``size`` objective takes the smallest passing variant, but not one that
+# is more than this much slower than fp32 (p50, same interleaved rounds).
+SIZE_MAX_LATENCY_RATIO = 1.1
 PROFILE_RUNTIMES = ("onnxruntime", "tflite")
-# What this compiler can produce. int4 (weight-only) is built for TFLite only;
-# an onnxruntime profile asking for it would silently get nothing, so it is
-# refused there.
+# What this compiler can produce. int4 is weight-only: litert-quantizer for
+# TFLite, onnxruntime's MatMulNBits/GatherBlockQuantized for ONNX.
 COMPILER_PRECISIONS = ("fp32", "fp16", "int8", "int4")
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 
@@ -77,8 +80,10 @@ class Profile:
         cpu_features: features a device must have to use this profile.
         precisions: precisions a variant may have on these devices.
         max_bundle_bytes: largest model file these devices accept (``None``: any).
-        objective: ``"latency"`` picks the fastest passing variant, then the
-            smallest; ``"size"`` picks the smallest, then the fastest.
+        objective: ``"latency"`` picks the fastest variant that passes the
+            accuracy gate, never slower than fp32; ``"size"`` (bandwidth-bound
+            fleets) picks the smallest that passes the gate with p50 latency
+            at most :data:`SIZE_MAX_LATENCY_RATIO` times fp32's.
         description: free text for operators.
     """
 
@@ -201,8 +206,6 @@ def _profile_problems(p: Profile) -> list[str]:
             f"precisions {', '.join(map(repr, bad))} not supported; "
             f"use {', '.join(COMPILER_PRECISIONS)}"
         )
-    if "int4" in p.precisions and p.runtime != "tflite":
-        problems.append("precision 'int4' is not supported for onnxruntime profiles (tflite only)")
     if len(set(p.precisions)) != len(p.precisions):
         problems.append("precisions must not repeat")
     if p.objective not in OBJECTIVES:
@@ -224,7 +227,7 @@ BUILTIN_PROFILES: Mapping[str, Profile] = {
             runtime="onnxruntime",
             arch="x86_64",
             cpu_features=frozenset({"avx2", "vnni"}),
-            precisions=("fp32", "fp16", "int8"),
+            precisions=("fp32", "fp16", "int8", "int4"),
             max_bundle_bytes=512 * _MB,
             objective="latency",
             description="x86-64 gateways with AVX2 and VNNI (Ice Lake+, Zen 4+, Alder Lake+)",
@@ -234,7 +237,7 @@ BUILTIN_PROFILES: Mapping[str, Profile] = {
             runtime="onnxruntime",
             arch="x86_64",
             cpu_features=frozenset({"avx2"}),
-            precisions=("fp32", "fp16", "int8"),
+            precisions=("fp32", "fp16", "int8", "int4"),
             max_bundle_bytes=512 * _MB,
             objective="latency",
             description="x86-64 gateways with AVX2 but no VNNI (Haswell-Skylake, Zen 1-3)",
@@ -244,7 +247,7 @@ BUILTIN_PROFILES: Mapping[str, Profile] = {
             runtime="onnxruntime",
             arch="arm64",
             cpu_features=frozenset({"asimd", "asimddp"}),
-            precisions=("fp32", "fp16", "int8"),
+            precisions=("fp32", "fp16", "int8", "int4"),
             max_bundle_bytes=256 * _MB,
             objective="latency",
             description="ARMv8.2+ gateways with dot-product instructions (Cortex-A55/A76, RPi 5)",
@@ -254,7 +257,7 @@ BUILTIN_PROFILES: Mapping[str, Profile] = {
             runtime="onnxruntime",
             arch="arm64",
             cpu_features=frozenset({"asimd"}),
-            precisions=("fp32", "fp16", "int8"),
+            precisions=("fp32", "fp16", "int8", "int4"),
             max_bundle_bytes=128 * _MB,
             objective="latency",
             description="ARMv8.0 gateways without dot-product (Cortex-A53/A72, RPi 3/4)",

@@ -18,6 +18,7 @@ import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from edgefleet.controller.compiler.data import SampleSet
@@ -48,12 +49,16 @@ class BuildInput:
             optimisation, as the quantizers want it; ``None`` when that failed.
         prepare_error: why preparation failed, for the candidates that need it.
         calibration: calibration samples, if any.
+        work_dir: a directory that lives as long as the compile; static int8
+            recipes keep one calibration cache per method there, so the
+            per-channel, per-tensor and retry candidates calibrate once.
     """
 
     source: SourceModel
     prepared: bytes | None
     prepare_error: str | None = None
     calibration: SampleSet | None = None
+    work_dir: Path | None = None
 
     def need_prepared(self) -> bytes:
         if self.prepared is None:

@@ -29,12 +29,13 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from edgefleet.controller.compiler.errors import ReportFormatError
-from edgefleet.controller.compiler.evaluate import Accuracy, LatencyStats
+from edgefleet.controller.compiler.evaluate import Accuracy, LatencyStats, OutputScore
 from edgefleet.controller.compiler.profiles import Profile
 from edgefleet.controller.compiler.sensitivity import NodeSensitivity
 from edgefleet.protocols.bundle import TensorSpec
@@ -200,21 +201,43 @@ def _pct(x: float) -> str:
     return f"{x * 100:.2f}%"
 
 
+def _metric_words(o: OutputScore) -> str:
+    """What an output's score measures, in words: ``decision agreement at 0.5``."""
+    kind, _, arg = o.metric.partition(":")
+    words = {
+        "cosine": "cosine",
+        "threshold": f"decision agreement at {arg}",
+        "mae": f"share of samples with mean abs error <= {arg}",
+        "topk": f"top-{arg} overlap",
+    }.get(kind, f"{o.metric} agreement")
+    if o.streams:
+        words += f" over {o.streams} stream(s) with fed-back state"
+    return words
+
+
 def _reject_reason(c: CandidateReport, profile: Profile, tolerance: float) -> str | None:
     acc = c.accuracy
     if acc is not None and not acc.passed:
-        worst = min(acc.outputs, key=lambda o: o.score)
-        what = {"cosine": "cosine", "threshold": "decision agreement"}.get(
-            worst.metric.partition(":")[0], f"{worst.metric} agreement"
-        )
-        if worst.metric.startswith("threshold:"):
-            what += f" at {worst.metric.partition(':')[2]}"
-        shown = f"{worst.score:.5f}" if worst.metric == "cosine" else _pct(worst.score)
-        need = f"{acc.threshold:.5f}" if worst.metric == "cosine" else _pct(acc.threshold)
-        return (
-            f"failed accuracy gate: output {worst.name!r} {what} {shown} < {need} "
-            f"(tolerance {tolerance:g})"
-        )
+        failing = [o for o in acc.outputs if o.score < acc.threshold - 1e-9]
+        if failing:
+            parts = []
+            for o in sorted(failing, key=lambda o: o.score):
+                cos = o.metric == "cosine"
+                shown = f"{o.score:.5f}" if cos else _pct(o.score)
+                need = f"{acc.threshold:.5f}" if cos else _pct(acc.threshold)
+                part = f"output {o.name!r} {_metric_words(o)} {shown} < {need}"
+                if o.stream_score is not None:
+                    part += f" (whole streams agreeing: {_pct(o.stream_score)})"
+                parts.append(part)
+            return f"failed accuracy gate: {'; '.join(parts)} (tolerance {tolerance:g})"
+        lab = acc.label_failure()
+        if lab is not None and lab.label_accuracy is not None:
+            ref = lab.reference_label_accuracy or 0.0
+            return (
+                f"failed accuracy gate: output {lab.name!r} accuracy against labels "
+                f"{_pct(lab.label_accuracy)} is {(ref - lab.label_accuracy) * 100:.2f} points "
+                f"below fp32's {_pct(ref)} (max drop {(acc.max_accuracy_drop or 0) * 100:g} points)"
+            )
     if (
         profile.max_bundle_bytes is not None
         and c.size_bytes is not None
@@ -432,6 +455,17 @@ class CompileReport:
             )
         if not self.verified:
             lines.append("NOTE    no validation data: accuracy is UNVERIFIED for every candidate")
+        scored = next((c.accuracy for c in self.candidates if c.accuracy is not None), None)
+        if scored is not None:
+            lines.append(
+                "metrics "
+                + "; ".join(f"{o.name}: {o.metric} ({o.chosen_by})" for o in scored.outputs)
+            )
+            if scored.outputs and scored.outputs[0].streams:
+                lines.append(
+                    f"streams {scored.outputs[0].streams} stream(s), {scored.samples} steps, "
+                    "each model fed its own state back"
+                )
         header = (
             "candidate",
             "prec",
@@ -473,6 +507,8 @@ class CompileReport:
             lines.append(f"{c.name}: {c.status}: {c.reason}")
             if c.excluded_nodes:
                 lines.append(f"    kept in float: {', '.join(c.excluded_nodes)}")
+            if c.accuracy is not None and c.status not in ("failed", "skipped"):
+                lines.extend(f"    {_output_line(o)}" for o in c.accuracy.outputs)
             for a in c.attempts:
                 score = "build failed" if a.score is None else f"score {a.score:.5f}"
                 verdict = "passed" if a.passed else "failed"
@@ -483,6 +519,23 @@ class CompileReport:
             lines.extend(f"    note: {n}" for n in c.notes)
         lines.extend(f"note: {n}" for n in self.notes)
         return "\n".join(lines)
+
+
+def _output_line(o: OutputScore) -> str:
+    """One output's scores: metric, stream agreement, labels, errors."""
+    parts = [f"output {o.name!r}: {o.score_text()}"]
+    if o.stream_score is not None:
+        parts.append(f"whole streams {_pct(o.stream_score)}")
+    if o.label_accuracy is not None:
+        ref = o.reference_label_accuracy
+        parts.append(
+            f"accuracy {_pct(o.label_accuracy)}" + ("" if ref is None else f" (fp32 {_pct(ref)})")
+        )
+    if o.mae is not None and math.isfinite(o.mae):
+        parts.append(f"mae {o.mae:.3g}")
+    if o.rel_error is not None and math.isfinite(o.rel_error):
+        parts.append(f"rel err {o.rel_error:.3g}")
+    return ", ".join(parts)
 
 
 def _size(n: Any) -> str:

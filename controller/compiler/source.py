@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 import onnx
-from onnx import helper
+from onnx import external_data_helper, helper
 
 from edgefleet.controller.compiler.errors import SourceModelError
 from edgefleet.controller.compiler.normalize import (
@@ -28,6 +28,7 @@ from edgefleet.controller.compiler.normalize import (
     lift_constants,
 )
 from edgefleet.protocols.bundle import TensorSpec
+from edgefleet.shared.runtime import is_tflite
 
 __all__ = [
     "CONV_OPS",
@@ -212,9 +213,63 @@ def read_source(source: Path | str | bytes) -> tuple[bytes, str]:
             raise SourceModelError(f"{where} is a directory, not a model file") from None
         except OSError as exc:
             raise SourceModelError(f"cannot read {where}: {exc.strerror or exc}") from None
+        if data and not is_tflite(data):
+            data = _embed_external_data(data, path, where)
     if not data:
         raise SourceModelError(f"{where} is empty")
     return data, where
+
+
+def _external_tensors(proto: onnx.ModelProto) -> list[onnx.TensorProto]:
+    from onnx.external_data_helper import _get_all_tensors  # subgraphs' tensors too
+
+    return [t for t in _get_all_tensors(proto) if t.data_location == onnx.TensorProto.EXTERNAL]
+
+
+def _embed_external_data(data: bytes, path: Path, where: str) -> bytes:
+    """An ONNX file whose weights sit in external data files, with the weights read in.
+
+    Exporters write models over a size limit (and some under it) as a small
+    ``.onnx`` plus data files beside it. The compiler works on one
+    self-contained model: the fp32 candidate, every variant and the bundle
+    then carry the weights. A data file must lie inside the model's
+    directory (a ``location`` of ``../../etc/x`` is refused), as onnx
+    itself requires. Anything that is not ONNX is returned unchanged for the
+    parser to report.
+
+    Raises:
+        SourceModelError: a data file is missing, unreadable, outside the
+            model's directory, or the embedded model would exceed protobuf's 2 GB.
+    """
+    try:
+        proto = onnx.load_model_from_string(data)
+    except Exception:  # noqa: BLE001 - not ONNX: _parse says so
+        return data
+    external = _external_tensors(proto)
+    if not external:
+        return data
+    base = path.resolve().parent
+    for t in external:
+        location = next((e.value for e in t.external_data if e.key == "location"), "")
+        target = (base / location).resolve()
+        if not location or not target.is_relative_to(base):
+            raise SourceModelError(
+                f"{where}: weight {t.name!r} points to external data {location!r} outside the "
+                "model's directory"
+            )
+        if not target.is_file():
+            raise SourceModelError(
+                f"{where}: weight {t.name!r} is stored in external data file {location!r}, "
+                f"which is missing from {base}"
+            )
+    try:
+        external_data_helper.load_external_data_for_model(proto, str(base))
+        full: bytes = proto.SerializeToString()
+    except (OSError, ValueError) as exc:
+        raise SourceModelError(
+            f"{where}: cannot read its external data: {first_line(exc)}"
+        ) from None
+    return full
 
 
 def _parse(data: bytes, where: str) -> onnx.ModelProto:
@@ -225,14 +280,15 @@ def _parse(data: bytes, where: str) -> onnx.ModelProto:
     if not proto.graph.node or not proto.opset_import or proto.ir_version <= 0:
         # Random bytes sometimes decode as a protobuf message with no graph.
         raise SourceModelError(f"{where} is not an ONNX model (no graph, opset or IR version)")
+    if _external_tensors(proto):
+        raise SourceModelError(
+            f"{where} keeps weights in external data files; give the path of the .onnx file "
+            "so they are read from its directory"
+        )
     try:
         onnx.checker.check_model(proto)
     except onnx.checker.ValidationError as exc:
         raise SourceModelError(f"{where} is not a valid ONNX model: {first_line(exc)}") from None
-    if any(i.data_location == onnx.TensorProto.EXTERNAL for i in proto.graph.initializer):
-        raise SourceModelError(
-            f"{where} keeps weights in external data files; embed them (models under 2 GB)"
-        )
     return proto
 
 

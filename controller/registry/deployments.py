@@ -36,27 +36,72 @@ __all__ = [
     "Outbox",
     "assign_desired",
     "model_ref",
+    "no_bundle_reason",
     "pick_bundle",
     "retarget_desired",
+    "runtime_mismatch",
 ]
 
 DEPLOYMENT_ACTIVE = "active"
 
 
+def _runs_on(device: m.Device, bundle: m.Bundle) -> bool:
+    """Whether ``device`` has ``bundle``'s runtime; unknown while it reported none."""
+    return not device.runtimes or bundle.runtime in device.runtimes
+
+
 def pick_bundle(device: m.Device, bundles: Sequence[m.Bundle]) -> m.Bundle | None:
     """Choose the bundle for a device: its matched profile, its own class, else generic.
 
-    Among several bundles of the chosen class, one for a runtime the device
-    reported having wins; ties go to the oldest bundle, so the choice is
-    stable across deployments.
+    Once the device has reported its runtimes, a bundle for a runtime it
+    lacks is never chosen: the search falls through profile, class and
+    ``generic`` to the first one with a runtime it has, and returns ``None``
+    when there is none (:func:`no_bundle_reason` says why). An empty
+    runtimes list means "not reported yet" (a device that has not sent its
+    hardware, or an agent without any runtime, which refuses every bundle
+    itself with ``unsupported_runtime``); then the class order alone decides,
+    preferring nothing. Ties go to the oldest bundle, so the choice is stable
+    across deployments.
     """
     for hardware_class in (device.profile, device.hardware_class, GENERIC_HARDWARE_CLASS):
         if hardware_class is None:
             continue
-        candidates = [b for b in bundles if b.hardware_class == hardware_class]
+        candidates = [
+            b for b in bundles if b.hardware_class == hardware_class and _runs_on(device, b)
+        ]
         if candidates:
-            return min(candidates, key=lambda b: (b.runtime not in device.runtimes, b.id))
+            return min(candidates, key=lambda b: b.id)
     return None
+
+
+def runtime_mismatch(device: m.Device, bundles: Sequence[m.Bundle]) -> str | None:
+    """``no bundle for runtimes [tflite] (...)`` when runtimes alone rule ``bundles`` out.
+
+    That is: the device reported its runtimes, and bundles of its profile,
+    class or ``generic`` exist, but none for a runtime it has. ``None``
+    otherwise (a bundle fits, or none exists for its hardware at all).
+    """
+    if not device.runtimes or pick_bundle(device, bundles) is not None:
+        return None
+    classes = {c for c in (device.profile, device.hardware_class, GENERIC_HARDWARE_CLASS) if c}
+    fitting = sorted({b.runtime for b in bundles if b.hardware_class in classes})
+    if not fitting:
+        return None
+    return (
+        f"no bundle for runtimes [{', '.join(device.runtimes)}]"
+        f" (it has bundles for: {', '.join(fitting)})"
+    )
+
+
+def no_bundle_reason(device: m.Device, bundles: Sequence[m.Bundle]) -> str:
+    """Why :func:`pick_bundle` finds nothing for ``device`` among ``bundles``, for operators.
+
+    The runtime reason of :func:`runtime_mismatch` when that is why, else
+    ``no bundle for hardware class <class>``.
+    """
+    return runtime_mismatch(device, bundles) or (
+        f"no bundle for hardware class {device.hardware_class}"
+    )
 
 
 def model_ref(model: m.Model, version: m.ModelVersion, bundle: m.Bundle) -> ModelRef:
@@ -169,7 +214,8 @@ class Deployments:
         """Deploy a model version to devices, all or nothing.
 
         For each device the bundle of its own hardware class is chosen, else a
-        ``generic`` one; the device's desired-state generation is bumped and
+        ``generic`` one, never one for a runtime it reported lacking
+        (:func:`pick_bundle`); the device's desired-state generation is bumped and
         points at the deployment and bundle. Device rows are locked in id order
         so concurrent deployments to overlapping devices serialize instead of
         deadlocking or losing a generation; ingest is not blocked by that lock.
@@ -178,7 +224,8 @@ class Deployments:
             RegistryError: no devices were given.
             NotFoundError: the model version or some devices do not exist.
             NoMatchingBundleError: some devices have no fitting bundle; the
-                message names them with their hardware classes.
+                message names them with their hardware classes and why (for
+                example ``no bundle for runtimes [tflite]``).
         """
         ids = list(dict.fromkeys(device_ids))
         if not ids:
@@ -219,14 +266,16 @@ class Deployments:
             for device_id in ids:
                 bundle = pick_bundle(devices[device_id], bundles)
                 if bundle is None:
-                    unmatched.append(f"{device_id} ({devices[device_id].hardware_class})")
+                    entry = f"{device_id} ({devices[device_id].hardware_class})"
+                    why = runtime_mismatch(devices[device_id], bundles)
+                    unmatched.append(entry if why is None else f"{entry}: {why}")
                 else:
                     chosen[device_id] = bundle
             if unmatched:
                 available = sorted({b.hardware_class for b in bundles}) or ["none"]
                 raise NoMatchingBundleError(
                     f"{version.model.name}@{version.version} has no bundle for devices"
-                    f" {', '.join(unmatched)}; it has bundles for: {', '.join(available)}"
+                    f" {'; '.join(unmatched)}; it has bundles for: {', '.join(available)}"
                 )
 
             now = m.utcnow()

@@ -15,7 +15,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from edgefleet.controller.errors import DuplicateError
+from edgefleet.controller.errors import DuplicateError, InvalidNameError, NotFoundError
 from edgefleet.controller.registry import models as m
 from edgefleet.controller.registry.catalog import GENERIC_HARDWARE_CLASS
 from edgefleet.controller.registry.database import Database, require_text, rowcount
@@ -24,7 +24,23 @@ from edgefleet.controller.registry.dto import DeviceInfo, error_info
 from edgefleet.protocols.messages import ReportedState
 from edgefleet.protocols.topics import validate_device_id
 
-__all__ = ["Devices", "device_info", "known_device_ids"]
+__all__ = ["MAX_TAGS", "Devices", "device_info", "known_device_ids", "validate_tag"]
+
+MAX_TAGS = 64
+"""Tags one device may carry."""
+
+
+def validate_tag(tag: str) -> str:
+    """Check a tag: 1-64 printable characters, no whitespace or commas (selectors split on them).
+
+    Raises:
+        InvalidNameError: the tag is empty, too long, or has such a character.
+    """
+    if not isinstance(tag, str) or not 0 < len(tag) <= 64:
+        raise InvalidNameError(f"a tag must be 1-64 characters, got {tag!r}")
+    if any(c.isspace() or c == "," or not c.isprintable() for c in tag):
+        raise InvalidNameError(f"a tag may not contain whitespace or commas, got {tag!r}")
+    return tag
 
 
 def device_info(row: m.Device) -> DeviceInfo:
@@ -78,6 +94,9 @@ class Devices:
         """
         validate_device_id(device_id)
         require_text(hardware_class, "hardware class", 64)
+        tags = list(dict.fromkeys(validate_tag(t) for t in tags))
+        if len(tags) > MAX_TAGS:
+            raise InvalidNameError(f"a device may carry at most {MAX_TAGS} tags")
 
         def work(s: Session) -> DeviceInfo:
             if s.get(m.Device, device_id) is not None:
@@ -88,7 +107,7 @@ class Devices:
                 arch="",
                 cpu_features=[],
                 runtimes=[],
-                tags=list(tags),
+                tags=tags,
                 online=False,
             )
             s.add(row)
@@ -96,6 +115,41 @@ class Devices:
             return device_info(row)
 
         # A concurrent enrollment of the same id loses the insert and, retried, is a duplicate.
+        return self._db.write_retrying(work)
+
+    def update_tags(
+        self, device_id: str, *, add: Sequence[str] = (), remove: Sequence[str] = ()
+    ) -> DeviceInfo:
+        """Add and remove a device's tags in one transaction; returns the device after.
+
+        Adding a tag it has, or removing one it lacks, changes nothing. Tags
+        keep their order; new ones go last. Selectors (rollouts) read tags
+        when they select, so a rollout that already chose its devices is not
+        changed.
+
+        Raises:
+            NotFoundError: the device is not enrolled.
+            InvalidNameError: a tag is invalid, a tag is both added and
+                removed, or the device would carry more than :data:`MAX_TAGS`.
+        """
+        added = [validate_tag(t) for t in add]
+        removed = {validate_tag(t) for t in remove}
+        both = sorted(removed.intersection(added))
+        if both:
+            raise InvalidNameError(f"tag(s) both added and removed: {', '.join(both)}")
+
+        def work(s: Session) -> DeviceInfo:
+            row = s.get(m.Device, device_id, with_for_update=True)
+            if row is None:
+                raise NotFoundError(f"no device {device_id!r} is enrolled")
+            tags = [t for t in row.tags if t not in removed]
+            tags += [t for t in dict.fromkeys(added) if t not in tags]
+            if len(tags) > MAX_TAGS:
+                raise InvalidNameError(f"a device may carry at most {MAX_TAGS} tags")
+            row.tags = tags  # a new list: the JSON column sees the change
+            s.flush()
+            return device_info(row)
+
         return self._db.write_retrying(work)
 
     def get_device(self, device_id: str) -> DeviceInfo | None:

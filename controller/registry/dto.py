@@ -136,6 +136,10 @@ class EventInfo:
     error: ErrorInfo | None
     detail: dict[str, Any] | None
     at: datetime
+    # The agent's journal and its number there: the device's own order of its
+    # events (None for events the controller recorded, or from older agents).
+    journal: str | None = None
+    seq: int | None = None
 
 
 @dataclass(frozen=True)
@@ -175,6 +179,19 @@ class DeviceSummary:
     desired_model: str | None
     desired_version: str | None
     profile: str | None = None
+    # The variant (bundle hardware class) of the bundle the device reports it
+    # runs; its tags; when two agents last seemed to share its id (None: not
+    # within the last DUPLICATE_RECENT_S).
+    variant: str | None = None
+    tags: tuple[str, ...] = ()
+    duplicate_at: datetime | None = None
+    # Delivery of the desired state: its generation, whether the controller
+    # has published it, since when it is desired, and the generation the
+    # device last reported (see registry.fleet.delivery_state).
+    desired_generation: int | None = None
+    desired_published: bool | None = None
+    desired_since: datetime | None = None
+    reported_generation: int | None = None
 
 
 @dataclass(frozen=True)
@@ -195,6 +212,7 @@ class FleetStatus:
     inferences: int
     errors: int
     counters: dict[str, int]
+    duplicates: int = 0  # devices two agents seemed to share recently (DeviceSummary.duplicate_at)
 
 
 def error_info(d: Mapping[str, Any] | None) -> ErrorInfo | None:

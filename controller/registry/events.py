@@ -33,14 +33,21 @@ from sqlalchemy.orm import Session
 
 from edgefleet.controller.registry import models as m
 from edgefleet.controller.registry.counters import bump_in, device_rejected_name
-from edgefleet.controller.registry.database import Database, rowcount
+from edgefleet.controller.registry.database import Database, require_text, rowcount
 from edgefleet.controller.registry.devices import known_device_ids
 from edgefleet.controller.registry.dto import EventInfo, error_info
 from edgefleet.protocols.bounds import MAX_DETAIL_BYTES, TRUNCATED_KEY
 from edgefleet.protocols.errors import ConfigError
 from edgefleet.protocols.messages import Event
 
-__all__ = ["EVENT_CAP_REASON", "EventAckMark", "Events", "capped_detail", "event_info"]
+__all__ = [
+    "EVENT_CAP_REASON",
+    "EventAckMark",
+    "Events",
+    "capped_detail",
+    "event_info",
+    "in_device_order",
+]
 
 EventAckMark = tuple[str, str, int]
 """``(device_id, journal, acked_seq)``: every event 1..acked_seq of that journal is stored."""
@@ -83,6 +90,8 @@ def event_info(row: m.DeviceEvent) -> EventInfo:
         error=error_info(row.error),
         detail=row.detail,
         at=row.at,
+        journal=row.journal,
+        seq=row.seq,
     )
 
 
@@ -214,16 +223,75 @@ class Events:
         with self._db.write() as s:
             return rowcount(s.execute(sa.delete(e).where(sa.or_(e.at < older_than, e.at > future))))
 
-    def events_for(self, device_id: str, limit: int = 50) -> list[EventInfo]:
-        """A device's most recent events, newest first."""
-        with self._db.read() as s:
-            rows = s.scalars(
-                sa.select(m.DeviceEvent)
-                .where(m.DeviceEvent.device_id == device_id)
-                .order_by(m.DeviceEvent.id.desc())
-                .limit(max(limit, 0))
+    def add_controller_event(
+        self, device_id: str, kind: str, detail: dict[str, Any] | None = None
+    ) -> bool:
+        """Store an event the controller observed about a device (not one its agent sent).
+
+        For example ``duplicate_device_id`` (:mod:`edgefleet.controller.presence`).
+        It has no journal number and is dated now.
+
+        Returns:
+            ``False``, storing nothing, if the device is not enrolled.
+        """
+        require_text(kind, "event kind", 32)
+        with self._db.write() as s:
+            if s.get(m.Device, device_id) is None:
+                return False
+            s.add(
+                m.DeviceEvent(
+                    device_id=device_id,
+                    kind=kind,
+                    deployment_id=None,
+                    generation=0,
+                    error=None,
+                    detail=None if detail is None else capped_detail(detail),
+                    at=m.utcnow(),
+                )
             )
-            return [event_info(row) for row in rows]
+            return True
+
+    def events_for(self, device_id: str, limit: int = 50) -> list[EventInfo]:
+        """A device's most recent events, newest first, in the device's own order.
+
+        Rows are stored in arrival order, which is not the order things
+        happened: an agent replays an unacknowledged event after later ones,
+        and controllers sharing the ingestion commit batches in any order.
+        The agent numbers its events (``journal``, ``seq``), so within one
+        journal the events are put in ``seq`` order, in the places that
+        journal's rows take in arrival order; events without a number (older
+        agents, the controller's own) keep their arrival place. Timestamps
+        are not used: they have the device's clock, and ties within a second.
+        """
+        with self._db.read() as s:
+            rows = list(
+                s.scalars(
+                    sa.select(m.DeviceEvent)
+                    .where(m.DeviceEvent.device_id == device_id)
+                    .order_by(m.DeviceEvent.id.desc())
+                    .limit(max(limit, 0))
+                )
+            )
+            return [event_info(row) for row in in_device_order(rows)]
+
+
+def in_device_order(rows: Sequence[m.DeviceEvent]) -> list[m.DeviceEvent]:
+    """``rows`` (newest first by arrival) with each journal's events in descending ``seq``.
+
+    Each journal's rows are sorted among themselves and put back into the
+    positions that journal occupied, so events of other journals and
+    unnumbered ones keep their arrival place.
+    """
+    positions: dict[str, list[int]] = {}
+    for i, row in enumerate(rows):
+        if row.journal is not None and row.seq is not None:
+            positions.setdefault(row.journal, []).append(i)
+    out = list(rows)
+    for places in positions.values():
+        ordered = sorted((rows[i] for i in places), key=lambda r: (r.seq or 0, r.id), reverse=True)
+        for place, row in zip(places, ordered, strict=True):
+            out[place] = row
+    return out
 
 
 def _stored_numbers(s: Session, events: Sequence[Event]) -> set[tuple[str, str, int]]:

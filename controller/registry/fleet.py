@@ -13,8 +13,11 @@ bug, is left out of the totals instead of failing ``devices`` or ``status``.
 
 from __future__ import annotations
 
+from datetime import datetime, timedelta
+from typing import Any
+
 import sqlalchemy as sa
-from sqlalchemy.orm import aliased
+from sqlalchemy.orm import Session, aliased
 
 from edgefleet.controller.registry import models as m
 from edgefleet.controller.registry.counters import read_counters
@@ -23,7 +26,89 @@ from edgefleet.controller.registry.dto import DeviceSummary, FleetStatus, error_
 from edgefleet.controller.registry.telemetry import clean_latency, summed_count, valid_count
 from edgefleet.protocols.messages import AgentState
 
-__all__ = ["FleetViews"]
+__all__ = [
+    "DELIVERY_STATES",
+    "DUPLICATE_EVENT_KIND",
+    "DUPLICATE_RECENT_S",
+    "FleetViews",
+    "delivery_state",
+    "running_target",
+]
+
+DELIVERY_STATES = ("unpublished", "waiting", "unacknowledged", "acknowledged")
+"""What became of a device's desired state (see :func:`delivery_state`)."""
+
+
+def delivery_state(summary: DeviceSummary, now: datetime, ack_timeout_s: float) -> str | None:
+    """What became of ``summary``'s desired state; ``None`` if it has none.
+
+    - ``unpublished``: recorded, but no controller has published it yet (is
+      ``edgefleet serve`` running, and reaching the broker?);
+    - ``waiting``: published, and the device has not reported it yet, for
+      less than ``ack_timeout_s``;
+    - ``unacknowledged``: published, and not reported by the device within
+      ``ack_timeout_s`` (offline? on another broker? a duplicate id?);
+    - ``acknowledged``: the device reported this generation (or a later one).
+    """
+    if summary.desired_generation is None:
+        return None
+    reported = summary.reported_generation or 0
+    if reported >= summary.desired_generation:
+        return "acknowledged"
+    if not summary.desired_published:
+        return "unpublished"
+    since = summary.desired_since
+    if since is not None and (now - since).total_seconds() > ack_timeout_s:
+        return "unacknowledged"
+    return "waiting"
+
+
+def _reported_generation(reported: dict[str, Any] | None) -> int | None:
+    value = (reported or {}).get("generation")
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+DUPLICATE_EVENT_KIND = "duplicate_device_id"
+"""The event the controller stores when two agents seem to share a device id."""
+
+DUPLICATE_RECENT_S = 15 * 60.0
+"""A device is shown as a suspected duplicate this long after the last such event."""
+
+
+def running_target(reported: dict[str, Any] | None) -> str | None:
+    """The bundle target path a stored report says the device runs, if any."""
+    active = (reported or {}).get("active")
+    target = active.get("target") if isinstance(active, dict) else None
+    return target if isinstance(target, str) and target else None
+
+
+def _variants(s: Session, targets: set[str]) -> dict[str, str]:
+    """The variant (bundle hardware class) of each known target path, in one query."""
+    if not targets:
+        return {}
+    rows = s.execute(
+        sa.select(m.Bundle.target_path, m.Bundle.hardware_class).where(
+            m.Bundle.target_path.in_(targets)
+        )
+    )
+    return {str(path): str(hardware_class) for path, hardware_class in rows}
+
+
+def _variant_of(target: str | None, known: dict[str, str]) -> str | None:
+    if target is None:
+        return None
+    # A target this registry does not know (re-issued elsewhere): its file name.
+    return known.get(target) or target.rsplit("/", 1)[-1].removesuffix(".bundle")
+
+
+def _duplicates(s: Session, since: datetime) -> dict[str, datetime]:
+    """Devices with a duplicate-id event since ``since``, and the newest such event's time."""
+    e = m.DeviceEvent
+    rows = s.execute(
+        sa.select(e.device_id, sa.func.max(e.at))
+        .where(e.kind == DUPLICATE_EVENT_KIND, e.at >= since)
+        .group_by(e.device_id)
+    )
+    return {str(device_id): at for device_id, at in rows}
 
 
 class FleetViews:
@@ -59,6 +144,9 @@ class FleetViews:
                 latest.p50_ms,
                 m.Model.name,
                 m.ModelVersion.version,
+                m.DesiredStateRecord.generation,
+                m.DesiredStateRecord.published_generation,
+                m.DesiredStateRecord.updated_at,
             )
             .outerjoin(totals, totals.c.device_id == m.Device.id)
             .outerjoin(newest, newest.c.device_id == m.Device.id)
@@ -71,7 +159,21 @@ class FleetViews:
         )
         with self._db.read() as s:
             result = []
-            for device, requests, errors, p50, desired_model, desired_version in s.execute(stmt):
+            rows = list(s.execute(stmt))
+            targets = {running_target(row[0].reported) for row in rows}
+            variants = _variants(s, {t for t in targets if t is not None})
+            duplicates = _duplicates(s, m.utcnow() - timedelta(seconds=DUPLICATE_RECENT_S))
+            for (
+                device,
+                requests,
+                errors,
+                p50,
+                desired_model,
+                desired_version,
+                generation,
+                published,
+                desired_since,
+            ) in rows:
                 error = error_info(device.last_error)
                 result.append(
                     DeviceSummary(
@@ -90,6 +192,15 @@ class FleetViews:
                         p50_ms=clean_latency(p50),
                         desired_model=desired_model,
                         desired_version=desired_version,
+                        variant=_variant_of(running_target(device.reported), variants),
+                        tags=tuple(device.tags or ()),
+                        duplicate_at=duplicates.get(device.id),
+                        desired_generation=generation,
+                        desired_published=(
+                            None if generation is None else (published or 0) >= generation
+                        ),
+                        desired_since=desired_since,
+                        reported_generation=_reported_generation(device.reported),
                     )
                 )
             return result
@@ -121,6 +232,8 @@ class FleetViews:
                 )
             ).one()
             counters = read_counters(s)
+            recent = m.utcnow() - timedelta(seconds=DUPLICATE_RECENT_S)
+            duplicates = len(_duplicates(s, recent))
         return FleetStatus(
             devices=total,
             online=online,
@@ -130,4 +243,5 @@ class FleetViews:
             inferences=int(requests or 0),
             errors=int(errors or 0),
             counters=counters,
+            duplicates=duplicates,
         )

@@ -32,6 +32,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 __all__ = [
     "NAMING_CONVENTION",
+    "ApiToken",
     "Base",
     "Bundle",
     "Counter",
@@ -473,3 +474,24 @@ class TelemetryMinute(Base):
     p95_max_ms: Mapped[float | None] = mapped_column(sa.Double, nullable=True)
     rss_max_bytes: Mapped[int] = mapped_column(sa.BigInteger)
     cpu_percent_sum: Mapped[float] = mapped_column(sa.Double)
+
+
+# --------------------------------------------------------------------------- api
+class ApiToken(Base):
+    """A management-API token (migration 0006): only a hash of its secret is stored.
+
+    A token reads ``eft_<id>_<secret>``; ``id`` is public (it names the token
+    in listings and finds its row), ``secret_sha256`` is the SHA-256 of the
+    whole token, compared in constant time. A revoked token keeps its row,
+    so listings show who had access until when.
+    """
+
+    __tablename__ = "api_tokens"
+
+    id: Mapped[str] = mapped_column(sa.String(16), primary_key=True)
+    name: Mapped[str] = mapped_column(sa.String(128))
+    role: Mapped[str] = mapped_column(sa.String(16))
+    secret_sha256: Mapped[str] = mapped_column(sa.String(64))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    last_used_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)

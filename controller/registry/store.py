@@ -196,6 +196,12 @@ class Registry:
         """See :meth:`Devices.set_online <.devices.Devices.set_online>`."""
         return self._devices.set_online(device_id, online)
 
+    def update_tags(
+        self, device_id: str, *, add: Sequence[str] = (), remove: Sequence[str] = ()
+    ) -> DeviceInfo:
+        """See :meth:`Devices.update_tags <.devices.Devices.update_tags>`."""
+        return self._devices.update_tags(device_id, add=add, remove=remove)
+
     # ----------------------------------------------------------------------- deployments
     def create_deployment(self, model_version_id: int, device_ids: Sequence[str]) -> DeploymentInfo:
         """See :meth:`.deployments.Deployments.create_deployment`."""
@@ -247,6 +253,12 @@ class Registry:
         """See :meth:`Events.events_for <.events.Events.events_for>`."""
         return self._events.events_for(device_id, limit)
 
+    def add_controller_event(
+        self, device_id: str, kind: str, detail: dict[str, Any] | None = None
+    ) -> bool:
+        """See :meth:`Events.add_controller_event <.events.Events.add_controller_event>`."""
+        return self._events.add_controller_event(device_id, kind, detail)
+
     # ----------------------------------------------------------------------- telemetry
     def add_telemetry(self, points: Sequence[Telemetry]) -> int:
         """See :meth:`TelemetryStore.add_telemetry <.telemetry.TelemetryStore.add_telemetry>`."""
@@ -273,6 +285,10 @@ class Registry:
     def set_counters(self, values: Mapping[str, int]) -> None:
         """See :meth:`Counters.set_counters <.counters.Counters.set_counters>`."""
         self._counters.set_counters(values)
+
+    def limit_device_counters(self, max_rows_per_device: int) -> None:
+        """See :meth:`Counters.limit_device_counters <.counters.Counters.limit_device_counters>`."""
+        self._counters.limit_device_counters(max_rows_per_device)
 
     def counters(self) -> dict[str, int]:
         """See :meth:`Counters.counters <.counters.Counters.counters>`."""

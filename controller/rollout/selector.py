@@ -22,6 +22,9 @@ class Selector:
 
     Tags serve as groups. A selection by tag, profile or ``all`` is
     *dynamic*: devices enrolled or re-tagged later join the rollout.
+    Matching says nothing about eligibility: the store leaves out (and logs
+    as ``skipped``) a matching device no bundle of the version fits, e.g. one
+    without the bundles' runtime, and a dynamic rollout takes it in once one does.
     """
 
     devices: tuple[str, ...] = ()

@@ -41,7 +41,11 @@ from edgefleet.controller.errors import NotFoundError
 from edgefleet.controller.registry import Registry
 from edgefleet.controller.registry import models as m
 from edgefleet.controller.registry.catalog import reissue_bundle
-from edgefleet.controller.registry.deployments import assign_desired, pick_bundle
+from edgefleet.controller.registry.deployments import (
+    assign_desired,
+    no_bundle_reason,
+    pick_bundle,
+)
 from edgefleet.controller.registry.telemetry import (
     clean_count,
     clean_latency,
@@ -114,6 +118,9 @@ class RolloutInfo:
     reason: str
     steps: int
     counts: dict[str, int] = field(default_factory=dict)
+    # Selected devices that are not members because no bundle fits them
+    # (device -> why, e.g. "not eligible: no bundle for runtimes [tflite] ...").
+    skipped: dict[str, str] = field(default_factory=dict)
 
     @property
     def label(self) -> str:
@@ -353,6 +360,10 @@ class RolloutStore:
         selector = Selector.from_dict(row.selector)
         config = RolloutConfig.from_dict(row.config)
         members = self._select(s, selector)
+        # Devices no bundle fits (e.g. a TFLite-only gateway and ONNX-only
+        # bundles) are not members: they are logged as skipped, with why.
+        skipped = self._not_eligible(s, row, members, now)
+        members = [d for d in members if d not in skipped]
         busy = self._owned_elsewhere(s, members, row.id, statuses=("running", "paused"))
         if busy:
             listed = ", ".join(f"{d} (rollout {r})" for d, r in sorted(busy.items())[:10])
@@ -398,7 +409,13 @@ class RolloutStore:
         self._decide(
             s,
             row.id,
-            [Decision("started", f"{len(members)} device(s) selected ({selector.describe()})")],
+            [
+                Decision(
+                    "started",
+                    f"{len(members)} device(s) selected ({selector.describe()})"
+                    + (f"; {len(skipped)} not eligible" if skipped else ""),
+                )
+            ],
             now,
         )
 
@@ -499,6 +516,28 @@ class RolloutStore:
             .group_by(m.RolloutDevice.rollout_id, m.RolloutDevice.state)
         ):
             counts[rid][state] = int(n)
+        skipped: dict[str, dict[str, str]] = {i: {} for i in ids}
+        member = (
+            sa.select(m.RolloutDevice.device_id)
+            .where(
+                m.RolloutDevice.rollout_id == m.RolloutDecision.rollout_id,
+                m.RolloutDevice.device_id == m.RolloutDecision.device_id,
+            )
+            .exists()
+        )
+        for rid, device_id, reason in s.execute(
+            sa.select(
+                m.RolloutDecision.rollout_id, m.RolloutDecision.device_id, m.RolloutDecision.reason
+            )
+            .where(
+                m.RolloutDecision.rollout_id.in_(ids),
+                m.RolloutDecision.kind == "skipped",
+                ~member,
+            )
+            .order_by(m.RolloutDecision.id)
+        ):
+            if device_id is not None:
+                skipped[rid][device_id] = reason  # the latest reason wins
         versions = {
             v.id: v
             for v in s.scalars(
@@ -528,6 +567,7 @@ class RolloutStore:
                     reason=r.reason,
                     steps=r.steps,
                     counts=counts[r.id],
+                    skipped=skipped[r.id],
                 )
             )
         return out
@@ -759,8 +799,10 @@ class RolloutStore:
             r = members[t.device_id]
             state, reason = t.state, t.reason
             if t.device_id in failed_starts:
-                state, reason = DeviceState.FAILED, failed_starts[t.device_id]
-                decisions.append(Decision("device_failed", reason, t.device_id, t.wave))
+                # No bundle fits the device (it reported other runtimes since
+                # it joined): not a failure of the model, so not counted as one.
+                state, reason = DeviceState.CANCELLED, failed_starts[t.device_id]
+                decisions.append(Decision("skipped", reason, t.device_id, t.wave))
             elif t.device_id in no_previous:
                 state, reason = DeviceState.ROLLBACK_FAILED, "previous model's bundle is unknown"
                 decisions.append(Decision("device_rollback_failed", reason, t.device_id, r.wave))
@@ -833,8 +875,7 @@ class RolloutStore:
             bundle = pick_bundle(devices[device_id], bundles)
             if bundle is None:
                 refused[device_id] = (
-                    f"no bundle of {version.model.name}@{version.version} for hardware class "
-                    f"{devices[device_id].hardware_class}"
+                    f"not eligible: {no_bundle_reason(devices[device_id], bundles)}"
                 )
             else:
                 chosen[device_id] = bundle
@@ -1111,7 +1152,8 @@ class RolloutStore:
         if not new:
             return False
         taken = self._owned_elsewhere(s, sorted(new), row.id, statuses=_OWNING)
-        joined = sorted(new - set(taken))
+        skipped = self._not_eligible(s, row, sorted(new - set(taken)), now)
+        joined = sorted(new - set(taken) - set(skipped))
         for device_id in joined:
             s.add(
                 m.RolloutDevice(
@@ -1132,6 +1174,57 @@ class RolloutStore:
                 now,
             )
         return bool(joined)
+
+    def _not_eligible(
+        self, s: Session, row: m.Rollout, device_ids: Sequence[str], now: datetime
+    ) -> dict[str, str]:
+        """Which of ``device_ids`` no bundle of the rollout's version fits (device -> why).
+
+        Each is logged once as a ``skipped`` decision with the reason (again
+        only when the reason changes), so a dynamic rollout re-checks such a
+        device every step - it joins once it reports a runtime that fits -
+        without repeating itself in the log.
+        """
+        if not device_ids:
+            return {}
+        bundles = list(
+            s.scalars(
+                sa.select(m.Bundle)
+                .where(
+                    m.Bundle.model_version_id == row.model_version_id,
+                    m.Bundle.reissue_of.is_(None),
+                )
+                .order_by(m.Bundle.id)
+            )
+        )
+        out: dict[str, str] = {}
+        for start in range(0, len(device_ids), 500):
+            chunk = list(device_ids[start : start + 500])
+            for d in s.scalars(sa.select(m.Device).where(m.Device.id.in_(chunk))):
+                if pick_bundle(d, bundles) is None:
+                    out[d.id] = f"not eligible: {no_bundle_reason(d, bundles)}"
+        if out:
+            logged: dict[str | None, str] = {}
+            for device_id, reason in s.execute(
+                sa.select(m.RolloutDecision.device_id, m.RolloutDecision.reason)
+                .where(
+                    m.RolloutDecision.rollout_id == row.id,
+                    m.RolloutDecision.kind == "skipped",
+                )
+                .order_by(m.RolloutDecision.id)
+            ):
+                logged[device_id] = reason
+            self._decide(
+                s,
+                row.id,
+                [
+                    Decision("skipped", why, device_id=d)
+                    for d, why in sorted(out.items())
+                    if logged.get(d) != why
+                ],
+                now,
+            )
+        return out
 
     @staticmethod
     def _select(s: Session, selector: Selector) -> list[str]:

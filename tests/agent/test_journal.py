@@ -78,12 +78,43 @@ def test_everything_beyond_the_limit_stays_due(tmp_path: Path) -> None:
 
 def test_the_journal_is_bounded_and_counts_what_it_drops(tmp_path: Path) -> None:
     journal = EventJournal(tmp_path, max_entries=3)
-    for _ in range(5):
-        journal.append(_encode())
+    first = journal.journal_id
+    kinds = [EventKind.INSTALLED, EventKind.REJECTED, EventKind.INSTALL_FAILED]
+    returned = [journal.append(_encode(kind)) for kind in [*kinds, *kinds[:2]]]
     assert journal.dropped == 2
-    assert _seqs(journal.due(everything=True)) == [3, 4, 5]
+    # The newest three are kept; having dropped events, the journal continues
+    # under a new id, numbered from 1, so the controller's contiguous ack can
+    # reach them (the old numbers 1 and 2 will never arrive).
+    assert journal.journal_id != first
+    due = [Event.decode(p) for p in journal.due(everything=True)]
+    assert [(e.kind, e.journal, e.seq) for e in due] == [
+        (EventKind.INSTALL_FAILED, journal.journal_id, 1),
+        (EventKind.INSTALLED, journal.journal_id, 2),
+        (EventKind.REJECTED, journal.journal_id, 3),
+    ]
+    # What append returned for the event that caused the rotation is its new numbering.
+    assert Event.decode(returned[-1]).seq == 3
+    assert Event.decode(returned[-1]).journal == journal.journal_id
     assert len((tmp_path / JOURNAL_FILE).read_bytes().splitlines()) == 3
+    # ... and it all survives a restart; new events continue the new numbering.
+    again = EventJournal(tmp_path, max_entries=3)
+    assert again.journal_id == journal.journal_id
+    assert _seqs(again.due(everything=True)) == [1, 2, 3]
+    assert journal.acknowledge(journal.journal_id, 3) == 3
+    assert Event.decode(journal.append(_encode())).seq == 4
 
+
+def test_a_crash_mid_rotation_is_repaired_at_start(tmp_path: Path) -> None:
+    journal = EventJournal(tmp_path, max_entries=10)
+    for _ in range(3):
+        journal.append(_encode())
+    # A rotation that wrote its new meta file but died before the journal.
+    (tmp_path / META_FILE).write_text(json.dumps({"journal": "ab" * 8, "acked": 0}))
+    again = EventJournal(tmp_path, max_entries=10)
+    due = [Event.decode(p) for p in again.due(everything=True)]
+    assert [(e.journal, e.seq) for e in due] == [("ab" * 8, 1), ("ab" * 8, 2), ("ab" * 8, 3)]
+    assert again.acknowledge("ab" * 8, 3) == 3
+    assert again.pending() == 0
 
 
 def test_the_journal_is_bounded_in_bytes(tmp_path: Path) -> None:
@@ -93,6 +124,7 @@ def test_the_journal_is_bounded_in_bytes(tmp_path: Path) -> None:
         journal.append(_encode())
     assert journal.pending() == 2
     assert journal.dropped == 2
+    assert _seqs(journal.due(everything=True)) == [1, 2]
 
 
 def test_a_torn_last_line_is_skipped(tmp_path: Path) -> None:

@@ -203,7 +203,7 @@ class Harness:
             trust_root=self.root_file,
             telemetry_interval_s=overrides.pop("telemetry_interval_s", 0.5),
             retry_backoff_s=overrides.pop("retry_backoff_s", 0.5),
-            broker=self.broker,
+            broker=overrides.pop("broker", self.broker),
             http=overrides.pop("http", HttpSettings(port=0)),
             transfer=transfer,
             **overrides,

@@ -151,104 +151,129 @@ def test_hostile_values_are_refused_counted_and_views_keep_working(
         tmp_path, broker, f"sqlite:///{tmp_path / 'registry.db'}", max_events_per_device=5
     )
     try:
-        device_id = harness.enroll("gw-v")
+        harness.enroll("gw-v")
         attacker = MqttLink(harness.broker, f"attacker-v-{harness.token}")
         attacker.start()
-        telemetry_topic = str(DeviceTopic(device_id, Channel.TELEMETRY))
-        events_topic = str(DeviceTopic(device_id, Channel.EVENTS))
-        now = time.time()
-        good = Telemetry(
-            device_id, 10.0, 100, 1, LatencySummary(1.0, 2.0, 3.0), None, 1000, 5.0, {}, now
-        )
-        body = json.loads(good.encode())
+        try:
+            send_hostile_values_and_check(harness, attacker, "gw-v", tmp_path / "cli")
+        finally:
+            attacker.stop()
+    finally:
+        harness.close()
 
-        def send(topic: str, **changes: object) -> None:
-            attacker.publish(topic, json.dumps({**body, **changes}).encode(), qos=1, wait_s=5)
 
-        # Values that broke the views (two of these overflowed SUM), and lies.
-        send(telemetry_topic, requests=2**63 - 1, errors=0)
-        send(telemetry_topic, requests=2**63 - 1, errors=0)
-        send(telemetry_topic, latency_ms={"p50": -1.0, "p95": 2.0, "p99": 3.0})
-        send(telemetry_topic, requests=5, errors=6)
-        send(telemetry_topic, window_s=-10.0)
-        send(telemetry_topic, cpu_percent=-1.0)
-        # A timestamp in the year 9999: a row that would never expire.
-        send(telemetry_topic, at=253_370_764_800.0)
-        # Invented rejection reasons: folded into "other", no counter per key.
-        send(telemetry_topic, rejected={f"invented_{i}": 1 for i in range(60)})
-        # One valid window still gets through.
-        send(telemetry_topic, requests=7, errors=0)
-        # Events: a flood beyond the per-device cap, then a 250 KB unknown field.
-        event = json.loads(Event(device_id, EventKind.REJECTED, at=now).encode())
-        for generation in range(1, 13):
-            attacker.publish(
-                events_topic,
-                json.dumps({**event, "generation": generation}).encode(),
-                qos=1,
-                wait_s=5,
-            )
+def send_hostile_values_and_check(
+    harness: Harness, attacker: MqttLink, name: str, cli_home: Path
+) -> None:
+    """Publish poisoned telemetry and events on device ``name``'s topics through ``attacker``.
+
+    Then check each is refused or bounded, counted for the fleet and for the
+    device, and that ``devices`` and ``status`` still work. ``harness`` must
+    run with ``max_events_per_device=5``. Also run through the production TLS
+    broker with the device's own certificate (``tests/security/test_hostile_tls.py``).
+    """
+    device_id = harness.device_id(name)
+    telemetry_topic = str(DeviceTopic(device_id, Channel.TELEMETRY))
+    events_topic = str(DeviceTopic(device_id, Channel.EVENTS))
+    now = time.time()
+    good = Telemetry(
+        device_id, 10.0, 100, 1, LatencySummary(1.0, 2.0, 3.0), None, 1000, 5.0, {}, now
+    )
+    body = json.loads(good.encode())
+
+    def send(topic: str, **changes: object) -> None:
+        attacker.publish(topic, json.dumps({**body, **changes}).encode(), qos=1, wait_s=5)
+
+    # Values that broke the views (two of these overflowed SUM), and lies.
+    send(telemetry_topic, requests=2**63 - 1, errors=0)
+    send(telemetry_topic, requests=2**63 - 1, errors=0)
+    send(telemetry_topic, latency_ms={"p50": -1.0, "p95": 2.0, "p99": 3.0})
+    send(telemetry_topic, requests=5, errors=6)
+    send(telemetry_topic, window_s=-10.0)
+    send(telemetry_topic, cpu_percent=-1.0)
+    # A timestamp in the year 9999: a row that would never expire.
+    send(telemetry_topic, at=253_370_764_800.0)
+    # Invented rejection reasons: folded into "other", no counter per key.
+    send(telemetry_topic, rejected={f"invented_{i}": 1 for i in range(60)})
+    # One valid window still gets through.
+    send(telemetry_topic, requests=7, errors=0)
+    # Events: a flood beyond the per-device cap, then a 250 KB unknown field.
+    event = json.loads(Event(device_id, EventKind.REJECTED, at=now).encode())
+    for generation in range(1, 13):
         attacker.publish(
             events_topic,
-            json.dumps({**event, "generation": 13, "blob": "x" * 250_000}).encode(),
+            json.dumps({**event, "generation": generation}).encode(),
             qos=1,
             wait_s=5,
         )
+    attacker.publish(
+        events_topic,
+        json.dumps({**event, "generation": 13, "blob": "x" * 250_000}).encode(),
+        qos=1,
+        wait_s=5,
+    )
 
-        def counted() -> bool:
-            harness.service.flush_rejections()
-            c = harness.registry.counters()
-            return (
-                c.get("rejected.malformed_telemetry", 0) >= 6
-                and c.get("rejected.clock_skew", 0) >= 1
-                and c.get("rejected.event_cap", 0) >= 8
-            )
+    def counted() -> bool:
+        harness.service.flush_rejections()
+        c = harness.registry.counters()
+        return (
+            c.get("rejected.malformed_telemetry", 0) >= 6
+            and c.get("rejected.clock_skew", 0) >= 1
+            and c.get("rejected.event_cap", 0) >= 8
+        )
 
-        wait_for(counted, what=f"counted refusals, have {harness.registry.counters()}")
-        wait_for(
-            lambda: harness.summary("gw-v").inferences == 107,
-            what=f"the valid windows stored, have {harness.summary('gw-v')}",
-        )
-        counters = harness.registry.counters()
-        # Counted per device too, for the operator to find the source.
-        assert counters[f"device_rejected.{device_id}.malformed_telemetry"] >= 6
-        assert counters[f"device_rejected.{device_id}.clock_skew"] == 1
-        assert counters[f"device_rejected.{device_id}.event_cap"] == 8
-        # Counter rows this device can create are bounded by the known reasons.
-        mine = [n for n in counters if n.startswith(f"agent_rejected.{device_id}.")]
-        assert mine == [f"agent_rejected.{device_id}.other"]
-        assert counters[mine[0]] == 60
-        assert {n.rsplit(".", 1)[-1] for n in mine} <= KNOWN_REJECTION_REASONS
-        # The newest 5 events are kept; the 250 KB field was not stored whole.
-        events = harness.registry.events_for(device_id, limit=100)
-        assert [e.generation for e in events] == [13, 12, 11, 10, 9]
-        assert events[0].detail == {"extra": {"_truncated": {"bytes": 250_011, "keys": 1}}}
-        # The views work and are sane; `status` stays small.
-        summary = harness.summary("gw-v")
-        assert (summary.inferences, summary.errors) == (107, 1)
-        shown = CliRunner().invoke(
-            cli,
-            [
-                "--database-url",
-                harness.registry.url,
-                "--home",
-                str(tmp_path / "cli"),
-                "status",
-                "--json",
-            ],
-            catch_exceptions=False,
-        )
-        assert shown.exit_code == 0, shown.output
-        status = json.loads(shown.output)
-        assert status["inferences"] == 107
-        assert status["rejected"]["clock_skew"] == 1
-        assert status["agent_rejected"] == {"other": 60}
-        assert len(shown.output) < 2000
-        devices = CliRunner().invoke(
-            cli,
-            ["--database-url", harness.registry.url, "--home", str(tmp_path / "cli"), "devices"],
-            catch_exceptions=False,
-        )
-        assert devices.exit_code == 0 and "107" in devices.output
-        attacker.stop()
-    finally:
-        harness.close()
+    wait_for(counted, what=f"counted refusals, have {harness.registry.counters()}")
+    wait_for(
+        lambda: harness.summary(name).inferences == 107,
+        what=f"the valid windows stored, have {harness.summary(name)}",
+    )
+    counters = harness.registry.counters()
+    # Counted per device too, for the operator to find the source.
+    assert counters[f"device_rejected.{device_id}.malformed_telemetry"] >= 6
+    assert counters[f"device_rejected.{device_id}.clock_skew"] == 1
+    assert counters[f"device_rejected.{device_id}.event_cap"] == 8
+    # Counter rows this device can create are bounded by the known reasons.
+    # (Stored in the same ingest round as the window, but after it: wait.)
+    other = f"agent_rejected.{device_id}.other"
+    wait_for(lambda: other in harness.registry.counters(), what=f"{other} stored")
+    counters = harness.registry.counters()
+    mine = [n for n in counters if n.startswith(f"agent_rejected.{device_id}.")]
+    assert mine == [f"agent_rejected.{device_id}.other"]
+    assert counters[mine[0]] == 60
+    assert {n.rsplit(".", 1)[-1] for n in mine} <= KNOWN_REJECTION_REASONS
+    # The newest 5 events are kept; the 250 KB field was not stored whole.
+    events = harness.registry.events_for(device_id, limit=100)
+    assert [e.generation for e in events] == [13, 12, 11, 10, 9]
+    assert events[0].detail == {"extra": {"_truncated": {"bytes": 250_011, "keys": 1}}}
+    # The views work and are sane; `status` stays small.
+    summary = harness.summary(name)
+    assert (summary.inferences, summary.errors) == (107, 1)
+    shown = CliRunner().invoke(
+        cli,
+        [
+            "--database-url",
+            harness.registry.url,
+            "--home",
+            str(cli_home),
+            "status",
+            "--json",
+        ],
+        catch_exceptions=False,
+    )
+    assert shown.exit_code == 0, shown.output
+    status = json.loads(shown.output)
+    assert status["inferences"] == 107
+    assert status["rejected"]["clock_skew"] == 1
+    assert status["agent_rejected"] == {"other": 60}
+    # Per device and reason, for the operator to find the source.
+    mine_shown = status["by_device"][device_id]
+    assert mine_shown["rejected_by_controller"]["event_cap"] == 8
+    assert mine_shown["rejected_by_controller"]["malformed_telemetry"] >= 6
+    assert mine_shown["refused_by_agent"] == {"other": 60}
+    assert len(shown.output) < 2000
+    devices = CliRunner().invoke(
+        cli,
+        ["--database-url", harness.registry.url, "--home", str(cli_home), "devices"],
+        catch_exceptions=False,
+    )
+    assert devices.exit_code == 0 and "107" in devices.output

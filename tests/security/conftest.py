@@ -79,7 +79,9 @@ def issue_device_files(ca: CertificateAuthority, device_id: str, out: Path) -> d
 class TlsBroker:
     """Mosquitto on a free loopback port with the production TLS config and ACL."""
 
-    def __init__(self, ca: CertificateAuthority, client_dir: Path) -> None:
+    def __init__(
+        self, ca: CertificateAuthority, client_dir: Path, *, log_denials: bool = True
+    ) -> None:
         binary = require_mosquitto()
         self.ca = ca
         self.client_dir = client_dir
@@ -98,15 +100,14 @@ class TlsBroker:
             bind_address="127.0.0.1",
             persistence=False,
             log_file=str(self.dir / "mosquitto.log"),
+            log_denials=log_denials,
         )
         write_public_file(self.dir / "edgefleet.acl", render_acl().encode())
         self.config = self.dir / "mosquitto.conf"
         write_public_file(self.config, render_mosquitto_conf(paths).encode())
         self._own_files()
         self.controller = self._client_files(CONTROLLER_COMMON_NAME, service=True)
-        self.process = MosquittoProcess(
-            binary, self.config, self.port, self.dir / "mosquitto.log"
-        )
+        self.process = MosquittoProcess(binary, self.config, self.port, self.dir / "mosquitto.log")
 
     def _own_files(self) -> None:
         if os.geteuid() != 0:

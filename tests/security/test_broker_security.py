@@ -201,10 +201,25 @@ def test_revoked_device_is_refused(tls_broker: TlsBroker) -> None:
     connect(other, "fine-2").stop()
 
 
+def _log_lines(broker: TlsBroker, *needles: str, timeout_s: float = 5.0) -> list[str]:
+    """Broker log lines containing every one of ``needles`` (waits up to ``timeout_s``)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        text = broker.process.log_file.read_text(errors="replace")
+        found = [line for line in text.splitlines() if all(n in line for n in needles)]
+        if found or time.monotonic() > deadline:
+            return found
+        time.sleep(0.1)
+
+
 def test_acl_denials_are_in_the_broker_log(tls_broker: TlsBroker) -> None:
-    """Issue 9 item 9: at the shipped log levels a denied publish left no trace."""
+    """Issue 9 item 9: at the shipped log levels a denied publish left no trace.
+
+    The line names the certificate's CN, whatever client id the device sent
+    (``use_username_as_clientid``): a device cannot blame another.
+    """
     controller = connect(tls_broker.controller, "controller")
-    a = connect(tls_broker.device("gw-a"), "agent-a")
+    a = connect(tls_broker.device("gw-a"), "gw-innocent")
     try:
         got = Recorder()
         controller.subscribe(topic("gw-a", Channel.REPORTED), got)
@@ -213,18 +228,45 @@ def test_acl_denials_are_in_the_broker_log(tls_broker: TlsBroker) -> None:
         a.publish(topic("gw-a", Channel.REPORTED), b"after", qos=1, wait_s=5)
         assert got.wait_for(b"after")
         forged_topic = topic("gw-b", Channel.DESIRED)
-        deadline = time.monotonic() + 5
-        while True:
-            log_text = tls_broker.process.log_file.read_text(errors="replace")
-            denied = [
-                line
-                for line in log_text.splitlines()
-                if "Denied PUBLISH" in line and f"'{forged_topic}'" in line
-            ]
-            if denied or time.monotonic() > deadline:
-                break
-            time.sleep(0.1)
+        denied = _log_lines(tls_broker, "Denied PUBLISH", f"'{forged_topic}'")
         assert denied, "the broker did not log the denied publish"
+        assert all(" from gw-a (" in line for line in denied), denied
+        assert not _log_lines(tls_broker, "gw-innocent", timeout_s=0)
     finally:
         for link in (a, controller):
             link.stop()
+
+
+def test_without_debug_logging_subscription_probes_are_still_logged(
+    ca: CertificateAuthority, tmp_path: Path
+) -> None:
+    """``MosquittoPaths(log_denials=False)``: no per-message lines, yet read probes show.
+
+    Mosquitto logs denied publishes only at debug level (with every packet,
+    about four lines per message); a fleet too big for that renders the
+    config without it. Mosquitto accepts a subscription to another device's
+    topics and filters each delivery, so it is never logged as a denial; but
+    ``log_type subscribe`` logs every subscription with its filter, so a
+    device subscribing to other devices' topics is still seen.
+    """
+    broker = TlsBroker(ca, tmp_path / "clients", log_denials=False)
+    broker.start()
+    try:
+        assert "log_type debug" not in broker.config.read_text()
+        controller = connect(broker.controller, "controller")
+        a = connect(broker.device("gw-a"), "gw-a")
+        got = Recorder()
+        snooped = Recorder()
+        a.subscribe(topic("gw-b", Channel.DESIRED), snooped)
+        controller.subscribe(topic("gw-a", Channel.REPORTED), got)
+        _subscribed(got, controller, topic("gw-a", Channel.REPORTED))
+        for i in range(20):
+            assert a.publish(topic("gw-a", Channel.REPORTED), f"r{i}".encode(), qos=1, wait_s=5)
+        assert got.wait_for(b"r19")
+        probes = _log_lines(broker, "gw-a 1 " + topic("gw-b", Channel.DESIRED))
+        assert probes, "the probing subscription was not logged"
+        assert not _log_lines(broker, "PUBLISH", timeout_s=0), "per-message lines were logged"
+        for link in (a, controller):
+            link.stop()
+    finally:
+        broker.cleanup()

@@ -15,8 +15,11 @@ import time
 from pathlib import Path
 
 import pytest
+from cryptography import x509
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from edgefleet.controller.ca import CLI_COMMON_NAME, write_private_file, write_public_file
+from edgefleet.controller.ca import CLI_COMMON_NAME, CONTROLLER_COMMON_NAME
+from edgefleet.controller.enrollment import DeviceBroker, EnrollmentServer, TokenStore
 from edgefleet.protocols.errors import BrokerError
 from edgefleet.protocols.topics import OUTBOX_MARKER_TOPIC, Channel, DeviceTopic
 from edgefleet.shared.link import BrokerSettings, MqttLink
@@ -124,16 +127,38 @@ def test_the_cli_has_its_own_identity_and_only_publishes_desired_states(
 def test_the_enrollment_servers_certificate_is_no_broker_identity(
     tls_broker: TlsBroker, tmp_path: Path
 ) -> None:
-    """``enroll-server`` never talks MQTT; its HTTPS certificate cannot be used as a client."""
-    pair = tls_broker.ca.issue_server_cert(["enroll.example.net"])
-    out = tmp_path / "enroll"
-    write_private_file(out / "key.pem", pair.key_pem)
-    write_public_file(out / "cert.pem", pair.cert_pem)
-    files = {"ca_file": str(tls_broker.ca.ca_file)}
-    with pytest.raises(BrokerError):
-        connect(
-            tls_broker.settings(cert_file=str(out / "cert.pem"), key_file=str(out / "key.pem"),
-                                **files),
-            "edgefleet-enroll",
-        )
+    """``enroll-server`` never talks MQTT; its HTTPS certificate cannot be used as a client.
+
+    Checked on the files the real :class:`EnrollmentServer` writes and serves:
+    a server certificate (EKU serverAuth only) named after its first
+    hostname, never one of the services' client identities.
+    """
+    server = EnrollmentServer(
+        tls_broker.ca,
+        TokenStore(tmp_path / "enrollment"),
+        lambda: b"{}",
+        DeviceBroker("localhost", tls_broker.port),
+        hostnames=("enroll.example.net", "127.0.0.1"),
+        port=0,
+    )
+    server.start()
+    try:
+        server_dir = tmp_path / "enrollment" / "server"
+        cert = x509.load_pem_x509_certificate((server_dir / "server.pem").read_bytes())
+        (cn,) = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+        assert cn.value == "enroll.example.net"
+        assert cn.value not in {CONTROLLER_COMMON_NAME, CLI_COMMON_NAME}
+        eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+        assert list(eku) == [ExtendedKeyUsageOID.SERVER_AUTH]
+        with pytest.raises(BrokerError):
+            connect(
+                tls_broker.settings(
+                    ca_file=str(tls_broker.ca.ca_file),
+                    cert_file=str(server_dir / "server.pem"),
+                    key_file=str(server_dir / "server.key"),
+                ),
+                "edgefleet-enroll",
+            )
+    finally:
+        server.stop()
     connect(tls_broker.device("gw-ok"), "gw-ok").stop()  # control: a client certificate works

@@ -62,10 +62,13 @@ def test_every_command_group_is_registered() -> None:
     ]:  # fmt: skip
         assert f"\n  {command} " in result.output, command
     for group, commands in {
-        "device": ["enroll", "events", "revoke", "token"],
+        "device": ["enroll", "events", "revoke", "tag", "token"],
         "model": ["compile", "list", "register", "report"],
     }.items():
         result = CliRunner().invoke(cli, [group, "--help"], catch_exceptions=False)
         assert result.exit_code == 0
         for command in commands:
             assert f"\n  {command} " in result.output, (group, command)
+    # The group's summary names what its commands do (issue 10: it was out of date).
+    device_help = CliRunner().invoke(cli, ["device", "--help"]).output
+    assert "Enroll devices, tag them, read their events; tokens and revocation." in device_help

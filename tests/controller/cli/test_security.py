@@ -16,6 +16,7 @@ from tests.controller.cli.runner import run_in_home as run
 
 def test_ca_broker_config_token_and_revoke(tmp_path: Path) -> None:
     home = tmp_path / "home"
+    assert run(home, "init").exit_code == 0
     result = run(home, "device", "revoke", "gw-1")
     assert result.exit_code == 1 and "edgefleet ca init" in result.output
 
@@ -92,6 +93,7 @@ def test_revoked_devices_and_per_device_refusals_are_visible(tmp_path: Path) -> 
     from tests.security.conftest import key_and_csr
 
     home = tmp_path / "home"
+    assert run(home, "init").exit_code == 0
     assert run(home, "ca", "init").exit_code == 0
     assert run(home, "device", "enroll", "gw-1", "--out", str(tmp_path / "e1")).exit_code == 0
     assert run(home, "device", "enroll", "gw-2", "--out", str(tmp_path / "e2")).exit_code == 0

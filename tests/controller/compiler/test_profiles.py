@@ -108,7 +108,7 @@ precisions = ["fp32"]
         ("[profiles.a]\narch = 'x86_64'\ncolour = 'red'", "unknown field"),
         ("[profiles.a]\narch = 'mips'", "arch must be one of"),
         ("[profiles.a]\ncpu_features = []", "missing field 'arch'"),
-        ("[profiles.a]\narch = 'x86_64'\nprecisions = ['int4']", "not supported"),
+        ("[profiles.a]\narch = 'x86_64'\nprecisions = ['int2']", "not supported"),
         ("[profiles.a]\narch = 'x86_64'\nprecisions = 'fp32'", "list of strings"),
         ("[profiles.a]\narch = 'x86_64'\nobjective = 'cost'", "objective must be"),
         ("[profiles.a]\narch = 'x86_64'\nmax_bundle_bytes = -3", "positive integer"),

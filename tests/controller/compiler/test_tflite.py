@@ -90,9 +90,12 @@ def test_source_format_must_match_the_profile_runtime() -> None:
         compile_model(FIXTURE, BUILTIN_PROFILES["x86-vnni"], **FAST)
 
 
-def test_int4_is_refused_for_onnxruntime_profiles() -> None:
-    with pytest.raises(ProfileError, match="int4"):
-        dataclasses.replace(BUILTIN_PROFILES["x86-vnni"], precisions=("fp32", "int4"))
+def test_int4_is_accepted_for_onnxruntime_profiles_too() -> None:
+    # int4 weight-only exists for ONNX as well (MatMulNBits); int2 exists for neither.
+    prof = dataclasses.replace(BUILTIN_PROFILES["x86-vnni"], precisions=("fp32", "int4"))
+    assert prof.precisions == ("fp32", "int4")
+    with pytest.raises(ProfileError, match="int2"):
+        dataclasses.replace(BUILTIN_PROFILES["x86-vnni"], precisions=("fp32", "int2"))
 
 
 @pytest.mark.parametrize(
@@ -167,9 +170,21 @@ def test_size_objective_picks_the_smallest_passing_variant() -> None:
     result = compile_model(
         FIXTURE, small, calibration=_data(16, seed=1), validation=_data(50, seed=2), **FAST
     )
-    assert result.best.name == "int4-weight-only"
+    # The smallest that passes the gate and runs within 1.1x fp32 latency.
+    fit = [
+        c
+        for c in result.report.candidates
+        if c.accuracy is not None
+        and c.accuracy.passed
+        and c.latency_ratio is not None
+        and c.latency_ratio <= 1.1
+    ]
+    assert result.best.name == min(fit, key=lambda c: (c.size_bytes or 0, c.name)).name
     sizes = [v.metrics.size_bytes or 0 for v in result.chosen]
     assert sizes == sorted(sizes)
+    for c in result.report.candidates:
+        if c.latency_ratio is not None and c.latency_ratio > 1.1 and c.status == "rejected":
+            assert c.accuracy is None or not c.accuracy.passed or "1.1x" in (c.reason or "")
 
 
 def test_without_calibration_static_int8_is_skipped_with_the_reason() -> None:

@@ -34,6 +34,7 @@ from tests.controller.registry.builders import (
 # and ``expire_events`` (event retention, issue 9).
 PUBLIC = {
     "add_bundle",
+    "add_controller_event",
     "add_events",
     "add_telemetry",
     "advance_event_acks",
@@ -56,6 +57,7 @@ PUBLIC = {
     "get_model_version",
     "list_deployments",
     "list_devices",
+    "limit_device_counters",
     "list_model_versions",
     "mark_published",
     "published_digest",
@@ -65,6 +67,7 @@ PUBLIC = {
     "set_online",
     "telemetry_for",
     "unpublished_desired",
+    "update_tags",
     "url",
 }
 PARTS = (Catalog, Devices, Deployments, Outbox, Events, TelemetryStore, FleetViews, Counters)

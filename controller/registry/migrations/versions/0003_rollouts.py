@@ -112,9 +112,7 @@ def upgrade() -> None:
             ["rollout_id"], ["rollouts.id"], name="fk_rollout_decisions_rollout_id_rollouts"
         ),
     )
-    op.create_index(
-        "ix_rollout_decisions_rollout_id_id", "rollout_decisions", ["rollout_id", "id"]
-    )
+    op.create_index("ix_rollout_decisions_rollout_id_id", "rollout_decisions", ["rollout_id", "id"])
 
     op.create_table(
         "telemetry_minutes",

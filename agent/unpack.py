@@ -12,6 +12,11 @@ Anything else (links, directories, devices, path tricks, duplicates, missing
 or extra members, oversize members, compression, non-tar data) is a
 :class:`~edgefleet.protocols.errors.BundleFormatError`.
 
+A bundle compressed for the wire (xz, see :mod:`edgefleet.protocols.bundle`)
+is decompressed first, as a stream, with a hard stop at the decompressed
+length signed in its TUF metadata: a bundle that decompresses beyond it is
+refused before more than one chunk past the bound exists anywhere.
+
 Files are fsynced, then the directory, so that once a slot is committed and
 activated a power cut cannot leave a half-written model behind.
 
@@ -24,6 +29,7 @@ CPU feature) never goes live.
 from __future__ import annotations
 
 import hashlib
+import lzma
 import math
 import os
 import tarfile
@@ -40,6 +46,7 @@ from edgefleet.protocols.bundle import (
     SAMPLE_INPUT_PREFIX,
     SAMPLE_NAME,
     SAMPLE_OUTPUT_PREFIX,
+    BundleCompression,
     BundleManifest,
 )
 from edgefleet.protocols.errors import BundleFormatError, MessageError, SmokeTestError
@@ -47,9 +54,11 @@ from edgefleet.shared.durable import fsync_dir
 from edgefleet.shared.runtime import LoadedModel
 
 __all__ = [
+    "MAX_DECODER_MEMORY",
     "MAX_MANIFEST_BYTES",
     "MAX_MEMBER_BYTES",
     "MAX_SAMPLE_BYTES",
+    "decompress_bundle",
     "load_manifest",
     "load_sample",
     "smoke_test",
@@ -64,7 +73,13 @@ MAX_MANIFEST_BYTES = 1024 * 1024
 # Decompressed size of all arrays in sample.npz; guards against a zip bomb.
 MAX_SAMPLE_BYTES = 256 * 1024 * 1024
 
+# Memory the xz decoder may use: the controller compresses with an 8 MiB
+# dictionary (about 9 MiB to decode); a stream wanting more is refused.
+MAX_DECODER_MEMORY = 64 * 1024 * 1024
+
 _CHUNK = 1024 * 1024
+# Leading bytes of compressed containers, to refuse one nobody signed.
+_MAGIC = {"xz": b"\xfd7zXZ\x00", "zstd": b"\x28\xb5\x2f\xfd", "gzip": b"\x1f\x8b", "bzip2": b"BZh"}
 _MODEL_FILES = frozenset(MODEL_NAMES.values())
 _ALLOWED = frozenset({MANIFEST_NAME, SAMPLE_NAME}) | _MODEL_FILES
 
@@ -150,7 +165,71 @@ def _extract(
         )
 
 
-def unpack_bundle(bundle_path: Path, dest: Path) -> BundleManifest:
+def _compressed_magic(path: Path) -> str | None:
+    with path.open("rb") as fh:
+        head = fh.read(6)
+    for codec, magic in _MAGIC.items():
+        if head.startswith(magic):
+            return codec
+    return None
+
+
+def decompress_bundle(bundle_path: Path, out_path: Path, compression: BundleCompression) -> None:
+    """Stream-decompress a signed compressed bundle into ``out_path``, bounded by its signed size.
+
+    Never holds more than one chunk in memory and never writes more than
+    ``compression.decompressed_length`` bytes: output beyond it (a
+    decompression bomb, or a build that signed the wrong size) is refused the
+    moment it appears. The xz decoder's memory is capped too
+    (:data:`MAX_DECODER_MEMORY`), since the dictionary size is chosen by
+    whoever compressed the bytes.
+
+    Raises:
+        BundleFormatError: unknown codec, corrupt or truncated stream, data
+            after the stream, more or fewer bytes than signed, or a stream
+            that needs more decoder memory than allowed.
+        OSError: writing ``out_path`` failed.
+    """
+    if compression.codec != "lzma":
+        raise BundleFormatError(f"bundle refused: unknown compression {compression.codec!r}")
+    bound = compression.decompressed_length
+    decoder = lzma.LZMADecompressor(format=lzma.FORMAT_XZ, memlimit=MAX_DECODER_MEMORY)
+    written = 0
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+    try:
+        with bundle_path.open("rb") as src, os.fdopen(os.open(out_path, flags, 0o600), "wb") as out:
+            pending = b""
+            while not decoder.eof:
+                if not pending and decoder.needs_input:
+                    pending = src.read(_CHUNK)
+                    if not pending:
+                        raise BundleFormatError(
+                            "bundle refused: the compressed stream is truncated"
+                        )
+                # Ask for at most one byte past the bound: enough to see an overrun.
+                chunk = decoder.decompress(pending, max_length=min(_CHUNK, bound - written + 1))
+                pending = b""
+                written += len(chunk)
+                if written > bound:
+                    raise BundleFormatError(
+                        f"bundle refused: it decompresses beyond its signed size of {bound} bytes"
+                    )
+                out.write(chunk)
+            if decoder.unused_data or src.read(1):
+                raise BundleFormatError("bundle refused: data after the compressed stream")
+            out.flush()
+            os.fsync(out.fileno())
+    except lzma.LZMAError as exc:
+        raise BundleFormatError(f"bundle refused: corrupt compressed stream: {exc}") from exc
+    if written != bound:
+        raise BundleFormatError(
+            f"bundle refused: it decompresses to {written} bytes, the signed size is {bound}"
+        )
+
+
+def unpack_bundle(
+    bundle_path: Path, dest: Path, *, compression: BundleCompression | None = None
+) -> BundleManifest:
     """Extract a bundle into ``dest`` and check the model against the manifest.
 
     ``dest`` should be a fresh staging directory (see
@@ -158,16 +237,45 @@ def unpack_bundle(bundle_path: Path, dest: Path) -> BundleManifest:
     missing, and existing files with member names are never overwritten.
     On failure ``dest`` may hold partial files: the caller discards it.
 
+    Args:
+        bundle_path: the TUF-verified bundle file.
+        dest: where the three members go.
+        compression: the signed compression of the bundle (the TUF target's
+            ``custom.compression``), ``None`` for a plain tar. A compressed
+            bundle is first decompressed next to ``bundle_path`` (bounded by
+            the signed length, see :func:`decompress_bundle`) and that
+            temporary tar is removed afterwards.
+
     Returns:
         The parsed manifest.
 
     Raises:
-        BundleFormatError: the file is not an uncompressed tar, has members
-            other than exactly the three expected regular files, a member is
-            too large or truncated, the manifest is invalid or names another
+        BundleFormatError: the file is not an uncompressed tar (or, with
+            ``compression``, does not decompress to exactly the signed size),
+            is compressed although nothing signed that, has members other
+            than exactly the three expected regular files, a member is too
+            large or truncated, the manifest is invalid or names another
             model file, or the model's SHA-256 differs from the manifest's.
         OSError: writing to ``dest`` failed (disk full, permissions).
     """
+    if compression is None:
+        codec = _compressed_magic(bundle_path) if bundle_path.is_file() else None
+        if codec is not None:
+            raise BundleFormatError(
+                f"bundle refused: not a readable uncompressed tar: it is {codec}-compressed "
+                "and its signed metadata has no decompressed size to bound it"
+            )
+        return _unpack_tar(bundle_path, dest)
+    tar_path = bundle_path.with_name(bundle_path.name + ".tar")
+    tar_path.unlink(missing_ok=True)
+    try:
+        decompress_bundle(bundle_path, tar_path, compression)
+        return _unpack_tar(tar_path, dest)
+    finally:
+        tar_path.unlink(missing_ok=True)
+
+
+def _unpack_tar(bundle_path: Path, dest: Path) -> BundleManifest:
     dest.mkdir(parents=True, exist_ok=True)
     try:
         # "r:" means uncompressed only: a gzip/xz/bz2 archive is refused here

@@ -1,11 +1,18 @@
 """What a bundle is: its archive layout, manifest and TUF ``custom`` metadata.
 
-A bundle is an uncompressed POSIX tar archive (models barely compress, and tar
-is in every Python) holding exactly these members::
+A bundle is a POSIX tar archive (tar is in every Python) holding exactly
+these members::
 
     manifest.json    BundleManifest, UTF-8 JSON
     model.onnx       or model.tflite: the model file the runtime loads
     sample.npz       smoke test: arrays "in.<input name>" and "out.<output name>"
+
+On the wire a bundle may be compressed as a whole (xz/lzma, when that saves
+enough: int8 weights and scales compress, fp32 weights barely). The signed
+``custom`` field then carries a :class:`BundleCompression`: the codec and the
+exact decompressed length, so the agent decompresses with a hard bound and
+refuses a bundle that decompresses beyond (or short of) what was signed. A
+target without it is the plain tar, as every bundle before compression was.
 
 The controller publishes every bundle as a TUF target whose ``custom`` field
 is a :class:`TargetCustom`. The agent checks the custom fields *before*
@@ -26,13 +33,16 @@ from edgefleet.protocols.hardware import satisfies
 
 __all__ = [
     "BUNDLE_FORMAT",
+    "COMPRESSIONS",
     "MANIFEST_NAME",
+    "MAX_DECOMPRESSED_BYTES",
     "MODEL_NAMES",
     "PRECISIONS",
     "RUNTIMES",
     "SAMPLE_INPUT_PREFIX",
     "SAMPLE_NAME",
     "SAMPLE_OUTPUT_PREFIX",
+    "BundleCompression",
     "BundleManifest",
     "TargetCustom",
     "TensorSpec",
@@ -46,6 +56,40 @@ SAMPLE_OUTPUT_PREFIX = "out."
 RUNTIMES = ("onnxruntime", "tflite")
 PRECISIONS = ("fp32", "fp16", "int8", "int4")
 MODEL_NAMES = {"onnxruntime": "model.onnx", "tflite": "model.tflite"}
+# Whole-bundle codecs an agent can decompress: "lzma" is the xz container
+# (Python's stdlib lzma, so no extra dependency on a gateway).
+COMPRESSIONS = ("lzma",)
+# No signed decompressed length may exceed this (the three members' caps).
+MAX_DECOMPRESSED_BYTES = 3 * 1024**3
+
+
+@dataclass(frozen=True)
+class BundleCompression:
+    """How a bundle's bytes were compressed, signed in the TUF target's ``custom``.
+
+    Attributes:
+        codec: one of :data:`COMPRESSIONS`.
+        decompressed_length: exact size in bytes of the tar inside; the agent
+            stops decompressing past it and refuses the bundle.
+    """
+
+    codec: str
+    decompressed_length: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"codec": self.codec, "decompressed_length": self.decompressed_length}
+
+    @classmethod
+    def from_dict(cls, d: Any) -> BundleCompression:
+        if not isinstance(d, Mapping):
+            raise MessageError("target custom field 'compression' must be an object")
+        codec = _choice(d, "codec", COMPRESSIONS)
+        length = f.integer(d, "decompressed_length", minimum=1)
+        if length > MAX_DECOMPRESSED_BYTES:
+            raise MessageError(
+                f"decompressed_length {length} is more than {MAX_DECOMPRESSED_BYTES} bytes"
+            )
+        return cls(codec, length)
 
 
 @dataclass(frozen=True)
@@ -112,6 +156,7 @@ class TargetCustom:
     outputs: tuple[TensorSpec, ...]
     requires_arch: str | None = None
     requires_features: tuple[str, ...] = ()
+    compression: BundleCompression | None = None
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def runs_on(self, arch: str, features: tuple[str, ...] | list[str]) -> bool | None:
@@ -131,9 +176,13 @@ class TargetCustom:
                 }
             }
         )
+        compression = (
+            {} if self.compression is None else {"compression": self.compression.to_dict()}
+        )
         return {
             **self.extra,
             **requires,
+            **compression,
             "model": self.model,
             "version": self.version,
             "release": self.release,
@@ -169,6 +218,9 @@ class TargetCustom:
             requires_features=()
             if requires is None
             else tuple(f.text_list(requires, "cpu_features", max_items=64)),
+            compression=None
+            if d.get("compression") is None
+            else BundleCompression.from_dict(d["compression"]),
             extra=f.extra(
                 d,
                 {
@@ -180,6 +232,7 @@ class TargetCustom:
                     "hardware_class",
                     "io",
                     "requires",
+                    "compression",
                 },
             ),
         )

@@ -65,13 +65,17 @@ from edgefleet.shared.runtime import LoadedModel, TfliteBackend, is_tflite
 __all__ = [
     "CORE_OPS",
     "ModelFacts",
+    "NormalizedTflite",
     "TfliteQuantRecipe",
     "TfliteSession",
+    "TfliteSourceRecipe",
+    "asymmetric_conv_weights",
     "inspect_tflite",
     "is_tflite",
     "litert_versions",
     "load_tflite_source",
     "make_tflite_session",
+    "normalize_tflite",
     "tflite_recipes",
 ]
 
@@ -101,6 +105,8 @@ class ModelFacts:
         float_weight_ops: op types that still read a float constant of rank >= 2
             (a weight matrix or kernel the quantizer left in float).
         signatures: the model's signature keys.
+        fp16_weights: DEQUANTIZE ops reading a stored fp16 constant (a source
+            whose weights are fp16, as most MediaPipe models ship).
     """
 
     op_counts: Mapping[str, int]
@@ -108,6 +114,7 @@ class ModelFacts:
     int_weights: int
     float_weight_ops: tuple[str, ...]
     signatures: tuple[str, ...]
+    fp16_weights: int = 0
 
 
 def _enum_names(cls: type) -> dict[int, str]:
@@ -135,6 +142,7 @@ def inspect_tflite(data: bytes) -> ModelFacts:
         float_bytes = 0
         int_weights = 0
         float_ops: set[str] = set()
+        fp16 = 0
         for si in range(model.SubgraphsLength()):
             graph = model.Subgraphs(si)
             constant: dict[int, tuple[str, int, int]] = {}
@@ -161,13 +169,198 @@ def inspect_tflite(data: bytes) -> ModelFacts:
                     kind, rank, _ = constant.get(int(ti), ("", 0, 0))
                     if kind in _FLOAT_TYPES and rank >= 2:
                         float_ops.add(name)
+                    if name == "DEQUANTIZE" and kind == "FLOAT16":
+                        fp16 += 1
         signatures = tuple(
             model.SignatureDefs(i).SignatureKey().decode("utf-8", "replace")
             for i in range(model.SignatureDefsLength())
         )
     except (IndexError, AttributeError, TypeError, UnicodeDecodeError) as exc:
         raise SourceModelError(f"corrupt flatbuffer ({type(exc).__name__})") from None
-    return ModelFacts(dict(counts), float_bytes, int_weights, tuple(sorted(float_ops)), signatures)
+    return ModelFacts(
+        dict(counts), float_bytes, int_weights, tuple(sorted(float_ops)), signatures, fp16
+    )
+
+
+_DEQUANTIZE = 6  # BuiltinOperator.DEQUANTIZE
+_FLOAT16 = 1  # TensorType.FLOAT16
+_FLOAT32 = 0  # TensorType.FLOAT32
+_PLACEHOLDER = 127  # deprecated_builtin_code for ops numbered >= 127
+
+
+@dataclass(frozen=True)
+class NormalizedTflite:
+    """A ``.tflite`` source rewritten so litert-quantizer sees it as the interpreter does.
+
+    The ``fp32`` candidate stays the untouched source; only the quantizers get
+    these bytes.
+
+    Attributes:
+        data: the rewritten flatbuffer.
+        opcodes_fixed: operator codes whose ``builtin_code`` was taken from the
+            deprecated (schema v3) field. MediaPipe and older TF exports leave
+            ``builtin_code`` at 0 (ADD) and keep the op in the deprecated
+            int8 field; the interpreter reads the larger of the two, the
+            quantizer only ``builtin_code``, so without this it sees every op
+            as ADD: weight-only and dynamic find nothing to quantize, and static
+            quantizes conv kernels as asymmetric ADD activations, which the
+            interpreter then refuses (non-zero CONV_2D weight zero point).
+        signature_added: the model had no signature and got ``serving_default``
+            over subgraph 0's own inputs and outputs (tensor names), which the
+            static calibrator needs; the agent names inputs the same way.
+        fp16_weights: fp16 constants behind DEQUANTIZE ops that were turned
+            into fp32 constants (the DEQUANTIZE removed), so every mode
+            quantizes from the dequantized weights.
+    """
+
+    data: bytes
+    opcodes_fixed: int = 0
+    signature_added: bool = False
+    fp16_weights: int = 0
+
+    def notes(self) -> list[str]:
+        out = []
+        if self.fp16_weights:
+            out.append(
+                f"source has fp16 weights ({self.fp16_weights} DEQUANTIZE of fp16 constants): "
+                "quantized from the dequantized weights; sizes compare with the fp16 file"
+            )
+        if self.opcodes_fixed:
+            out.append(
+                f"{self.opcodes_fixed} operator code(s) only in the deprecated schema field; "
+                "read as the interpreter does"
+            )
+        if self.signature_added:
+            out.append("no signature: calibrated through the subgraph's own inputs")
+        return out
+
+
+def _buffer_bytes(buf: Any) -> bytes | None:
+    data = getattr(buf, "data", None)
+    if data is None or len(data) == 0:
+        return None
+    return bytes(np.asarray(data, dtype=np.uint8).tobytes())
+
+
+def _drop_tensors(graph: Any, drop: set[int], model: Any, subgraph_index: int) -> None:
+    """Remove tensors ``drop`` from ``graph`` and renumber every reference to the rest."""
+    keep = [i for i in range(len(graph.tensors)) if i not in drop]
+    new_index = {old: new for new, old in enumerate(keep)}
+
+    def remap(indices: Any) -> list[int]:
+        return [
+            new_index[int(i)] if int(i) >= 0 else int(i)
+            for i in (indices if indices is not None else [])
+        ]
+
+    graph.tensors = [graph.tensors[i] for i in keep]
+    graph.inputs = remap(graph.inputs)
+    graph.outputs = remap(graph.outputs)
+    for op in graph.operators or []:
+        op.inputs = remap(op.inputs)
+        op.outputs = remap(op.outputs)
+        if op.intermediates is not None and len(op.intermediates):
+            op.intermediates = remap(op.intermediates)
+    for sig in model.signatureDefs or []:
+        if sig.subgraphIndex == subgraph_index:
+            for tm in [*(sig.inputs or []), *(sig.outputs or [])]:
+                tm.tensorIndex = new_index[int(tm.tensorIndex)]
+
+
+def _dequantize_fp16(model: Any) -> int:
+    """Replace DEQUANTIZE(fp16 constant) by an fp32 constant; returns how many."""
+    count = 0
+    for si, graph in enumerate(model.subgraphs or []):
+        removed_ops: list[int] = []
+        sources: set[int] = set()
+        for oi, op in enumerate(graph.operators or []):
+            code = model.operatorCodes[op.opcodeIndex]
+            if max(code.builtinCode, code.deprecatedBuiltinCode) != _DEQUANTIZE:
+                continue
+            if op.inputs is None or len(op.inputs) != 1 or len(op.outputs) != 1:
+                continue
+            src = graph.tensors[int(op.inputs[0])]
+            raw = _buffer_bytes(model.buffers[src.buffer]) if src.type == _FLOAT16 else None
+            if raw is None:
+                continue  # a run-time int8 DEQUANTIZE, not a stored fp16 weight
+            dst = graph.tensors[int(op.outputs[0])]
+            weights = np.frombuffer(raw, dtype=np.float16).astype(np.float32)
+            from ai_edge_litert import schema_py_generated as schema
+
+            buf = schema.BufferT()
+            buf.data = np.frombuffer(weights.tobytes(), dtype=np.uint8)
+            model.buffers.append(buf)
+            dst.buffer = len(model.buffers) - 1
+            dst.type = _FLOAT32
+            removed_ops.append(oi)
+            sources.add(int(op.inputs[0]))
+            count += 1
+        if not removed_ops:
+            continue
+        gone = set(removed_ops)
+        graph.operators = [op for i, op in enumerate(graph.operators) if i not in gone]
+        used = {int(i) for op in graph.operators for i in [*op.inputs, *op.outputs] if int(i) >= 0}
+        used |= {int(i) for i in [*graph.inputs, *graph.outputs]}
+        drop = {t for t in sources if t not in used}
+        still = {graph.tensors[t].buffer for t in range(len(graph.tensors)) if t not in drop}
+        for t in drop:
+            b = graph.tensors[t].buffer
+            if b and b not in still:
+                model.buffers[b].data = None
+        _drop_tensors(graph, drop, model, si)
+    return count
+
+
+def normalize_tflite(data: bytes) -> NormalizedTflite:
+    """Rewrite a float ``.tflite`` source into what litert-quantizer can quantize.
+
+    See :class:`NormalizedTflite` for the three rewrites. A model that needs
+    none comes back byte-identical.
+
+    Raises:
+        SourceModelError: the flatbuffer cannot be read or written back.
+    """
+    from ai_edge_litert import schema_py_generated as schema
+    from ai_edge_litert.tools import flatbuffer_utils as fu
+
+    try:
+        model = fu.read_model_from_bytearray(bytearray(data))
+    except Exception as exc:  # noqa: BLE001 - flatbuffers raises anything on bad input
+        raise SourceModelError(f"corrupt flatbuffer ({type(exc).__name__})") from None
+    fixed = 0
+    for oc in model.operatorCodes or []:
+        builtin = max(int(oc.builtinCode), int(oc.deprecatedBuiltinCode))
+        if builtin != oc.builtinCode:
+            oc.builtinCode = builtin
+            fixed += 1
+        oc.deprecatedBuiltinCode = min(builtin, _PLACEHOLDER)
+    fp16 = _dequantize_fp16(model)
+    added = False
+    if not model.signatureDefs and model.subgraphs:
+        graph = model.subgraphs[0]
+
+        def tmap(index: int) -> Any:
+            tm = schema.TensorMapT()
+            tm.name = graph.tensors[index].name
+            tm.tensorIndex = int(index)
+            return tm
+
+        sig = schema.SignatureDefT()
+        sig.signatureKey = "serving_default"
+        sig.subgraphIndex = 0
+        sig.inputs = [tmap(i) for i in graph.inputs]
+        sig.outputs = [tmap(i) for i in graph.outputs]
+        model.signatureDefs = [sig]
+        added = True
+    if not (fixed or fp16 or added):
+        return NormalizedTflite(data)
+    try:
+        out = bytes(fu.convert_object_to_bytearray(model))
+    except Exception as exc:  # noqa: BLE001 - as above
+        raise SourceModelError(
+            f"cannot rewrite the flatbuffer ({type(exc).__name__}: {exc})"
+        ) from None
+    return NormalizedTflite(out, fixed, added, fp16)
 
 
 def _classify(counts: Mapping[str, int]) -> str:
@@ -347,6 +540,12 @@ class TfliteQuantRecipe(Recipe):
                 quantizer.add_static_config(".*", op, self.bits, self.bits)
 
     def _calibration(self, inp: BuildInput, facts: ModelFacts) -> dict[str, list[Feed]] | None:
+        """Calibration feeds keyed by the (normalized) model's one signature.
+
+        A signature-less source got ``serving_default`` over subgraph 0's
+        inputs from :func:`normalize_tflite`, named like the tensors, which is
+        also how the agent's backend names the inputs of such a model.
+        """
         if self.mode != "static":
             return None
         if inp.calibration is None:
@@ -380,10 +579,11 @@ class TfliteQuantRecipe(Recipe):
             raise RecipeError(
                 "litert-quantizer is not installed; pip install 'edgefleet[tflite-compiler]'"
             ) from None
-        source = inp.source.data
+        normalized = normalize_tflite(inp.source.data)
+        source = normalized.data
         facts = inspect_tflite(source)
         calibration = self._calibration(inp, facts)
-        notes: list[str] = []
+        notes: list[str] = normalized.notes()
         options = self.options()
         try:
             with _quiet(notes):
@@ -414,9 +614,64 @@ class TfliteQuantRecipe(Recipe):
             raise RecipeError(f"the quantizer wrote an unreadable model: {exc}") from None
         if built.int_weights == 0:
             raise RecipeError("the quantizer left every weight in float: nothing to gain")
+        asymmetric = asymmetric_conv_weights(out)
+        if asymmetric:
+            raise RecipeError(
+                f"the quantizer wrote conv weights with a non-zero zero point "
+                f"({', '.join(asymmetric[:3])}), which TFLite kernels refuse"
+            )
         if built.float_weight_ops:
             notes.append(f"weights left in float: {', '.join(built.float_weight_ops)}")
         return Built(out, dedupe_notes(notes), options)
+
+
+def asymmetric_conv_weights(data: bytes) -> list[str]:
+    """Names of int8 conv/depthwise/FC weights whose zero point is not 0.
+
+    TFLite's int8 kernels accept only symmetric weights
+    (``affine_quantization->zero_point->data[i] != 0`` at load time).
+    """
+    from ai_edge_litert.tools import flatbuffer_utils as fu
+
+    model = fu.read_model_from_bytearray(bytearray(data))
+    ops = _enum_names(_schema().BuiltinOperator)
+    bad = []
+    for graph in model.subgraphs or []:
+        for op in graph.operators or []:
+            code = model.operatorCodes[op.opcodeIndex]
+            name = ops.get(max(code.builtinCode, code.deprecatedBuiltinCode), "")
+            if (
+                name not in ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED")
+                or len(op.inputs) < 2
+            ):
+                continue
+            weight = graph.tensors[int(op.inputs[1])]
+            q = weight.quantization
+            zp = None if q is None else q.zeroPoint
+            if zp is not None and len(zp) and np.any(np.asarray(zp) != 0):
+                raw = weight.name
+                bad.append(raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw))
+    return bad
+
+
+def _schema() -> Any:
+    from ai_edge_litert import schema_py_generated as schema
+
+    return schema
+
+
+class TfliteSourceRecipe(SourceRecipe):
+    """The ``.tflite`` source unchanged; says when its weights are stored in fp16."""
+
+    def build(self, inp: BuildInput, *, nodes_to_exclude: Sequence[str] = ()) -> Built:
+        facts = inspect_tflite(inp.source.data)
+        notes: tuple[str, ...] = ()
+        if facts.fp16_weights:
+            notes = (
+                f"source precision: fp16 weights ({facts.fp16_weights} DEQUANTIZE of fp16 "
+                "constants), shipped as given",
+            )
+        return Built(inp.source.data, notes)
 
 
 def tflite_recipes(profile: Profile) -> list[Recipe]:
@@ -428,7 +683,7 @@ def tflite_recipes(profile: Profile) -> list[Recipe]:
     """
     del profile  # same recipes for every TFLite device class, see above
     return [
-        SourceRecipe(),
+        TfliteSourceRecipe(),
         TfliteQuantRecipe("dynamic", 8),
         TfliteQuantRecipe("static", 8),
         TfliteQuantRecipe("weight_only", 8),

@@ -6,6 +6,7 @@ import dataclasses
 import gzip
 import hashlib
 import io
+import lzma
 import os
 import tarfile
 from collections.abc import Mapping
@@ -16,7 +17,7 @@ import pytest
 
 from edgefleet.agent import unpack
 from edgefleet.agent.unpack import load_manifest, load_sample, smoke_test, unpack_bundle
-from edgefleet.protocols.bundle import BundleManifest, TensorSpec
+from edgefleet.protocols.bundle import BundleCompression, BundleManifest, TensorSpec
 from edgefleet.protocols.errors import BundleFormatError, SmokeTestError
 from edgefleet.shared.runtime import InferenceInputError, OnnxRuntimeBackend
 from tests.shared.test_runtime import affine, affine_model_bytes
@@ -365,3 +366,83 @@ def test_smoke_test_refuses_io_that_differs_from_manifest(
     wrong = dataclasses.replace(manifest, inputs=(TensorSpec("x", "float64", (None, 3)),))
     with pytest.raises(SmokeTestError, match="model inputs"):
         smoke_test(model, slot, wrong)
+
+
+# --------------------------------------------------------------------------- compressed bundles
+def _xz(raw: bytes, **kwargs: object) -> bytes:
+    return lzma.compress(raw, format=lzma.FORMAT_XZ, **kwargs)  # type: ignore[arg-type]
+
+
+def _compressed(tmp_path: Path) -> tuple[Path, BundleCompression]:
+    raw = build_bundle(tmp_path / "plain.tar").read_bytes()
+    path = tmp_path / "b.bundle"
+    path.write_bytes(_xz(raw))
+    return path, BundleCompression("lzma", len(raw))
+
+
+def test_a_compressed_bundle_unpacks_with_its_signed_size(tmp_path: Path) -> None:
+    path, compression = _compressed(tmp_path)
+    dest = tmp_path / "dest"
+    manifest = unpack_bundle(path, dest, compression=compression)
+    assert manifest == make_manifest()
+    assert (dest / "model.onnx").read_bytes() == MODEL
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b.bundle", "dest", "plain.tar"]
+
+
+def test_a_compressed_bundle_without_a_signed_size_is_refused(tmp_path: Path) -> None:
+    path, _ = _compressed(tmp_path)
+    with pytest.raises(BundleFormatError, match=r"xz-compressed.*no decompressed size"):
+        unpack_bundle(path, tmp_path / "dest")
+    assert not (tmp_path / "dest").exists()
+
+
+def test_decompression_bomb_is_stopped_at_the_signed_size(tmp_path: Path) -> None:
+    """64 MiB of zeros compress to ~10 KB; signed as 1 MiB, no more than 1 MiB is written."""
+    bomb = tmp_path / "bomb.bundle"
+    bomb.write_bytes(_xz(b"\0" * (64 * 1024 * 1024)))
+    assert bomb.stat().st_size < 100_000
+    out = tmp_path / "out.tar"
+    with pytest.raises(BundleFormatError, match="beyond its signed size of 1048576"):
+        unpack.decompress_bundle(bomb, out, BundleCompression("lzma", 1024 * 1024))
+    assert out.stat().st_size <= 1024 * 1024  # nothing past the bound was written
+    with pytest.raises(BundleFormatError, match="beyond its signed size"):
+        unpack_bundle(bomb, tmp_path / "dest", compression=BundleCompression("lzma", 1024 * 1024))
+    assert not (tmp_path / "bomb.bundle.tar").exists()  # the temporary tar is gone
+
+
+@pytest.mark.parametrize(
+    ("mangle", "signed_delta", "message"),
+    [
+        pytest.param(lambda raw: raw, 1, "decompresses to .* the signed size is", id="short"),
+        pytest.param(lambda raw: raw, -1, "beyond its signed size", id="long"),
+        pytest.param(lambda raw: raw[: len(raw) // 2], 0, "truncated|corrupt", id="truncated"),
+        pytest.param(lambda raw: raw + b"junk", 0, "data after the compressed stream", id="trail"),
+        pytest.param(
+            lambda raw: raw[:40] + bytes([raw[40] ^ 0xFF]) + raw[41:], 0, "corrupt", id="flipped"
+        ),
+    ],
+)
+def test_compressed_bundles_that_do_not_match_their_signature_are_refused(
+    tmp_path: Path, mangle: object, signed_delta: int, message: str
+) -> None:
+    path, compression = _compressed(tmp_path)
+    path.write_bytes(mangle(path.read_bytes()))  # type: ignore[operator]
+    signed = BundleCompression("lzma", compression.decompressed_length + signed_delta)
+    with pytest.raises(BundleFormatError, match=message):
+        unpack_bundle(path, tmp_path / "dest", compression=signed)
+
+
+def test_a_stream_needing_too_much_decoder_memory_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path, _ = _compressed(tmp_path)
+    path.write_bytes(_xz(b"x" * 1000, preset=9))  # a 64 MiB dictionary
+    monkeypatch.setattr(unpack, "MAX_DECODER_MEMORY", 16 * 1024 * 1024)
+    with pytest.raises(BundleFormatError, match=r"corrupt compressed stream.*[Mm]emory"):
+        unpack_bundle(path, tmp_path / "dest", compression=BundleCompression("lzma", 1000))
+
+
+def test_an_unknown_codec_is_refused(tmp_path: Path) -> None:
+    path, _ = _compressed(tmp_path)
+    with pytest.raises(BundleFormatError, match="unknown compression 'zstd'"):
+        unpack_bundle(path, tmp_path / "dest", compression=BundleCompression("zstd", 10))

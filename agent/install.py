@@ -73,20 +73,24 @@ GENERIC_CLASS = "generic"
 _SPACE_MARGIN_BYTES = 1024 * 1024
 
 
-def space_needed(length: int, resumed: int = 0) -> int:
+def space_needed(length: int, resumed: int = 0, unpacked: int = 0) -> int:
     """Free bytes the state directory needs to install a bundle of signed ``length``.
 
     The download fills the partial file (less what a resumed download already
     holds), then TUF copies the verified bytes to ``downloads/``: two copies at
-    the peak. The partial file is deleted before unpacking, and unpacking
-    refuses compression, so the new slot is never larger than the copy it
-    replaces. A 1/64 share of the length and :data:`_SPACE_MARGIN_BYTES` cover
-    filesystem overhead. (python-tuf also buffers the download in an anonymous
-    temporary file in the *system* temp directory; that is not the state
-    directory's space and is not counted here.)
+    the peak. The partial file is deleted before unpacking. A plain tar
+    unpacks into a slot no larger than the copy it replaces. A compressed
+    bundle (``unpacked``: its signed decompressed length) is first
+    decompressed next to the download and then extracted, so that peak is the
+    download plus twice ``unpacked``. A 1/64 share of the larger size and
+    :data:`_SPACE_MARGIN_BYTES` cover filesystem overhead. (python-tuf also
+    buffers the download in an anonymous temporary file in the *system* temp
+    directory; that is not the state directory's space and is not counted.)
     """
     resumed = min(max(resumed, 0), length)
-    return 2 * length - resumed + length // 64 + _SPACE_MARGIN_BYTES
+    unpacked = max(unpacked, 0)
+    peak = max(2 * length - resumed, length + 2 * unpacked)
+    return peak + max(length, unpacked) // 64 + _SPACE_MARGIN_BYTES
 
 
 def _is_enospc(exc: BaseException) -> bool:
@@ -228,8 +232,9 @@ class Installer:
                 raise UntrustedMetadataError(f"{want.target} has no sha256 in targets metadata")
             existing = self.slots.find(sha256, on_corrupt=self._report_corrupt)
             if existing is None:
+                unpacked = custom.compression.decompressed_length if custom.compression else 0
                 bundle_path = self._download(
-                    verifier, want, info.prefixed_path, info.length, sha256
+                    verifier, want, info.prefixed_path, info.length, sha256, unpacked
                 )
         finally:
             verifier.close()
@@ -246,7 +251,7 @@ class Installer:
         name = self.slots.slot_name(want, sha256)
         staging = self.slots.staging(name)
         try:
-            manifest = unpack_bundle(bundle_path, staging)
+            manifest = unpack_bundle(bundle_path, staging, compression=custom.compression)
             self._check_manifest(manifest, custom)
             model = self._load(staging, manifest)
             smoke_test(model, staging, manifest)
@@ -266,13 +271,19 @@ class Installer:
         return InstallOutcome(record, downloaded=True)
 
     def _download(
-        self, verifier: Verifier, want: ModelRef, prefixed_path: str, length: int, sha256: str
+        self,
+        verifier: Verifier,
+        want: ModelRef,
+        prefixed_path: str,
+        length: int,
+        sha256: str,
+        unpacked: int = 0,
     ) -> Path:
         """Download the bundle through the verifier (TUF checks length and hashes)."""
         # ngclient puts the hash in front of the file name, not the whole path.
         repo_path = "targets/" + prefixed_path
         bundle_path = self.download_dir / f"{sha256}.bundle"
-        self._ensure_space(want, repo_path, length, bundle_path)
+        self._ensure_space(want, repo_path, length, bundle_path, unpacked)
         self.fetcher.expect_length(repo_path, length)
         self.download_dir.mkdir(parents=True, exist_ok=True)
         self._notify("downloading", want)
@@ -300,7 +311,9 @@ class Installer:
         st = os.statvfs(self.state_dir)
         return st.f_bavail * st.f_frsize
 
-    def _ensure_space(self, want: ModelRef, repo_path: str, length: int, keep: Path) -> None:
+    def _ensure_space(
+        self, want: ModelRef, repo_path: str, length: int, keep: Path, unpacked: int = 0
+    ) -> None:
         """Refuse a download the state directory cannot hold, before its first byte.
 
         When space is short, leftovers that no install can use any more go
@@ -312,7 +325,7 @@ class Installer:
         Raises:
             InsufficientSpaceError: still not enough space after that.
         """
-        need = space_needed(length, self.fetcher.resumable_bytes(repo_path))
+        need = space_needed(length, self.fetcher.resumable_bytes(repo_path), unpacked)
         free = self._free_bytes()
         if free >= need:
             return
@@ -325,7 +338,7 @@ class Installer:
         reclaimed += self.slots.gc()
         if reclaimed:
             log.info("reclaimed disk space: removed %s", ", ".join(reclaimed))
-        need = space_needed(length, self.fetcher.resumable_bytes(repo_path))
+        need = space_needed(length, self.fetcher.resumable_bytes(repo_path), unpacked)
         free = self._free_bytes()
         if free < need:
             raise InsufficientSpaceError(

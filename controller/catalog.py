@@ -23,6 +23,7 @@ import numpy as np
 
 from edgefleet.controller.bundle import (
     build_bundle,
+    compress_bundle,
     default_sample,
     inspect_onnx,
     inspect_tflite_io,
@@ -107,6 +108,8 @@ def _publish(
         smoke_rtol=rtol,
         runtime=runtime,
     )
+    # xz for the wire when it saves enough; the decompressed size is signed.
+    data, compression = compress_bundle(data)
     custom = TargetCustom(
         model=info.name,
         version=info.version,
@@ -118,6 +121,7 @@ def _publish(
         outputs=outputs,
         requires_arch=None if profile is None else profile.arch,
         requires_features=() if profile is None else tuple(sorted(profile.cpu_features)),
+        compression=compression,
     )
     published = repository.add_target(
         bundle_target_path(info.name, info.version, hardware_class, precision), data, custom

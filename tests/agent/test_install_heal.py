@@ -228,6 +228,15 @@ def test_space_needed_counts_two_copies_and_what_is_already_downloaded() -> None
     assert space_needed(100, resumed=10_000) == 100 + 1 + 2**20  # a bogus resume counts once
 
 
+def test_space_needed_counts_a_compressed_bundle_decompressed_and_extracted() -> None:
+    mib = 2**20
+    # 10 MiB on the wire, 30 MiB signed decompressed: the download, the tar
+    # decompressed next to it and the extracted members are on disk at once.
+    assert space_needed(10 * mib, unpacked=30 * mib) == 70 * mib + 30 * mib // 64 + mib
+    # Barely compressed: the two copies of the download are still the peak.
+    assert space_needed(10 * mib, unpacked=5 * mib) == space_needed(10 * mib)
+
+
 @pytest.fixture
 def fetcher(tmp_path: Path) -> MqttFetcher:
     # Only the partial-download store is used here: no link is needed.

@@ -104,6 +104,8 @@ _PLUMBING = frozenset(
         "Shape", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose", "Identity",
         "Constant", "ConstantOfShape", "Cast", "Concat", "Slice", "Gather", "Split",
         "Expand", "Range", "Tile", "Dropout",
+        # Control flow: no arithmetic of its own (dynamic int8 reaches its bodies).
+        "If", "Loop", "Scan",
     }
 )  # fmt: skip
 _QUANTIZED_OPS = frozenset(
@@ -459,7 +461,9 @@ class DynamicInt8Recipe(_Int8Recipe):
                 reduce_range=self.reduce_range,
                 weight_type=self.weight_type,
                 nodes_to_exclude=[*nodes_to_exclude, *failed],
-                extra_options={"MatMulConstBOnly": True},
+                # EnableSubgraph: also the weights inside If/Loop/Scan bodies
+                # (silero-vad keeps all of them in If branches).
+                extra_options={"MatMulConstBOnly": True, "EnableSubgraph": True},
             )
 
         data, failed_nodes = self._run_with_fallback(prepared, run, notes, present)

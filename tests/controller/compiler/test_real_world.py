@@ -335,9 +335,41 @@ def test_a_model_that_cannot_run_on_made_up_input_asks_for_data() -> None:
         compile_model(model.SerializeToString(), AVX2, recipes=["fp32"], **FAST)
 
 
+def _branch_data(n: int) -> dict[str, Any]:
+    rng = np.random.default_rng(n)
+    return {"x": rng.normal(0, 1, (n, 8)).astype(np.float32), "sr": np.full(n, 16000, np.int64)}
+
+
 def test_weights_the_quantizer_cannot_reach_are_named_as_the_reason() -> None:
-    """silero_vad.onnx keeps its weights in If branches: "nothing to gain" was not the reason."""
+    """silero_vad.onnx keeps its weights in If branches: "nothing to gain" was not the reason.
+
+    onnxruntime's static quantizer rewrites the top-level graph only.
+    """
     src = load_source(tm.weights_in_branches())
     assert src.weight_bytes == 2 * 8 * 16 * 4
+    inp = BuildInput(
+        src, prepare_for_quantization(src), None, load_samples(_branch_data(8), src, role="c")
+    )
     with pytest.raises(RecipeError, match="inside If/Loop/Scan subgraphs"):
-        DynamicInt8Recipe(AVX2).build(BuildInput(src, prepare_for_quantization(src)))
+        StaticInt8Recipe(AVX2, per_channel=False, method="minmax").build(inp)
+
+
+def test_dynamic_int8_reaches_the_weights_inside_if_branches() -> None:
+    """Dynamic int8 quantizes subgraph bodies too (``EnableSubgraph``): silero's layout."""
+    src = load_source(tm.weights_in_branches())
+    built = DynamicInt8Recipe(AVX2).build(BuildInput(src, prepare_for_quantization(src)))
+    graph = onnx.load_model_from_string(built.model).graph
+    branch_ops = {
+        inner.op_type
+        for node in graph.node
+        if node.op_type == "If"
+        for attr in node.attribute
+        for inner in attr.g.node
+    }
+    assert "MatMulInteger" in branch_ops and "MatMul" not in branch_ops
+    feed = {k: v[:3] for k, v in _branch_data(3).items()}
+    feed["sr"] = np.array(16000, np.int64)
+    want = make_session(src.data).run(None, feed)[0]
+    got = make_session(built.model).run(None, feed)[0]
+    assert np.abs(got - want).max() <= 0.05 * np.abs(want).max()
+    assert not any("If" in note for note in built.notes), built.notes

@@ -32,7 +32,6 @@ so the controller sees *why* an update was refused.
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import os
@@ -60,7 +59,7 @@ from edgefleet.protocols.errors import (
     WrongHardwareError,
 )
 from edgefleet.protocols.messages import HardwareInfo, ModelRef
-from edgefleet.shared.durable import atomic_write
+from edgefleet.shared.durable import atomic_write, is_disk_full
 from edgefleet.shared.runtime import LoadedModel, get_backend
 
 __all__ = ["InstallOutcome", "Installer", "space_needed", "translate_tuf_error"]
@@ -92,15 +91,6 @@ def space_needed(length: int, resumed: int = 0, unpacked: int = 0) -> int:
     peak = max(2 * length - resumed, length + 2 * unpacked)
     return peak + max(length, unpacked) // 64 + _SPACE_MARGIN_BYTES
 
-
-def _is_enospc(exc: BaseException) -> bool:
-    """Whether ``exc`` (or an exception it was raised from) is a full disk."""
-    cause: BaseException | None = exc
-    while cause is not None:
-        if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT):
-            return True
-        cause = cause.__cause__ or cause.__context__
-    return False
 
 
 @dataclass(frozen=True)
@@ -258,7 +248,7 @@ class Installer:
             slot_path = self.slots.commit(staging, name, bundle_sha256=sha256)
         except OSError as exc:
             self.slots.discard(staging)
-            if _is_enospc(exc):
+            if is_disk_full(exc):
                 raise self._disk_full(want, exc) from exc
             raise
         except BaseException:
@@ -290,7 +280,7 @@ class Installer:
         try:
             verifier.download(bundle_path)
         except OSError as exc:
-            if not _is_enospc(exc):
+            if not is_disk_full(exc):
                 raise
             self.fetcher.discard(repo_path)
             bundle_path.unlink(missing_ok=True)
@@ -458,7 +448,7 @@ class Installer:
             self._raise_release_mark(record.model)
         except OSError as exc:
             # No switch without a durable mark: refuse (and retry) instead.
-            if _is_enospc(exc):
+            if is_disk_full(exc):
                 raise self._disk_full(record.model, exc) from exc
             raise
         self.slots.activate(record)

@@ -51,6 +51,7 @@ from edgefleet.protocols.errors import (
     TransferError,
     UntrustedMetadataError,
 )
+from edgefleet.shared.durable import is_disk_full
 
 if TYPE_CHECKING:
     from edgefleet.agent.fetcher import MqttFetcher
@@ -392,7 +393,7 @@ def _child_main(metadata_dir: str, target_dir: str) -> int:
             error = translate_tuf_error(exc, target=target)
             answer = {
                 "error": {"code": error.code, "message": str(error)},
-                "enospc": target and _is_enospc(exc),
+                "enospc": target and is_disk_full(exc),
             }
         except Exception as exc:  # a bug: report it as the install's failure
             log.exception("verifier failed")
@@ -400,14 +401,6 @@ def _child_main(metadata_dir: str, target_dir: str) -> int:
         pipe.drain()
         _write_json(out, answer)
 
-
-def _is_enospc(exc: BaseException) -> bool:
-    cause: BaseException | None = exc
-    while cause is not None:
-        if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT):
-            return True
-        cause = cause.__cause__ or cause.__context__
-    return False
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ the messages users see name the file's purpose.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import secrets
@@ -46,6 +47,7 @@ __all__ = [
     "ensure_private_file",
     "file_lock",
     "fsync_dir",
+    "is_disk_full",
     "read_private",
     "write_private",
 ]
@@ -222,3 +224,13 @@ def file_lock(path: Path) -> Iterator[None]:
         yield
     finally:
         os.close(fd)  # closing releases the flock
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether ``exc``, or an exception it was raised from, is a full disk (ENOSPC, EDQUOT)."""
+    cause: BaseException | None = exc
+    while cause is not None:
+        if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        cause = cause.__cause__ or cause.__context__
+    return False

@@ -20,7 +20,14 @@ from tests.e2e.harness import Harness, infer, wait_for, wide_model
 
 
 def test_deploy_install_serve_and_report(harness: Harness) -> None:
-    harness.register("1.0")
+    registered = harness.register("1.0")
+    # The demo model's bundle compresses by more than 5%: what travels is xz,
+    # with its decompressed size signed (the agent below unpacks it).
+    target = harness.repository.get_target(registered.bundles[0].target_path)
+    assert target is not None
+    compression = target.unrecognized_fields.get("custom", {}).get("compression")
+    assert compression is not None and compression["codec"] == "lzma", target.to_dict()
+    assert compression["decompressed_length"] > target.length
     harness.enroll("gw-a")
     agent = harness.start_agent(harness.agent_config("gw-a"))
     harness.deploy("1.0", "gw-a")

@@ -84,7 +84,7 @@ def model_group() -> None:
     multiple=True,
     metavar="OUTPUT=METRIC",
     help="With --profile: how to judge one output (repeatable), as `model compile --metric`: "
-    "top1, topk:K, cosine, mae:X, threshold:T or exact.",
+    "top1, topk:K, cosine, mae:X, threshold:T, exact or ignore.",
 )
 @click.option(
     "--state",

@@ -117,7 +117,8 @@ def _emit(report: CompileReport, as_json: bool, extra: dict[str, Any] | None = N
     multiple=True,
     metavar="OUTPUT=METRIC",
     help="How to judge one output (repeatable): top1, topk:K, cosine, mae:X, "
-    "threshold:T or exact. Default: chosen from the output's shape and dtype.",
+    "threshold:T, exact, or ignore (reported, not gated). Default: chosen from the "
+    "output's shape and dtype.",
 )
 @click.option(
     "--state",

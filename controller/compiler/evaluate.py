@@ -92,8 +92,8 @@ __all__ = [
     "run_samples",
 ]
 
-METRICS = ("top1", "topk", "cosine", "mae", "threshold", "exact")
-METRIC_SYNTAX = "top1, topk:K, cosine, mae:X, threshold:T or exact"
+METRICS = ("top1", "topk", "cosine", "mae", "threshold", "exact", "ignore")
+METRIC_SYNTAX = "top1, topk:K, cosine, mae:X, threshold:T, exact or ignore"
 # The decision threshold of a probability output when none is given.
 DEFAULT_THRESHOLD = 0.5
 Outputs = list[list[npt.NDArray[Any]]]
@@ -108,7 +108,9 @@ class OutputScore:
 
     Attributes:
         name: output name.
-        metric: ``top1``, ``topk:K``, ``cosine``, ``mae:X``, ``exact`` or ``threshold:T``.
+        metric: ``top1``, ``topk:K``, ``cosine``, ``mae:X``, ``exact``, ``threshold:T``
+            or ``ignore`` (scored by cosine for the report, left out of the gate:
+            an output nobody reads, such as a padded hidden state).
         score: agreement fraction, share of samples within the MAE bound, or
             mean cosine similarity.
         worst: the lowest per-sample (per-row for top-k) score.
@@ -138,8 +140,15 @@ class OutputScore:
     def kind(self) -> str:
         return self.metric.partition(":")[0]
 
+    @property
+    def gated(self) -> bool:
+        """Whether this output counts in the accuracy gate (not ``ignore``)."""
+        return self.kind != "ignore"
+
     def score_text(self) -> str:
         """``decisions@0.5 97.00%``, ``cos 0.99871``, ``top1 99.50%``..."""
+        if self.kind == "ignore":
+            return f"not gated (cos {self.score:.5f})"
         if self.kind == "cosine":
             return f"cos {self.score:.5f}"
         label = {
@@ -203,15 +212,16 @@ class Accuracy:
 
     @property
     def score(self) -> float:
-        """The worst output's score: what the gate compares with ``threshold``."""
-        return min(o.score for o in self.outputs) if self.outputs else 0.0
+        """The worst gated output's score: what the gate compares with ``threshold``."""
+        gated = [o.score for o in self.outputs if o.gated]
+        return min(gated) if gated else 0.0
 
     def label_failure(self) -> OutputScore | None:
         """The output whose label accuracy dropped too far below fp32's, if any."""
         if self.max_accuracy_drop is None:
             return None
         for o in self.outputs:
-            if o.label_accuracy is None or o.reference_label_accuracy is None:
+            if not o.gated or o.label_accuracy is None or o.reference_label_accuracy is None:
                 continue
             if o.label_accuracy < o.reference_label_accuracy - self.max_accuracy_drop - 1e-9:
                 return o
@@ -224,7 +234,7 @@ class Accuracy:
 
     @property
     def summary(self) -> str:
-        worst = min(self.outputs, key=lambda o: o.score)
+        worst = min((o for o in self.outputs if o.gated), key=lambda o: o.score)
         return worst.score_text()
 
     def to_dict(self) -> dict[str, Any]:
@@ -327,7 +337,7 @@ def parse_metric(metric: str) -> tuple[str, float | None]:
     kind, sep, arg = metric.strip().partition(":")
     if kind not in METRICS:
         raise ValueError(f"{metric!r} is not a metric: must be one of {METRIC_SYNTAX}")
-    if kind in ("top1", "cosine", "exact"):
+    if kind in ("top1", "cosine", "exact", "ignore"):
         if sep:
             raise ValueError(f"metric {metric!r}: {kind} takes no parameter")
         return kind, None
@@ -387,6 +397,8 @@ def check_metrics(
                 f"metric for {name!r}: K={int(param)} is more than the output's {last} classes"
             )
         checked[name] = metric.strip()
+    if specs and all(parse_metric(checked.get(n, "cosine"))[0] == "ignore" for n in specs):
+        raise ValueError("every output is ignored: at least one output must be judged")
     return checked
 
 
@@ -568,7 +580,7 @@ def _label_accuracy(
 ) -> float | None:
     """Accuracy of ``outs`` against the true answers; ``None`` without labels or for
     metrics that have no notion of a correct answer (cosine, mae)."""
-    if labels is None or kind in ("cosine", "mae"):
+    if labels is None or kind in ("cosine", "mae", "ignore"):
         return None
     correct = 0
     total = 0

@@ -218,7 +218,7 @@ def _metric_words(o: OutputScore) -> str:
 def _reject_reason(c: CandidateReport, profile: Profile, tolerance: float) -> str | None:
     acc = c.accuracy
     if acc is not None and not acc.passed:
-        failing = [o for o in acc.outputs if o.score < acc.threshold - 1e-9]
+        failing = [o for o in acc.outputs if o.gated and o.score < acc.threshold - 1e-9]
         if failing:
             parts = []
             for o in sorted(failing, key=lambda o: o.score):

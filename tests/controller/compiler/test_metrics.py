@@ -56,7 +56,7 @@ def test_metric_specs_parse(spec: str, parsed: tuple[str, float | None]) -> None
 @pytest.mark.parametrize(
     ("spec", "message"),
     [
-        ("f1", "must be one of top1, topk:K, cosine, mae:X, threshold:T or exact"),
+        ("f1", "must be one of top1, topk:K, cosine, mae:X, threshold:T, exact or ignore"),
         ("topk", "needs a parameter: topk:K"),
         ("topk:0", "K must be a whole number >= 1"),
         ("topk:2.5", "K must be a whole number >= 1"),
@@ -65,6 +65,7 @@ def test_metric_specs_parse(spec: str, parsed: tuple[str, float | None]) -> None
         ("mae:-1", "the MAE bound must be >= 0"),
         ("mae:nan", "must be finite"),
         ("top1:3", "top1 takes no parameter"),
+        ("ignore:1", "ignore takes no parameter"),
     ],
 )
 def test_bad_metric_specs_are_refused(spec: str, message: str) -> None:
@@ -102,6 +103,25 @@ def test_mae_scores_the_share_of_samples_within_the_bound() -> None:
     assert out.score_text() == "mae<=0.05 50.00%"
     strict = compare_outputs(ref[:3], cand[:3], ["y"], tolerance=0.01, metrics={"y": "mae:0.001"})
     assert strict.score == pytest.approx(1 / 3)
+
+
+def test_an_ignored_output_is_reported_but_not_gated() -> None:
+    """A padded hidden state next to the pooled embedding: only the embedding is judged."""
+    ref = [[np.asarray([[1.0, 0.0]], F), np.asarray([[1.0, 2.0, 3.0]], F)]]
+    cand = [[np.asarray([[1.0, 0.001]], F), np.asarray([[3.0, -2.0, 1.0]], F)]]
+    judged = compare_outputs(ref, cand, ["emb", "hidden"], tolerance=0.01)
+    assert not judged.passed  # the hidden state is far off
+    acc = compare_outputs(
+        ref, cand, ["emb", "hidden"], tolerance=0.01, metrics={"hidden": "ignore"}
+    )
+    assert acc.passed
+    emb, hidden = acc.outputs
+    assert acc.score == emb.score
+    assert hidden.score < 0.5 and not hidden.gated and hidden.chosen_by == "user"
+    assert hidden.score_text().startswith("not gated (cos ")
+    assert acc.summary == emb.score_text()
+    with pytest.raises(CompileError, match="every output is ignored"):
+        compile_model(tm.mlp(), AVX2, metrics={"logits": "ignore"}, **FAST)
 
 
 def test_default_metrics_say_why_they_were_chosen() -> None:

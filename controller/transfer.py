@@ -21,11 +21,16 @@ requests/s once queued gigabytes of QoS 1 frames in paho). The bounds:
   client until the broker acknowledges it (paho's ``on_publish``); at most
   ``device_inflight_bytes`` per device and ``total_inflight_bytes`` overall.
   This is the memory paho can hold for transfers.
-- **Rate:** a request that arrives while the device still has blocks queued
+- **Rate:** a request that arrives while the device still has blocks queued,
+  or that asks again for blocks its previous request was already served,
   takes a token from that device's bucket (``busy_requests_per_s``, burst
   ``busy_request_burst``). A well-behaved agent asks for its next window only
-  after the last one arrived, so it never spends tokens; a flood does, and
-  once the bucket is empty its requests are refused with a retry-after.
+  after the last one arrived, and for blocks it has not got, so it never
+  spends tokens (a retry after a timeout spends one); a flood does, and once
+  the bucket is empty its requests are refused with a retry-after. The
+  repeat rule matters on a fast controller: there the whole of a flood
+  request can be sent before the next one arrives, so the device is never
+  seen busy, yet it keeps asking for the same bytes.
 - **Fairness:** frames go out round-robin, one per device with queued work
   and room in its budget per turn, so one device's queue never starves the
   others. A device refused for its rate in the last ``penalty_s`` is served
@@ -139,6 +144,19 @@ class _Device:
     penalized_until: float = float("-inf")
     next_frame_at: float = float("-inf")
     in_ready: bool = False
+    # What the device's last queued request asked for: a new request for any of
+    # the same blocks of the same file is a repeat (see the module docstring).
+    # At most ``max_blocks_per_request`` indices, so the memory is bounded.
+    served_path: str = ""
+    served_block_size: int = 0
+    served_indices: frozenset[int] = frozenset()
+
+    def repeats(self, path: str, block_size: int, indices: list[int]) -> bool:
+        return (
+            path == self.served_path
+            and block_size == self.served_block_size
+            and not self.served_indices.isdisjoint(indices)
+        )
 
 
 class TransferServer:
@@ -308,6 +326,9 @@ class TransferServer:
                 f"block_size {request.block_size} exceeds {lim.max_block_size_bytes}",
             )
             return False
+        bs = request.block_size
+        limit = max(1, min(lim.max_blocks_per_request, lim.max_request_bytes // bs))
+        wanted = request.block_indices(limit) if request.ranges else [0]
         now = self._clock()
         with self._lock:
             state = self._device(device_id, now)
@@ -318,12 +339,13 @@ class TransferServer:
                 full = False
                 tokens = self._tokens(state, now)
                 busy = state.work is not None and bool(state.work.indices)
-                if busy and tokens < 1.0:
+                costly = busy or state.repeats(request.path, bs, wanted)
+                if costly and tokens < 1.0:
                     retry_after = max(lim.retry_after_s, (1.0 - tokens) / lim.busy_requests_per_s)
                     state.penalized_until = now + lim.penalty_s
                 else:
                     retry_after = 0.0
-                    if busy:
+                    if costly:
                         state.tokens -= 1.0
         if full:
             self.refuse(
@@ -353,10 +375,7 @@ class TransferServer:
             )
             return False
         total = len(data)
-        bs = request.block_size
         count = block_count(total, bs)
-        limit = max(1, min(lim.max_blocks_per_request, lim.max_request_bytes // bs))
-        wanted = request.block_indices(limit) if request.ranges else [0]
         indices = deque(i for i in wanted if i < count or (total == 0 and i == 0))
         with self._lock:
             state = self._devices.get(device_id)
@@ -366,6 +385,9 @@ class TransferServer:
                     return False
             # The newest request replaces whatever is still queued for this device.
             state.work = _Work(request.request_id, topic, data, bs, indices) if indices else None
+            state.served_path = request.path
+            state.served_block_size = bs
+            state.served_indices = frozenset(indices)
             if state.work is not None and not state.in_ready:
                 state.in_ready = True
                 self._ready.append(device_id)

@@ -115,10 +115,50 @@ def test_newest_request_replaces_queued_work_and_busy_requests_are_rate_limited(
 def test_an_idle_device_asking_for_its_next_window_spends_no_token() -> None:
     wire, clock = Wire(), [0.0]
     s = server(wire, clock, busy_request_burst=0.0, busy_requests_per_s=0.001)
-    for i in range(20):  # an agent: one window, all of it sent, then the next
-        assert s.submit(request("a", f"{i:02d}", ranges=((0, 16),)))
+    for i in range(16):  # an agent: one window, all of it sent, then the next
+        window = ((16 * i, 16 * i + 16),)
+        assert s.submit(request("a", f"{i:02d}", bs=KiB, ranges=window))
         s.pump()
         wire.ack_all()
+    assert not s.take_refusals()
+    assert len(wire.frames) == 256  # the whole 256 KiB file, once
+
+
+def test_asking_again_for_blocks_just_served_spends_tokens_even_when_idle() -> None:
+    # The flood of issue 9 on a fast controller: every request for blocks
+    # [0, 64) is sent in full before the next arrives, so the device never
+    # looks busy; asking for the same bytes again and again is what costs.
+    wire, clock = Wire(), [0.0]
+    s = server(wire, clock, busy_request_burst=2.0, busy_requests_per_s=1.0)
+
+    def served(rid: str, **kw: object) -> bool:
+        queued = s.submit(request("a", rid, **kw))  # type: ignore[arg-type]
+        s.pump()
+        wire.ack_all()
+        assert s.queued_blocks("a") == 0  # idle: all of it sent and acknowledged
+        return queued
+
+    # Not repeats, so free: the first request, another block size, the next window.
+    assert served("01")
+    assert served("02", bs=KiB)
+    assert served("03", bs=KiB, ranges=((64, 128),))
+    # Repeats: one token each, then the bucket is empty.
+    assert served("04", bs=KiB, ranges=((100, 101),))
+    assert served("05", bs=KiB, ranges=((100, 101),))
+    assert not s.submit(request("a", "06", bs=KiB, ranges=((100, 101),)))
+    assert s.take_refusals() == {("a", RefusalReason.RATE): 1}
+
+
+def test_a_retry_after_a_timeout_is_served() -> None:
+    # An agent that lost frames asks again for what is missing, seconds later:
+    # one token, long since refilled.
+    wire, clock = Wire(), [0.0]
+    s = server(wire, clock, busy_request_burst=1.0, busy_requests_per_s=0.5)
+    assert s.submit(request("a", "01", ranges=((0, 16),)))
+    s.pump()
+    wire.ack_all()
+    clock[0] += 10.0
+    assert s.submit(request("a", "02", ranges=((3, 4), (9, 10))))
     assert not s.take_refusals()
 
 

@@ -17,10 +17,17 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 from edgefleet.controller.broker import EmbeddedBroker
 from edgefleet.shared.link import BrokerSettings
 from tests.support import MosquittoProcess, find_mosquitto, postgres_schema
+
+# Property tests judge behaviour, never speed: on a loaded 2-core CI machine an
+# example can take longer than hypothesis' default 200 ms deadline, which made
+# tests/shared/test_memlink.py flaky. Speed is measured in bench/.
+settings.register_profile("edgefleet", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("edgefleet")
 
 POSTGRES_URL = os.environ.get("EDGEFLEET_TEST_DATABASE_URL")
 

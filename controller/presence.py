@@ -31,7 +31,9 @@ the service feeds it what arrives and acts on its answers.
 
 A suspicion is reported once per ``window_s`` per device (the service stores
 it as a ``duplicate_device_id`` event), and memory is bounded by
-``max_devices``: the least recently seen device is forgotten first.
+``max_devices``: the least recently seen device is forgotten first. Per
+device it is bounded too, however fast a device sends: a few timestamps and
+journal ids each.
 """
 
 from __future__ import annotations
@@ -57,10 +59,13 @@ class Duplicate:
 class _Device:
     online: bool | None = None  # as last written by us; None: not written this run
     last_alive: float | None = None
-    offlines: deque[float] = field(default_factory=deque)
+    # Both deques are bounded by count as well as by time: a hostile device
+    # sending thousands of statuses or windows within ``window_s`` must not
+    # grow them. ``flaps`` offlines (and two overlaps) are all a verdict needs.
+    offlines: deque[float] = field(default_factory=lambda: deque(maxlen=3))
     journals: deque[str] = field(default_factory=lambda: deque(maxlen=3))
     windows: deque[tuple[float, float]] = field(default_factory=lambda: deque(maxlen=4))
-    overlaps: deque[float] = field(default_factory=deque)
+    overlaps: deque[float] = field(default_factory=lambda: deque(maxlen=2))
     suspected_at: float | None = None
     reported_at: float | None = None
     held_offline: bool = False
@@ -90,7 +95,7 @@ class PresenceTracker:
     def _get(self, device_id: str) -> _Device:
         d = self._devices.get(device_id)
         if d is None:
-            d = self._devices[device_id] = _Device()
+            d = self._devices[device_id] = _Device(offlines=deque(maxlen=max(1, self.flaps)))
             if len(self._devices) > self.max_devices:
                 self._devices.popitem(last=False)
         else:

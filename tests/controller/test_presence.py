@@ -65,3 +65,25 @@ def test_memory_is_bounded() -> None:
     for i in range(100):
         p.alive(f"d{i}", float(i))
     assert len(p._devices) == 10
+
+
+def test_a_device_sending_without_pause_costs_bounded_memory() -> None:
+    # A hostile device: 10,000 offline statuses and overlapping windows within
+    # one window_s. The verdicts still come; the per-device state stays small.
+    p = PresenceTracker(window_s=120, flaps=3)
+    p.alive("d", 0.0)
+    verdicts = set()
+    for i in range(10_000):
+        now = i * 0.001
+        _, dup = p.status("d", False, now)
+        if dup is not None:
+            verdicts.add(dup.reason)
+        dup = p.telemetry_window("d", at=1000.0 + i * 0.001, window_s=10.0, now=now)
+        if dup is not None:
+            verdicts.add(dup.reason)
+        p.journal("d", f"j{i}", now)
+    d = p._devices["d"]
+    assert len(d.offlines) <= 3 and len(d.overlaps) <= 2
+    assert len(d.windows) <= 4 and len(d.journals) <= 3
+    assert "status_flapping" in verdicts
+    assert p.suspected("d", 9.0)

@@ -44,6 +44,18 @@ Endpoints
     ``{"name", "dtype", "shape"}`` (``null`` for a dynamic axis); 503
     ``no_model`` when none is loaded.
 
+``GET /metrics``
+    The agent's metrics in the Prometheus text format (``text/plain``, as
+    prometheus_client writes it), from :class:`~edgefleet.agent.metrics.PrometheusExporter`:
+    inference latency histograms (per request and per sample), inference
+    requests and errors by reason, the active model, installs and refusals,
+    RSS, CPU seconds and uptime. It follows the same rules as ``/v1/model``:
+    the loopback-only bind (it is the same listener) and the token when one
+    is configured, because it tells a caller as much - which model and
+    version run here, how busy the device is, what it refused. Scrape it from
+    the gateway itself (a local Prometheus, or an agent-mode collector that
+    remote-writes); see docs/security.md.
+
 ``GET /healthz``
     Never needs the token. Always 200 while the process serves: ``{"status": "ok"}`` with a model,
     ``{"status": "no_model"}`` without one. It is a liveness check; use the
@@ -56,12 +68,15 @@ Only requests that reach the model are recorded in
 :class:`~edgefleet.agent.metrics.ServingMetrics` (success, or failure for a
 500), together with their batch size (the leading dimension of the first
 input), so telemetry can report latency per sample; refused requests (4xx,
-503) are not inferences and are not counted.
+503) are not inferences and are not counted there. Prometheus does see them:
+every inference request counts in ``edgefleet_agent_inference_requests_total``
+and a refused one in ``edgefleet_agent_inference_errors_total`` under its
+error code (:meth:`ServingMetrics.refuse`).
 
 Authentication
 --------------
-With ``token`` set (``[http] token`` in the agent config), ``/v1/infer`` and
-``/v1/model`` need ``Authorization: Bearer <token>``; the comparison is
+With ``token`` set (``[http] token`` in the agent config), ``/v1/infer``,
+``/v1/model`` and ``/metrics`` need ``Authorization: Bearer <token>``; the comparison is
 constant-time (:func:`hmac.compare_digest`). It is meant for gateways where
 other local users exist: without it any local process can call the model and
 load the device. ``/healthz`` stays open so a supervisor needs no secret.
@@ -107,7 +122,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from edgefleet.agent.metrics import ServingMetrics
+from edgefleet.agent.metrics import ActiveModelInfo, PrometheusExporter, ServingMetrics
 from edgefleet.protocols.errors import ConfigError
 from edgefleet.protocols.messages import ModelRef
 from edgefleet.shared.runtime import InferenceInputError, LoadedModel, coerce_inputs
@@ -188,6 +203,15 @@ def _batch_size(feeds: Mapping[str, np.ndarray]) -> int:
     return 1
 
 
+def _model_info(holder: ModelHolder) -> ActiveModelInfo | None:
+    """What a bare server knows of its model: the reference only."""
+    live = holder.current()
+    if live is None:
+        return None
+    ref = live[1]
+    return ActiveModelInfo(ref.name, ref.version, ref.release)
+
+
 class _HttpError(Exception):
     def __init__(
         self,
@@ -218,9 +242,11 @@ class _Server(ThreadingHTTPServer):
         metrics: ServingMetrics,
         max_body_bytes: int,
         token: str | None = None,
+        exporter: PrometheusExporter | None = None,
     ) -> None:
         self.holder = holder
         self.metrics = metrics
+        self.exporter = exporter
         self.max_body_bytes = max_body_bytes
         self.token = None if token is None else token.encode()
         super().__init__(address, _Handler)
@@ -240,7 +266,11 @@ class _Handler(BaseHTTPRequestHandler):
         "/v1/infer": "POST",
         "/v1/model": "GET",
         "/healthz": "GET",
+        "/metrics": "GET",
     }
+    # Requests to these paths are inference requests: counted for Prometheus
+    # whatever their outcome (see ServingMetrics.refuse).
+    _INFERENCE: ClassVar[frozenset[str]] = frozenset({"/v1/infer"})
 
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("%s %s", self.address_string(), format % args)
@@ -333,6 +363,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._infer()
         elif path == "/v1/model":
             self._model()
+        elif path == "/metrics":
+            self._metrics()
         else:
             self._health()
 
@@ -340,6 +372,14 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             self._route(method)
         except _HttpError as err:
+            # A refused inference request (not a wrong path or method, and not
+            # a runtime failure, which record() counted) is an error to report.
+            if (
+                err.status not in (404, 405)
+                and err.code != "inference_failed"
+                and self._path() in self._INFERENCE
+            ):
+                self.server.metrics.refuse(err.code)
             self._send_error(err)
 
     def do_GET(self) -> None:
@@ -378,7 +418,14 @@ class _Handler(BaseHTTPRequestHandler):
                 f"body of {length} bytes exceeds {self.server.max_body_bytes}",
                 drain=length,
             )
-        return self.rfile.read(length)
+        try:
+            return self.rfile.read(length)
+        except TimeoutError:
+            # The client stopped sending (the handler's socket timeout);
+            # http.server closes the connection after this.
+            if self._path() in self._INFERENCE:
+                self.server.metrics.refuse("timeout")
+            raise
 
     def _infer(self) -> None:
         body = self._read_body()
@@ -431,6 +478,18 @@ class _Handler(BaseHTTPRequestHandler):
             },
         )
 
+    def _metrics(self) -> None:
+        exporter = self.server.exporter
+        if exporter is None:
+            raise _HttpError(404, "not_found", "no endpoint /metrics")
+        payload = exporter.render()
+        self.send_response(200)
+        self.send_header("Content-Type", exporter.content_type)
+        self.send_header("Content-Length", str(len(payload)))
+        self.send_header("Cache-Control", "no-store")
+        self.end_headers()
+        self.wfile.write(payload)
+
     def _health(self) -> None:
         live = self.server.holder.current()
         self._send(200, {"status": "no_model" if live is None else "ok"})
@@ -468,6 +527,7 @@ class InferenceServer:
         allow_remote: bool = False,
         poll_interval: float = 0.2,
         token: str | None = None,
+        exporter: PrometheusExporter | None = None,
     ) -> None:
         """Configure the server; nothing is bound until :meth:`start`.
 
@@ -476,8 +536,12 @@ class InferenceServer:
             allow_remote: permit a non-loopback ``host``. The endpoint has no
                 authentication, so exposing it is an explicit decision.
             poll_interval: how often the serving loop checks for :meth:`stop`.
-            token: when set, ``/v1/infer`` and ``/v1/model`` need
-                ``Authorization: Bearer <token>`` (``/healthz`` stays open).
+            token: when set, ``/v1/infer``, ``/v1/model`` and ``/metrics``
+                need ``Authorization: Bearer <token>`` (``/healthz`` stays open).
+            exporter: what ``GET /metrics`` serves; by default the serving
+                metrics and the active model's name and version (the agent
+                passes one that also knows installs, refusals and the
+                model's variant and runtime).
 
         Raises:
             ConfigError: ``host`` is not a loopback address and ``allow_remote``
@@ -500,6 +564,7 @@ class InferenceServer:
         self._token = token
         self.holder = holder
         self.metrics = metrics
+        self.exporter = exporter or PrometheusExporter(metrics, model=lambda: _model_info(holder))
         self.host = host
         self._port = port
         self.max_body_bytes = max_body_bytes
@@ -520,7 +585,12 @@ class InferenceServer:
         cls = _Server6 if ":" in self.host else _Server
         try:
             httpd = cls(
-                (self.host, self._port), self.holder, self.metrics, self.max_body_bytes, self._token
+                (self.host, self._port),
+                self.holder,
+                self.metrics,
+                self.max_body_bytes,
+                self._token,
+                self.exporter,
             )
         except OSError as exc:
             raise HttpAddressError(self.host, self._port, exc) from exc

@@ -2,9 +2,10 @@
 
 Applications on the gateway call the model the agent currently runs over
 plain HTTP+JSON on the loopback interface. The endpoint is deliberately
-small: no framework, a thread per request (``ThreadingHTTPServer`` with
-daemon threads, onnxruntime sessions are safe to run concurrently), and
-JSON bodies bounded by ``max_body_bytes``. It binds to 127.0.0.1 by default
+small: no framework, HTTP/1.1 with keep-alive and a thread per open
+*connection*, not per request (``ThreadingHTTPServer`` with daemon threads;
+onnxruntime sessions are safe to run concurrently), and JSON bodies bounded
+by ``max_body_bytes``. It binds to 127.0.0.1 by default
 and refuses any non-loopback address unless ``allow_remote=True``, since it
 has no authentication.
 
@@ -103,6 +104,19 @@ client's SYN and the client retries after 1, 2, 4, 8 and 16 s: issue 9's
 the request. The old backlog of 64 overflowed as soon as more connections were
 pending than that while the accept loop was slow; a deep backlog keeps them
 queued instead. ``bench/serving_backlog.py`` reproduces both (BENCHMARKS.md).
+
+Keep-alive (issue 11): answering HTTP/1.0 and closing every connection made
+each request pay a TCP connect, an accept and a new thread. Now a connection
+serves requests until the client closes it, says ``Connection: close``, or
+stays idle for ``_KEEPALIVE_IDLE_S``; each request's reads still time out
+after 30 s. Replies leave in one write (a 64 KiB write buffer) on a socket
+without Nagle (``TCP_NODELAY``): HTTP/1.1 with Nagle and split writes waited
+for delayed ACKs (44 ms p50). At most ``_MAX_CONNECTIONS`` connections are
+served at once; the next one gets a 503 ``busy`` from the accept thread and is
+closed, so idle clients cannot make the agent spawn threads without bound. A
+reply to a request whose body was not read (a refusal, a wrong path) closes
+the connection after draining, since that body would otherwise be parsed as
+the next request.
 """
 
 from __future__ import annotations
@@ -190,6 +204,20 @@ _DRAIN_DEADLINE_S = 5.0
 # Linux). A full accept queue makes the kernel drop SYNs, which clients retry
 # after 1, 2, 4, 8, 16 s: queueing is far kinder than that.
 _BACKLOG = 1024
+# Connections served at once (each holds a thread while open). Beyond this a
+# new connection gets a 503 and is closed.
+_MAX_CONNECTIONS = 256
+# An idle keep-alive connection is closed after this long without a new
+# request (the 30 s handler timeout still bounds each read of a request).
+_KEEPALIVE_IDLE_S = 15.0
+_BUSY_BODY = b'{"error":{"code":"busy","message":"too many open connections"}}'
+_BUSY_REPLY = (
+    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+    b"Connection: close\r\nContent-Length: "
+    + str(len(_BUSY_BODY)).encode()
+    + b"\r\n\r\n"
+    + _BUSY_BODY
+)
 
 
 def _batch_size(feeds: Mapping[str, np.ndarray]) -> int:
@@ -218,14 +246,12 @@ class _HttpError(Exception):
         status: int,
         code: str,
         message: str,
-        drain: int = 0,
         headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
-        self.drain = drain
         self.headers = headers or {}
 
 
@@ -234,6 +260,7 @@ class _Server(ThreadingHTTPServer):
     # Deep enough that a burst of connections waits in the accept queue
     # instead of having its SYNs dropped (see the module docstring).
     request_queue_size = _BACKLOG
+    max_connections = _MAX_CONNECTIONS
 
     def __init__(
         self,
@@ -249,7 +276,49 @@ class _Server(ThreadingHTTPServer):
         self.exporter = exporter
         self.max_body_bytes = max_body_bytes
         self.token = None if token is None else token.encode()
+        self._open = 0
+        self._open_lock = threading.Lock()
         super().__init__(address, _Handler)
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        request, address = super().get_request()
+        # No Nagle: a keep-alive client waiting for our reply must not wait
+        # for the ACK of its previous one (40 ms with delayed ACKs).
+        with contextlib.suppress(OSError):
+            request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return request, address
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        """One thread per *connection*, at most ``max_connections`` at once.
+
+        With keep-alive a connection serves many requests on its thread; a
+        connection beyond the cap is answered 503 on the accept thread and
+        closed, so idle or slow clients cannot make the agent spawn threads
+        without bound.
+        """
+        with self._open_lock:
+            full = self._open >= self.max_connections
+            if not full:
+                self._open += 1
+        if full:
+            with contextlib.suppress(OSError):
+                request.setblocking(False)
+                request.send(_BUSY_REPLY)
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            with self._open_lock:
+                self._open -= 1
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            with self._open_lock:
+                self._open -= 1
 
 
 class _Server6(_Server):
@@ -260,6 +329,12 @@ class _Handler(BaseHTTPRequestHandler):
     server: _Server
     server_version = "edgefleet-agent"
     sys_version = ""
+    # Keep-alive: one connection serves many requests (a client that says
+    # HTTP/1.0 or Connection: close still gets one answer and a close).
+    protocol_version = "HTTP/1.1"
+    # Headers and body leave in one write (the handler flushes after each
+    # request); larger bodies stream through the buffer.
+    wbufsize = 64 * 1024
     # A client that stops sending mid-request must not hold a thread forever.
     timeout = 30
     _ALLOWED: ClassVar[dict[str, str]] = {
@@ -275,19 +350,64 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("%s %s", self.address_string(), format % args)
 
+    def setup(self) -> None:
+        super().setup()
+        self._served = 0
+        self._body_consumed = False
+
+    def handle_one_request(self) -> None:
+        # Between keep-alive requests a shorter idle limit applies; the
+        # request's own reads get the full timeout back (parse_request).
+        if self._served:
+            with contextlib.suppress(OSError):
+                self.connection.settimeout(_KEEPALIVE_IDLE_S)
+        self._body_consumed = False
+        super().handle_one_request()
+        self._served += 1
+
+    def handle_expect_100(self) -> bool:
+        # Not yet: "100 Continue" goes out only when the body is wanted (see
+        # _read_body), so a refused client gets its 401/411/413 instead and
+        # never sends the body.
+        return True
+
+    def parse_request(self) -> bool:
+        with contextlib.suppress(OSError):
+            self.connection.settimeout(self.timeout)
+        return super().parse_request()
+
     # ------------------------------------------------------------------ plumbing
     def _send(
         self, status: int, body: dict[str, Any], headers: dict[str, str] | None = None
     ) -> None:
         payload = json.dumps(body, separators=(",", ":"), allow_nan=False).encode()
+        self._send_bytes(status, payload, "application/json", headers)
+
+    def _send_bytes(
+        self,
+        status: int,
+        payload: bytes,
+        content_type: str,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        headers = dict(headers or {})
+        unread = 0 if self._body_consumed else self._declared_length()
+        if unread or (not self._body_consumed and self.headers.get("Transfer-Encoding")):
+            # A body we did not read would be parsed as the next request.
+            headers["Connection"] = "close"
         self.send_response(status)
-        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(payload)))
         self.send_header("Cache-Control", "no-store")
-        for key, value in (headers or {}).items():
+        for key, value in headers.items():
             self.send_header(key, value)
         self.end_headers()
         self.wfile.write(payload)
+        # Closing with the body unread would reset the connection and destroy
+        # this reply (module docstring, "Refusing a body"); a client that sent
+        # Expect: 100-continue got no 100 and sends no body.
+        if unread and self.headers.get("Expect", "").lower() != "100-continue":
+            self._discard_input(unread)
 
     def _send_error(self, err: _HttpError) -> None:
         headers = dict(err.headers)
@@ -298,9 +418,6 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             headers["Connection"] = "close"
         self._send(err.status, {"error": {"code": err.code, "message": err.message}}, headers)
-        expects_continue = self.headers.get("Expect", "").lower() == "100-continue"
-        if err.drain and not expects_continue:
-            self._discard_input(err.drain)
 
     def _discard_input(self, declared: int) -> None:
         """Read and drop up to ``declared`` body bytes, bounded in size and time.
@@ -344,7 +461,6 @@ class _Handler(BaseHTTPRequestHandler):
                 401,
                 "unauthorized",
                 "this endpoint needs Authorization: Bearer <token>",
-                drain=self._declared_length(),
                 headers={"WWW-Authenticate": 'Bearer realm="edgefleet-agent"'},
             )
 
@@ -416,16 +532,26 @@ class _Handler(BaseHTTPRequestHandler):
                 413,
                 "too_large",
                 f"body of {length} bytes exceeds {self.server.max_body_bytes}",
-                drain=length,
             )
+        if (
+            self.request_version != "HTTP/1.0"
+            and self.headers.get("Expect", "").lower() == "100-continue"
+        ):
+            self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            self.wfile.flush()
         try:
-            return self.rfile.read(length)
+            body = self.rfile.read(length)
         except TimeoutError:
             # The client stopped sending (the handler's socket timeout);
             # http.server closes the connection after this.
             if self._path() in self._INFERENCE:
                 self.server.metrics.refuse("timeout")
             raise
+        if len(body) < length:
+            # The client closed mid-body: nothing to answer on this connection.
+            self.close_connection = True
+        self._body_consumed = True
+        return body
 
     def _infer(self) -> None:
         body = self._read_body()
@@ -482,13 +608,7 @@ class _Handler(BaseHTTPRequestHandler):
         exporter = self.server.exporter
         if exporter is None:
             raise _HttpError(404, "not_found", "no endpoint /metrics")
-        payload = exporter.render()
-        self.send_response(200)
-        self.send_header("Content-Type", exporter.content_type)
-        self.send_header("Content-Length", str(len(payload)))
-        self.send_header("Cache-Control", "no-store")
-        self.end_headers()
-        self.wfile.write(payload)
+        self._send_bytes(200, exporter.render(), exporter.content_type)
 
     def _health(self) -> None:
         live = self.server.holder.current()

@@ -240,7 +240,7 @@ def test_413_is_sent_before_the_body_is_read(server: InferenceServer, holder: Mo
             data = sock.recv(4096)
             assert data, f"connection closed without an answer: {answer!r}"
             answer += data
-    assert answer.startswith(b"HTTP/1.0 413 ")
+    assert answer.startswith(b"HTTP/1.1 413 ")
 
 
 def test_token_guards_inference_and_model_but_not_health(

@@ -550,6 +550,10 @@ class PrometheusExporter:
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(_AgentCollector(self))
 
+    def active_model(self) -> ActiveModelInfo | None:
+        """The served model as the exporter describes it (runtime, variant...)."""
+        return self._model()
+
     def render(self) -> bytes:
         """The current metrics as a ``/metrics`` response body."""
         return bytes(generate_latest(self.registry))

@@ -62,10 +62,28 @@ Endpoints
     ``{"status": "no_model"}`` without one. It is a liveness check; use the
     body (or ``/v1/model``'s 503) for readiness.
 
+Open Inference Protocol (KServe v2), for clients that already speak it
+(tritonclient, KServe's): ``GET /v2`` (server metadata, extensions
+``binary_tensor_data``), ``GET /v2/health/live``, ``GET /v2/health/ready``
+(503 ``{"ready": false}`` without a model), ``GET /v2/models/{name}[/versions/
+{version}]`` (metadata: datatypes ``FP32``, ``INT32``..., ``-1`` for a dynamic
+axis), ``.../ready`` and ``POST .../infer``. An infer body is
+``{"inputs": [{"name", "shape", "datatype", "data"}], "outputs"?,
+"parameters"?, "id"?}`` with ``data`` flat (row-major) or nested, converted as
+strictly as v1 inputs; or, with the binary tensor data extension, a JSON header
+of ``Inference-Header-Content-Length`` bytes followed by each input's raw
+little-endian bytes (``parameters.binary_data_size``). Outputs come back as
+JSON ``data`` or, when asked (``binary_data_output`` or an output's
+``binary_data``), as raw bytes after the JSON header with the same header
+field. ``{name}`` must be the served model (404 ``unknown_model``). Errors are
+the OIP shape ``{"error": "<message>", "code": "<our code>"}`` with the same
+statuses and codes as v1. The health paths need no token; the rest do when
+one is set.
+
 Other paths answer 404 ``not_found``, other methods 405
 ``method_not_allowed``.
 
-Only requests that reach the model are recorded in
+Only requests that reach the model (v1 or v2) are recorded in
 :class:`~edgefleet.agent.metrics.ServingMetrics` (success, or failure for a
 500), together with their batch size (the leading dimension of the first
 input), so telemetry can report latency per sample; refused requests (4xx,
@@ -127,6 +145,8 @@ import hmac
 import ipaddress
 import json
 import logging
+import math
+import re
 import socket
 import threading
 import time
@@ -136,7 +156,9 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from edgefleet import __version__
 from edgefleet.agent.metrics import ActiveModelInfo, PrometheusExporter, ServingMetrics
+from edgefleet.protocols.bundle import TensorSpec
 from edgefleet.protocols.errors import ConfigError
 from edgefleet.protocols.messages import ModelRef
 from edgefleet.shared.runtime import InferenceInputError, LoadedModel, coerce_inputs
@@ -238,6 +260,96 @@ def _model_info(holder: ModelHolder) -> ActiveModelInfo | None:
         return None
     ref = live[1]
     return ActiveModelInfo(ref.name, ref.version, ref.release)
+
+
+# Open Inference Protocol (KServe v2) tensor types <-> numpy dtype names.
+_V2_TO_NUMPY = {
+    "BOOL": "bool",
+    "UINT8": "uint8",
+    "UINT16": "uint16",
+    "UINT32": "uint32",
+    "UINT64": "uint64",
+    "INT8": "int8",
+    "INT16": "int16",
+    "INT32": "int32",
+    "INT64": "int64",
+    "FP16": "float16",
+    "FP32": "float32",
+    "FP64": "float64",
+}
+_NUMPY_TO_V2 = {v: k for k, v in _V2_TO_NUMPY.items()}
+_V2_MODEL_PATH = re.compile(r"^/v2/models/([^/]+)(?:/versions/([^/]+))?(?:/(ready|infer))?$")
+_V2_OPEN = frozenset({"/v2/health/live", "/v2/health/ready"})
+_HEADER_LENGTH = "Inference-Header-Content-Length"
+
+
+def _v2_spec(spec: TensorSpec) -> dict[str, Any]:
+    return {
+        "name": spec.name,
+        "datatype": _NUMPY_TO_V2.get(spec.dtype, spec.dtype.upper()),
+        "shape": [-1 if d is None else d for d in spec.shape],
+    }
+
+
+def _v2_input(
+    item: Any, specs: Mapping[str, TensorSpec], binary: memoryview, offset: int
+) -> tuple[str, np.ndarray, int]:
+    """One OIP input tensor as an array; returns ``(name, array, new binary offset)``.
+
+    JSON ``data`` (flat, row-major, or nested) is converted as strictly as
+    the v1 API's inputs; binary data (``parameters.binary_data_size``) must
+    be exactly ``shape`` elements of ``datatype``, little-endian.
+    """
+    if not isinstance(item, dict):
+        raise _HttpError(400, "bad_request", "each input must be an object")
+    name, shape, datatype = item.get("name"), item.get("shape"), item.get("datatype")
+    if not isinstance(name, str) or not isinstance(datatype, str):
+        raise _HttpError(400, "bad_request", "an input needs a string name and datatype")
+    if (
+        not isinstance(shape, list)
+        or len(shape) > 32
+        or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
+    ):
+        raise _HttpError(400, "bad_request", f"input {name!r}: shape must be a list of sizes")
+    spec = specs.get(name)
+    if spec is None:
+        raise _HttpError(400, "bad_input", f"the model has no input {name!r}")
+    dtype = _V2_TO_NUMPY.get(datatype)
+    if dtype is None or dtype != spec.dtype:
+        want = _NUMPY_TO_V2.get(spec.dtype, spec.dtype)
+        raise _HttpError(400, "bad_input", f"input {name!r} is {want}, got datatype {datatype!r}")
+    count = math.prod(shape)
+    params = item.get("parameters") or {}
+    if not isinstance(params, dict):
+        raise _HttpError(400, "bad_request", f"input {name!r}: parameters must be an object")
+    size = params.get("binary_data_size")
+    if size is not None:
+        itemsize = np.dtype(dtype).itemsize
+        if not isinstance(size, int) or isinstance(size, bool) or size != count * itemsize:
+            raise _HttpError(
+                400, "bad_input", f"input {name!r}: binary_data_size must be {count * itemsize}"
+            )
+        if offset + size > len(binary):
+            raise _HttpError(400, "bad_request", f"input {name!r}: binary data is cut short")
+        array = np.frombuffer(
+            binary, dtype=np.dtype(dtype).newbyteorder("<"), count=count, offset=offset
+        ).reshape(shape)
+        if array.dtype != np.dtype(dtype):  # a big-endian host
+            array = array.astype(dtype)
+        return name, array, offset + size
+    data = item.get("data")
+    if not isinstance(data, list):
+        raise _HttpError(400, "bad_request", f"input {name!r} needs data or binary_data_size")
+    try:
+        nested = np.asarray(data, dtype=object).reshape(shape).tolist()
+    except ValueError as exc:
+        raise _HttpError(
+            400, "bad_input", f"input {name!r}: data does not fit {shape}: {exc}"
+        ) from None
+    try:
+        return name, coerce_inputs({name: nested}, [spec])[name], offset
+    except InferenceInputError as exc:
+        raise _HttpError(400, "bad_input", str(exc)) from None
 
 
 class _HttpError(Exception):
@@ -417,6 +529,11 @@ class _Handler(BaseHTTPRequestHandler):
             # We did not read the body; the connection cannot be reused.
             self.close_connection = True
             headers["Connection"] = "close"
+        path = self._path()
+        if path == "/v2" or path.startswith("/v2/"):
+            # The OIP error shape: {"error": "<message>"}; our code rides along.
+            self._send(err.status, {"error": err.message, "code": err.code}, headers)
+            return
         self._send(err.status, {"error": {"code": err.code, "message": err.message}}, headers)
 
     def _discard_input(self, declared: int) -> None:
@@ -450,7 +567,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _authorize(self, path: str) -> None:
         """Refuse a request to a protected endpoint without the configured token."""
         token = self.server.token
-        if token is None or path == "/healthz":
+        if token is None or path == "/healthz" or path in _V2_OPEN:
             return
         given = self.headers.get("Authorization", "")
         scheme, _, credential = given.partition(" ")
@@ -467,8 +584,17 @@ class _Handler(BaseHTTPRequestHandler):
     def _path(self) -> str:
         return self.path.split("?", 1)[0]
 
+    def _is_inference(self, path: str) -> bool:
+        if path in self._INFERENCE:
+            return True
+        match = _V2_MODEL_PATH.match(path)
+        return match is not None and match.group(3) == "infer"
+
     def _route(self, method: str) -> None:
         path = self._path()
+        if path == "/v2" or path.startswith("/v2/"):
+            self._route_v2(method, path)
+            return
         allowed = self._ALLOWED.get(path)
         if allowed is None:
             raise _HttpError(404, "not_found", f"no endpoint {path}")
@@ -490,11 +616,11 @@ class _Handler(BaseHTTPRequestHandler):
         except _HttpError as err:
             # A refused inference request (not a wrong path or method, and not
             # a runtime failure, which record() counted) is an error to report.
-            if (
-                err.status not in (404, 405)
-                and err.code != "inference_failed"
-                and self._path() in self._INFERENCE
-            ):
+            if err.code not in (
+                "not_found",
+                "method_not_allowed",
+                "inference_failed",
+            ) and self._is_inference(self._path()):
                 self.server.metrics.refuse(err.code)
             self._send_error(err)
 
@@ -544,7 +670,7 @@ class _Handler(BaseHTTPRequestHandler):
         except TimeoutError:
             # The client stopped sending (the handler's socket timeout);
             # http.server closes the connection after this.
-            if self._path() in self._INFERENCE:
+            if self._is_inference(self._path()):
                 self.server.metrics.refuse("timeout")
             raise
         if len(body) < length:
@@ -603,6 +729,159 @@ class _Handler(BaseHTTPRequestHandler):
                 "outputs": [s.to_dict() for s in model.outputs],
             },
         )
+
+    # ------------------------------------------------------- Open Inference Protocol
+    def _route_v2(self, method: str, path: str) -> None:
+        if path in ("/v2", "/v2/health/live", "/v2/health/ready"):
+            if method != "GET":
+                raise _HttpError(405, "method_not_allowed", f"{path} accepts GET only")
+            self._authorize(path)
+            if path == "/v2":
+                self._send(
+                    200,
+                    {
+                        "name": "edgefleet-agent",
+                        "version": __version__,
+                        "extensions": ["binary_tensor_data"],
+                    },
+                )
+            elif path == "/v2/health/live":
+                self._send(200, {"live": True})
+            else:
+                ready = self.server.holder.current() is not None
+                self._send(200 if ready else 503, {"ready": ready})
+            return
+        match = _V2_MODEL_PATH.match(path)
+        if match is None:
+            raise _HttpError(404, "not_found", f"no endpoint {path}")
+        name, version, action = match.groups()
+        want = "POST" if action == "infer" else "GET"
+        if method != want:
+            raise _HttpError(405, "method_not_allowed", f"{path} accepts {want} only")
+        self._authorize(path)
+        live = self.server.holder.current()
+        if live is not None and (live[1].name != name or version not in (None, live[1].version)):
+            label = name if version is None else f"{name} version {version}"
+            raise _HttpError(404, "unknown_model", f"this device does not serve {label}")
+        if action == "ready":
+            self._send(200 if live else 503, {"name": name, "ready": live is not None})
+            return
+        if live is None:
+            if action == "infer":
+                self._read_body()  # the 503 keeps the connection: body consumed
+            raise _HttpError(503, "no_model", "no model is loaded yet")
+        if action == "infer":
+            self._infer_v2(live)
+            return
+        model, ref = live
+        info = self.server.exporter.active_model() if self.server.exporter else None
+        self._send(
+            200,
+            {
+                "name": ref.name,
+                "versions": [ref.version],
+                "platform": info.runtime if info is not None and info.runtime else "edgefleet",
+                "inputs": [_v2_spec(s) for s in model.inputs],
+                "outputs": [_v2_spec(s) for s in model.outputs],
+            },
+        )
+
+    def _infer_v2(self, live: tuple[LoadedModel, ModelRef]) -> None:
+        model, ref = live
+        raw_header = self.headers.get(_HEADER_LENGTH)
+        body = self._read_body()
+        header_len = len(body)
+        if raw_header is not None:
+            try:
+                header_len = int(raw_header)
+            except ValueError:
+                raise _HttpError(400, "bad_request", f"{_HEADER_LENGTH} is not a number") from None
+            if not 0 <= header_len <= len(body):
+                raise _HttpError(400, "bad_request", f"{_HEADER_LENGTH} exceeds the body")
+        view = memoryview(body)
+        try:
+            request = json.loads(view[:header_len].tobytes())
+        except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+            raise _HttpError(400, "bad_json", f"body is not valid JSON: {exc}") from None
+        if not isinstance(request, dict) or not isinstance(request.get("inputs"), list):
+            raise _HttpError(400, "bad_request", 'body must be {"inputs": [<tensor>, ...]}')
+        specs = {s.name: s for s in model.inputs}
+        binary = view[header_len:]
+        feeds: dict[str, np.ndarray] = {}
+        offset = 0
+        for item in request["inputs"]:
+            name, array, offset = _v2_input(item, specs, binary, offset)
+            if name in feeds:
+                raise _HttpError(400, "bad_input", f"input {name!r} is given twice")
+            feeds[name] = array
+        if offset != len(binary):
+            raise _HttpError(400, "bad_request", "binary data beyond the declared inputs")
+        wanted = self._v2_outputs(request, model)
+        batch = _batch_size(feeds)
+        start = time.perf_counter()
+        try:
+            outputs = model.run(feeds)
+        except InferenceInputError as exc:
+            raise _HttpError(400, "bad_input", str(exc)) from None
+        except Exception as exc:  # anything the runtime raises is a failed inference
+            self.server.metrics.record(time.perf_counter() - start, ok=False, batch=batch)
+            log.warning("inference on %s failed: %s", ref.label, exc, exc_info=True)
+            raise _HttpError(500, "inference_failed", f"inference failed: {exc}") from None
+        self.server.metrics.record(time.perf_counter() - start, ok=True, batch=batch)
+        tensors, blobs = [], []
+        for name, as_binary in wanted:
+            array = np.ascontiguousarray(outputs[name])
+            tensor: dict[str, Any] = {
+                "name": name,
+                "datatype": _NUMPY_TO_V2.get(array.dtype.name, array.dtype.name.upper()),
+                "shape": list(array.shape),
+            }
+            if as_binary:
+                blob = array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes()
+                tensor["parameters"] = {"binary_data_size": len(blob)}
+                blobs.append(blob)
+            else:
+                tensor["data"] = _jsonable(array.reshape(-1))
+            tensors.append(tensor)
+        reply: dict[str, Any] = {
+            "model_name": ref.name,
+            "model_version": ref.version,
+            "outputs": tensors,
+        }
+        if isinstance(request.get("id"), str):
+            reply["id"] = request["id"]
+        header = json.dumps(reply, separators=(",", ":"), allow_nan=False).encode()
+        if not blobs:
+            self._send_bytes(200, header, "application/json")
+            return
+        self._send_bytes(
+            200,
+            b"".join([header, *blobs]),
+            "application/octet-stream",
+            {_HEADER_LENGTH: str(len(header))},
+        )
+
+    @staticmethod
+    def _v2_outputs(request: dict[str, Any], model: LoadedModel) -> list[tuple[str, bool]]:
+        """Which outputs to return, and whether each goes as binary data."""
+        params = request.get("parameters")
+        default_binary = isinstance(params, dict) and params.get("binary_data_output") is True
+        asked = request.get("outputs")
+        if asked is None:
+            return [(s.name, default_binary) for s in model.outputs]
+        names = {s.name for s in model.outputs}
+        if not isinstance(asked, list):
+            raise _HttpError(400, "bad_request", "outputs must be a list")
+        wanted = []
+        for item in asked:
+            if not isinstance(item, dict) or item.get("name") not in names:
+                raise _HttpError(400, "bad_request", f"the model has no output {item!r}")
+            item_params = item.get("parameters")
+            binary = default_binary
+            if isinstance(item_params, dict) and "binary_data" in item_params:
+                binary = item_params["binary_data"] is True
+            wanted.append((str(item["name"]), binary))
+        return wanted
 
     def _metrics(self) -> None:
         exporter = self.server.exporter

@@ -461,7 +461,7 @@ def test_healthz(server: InferenceServer, holder: ModelHolder) -> None:
 
 
 def test_unknown_path_and_wrong_method(server: InferenceServer) -> None:
-    status, body, _ = call(server, "GET", "/v2/whatever")
+    status, body, _ = call(server, "GET", "/v3/whatever")
     assert (status, body["error"]["code"]) == (404, "not_found")
     status, body, headers = call(server, "GET", "/v1/infer")
     assert (status, body["error"]["code"], headers["Allow"]) == (405, "method_not_allowed", "POST")

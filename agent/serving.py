@@ -232,6 +232,8 @@ _MAX_CONNECTIONS = 256
 # An idle keep-alive connection is closed after this long without a new
 # request (the 30 s handler timeout still bounds each read of a request).
 _KEEPALIVE_IDLE_S = 15.0
+# Linux only (see _Handler.parse_request).
+_QUICKACK: int | None = getattr(socket, "TCP_QUICKACK", None)
 _BUSY_BODY = b'{"error":{"code":"busy","message":"too many open connections"}}'
 _BUSY_REPLY = (
     b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
@@ -486,6 +488,13 @@ class _Handler(BaseHTTPRequestHandler):
     def parse_request(self) -> bool:
         with contextlib.suppress(OSError):
             self.connection.settimeout(self.timeout)
+            if _QUICKACK is not None:
+                # ACK the headers now rather than 40 ms later: a client with
+                # Nagle on that writes headers and body separately (curl and
+                # C clients can) holds the body until that ACK. On a fresh
+                # connection Linux ACKs at once anyway; on a kept-alive one
+                # it delays, and such requests took 45 ms instead of 1.
+                self.connection.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)
         return super().parse_request()
 
     # ------------------------------------------------------------------ plumbing

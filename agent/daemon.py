@@ -41,7 +41,14 @@ from edgefleet.agent.enroll import prepare_identity
 from edgefleet.agent.fetcher import MqttFetcher, PartialStore
 from edgefleet.agent.install import Installer
 from edgefleet.agent.journal import EventJournal
-from edgefleet.agent.metrics import ProcessSampler, RejectionCounter, ServingMetrics
+from edgefleet.agent.metrics import (
+    ActiveModelInfo,
+    InstallCounter,
+    ProcessSampler,
+    PrometheusExporter,
+    RejectionCounter,
+    ServingMetrics,
+)
 from edgefleet.agent.reconcile import (
     Attempt,
     Backoff,
@@ -53,6 +60,7 @@ from edgefleet.agent.reconcile import (
 from edgefleet.agent.serving import InferenceServer, ModelHolder
 from edgefleet.agent.slots import SlotRecord, SlotStore
 from edgefleet.agent.systemd import SystemdNotifier, watchdog_interval_s
+from edgefleet.protocols.bundle import BundleManifest
 from edgefleet.protocols.errors import (
     AgentError,
     ConfigError,
@@ -150,6 +158,17 @@ class Agent:
             on_corrupt_slot=self._on_corrupt_slot,
         )
         self.installer.bootstrap_trust(config.trust_root)
+        # GET /metrics (Prometheus): read at scrape time from the recorders above.
+        self.install_counts = InstallCounter()
+        self._model_info_cache: tuple[ModelRef, ActiveModelInfo] | None = None
+        self.exporter = PrometheusExporter(
+            self.metrics,
+            model=self._model_info,
+            rejections=self.rejections,
+            installs=self.install_counts,
+            labels={"version": __version__, "device_id": self.device_id},
+            sampler=self._sampler,
+        )
         self.server = InferenceServer(
             self.holder,
             self.metrics,
@@ -158,6 +177,7 @@ class Agent:
             max_body_bytes=config.http.max_body_bytes,
             allow_remote=config.http.allow_remote,
             token=config.http.token,
+            exporter=self.exporter,
         )
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -292,6 +312,37 @@ class Agent:
     def active_model(self) -> ModelRef | None:
         current = self.holder.current()
         return None if current is None else current[1]
+
+    def _model_info(self) -> ActiveModelInfo | None:
+        """The served model's metric labels, with variant and runtime from its slot's manifest.
+
+        Read once per model (cached by reference), not once per scrape.
+        """
+        current = self.holder.current()
+        if current is None:
+            return None
+        ref = current[1]
+        cached = self._model_info_cache
+        if cached is not None and cached[0] == ref:
+            return cached[1]
+        info = ActiveModelInfo(ref.name, ref.version, ref.release)
+        record = self.slots.active()
+        if record is not None and record.model == ref:
+            try:
+                manifest = BundleManifest.decode((record.path / "manifest.json").read_bytes())
+            except (OSError, ProtocolError) as exc:
+                log.warning("no variant for the metrics of %s: %s", ref.label, exc)
+            else:
+                info = ActiveModelInfo(
+                    ref.name,
+                    ref.version,
+                    ref.release,
+                    variant=manifest.hardware_class,
+                    precision=manifest.precision,
+                    runtime=manifest.runtime,
+                )
+                self._model_info_cache = (ref, info)
+        return info
 
     def reported_state(self) -> ReportedState:
         previous = self.slots.previous()
@@ -480,6 +531,7 @@ class Agent:
             self._failed(desired, key, AgentError(f"{type(exc).__name__}: {exc}"))
             return
         self.installs += 1
+        self.install_counts.installed()
         self._attempts.pop(key, None)
         with self._lock:
             self._acked = (desired.deployment_id, desired.generation)
@@ -496,6 +548,7 @@ class Agent:
         want = desired.model
         error = ErrorInfo(exc.code, str(exc))
         record_failure(self._attempts, key, exc, time.monotonic(), self._backoff)
+        self.install_counts.failed(exc.code, refused=isinstance(exc, VerificationError))
         with self._lock:
             self._acked = (desired.deployment_id, desired.generation)
         log.error("install of %s failed (%s): %s", want.label if want else "?", exc.code, exc)

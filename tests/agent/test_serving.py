@@ -240,7 +240,7 @@ def test_413_is_sent_before_the_body_is_read(server: InferenceServer, holder: Mo
             data = sock.recv(4096)
             assert data, f"connection closed without an answer: {answer!r}"
             answer += data
-    assert answer.startswith(b"HTTP/1.0 413 ")
+    assert answer.startswith(b"HTTP/1.1 413 ")
 
 
 def test_token_guards_inference_and_model_but_not_health(
@@ -461,7 +461,7 @@ def test_healthz(server: InferenceServer, holder: ModelHolder) -> None:
 
 
 def test_unknown_path_and_wrong_method(server: InferenceServer) -> None:
-    status, body, _ = call(server, "GET", "/v2/whatever")
+    status, body, _ = call(server, "GET", "/v3/whatever")
     assert (status, body["error"]["code"]) == (404, "not_found")
     status, body, headers = call(server, "GET", "/v1/infer")
     assert (status, body["error"]["code"], headers["Allow"]) == (405, "method_not_allowed", "POST")

@@ -32,6 +32,7 @@ import hashlib
 import multiprocessing as mp
 import os
 import shlex
+import statistics
 import sys
 import tempfile
 import threading
@@ -169,14 +170,16 @@ def _agents(
 
     out.put(("ready", len(ids)))
     go.wait()
+    cpu0 = time.process_time()
     threads = [threading.Thread(target=run, args=(f,)) for _, f in fetchers]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
+    cpu = time.process_time() - cpu0
     for link, _ in fetchers:
         link.stop()
-    out.put(("done", ends, failures))
+    out.put(("done", ends, failures, cpu))
 
 
 def _raw_subscribers(port: int, count: int, size: int, go: Any, out: Any) -> None:
@@ -208,13 +211,16 @@ def _raw_subscribers(port: int, count: int, size: int, go: Any, out: Any) -> Non
         subscribed.acquire(timeout=30)
     out.put(("ready", count))
     go.wait()
+    cpu0 = time.process_time()
     deadline = time.time() + 300
     while len(ends) < count and time.time() < deadline:
         time.sleep(0.01)
+    cpu = time.process_time() - cpu0
     for c in clients:
         c.loop_stop()
         c.disconnect()
-    out.put(("done", list(ends), [] if len(ends) == count else ["raw subscriber incomplete"]))
+    incomplete = [] if len(ends) == count else ["raw subscriber incomplete"]
+    out.put(("done", list(ends), incomplete, cpu))
 
 
 def _split(n: int, procs: int) -> list[int]:
@@ -233,7 +239,7 @@ def _round(
     commands: Any,
     replies: Any,
     fanout: bool = True,
-) -> float:
+) -> tuple[float, float]:
     go, out = _ctx.Event(), _ctx.Queue()
     workers = []
     offset = 0
@@ -258,17 +264,19 @@ def _round(
         commands.put(("raw",))
     ends: list[float] = []
     failures: list[str] = []
+    cpu = 0.0
     for _ in workers:
-        _tag, e, f = out.get(timeout=900)
+        _tag, e, f, c = out.get(timeout=900)
         ends += e
         failures += f
+        cpu += c
     if kind == "raw":
         replies.get(timeout=120)
     for p in workers:
         p.join(30)
     if failures:
         raise SystemExit(f"{kind} with {n} agents failed: {failures[:3]}")
-    return max(ends) - t0
+    return max(ends) - t0, cpu
 
 
 # --------------------------------------------------------------------------- main
@@ -278,6 +286,7 @@ def main() -> int:
     parser.add_argument("--agents", type=int, action="append", help="agents (repeatable; 1 10 50)")
     parser.add_argument("--procs", type=int, default=4, help="agent worker processes")
     parser.add_argument("--unicast", action="store_true", help="also measure fan-out off")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (median)")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
     sizes = args.mb or [10]
@@ -296,38 +305,43 @@ def main() -> int:
                 try:
                     _tag, digest = replies.get(timeout=120)
                     for n in counts:
-                        raw = _round(
-                            "raw", broker.port, n, args.procs, size, digest, work, commands, replies
-                        )
-                        fan = _round(
-                            "fan", broker.port, n, args.procs, size, digest, work, commands, replies
-                        )
-                        commands.put(("stats",))
-                        _t, sent, _streamed, peak = replies.get(timeout=30)
+                        runs: dict[str, list[tuple[float, float, float]]] = {}
+                        for _ in range(args.rounds):  # interleaved: one machine state per round
+                            for kind in ("raw", "fan", *(["uni"] if args.unicast else [])):
+                                wall, cpu = _round(
+                                    kind,
+                                    broker.port,
+                                    n,
+                                    args.procs,
+                                    size,
+                                    digest,
+                                    work,
+                                    commands,
+                                    replies,
+                                    fanout=kind != "uni",
+                                )
+                                sent = peak = 0.0
+                                if kind != "raw":
+                                    commands.put(("stats",))
+                                    _t, sent, _streamed, peak = replies.get(timeout=30)
+                                runs.setdefault(kind, []).append((wall, cpu, sent / size, peak))
+                        med = {
+                            k: [statistics.median(r[i] for r in v) for i in range(4)]
+                            for k, v in runs.items()
+                        }
+                        raw, fan = med["raw"], med["fan"]
                         row = [
                             f"{n} x {mb} MB",
-                            f"{raw:.2f}",
-                            f"{fan:.2f}",
-                            f"{fan / raw:.2f}x",
-                            f"{sent / size:.2f}x",
-                            f"{peak / MB:.1f}",
+                            f"{raw[0]:.2f}",
+                            f"{fan[0]:.2f}",
+                            f"{fan[0] / raw[0]:.2f}x",
+                            f"{fan[2]:.2f}x",
+                            f"{fan[3] / MB:.1f}",
+                            f"{raw[1]:.2f}",
+                            f"{fan[1]:.2f}",
                         ]
                         if args.unicast:
-                            uni = _round(
-                                "uni",
-                                broker.port,
-                                n,
-                                args.procs,
-                                size,
-                                digest,
-                                work,
-                                commands,
-                                replies,
-                                fanout=False,
-                            )
-                            commands.put(("stats",))
-                            _t, usent, _s, _p = replies.get(timeout=30)
-                            row += [f"{uni:.2f}", f"{usent / size:.2f}x"]
+                            row += [f"{med['uni'][0]:.2f}", f"{med['uni'][2]:.2f}x"]
                         rows.append(row)
                         print(" | ".join(row), flush=True)
                 finally:
@@ -342,6 +356,8 @@ def main() -> int:
         "time vs raw",
         "egress / bundle",
         "peak in flight MB",
+        "raw subscribers CPU s",
+        "agents CPU s",
     ]
     if args.unicast:
         headers += ["unicast s", "unicast egress"]
@@ -354,7 +370,10 @@ def main() -> int:
         "transfer server with fan-out on, through a Mosquitto the script starts; all start at "
         "one signal, time runs to the last verified file (SHA-256). Raw fan-out: one paho "
         "publisher publishes the same bytes once to a topic n raw paho subscribers read, in "
-        "the same run. Egress: payload bytes the transfer server sent / bundle.",
+        "the same run. Egress: payload bytes the transfer server sent / bundle. Unicast: the "
+        "same agents with the server's fan-out off (every device its own copy, as before). "
+        f"Median of {args.rounds} interleaved rounds; CPU is the agent (or raw subscriber) "
+        "processes', summed.",
         "",
         *table(headers, rows, right=set(range(1, len(headers)))),
         "",

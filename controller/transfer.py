@@ -468,7 +468,8 @@ class TransferServer:
             state.work = _Work(request.request_id, topic, data, bs, indices) if indices else None
             state.served_path = request.path
             state.served_block_size = bs
-            state.served_indices = frozenset(indices)
+            # Every block asked for, streamed or not: asking again is a repeat.
+            state.served_indices = frozenset(valid)
             if state.work is not None and not state.in_ready:
                 state.in_ready = True
                 self._ready.append(device_id)
@@ -489,12 +490,14 @@ class TransferServer:
         if not lim.fanout or not isinstance(wants, dict) or len(data) < lim.fanout_min_bytes:
             return None
         key = (request.path, request.block_size)
+        # Idle streams go here (at most max_streams to look at), so a stream's
+        # bytes are not held long after its wave finished.
+        self._expire_streams(now)
         stream = self._streams.get(key)
         if stream is None:
             topic = target_stream_topic(request.path)
             if topic is None:
                 return None
-            self._expire_streams(now)
             if len(self._streams) >= lim.max_streams:
                 return None
             stream = _Stream(
@@ -627,6 +630,9 @@ class TransferServer:
     def pump(self) -> int:
         """Send frames round-robin while the budgets allow; returns how many."""
         sent = 0
+        if self._streams:  # a finished wave's stream lets go of its bytes
+            with self._lock:
+                self._expire_streams(self._clock())
         while True:
             picked = self._next_frame()
             if picked is None:

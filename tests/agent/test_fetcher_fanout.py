@@ -233,3 +233,19 @@ def test_a_fetcher_collects_stream_and_unicast_frames_into_one_file(tmp_path: Pa
     assert fetchers[1].stream_frames_dropped > 0
     assert fetchers[0].stream_blocks_received > 0
     assert s.repair_blocks >= fetchers[1].stream_frames_dropped
+
+
+def test_an_idle_stream_is_dropped_and_a_new_wave_gets_a_fresh_one() -> None:
+    wire, clock = Wire(), [0.0]
+    s = server(wire, clock, fanout_readahead_blocks=0, fanout_idle_s=10.0)
+    s.submit(ask("a", 0, 8, {}))
+    drain(s, wire)
+    clock[0] += 5.0
+    s.pump()
+    assert len(s.stream_stats()) == 1  # still the wave's stream: repairs go unicast
+    clock[0] += 6.0
+    s.pump()
+    assert s.stream_stats() == []
+    s.submit(ask("b", 0, 8, {}))
+    frames = drain(s, wire)
+    assert stream_indices(frames) == list(range(8)) and s.streams_started == 2

@@ -557,13 +557,13 @@ class MqttFetcher:
             return
         if frame.kind is not FrameKind.STREAM:
             return
+        with self._lock:
+            if topic != self._stream_topic:
+                return  # a stream of a target we are not fetching (now)
         hook = self.drop_stream_frame
         if hook is not None and hook(frame):
             self.stream_frames_dropped += 1
             return
-        with self._lock:
-            if topic != self._stream_topic:
-                return  # a stream of a target we are not fetching (now)
         self._frames.put(frame)
 
     def _heard(self, frame: BlockFrame) -> None:

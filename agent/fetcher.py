@@ -22,6 +22,17 @@ Length: before a target download the installer calls
 claims a larger file is refused before any byte is stored, and
 ``FetcherInterface.download_file`` enforces the same bound on what we yield.
 
+Fan-out (ADR 0010): for a content-addressed target the fetcher also
+subscribes to the target's stream topic
+(:func:`edgefleet.protocols.topics.target_stream_topic`) before its first
+request, and says so in every request (``extra["fanout"]``, with the id of
+the stream it hears and the highest frame number received). Stream frames go
+into the same partial file as unicast ones, so a block is a block whichever
+way it came; the controller unicasts only what the stream already sent and
+this device did not get (a late start, a lost frame). When no new block has
+arrived for ``fanout_stall_s`` the fetcher asks again for what it lacks, which
+is how lost stream frames are repaired without waiting ``request_timeout_s``.
+
 python-tuf is not imported with this module: the agent's ``Updater`` runs in
 the verifier child (:mod:`edgefleet.agent.verifier`), which this fetcher
 feeds through :meth:`MqttFetcher._fetch`, so a serving agent never loads it
@@ -68,7 +79,7 @@ from edgefleet.protocols.framing import (
     coalesce,
 )
 from edgefleet.protocols.messages import FileRequest
-from edgefleet.protocols.topics import Channel, DeviceTopic
+from edgefleet.protocols.topics import Channel, DeviceTopic, target_stream_topic
 from edgefleet.shared.durable import atomic_write
 from edgefleet.shared.link import Link
 
@@ -101,6 +112,11 @@ class TransferSettings:
     # unsynced bytes, and at the end of the transfer. A crash loses at most
     # about this much (fetched again on resume); smaller costs more syncs.
     sync_every_bytes: int = 4 * 1024 * 1024
+    # Fan-out (ADR 0010): listen to a target's stream topic while fetching it.
+    fanout: bool = True
+    # With fan-out, ask again after this long without a new block (lost
+    # stream frames); a failed attempt is still request_timeout_s of nothing.
+    fanout_stall_s: float = 2.0
 
 
 class PartialFile:
@@ -473,6 +489,16 @@ class MqttFetcher:
         self.blocks_by_path: Counter[str] = Counter()
         self.refusals = 0
         self._tuf: FetcherInterface | None = None
+        # Fan-out: the stream topic of the running transfer, the stream heard
+        # on it and the highest frame number received (paho thread writes).
+        self._stream_topic: str | None = None
+        self._stream_id: str | None = None
+        self._stream_seen = -1
+        self._subscribed: set[str] = set()
+        self.stream_blocks_received = 0
+        self.stream_frames_dropped = 0
+        # Test hook: return True to drop a stream frame as if lost on the way.
+        self.drop_stream_frame: Callable[[BlockFrame], bool] | None = None
 
     @property
     def request_topic(self) -> str:
@@ -520,6 +546,86 @@ class MqttFetcher:
             return
         self._frames.put(frame)
 
+    def on_stream_frame(self, topic: str, payload: bytes, _retained: bool) -> None:
+        """Link handler for a target's stream topic: decode, match, enqueue. Never raises."""
+        try:
+            frame = BlockFrame.decode(payload)
+        except FrameError as exc:
+            log.warning("dropped malformed stream frame: %s", exc)
+            if self._on_reject is not None:
+                self._on_reject("malformed_frame")
+            return
+        if frame.kind is not FrameKind.STREAM:
+            return
+        with self._lock:
+            if topic != self._stream_topic:
+                return  # a stream of a target we are not fetching (now)
+        hook = self.drop_stream_frame
+        if hook is not None and hook(frame):
+            self.stream_frames_dropped += 1
+            return
+        self._frames.put(frame)
+
+    def _heard(self, frame: BlockFrame) -> None:
+        """Note a stream frame taken from the queue: what ``seen`` reports.
+
+        Counted when processed, not when received: a frame still in our queue
+        is neither lost nor in the partial file, and must not be asked for.
+        """
+        with self._lock:
+            if frame.stream_id != self._stream_id:
+                self._stream_id = frame.stream_id
+                self._stream_seen = frame.stream_seq
+            else:
+                self._stream_seen = max(self._stream_seen, frame.stream_seq)
+
+    def _fanout_extra(self, stalled: bool) -> dict[str, object]:
+        """What a request tells the controller about the stream (nothing without fan-out).
+
+        ``seen``: the highest stream frame number received (frames of one
+        stream arrive in order, so a missing block at or below it was lost);
+        ``stalled``: the last window ended without all its blocks, so blocks
+        sent before the previous request are not coming either.
+        """
+        with self._lock:
+            if self._stream_topic is None:
+                return {}
+            fanout: dict[str, object] = {"stalled": True} if stalled else {}
+            if self._stream_id is not None:
+                fanout.update(stream=self._stream_id, seen=self._stream_seen)
+            return {"fanout": fanout}
+
+    def _listen(self, path: str) -> str | None:
+        """Subscribe to ``path``'s stream topic for this transfer (fan-out); returns it."""
+        topic = target_stream_topic(path) if self.settings.fanout else None
+        if topic is None:
+            return None
+        if topic not in self._subscribed:
+            # Subscribed before the first request goes out on the same
+            # connection, so the broker delivers every frame the controller
+            # streams in answer to it.
+            self._link.subscribe(topic, self.on_stream_frame, qos=1)
+            self._subscribed.add(topic)
+        with self._lock:
+            self._stream_topic = topic
+            self._stream_id = None
+            self._stream_seen = -1
+        return topic
+
+    def _unlisten(self, topic: str | None) -> None:
+        with self._lock:
+            self._stream_topic = None
+            self._stream_id = None
+        unsubscribe = getattr(self._link, "unsubscribe", None)
+        if topic is not None and callable(unsubscribe):
+            # Links that can (a later shared.link) stop the broker's copies too.
+            try:
+                unsubscribe(topic)
+            except Exception:  # the frames are ignored anyway
+                log.debug("unsubscribing from %s failed", topic, exc_info=True)
+            else:
+                self._subscribed.discard(topic)
+
     # ------------------------------------------------------------------ FetcherInterface
     def _interface(self) -> FetcherInterface:
         if self._tuf is None:
@@ -563,6 +669,10 @@ class MqttFetcher:
         self._drain()
         attempts = 0
         refused_wait = 0.0
+        stream_topic = self._listen(path) if isinstance(part, PartialFile) else None
+        stall_s = s.fanout_stall_s if stream_topic is not None else s.request_timeout_s
+        idle_since = time.monotonic()
+        stalled = False
         try:
             while not part.complete:
                 if self._cancel.is_set():
@@ -579,12 +689,14 @@ class MqttFetcher:
                     path=path,
                     block_size=s.block_size_bytes,
                     ranges=tuple(coalesce(wanted)),
+                    extra=self._fanout_extra(stalled),
                 )
                 self._link.publish(self.request_topic, request.encode(), qos=1)
                 self.requests_sent += 1
                 try:
                     try:
-                        progressed = self._receive(path, part, set(wanted), limit)
+                        progressed = self._receive(path, part, set(wanted), limit, stall_s)
+                        stalled = not part.complete and not part.have.issuperset(wanted)
                     finally:
                         # One fdatasync every sync_every_bytes, then the log names
                         # the blocks; the rest at the end (part.close() below).
@@ -612,7 +724,11 @@ class MqttFetcher:
                     continue
                 if progressed:
                     attempts = 0
+                    idle_since = time.monotonic()
                     continue
+                if time.monotonic() - idle_since < s.request_timeout_s:
+                    continue  # a fan-out stall: ask again, not yet a failed attempt
+                idle_since = time.monotonic()
                 attempts += 1
                 if attempts >= s.max_attempts:
                     raise TransferTimeoutError(
@@ -623,14 +739,25 @@ class MqttFetcher:
         finally:
             with self._lock:
                 self._active_request = None
+            if stream_topic is not None:
+                self._unlisten(stream_topic)
             part.close()
 
     def _receive(
-        self, path: str, part: PartialFile | _MemoryFile, wanted: set[int], limit: int
+        self,
+        path: str,
+        part: PartialFile | _MemoryFile,
+        wanted: set[int],
+        limit: int,
+        stall_s: float,
     ) -> bool:
-        """Collect frames for one window. Returns whether any new block arrived."""
+        """Collect frames for one window. Returns whether any new block arrived.
+
+        The window ends when every wanted block arrived, or after ``stall_s``
+        without a new block (``request_timeout_s`` without fan-out).
+        """
         progressed = False
-        deadline = time.monotonic() + self.settings.request_timeout_s
+        deadline = time.monotonic() + stall_s
         while wanted:
             remaining = deadline - time.monotonic()
             if remaining <= 0 or self._cancel.is_set():
@@ -658,12 +785,17 @@ class MqttFetcher:
                 # us (mutable metadata): start over at the new size.
                 part.set_total(frame.total_size)
                 wanted = {i for i in wanted if block_length(i, frame.total_size, part.block_size)}
+            if frame.kind is FrameKind.STREAM:
+                self._heard(frame)
+                if frame.index in part.have:
+                    continue  # already here (a repair, or a re-sent stream)
+                self.stream_blocks_received += 1
             part.put_block(frame.index, frame.payload)  # synced and logged per window
             self.blocks_received += 1
             self.blocks_by_path[path] += 1
             progressed = True
             wanted.discard(frame.index)
-            deadline = time.monotonic() + self.settings.request_timeout_s
+            deadline = time.monotonic() + stall_s
             if self._on_progress is not None and part.total_size:
                 self._on_progress(path, part.done_bytes, part.total_size)
         return progressed

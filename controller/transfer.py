@@ -45,26 +45,43 @@ long and asks again instead of timing out. They are counted per device and
 reason (:attr:`TransferServer.refusals`), and at most one refusal frame per
 device is sent per ``refusal_interval_s``, so refusing costs little too.
 
-Fan-out (one publication of a bundle's blocks for many devices) can sit behind
-the same budgets: it is one more sender of frames whose bytes are charged to
-the overall in-flight budget until acknowledged.
+Fan-out (ADR 0010): a request for a content-addressed target from an agent
+that says it listens to the target's stream topic (``extra["fanout"]``) is
+served through a *stream*, one per target and block size: a wanted block not
+yet sent in this stream is queued on the stream and published once, on
+``broadcast/targets/<hash>/blocks``, for every device fetching the target
+(plus ``fanout_readahead_blocks`` after it, which every subscriber needs
+too); a wanted block the stream already sent is unicast to that device as
+before - a late joiner repairing the start, or a device that lost frames -
+unless it is still on its way: the agent reports the highest stream frame
+number it received, and a block sent after the device's previous request
+and above that number is not sent again. A new stream waits ``fanout_gather_s``
+(or until ``fanout_gather_devices`` devices joined) before its first frame,
+so devices of one deploy wave start together. The stream is one more sender
+in the round-robin: its frames are charged to its own ``fanout_inflight_bytes``
+and to the overall ``total_inflight_bytes`` until acknowledged, each block is
+sent at most once per stream, and the per-device rules above (one queued
+request, tokens for busy or repeated requests, refusals) apply to fan-out
+requests exactly as to unicast ones. Streams are bounded in number
+(``max_streams``) and dropped after ``fanout_idle_s`` without requests.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import secrets
 import threading
 import time
 from collections import Counter, OrderedDict, deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from typing import Protocol
 
 from edgefleet.protocols.framing import BlockFrame, block_count, block_length
 from edgefleet.protocols.messages import FileRequest
-from edgefleet.protocols.topics import Channel, DeviceTopic
+from edgefleet.protocols.topics import Channel, DeviceTopic, target_stream_topic
 
 __all__ = [
     "FileSource",
@@ -119,6 +136,15 @@ class TransferLimits:
     penalty_s: float = 10.0
     penalized_frames_per_s: float = 10.0
     max_devices: int = 100_000
+    # Fan-out (ADR 0010). Off: every request is served by unicast, as before.
+    fanout: bool = True
+    fanout_min_bytes: int = 1024 * 1024
+    fanout_inflight_bytes: int = 4 * 1024 * 1024
+    fanout_gather_s: float = 0.3
+    fanout_gather_devices: int = 0  # start before gather_s once this many joined (0: never)
+    fanout_readahead_blocks: int = 32
+    fanout_idle_s: float = 10.0
+    max_streams: int = 64
 
 
 @dataclass
@@ -130,6 +156,41 @@ class _Work:
     data: bytes
     block_size: int
     indices: deque[int]
+
+
+@dataclass
+class _Stream:
+    """One fan-out stream: a target's blocks published once for every device fetching it."""
+
+    path: str
+    stream_id: str
+    topic: str
+    data: bytes
+    block_size: int
+    count: int
+    created_at: float
+    last_request_at: float
+    sent: dict[int, int] = field(default_factory=dict)  # block index -> frame number
+    queue: deque[int] = field(default_factory=deque)
+    queued: set[int] = field(default_factory=set)
+    next_seq: int = 0
+    # Per member device: ``next_seq`` when it joined and when its previous
+    # request was handled.
+    members: dict[str, tuple[int, int]] = field(default_factory=dict)
+    inflight_bytes: int = 0
+    blocks_sent: int = 0
+
+    def gathered(self, now: float, limits: TransferLimits) -> bool:
+        if now >= self.created_at + limits.fanout_gather_s:
+            return True
+        return 0 < limits.fanout_gather_devices <= len(self.members)
+
+    def enqueue(self, index: int) -> bool:
+        if index in self.sent or index in self.queued or not 0 <= index < self.count:
+            return False
+        self.queue.append(index)
+        self.queued.add(index)
+        return True
 
 
 @dataclass
@@ -150,6 +211,9 @@ class _Device:
     served_path: str = ""
     served_block_size: int = 0
     served_indices: frozenset[int] = frozenset()
+    # Blocks of its last request left to a stream (busy while still queued there).
+    streamed_key: tuple[str, int] | None = None
+    streamed: frozenset[int] = frozenset()
 
     def repeats(self, path: str, block_size: int, indices: list[int]) -> bool:
         return (
@@ -195,6 +259,14 @@ class TransferServer:
         self.blocks_sent = 0
         self.bytes_sent = 0
         self.refusals: Counter[tuple[str, RefusalReason]] = Counter()
+        # Fan-out: streams by (path, block size), in round-robin order.
+        self._streams: OrderedDict[tuple[str, int], _Stream] = OrderedDict()
+        self._stream_turn = False
+        self.streams_started = 0
+        self.stream_blocks_sent = 0
+        self.stream_bytes_sent = 0
+        # Blocks of fan-out requests queued for unicast (late joiners, lost frames).
+        self.repair_blocks = 0
 
     # ------------------------------------------------------------------ reading
     def _read(self, path: str) -> bytes | None:
@@ -338,7 +410,9 @@ class TransferServer:
             else:
                 full = False
                 tokens = self._tokens(state, now)
-                busy = state.work is not None and bool(state.work.indices)
+                busy = (state.work is not None and bool(state.work.indices)) or self._streaming(
+                    state
+                )
                 costly = busy or state.repeats(request.path, bs, wanted)
                 if costly and tokens < 1.0:
                     retry_after = max(lim.retry_after_s, (1.0 - tokens) / lim.busy_requests_per_s)
@@ -376,48 +450,227 @@ class TransferServer:
             return False
         total = len(data)
         count = block_count(total, bs)
-        indices = deque(i for i in wanted if i < count or (total == 0 and i == 0))
+        valid = [i for i in wanted if i < count or (total == 0 and i == 0)]
+        indices = deque(valid)
+        streamed: list[int] = []
         with self._lock:
             state = self._devices.get(device_id)
             if state is None:  # forgotten meanwhile: only if it was idle; start afresh
                 state = self._device(device_id, now)
                 if state is None:
                     return False
+            stream = self._stream_for(request, data, now)
+            if stream is not None:
+                indices, streamed = self._split(stream, device_id, request, valid)
+            state.streamed_key = (request.path, bs) if streamed else None
+            state.streamed = frozenset(streamed)
             # The newest request replaces whatever is still queued for this device.
             state.work = _Work(request.request_id, topic, data, bs, indices) if indices else None
             state.served_path = request.path
             state.served_block_size = bs
-            state.served_indices = frozenset(indices)
+            # Every block asked for, streamed or not: asking again is a repeat.
+            state.served_indices = frozenset(valid)
             if state.work is not None and not state.in_ready:
                 state.in_ready = True
                 self._ready.append(device_id)
-        return bool(indices)
+        return bool(indices) or bool(streamed)
+
+    # ------------------------------------------------------------------ fan-out
+    def _streaming(self, state: _Device) -> bool:
+        """Whether blocks of the device's last request still wait on a stream (lock held)."""
+        if state.streamed_key is None:
+            return False
+        stream = self._streams.get(state.streamed_key)
+        return stream is not None and not stream.queued.isdisjoint(state.streamed)
+
+    def _stream_for(self, request: FileRequest, data: bytes, now: float) -> _Stream | None:
+        """The stream serving this request, started if need be; None: unicast (lock held)."""
+        lim = self.limits
+        wants = request.extra.get("fanout")
+        if not lim.fanout or not isinstance(wants, dict) or len(data) < lim.fanout_min_bytes:
+            return None
+        key = (request.path, request.block_size)
+        # Idle streams go here (at most max_streams to look at), so a stream's
+        # bytes are not held long after its wave finished.
+        self._expire_streams(now)
+        stream = self._streams.get(key)
+        if stream is None:
+            topic = target_stream_topic(request.path)
+            if topic is None:
+                return None
+            if len(self._streams) >= lim.max_streams:
+                return None
+            stream = _Stream(
+                path=request.path,
+                stream_id=secrets.token_hex(8),
+                topic=topic,
+                data=data,
+                block_size=request.block_size,
+                count=block_count(len(data), request.block_size),
+                created_at=now,
+                last_request_at=now,
+            )
+            self._streams[key] = stream
+            self.streams_started += 1
+            log.info("started fan-out stream %s for %s", stream.stream_id, request.path)
+        stream.last_request_at = now
+        return stream
+
+    def _split(
+        self, stream: _Stream, device_id: str, request: FileRequest, wanted: list[int]
+    ) -> tuple[deque[int], list[int]]:
+        """Which wanted blocks go by unicast (repairs) and which are left to the stream.
+
+        A block the stream has not sent is queued on it. One it sent is a
+        repair (unicast) if it went out before the device joined, or at or
+        below the highest frame number the device says it received (frames
+        of one stream arrive in order, so it was lost), or - when the device
+        says its last window stalled - before the device's previous request;
+        otherwise it is still on its way and is not sent twice.
+        """
+        wants = request.extra.get("fanout")
+        seen = -1
+        stalled = False
+        if isinstance(wants, dict):
+            stalled = wants.get("stalled") is True
+            got = wants.get("seen")
+            if wants.get("stream") == stream.stream_id and type(got) is int:
+                seen = got
+        joined, previous = stream.members.get(device_id, (stream.next_seq, stream.next_seq))
+        unicast: deque[int] = deque()
+        streamed: list[int] = []
+        for index in wanted:
+            seq = stream.sent.get(index)
+            if seq is None:
+                stream.enqueue(index)
+                streamed.append(index)
+            elif seq < joined or seq <= seen or (stalled and seq < previous):
+                unicast.append(index)
+            else:
+                streamed.append(index)  # on its way
+        if streamed and wanted:
+            last = max(wanted)
+            for index in range(
+                last + 1, min(stream.count, last + 1 + self.limits.fanout_readahead_blocks)
+            ):
+                stream.enqueue(index)
+        self.repair_blocks += len(unicast)
+        if len(stream.members) < self.limits.max_devices or device_id in stream.members:
+            stream.members[device_id] = (joined, stream.next_seq)
+        return unicast, streamed
+
+    def _expire_streams(self, now: float) -> None:
+        """Drop streams with nothing queued or in flight and no request lately (lock held)."""
+        idle = [
+            key
+            for key, st in self._streams.items()
+            if not st.queue
+            and st.inflight_bytes == 0
+            and now - st.last_request_at >= self.limits.fanout_idle_s
+        ]
+        for key in idle:
+            del self._streams[key]
+
+    def _stream_frame(self, now: float) -> tuple[_Stream, str, bytes, int] | None:
+        """The next stream frame that may go out now, round-robin across streams (lock held)."""
+        lim = self.limits
+        for _ in range(len(self._streams)):
+            key, stream = next(iter(self._streams.items()))
+            self._streams.move_to_end(key)
+            if (
+                not stream.queue
+                or stream.inflight_bytes >= lim.fanout_inflight_bytes
+                or not stream.gathered(now, lim)
+            ):
+                continue
+            index = stream.queue.popleft()
+            stream.queued.discard(index)
+            seq = stream.next_seq
+            stream.next_seq += 1
+            stream.sent[index] = seq
+            total = len(stream.data)
+            start = index * stream.block_size
+            payload = stream.data[start : start + block_length(index, total, stream.block_size)]
+            encoded = BlockFrame.stream(
+                stream.stream_id, seq, index, stream.block_size, total, payload
+            ).encode()
+            size = len(encoded)
+            stream.inflight_bytes += size
+            stream.blocks_sent += 1
+            self.stream_blocks_sent += 1
+            self.stream_bytes_sent += len(payload)
+            self.blocks_sent += 1
+            self.bytes_sent += len(payload)
+            return stream, stream.topic, encoded, size
+        return None
+
+    def _stream_sent(self, stream: _Stream, size: int) -> None:
+        with self._lock:
+            self._inflight_bytes -= size
+            stream.inflight_bytes -= size
+        if self._on_capacity is not None:
+            self._on_capacity()
+
+    def stream_stats(self) -> list[dict[str, object]]:
+        """Per live stream: path, id, members, blocks sent and queued (status, tests)."""
+        with self._lock:
+            return [
+                {
+                    "path": st.path,
+                    "stream_id": st.stream_id,
+                    "members": len(st.members),
+                    "blocks": st.count,
+                    "sent": st.blocks_sent,
+                    "queued": len(st.queue),
+                }
+                for st in self._streams.values()
+            ]
 
     # ------------------------------------------------------------------ frames out
     def pump(self) -> int:
         """Send frames round-robin while the budgets allow; returns how many."""
         sent = 0
+        if self._streams:  # a finished wave's stream lets go of its bytes
+            with self._lock:
+                self._expire_streams(self._clock())
         while True:
             picked = self._next_frame()
             if picked is None:
                 return sent
-            device_id, topic, payload, size = picked
+            owner, topic, payload, size = picked
+            done = (
+                functools.partial(self._sent, owner, size)
+                if isinstance(owner, str)
+                else functools.partial(self._stream_sent, owner, size)
+            )
             try:
-                self._publish(topic, payload, functools.partial(self._sent, device_id, size))
+                self._publish(topic, payload, done)
             except Exception:
-                self._sent(device_id, size)
+                done()
                 raise
             sent += 1
 
-    def _next_frame(self) -> tuple[str, str, bytes, int] | None:
+    def _next_frame(self) -> tuple[str | _Stream, str, bytes, int] | None:
         lim = self.limits
         with self._lock:
             if self._inflight_bytes >= lim.total_inflight_bytes:
                 return None
             now = self._clock()
-            # First the devices in good standing; a device refused for its
-            # rate lately only when none of them can send, one frame at a time.
-            picked = self._pick(now, penalized=False) or self._pick(now, penalized=True)
+            # Streams take turns with the devices in good standing (a stream
+            # serves many devices, and its frames are charged to the same
+            # overall budget); a device refused for its rate lately sends
+            # only when none of them can, one frame at a time.
+            self._stream_turn = not self._stream_turn
+            streamed = self._stream_frame(now) if self._stream_turn and self._streams else None
+            if streamed is not None:
+                return self._charge_stream(streamed)
+            picked = self._pick(now, penalized=False)
+            if picked is None and self._streams:
+                streamed = self._stream_frame(now)
+                if streamed is not None:
+                    return self._charge_stream(streamed)
+            if picked is None:
+                picked = self._pick(now, penalized=True)
             if picked is None:
                 return None
             device_id, state, work = picked
@@ -439,6 +692,15 @@ class TransferServer:
             self.blocks_sent += 1
             self.bytes_sent += len(payload)
             return device_id, work.topic, encoded, size
+
+    def _charge_stream(
+        self, streamed: tuple[_Stream, str, bytes, int]
+    ) -> tuple[str | _Stream, str, bytes, int]:
+        """Count a stream frame against the overall budget (lock held)."""
+        size = streamed[3]
+        self._inflight_bytes += size
+        self.peak_inflight_bytes = max(self.peak_inflight_bytes, self._inflight_bytes)
+        return streamed
 
     def _pick(self, now: float, penalized: bool) -> tuple[str, _Device, _Work] | None:
         """The next device in round-robin order that may send a frame now (lock held).

@@ -8,10 +8,11 @@ isolation, so blocks may arrive in any order, twice, or not at all::
     offset  size  field
     0       4     magic  b"EFB1"
     4       1     format version (1)
-    5       1     kind: 0 = data, 1 = error
+    5       1     kind: 0 = data, 1 = error, 2 = stream data
     6       2     status (error frames: 400 bad request, 404 not found,
                   429 rate limited, 503 busy)
-    8       16    request id (echo of FileRequest.request_id)
+    8       16    request id (echo of FileRequest.request_id); stream
+                  frames: 8-byte stream id + 8-byte sequence number
     24      4     block index (429/503 error frames: retry-after in ms)
     28      4     block size in bytes
     32      8     total file size in bytes
@@ -29,6 +30,14 @@ A *refusal* is an error frame with status 429 (this device asked too often)
 or 503 (the controller is busy) whose index field carries how long to wait
 before asking again, in milliseconds. The agent waits that long and asks
 again; it is not a failure of the transfer.
+
+A *stream* frame (kind 2) is a data frame published once on a target's
+fan-out topic (:func:`edgefleet.protocols.topics.target_stream_topic`) for
+every device fetching that target (ADR 0010). Its id field names the stream
+(8 bytes, new for every stream the controller starts) and numbers the frame
+within it (8 bytes, from 0, no gaps): a device tells the controller the
+highest number it has received, so the controller can tell a block lost on
+the way (repaired by unicast) from one still on its way (not sent twice).
 """
 
 from __future__ import annotations
@@ -70,6 +79,7 @@ _MAX_RETRY_AFTER_MS = 3_600_000
 class FrameKind(IntEnum):
     DATA = 0
     ERROR = 1
+    STREAM = 2
 
 
 def block_count(total_size: int, block_size: int) -> int:
@@ -113,6 +123,35 @@ class BlockFrame:
         frame = cls(FrameKind.DATA, request_id, index, block_size, total_size, payload)
         frame._check()
         return frame
+
+    @classmethod
+    def stream(
+        cls,
+        stream_id: str,
+        seq: int,
+        index: int,
+        block_size: int,
+        total_size: int,
+        payload: bytes,
+    ) -> BlockFrame:
+        """A data frame of fan-out stream ``stream_id`` (16 hex chars), number ``seq``."""
+        if len(stream_id) != 16 or not 0 <= seq < 2**64:
+            raise FrameError("a stream id is 16 hex characters and seq fits 8 bytes")
+        frame = cls(
+            FrameKind.STREAM, f"{stream_id}{seq:016x}", index, block_size, total_size, payload
+        )
+        frame._check()
+        return frame
+
+    @property
+    def stream_id(self) -> str:
+        """For a stream frame, the stream it belongs to (16 hex chars)."""
+        return self.request_id[:16]
+
+    @property
+    def stream_seq(self) -> int:
+        """For a stream frame, its number within the stream (0, 1, 2, ... without gaps)."""
+        return int(self.request_id[16:], 16)
 
     @classmethod
     def error(cls, request_id: str, status: int, message: str) -> BlockFrame:
@@ -191,7 +230,7 @@ class BlockFrame:
         except ValueError:
             raise FrameError(f"unknown frame kind {kind}") from None
         decoded = cls(frame_kind, rid.hex(), index, block_size, total, payload, status)
-        if frame_kind is FrameKind.DATA:
+        if frame_kind is not FrameKind.ERROR:
             decoded._check()
         elif length > MAX_ERROR_MESSAGE:
             raise FrameError("error frame message too long")

@@ -17,6 +17,13 @@ topic (under devices/{id}/)       publisher   retained  QoS      body
 ``files/blocks``                  controller  no        1        binary frame (framing.py)
 ================================  ==========  ========  =======  ======
 
+Fan-out (ADR 0010): the blocks of a bundle several devices are fetching go
+once to ``edgefleet/v1/broadcast/targets/{hash}/blocks``
+(:func:`target_stream_topic`), published by the controller, not retained,
+QoS 1, as binary stream frames. ``{hash}`` is the first 32 hex characters
+of the SHA-256 in the target's file name, so the topic names signed content,
+not a device; every enrolled device may read ``broadcast/#`` (the ACL).
+
 One topic is the controller's own: ``edgefleet/v1/controller/outbox``
 (:data:`OUTBOX_MARKER_TOPIC`, retained), published after desired states. It
 holds a digest of the desired-state generations the broker was given, so a
@@ -36,14 +43,19 @@ __all__ = [
     "DEVICE_ID_PATTERN",
     "OUTBOX_MARKER_TOPIC",
     "PREFIX",
+    "STREAM_PREFIX",
     "Channel",
     "DeviceTopic",
     "controller_subscriptions",
+    "target_stream_topic",
     "validate_device_id",
 ]
 
 PREFIX = "edgefleet/v1"
 OUTBOX_MARKER_TOPIC = f"{PREFIX}/controller/outbox"
+STREAM_PREFIX = f"{PREFIX}/broadcast/targets"
+# A consistent-snapshot target file: ``targets/[dirs/]<sha256>.<name>``.
+_TARGET_FILE = re.compile(r"^targets/(?:[^/]+/)*([0-9a-f]{64})\.[^/]+$")
 
 # Device ids become topic levels and file names, so they must contain no MQTT
 # wildcard, no separator and nothing a shell or filesystem would misread.
@@ -128,3 +140,16 @@ def controller_subscriptions() -> list[str]:
             Channel.FILE_REQUEST,
         )
     ]
+
+
+def target_stream_topic(repo_path: str) -> str | None:
+    """The fan-out topic of a target file, or None if ``repo_path`` is not one.
+
+    Only content-addressed target files (``targets/.../<sha256>.<name>``) have
+    one: metadata changes under the same name, and a stream must carry bytes
+    that every subscriber can check against a signed hash.
+    """
+    match = _TARGET_FILE.match(repo_path)
+    if match is None:
+        return None
+    return f"{STREAM_PREFIX}/{match.group(1)[:32]}/blocks"

@@ -41,6 +41,7 @@ from edgefleet.controller.errors import NotFoundError
 from edgefleet.controller.fleet_actions import deploy_and_confirm, select_devices
 from edgefleet.controller.registry import Registry
 from edgefleet.controller.registry.census import rollout_counts, tag_counts, telemetry_series
+from edgefleet.controller.registry.models import utcnow
 from edgefleet.controller.registry.tokens import ApiTokenInfo, Role, TokenStore
 from edgefleet.controller.rollout.engine import RolloutConfig
 from edgefleet.controller.rollout.selector import Selector
@@ -125,6 +126,17 @@ class TokenRequest(_Body):
     role: Role
 
 
+class TagsRequest(_Body):
+    """Tags to add to and remove from one device (both at once is refused)."""
+
+    add: list[Annotated[str, Field(min_length=1, max_length=64)]] = Field(
+        default_factory=list, max_length=64
+    )
+    remove: list[Annotated[str, Field(min_length=1, max_length=64)]] = Field(
+        default_factory=list, max_length=64
+    )
+
+
 class ReasonRequest(_Body):
     reason: str = Field(default="", max_length=500)
 
@@ -180,8 +192,11 @@ def devices(
     if after is not None:
         chosen = [d for d in chosen if d.id > after]
     page = chosen[:limit]
+    warn_s, now = _service(request).settings.ack_warning_s, utcnow()
     return {
-        "devices": [device_json(d, summaries.get(d.id)) for d in page],
+        "devices": [
+            device_json(d, summaries.get(d.id), ack_warning_s=warn_s, now=now) for d in page
+        ],
         "next": page[-1].id if len(chosen) > limit else None,
     }
 
@@ -255,6 +270,15 @@ def revoke_device(request: Request, device_id: str, _t: Admin) -> dict[str, Any]
         "revoked_serials": [str(r.serial) for r in revoked],
         "crl": str(authority.crl_file),
     }
+
+
+@router.post("/devices/{device_id}/tags", summary="Add and remove a device's tags (operator)")
+def update_device_tags(
+    request: Request, device_id: str, body: TagsRequest, _t: Operator
+) -> dict[str, Any]:
+    """Tags are edited after enrollment; rollouts select by tag when they choose devices."""
+    info = _registry(request).update_tags(device_id, add=body.add, remove=body.remove)
+    return {"device_id": info.id, "tags": list(info.tags)}
 
 
 @router.get("/tags", summary="Tags in use, with their device counts")

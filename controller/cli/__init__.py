@@ -141,6 +141,21 @@ class _Root(click.Group):
     envvar="EDGEFLEET_DATABASE_URL",
     help="SQLAlchemy URL of the registry. Default: SQLite in --home.",
 )
+@click.option(
+    "--api",
+    "api_url",
+    envvar="EDGEFLEET_API",
+    metavar="URL",
+    help="Management API of the running controller (http(s)://host:8480). Mutating "
+    "commands (deploy, rollout, device tag/revoke) then go through it, with the token "
+    "from EDGEFLEET_TOKEN or --token-file. Without it they only write the registry.",
+)
+@click.option(
+    "--token-file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    envvar="EDGEFLEET_TOKEN_FILE",
+    help="File holding the API token (else EDGEFLEET_TOKEN).",
+)
 @click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")
 @click.option(
     "--log-format",
@@ -156,6 +171,8 @@ def cli(
     config_path: Path | None,
     home: Path | None,
     database_url: str | None,
+    api_url: str | None,
+    token_file: Path | None,
     verbose: int,
     log_format: str,
 ) -> None:
@@ -174,7 +191,15 @@ def cli(
         if source is ParameterSource.ENVIRONMENT
         else None
     )
-    ctx.obj = Context(config_path, home, database_url, verbose, home_source=home_source)
+    ctx.obj = Context(
+        config_path,
+        home,
+        database_url,
+        verbose,
+        home_source=home_source,
+        api_url=api_url or None,
+        token_file=token_file,
+    )
 
 
 for _command in (

@@ -93,12 +93,16 @@ class CommandError(click.ClickException):
     code, as :func:`error_message` writes it; JSON errors carry the two apart.
     """
 
-    def __init__(self, sentence: str, code: str = "error") -> None:
+    def __init__(
+        self, sentence: str, code: str = "error", details: dict[str, Any] | None = None
+    ) -> None:
         # As before JSON errors: the sentence, then the error's own code if it has one.
         plain = ("error", "os_error", EdgefleetError.code)
         super().__init__(sentence if code in plain else f"{sentence} [{code}]")
         self.sentence = sentence
         self.code = code
+        # More for scripts (--json): the API's URL and HTTP status, the devices that failed.
+        self.details = details or {}
 
 
 def error_code(exc: click.ClickException) -> str:
@@ -113,6 +117,7 @@ def show_error(exc: click.ClickException) -> None:
     """Write ``exc`` as one JSON object on stderr: ``{"error": {"code", "message"}}``."""
     message = getattr(exc, "sentence", exc.message)
     error = {"code": error_code(exc), "message": message, "exit_status": exc.exit_code}
+    error.update(getattr(exc, "details", None) or {})
     body = {"error": error}
     click.echo(json.dumps(body, sort_keys=True), err=True)
 
@@ -139,7 +144,13 @@ def friendly_errors() -> Iterator[None]:
     try:
         yield
     except EdgefleetError as exc:
-        raise CommandError(str(exc), getattr(exc, "code", None) or EdgefleetError.code) from exc
+        # An API refusal keeps the controller's code (not_found, forbidden, ...).
+        code = getattr(exc, "api_code", None) or getattr(exc, "code", None) or EdgefleetError.code
+        details: dict[str, Any] = {}
+        for name, key in (("status", "http_status"), ("url", "url")):
+            if getattr(exc, name, None) is not None:
+                details[key] = getattr(exc, name)
+        raise CommandError(str(exc), code, details) from exc
     except BrokenPipeError:
         raise  # the reader went away (`| head`); the root group exits quietly
     except OSError as exc:

@@ -400,8 +400,27 @@ def device_token(
 @json_option
 @pass_ctx
 def device_revoke(ctx: Context, device_id: str, crl_out: Path | None, as_json: bool) -> None:
-    """Revoke every certificate of DEVICE_ID and rewrite the CRL the broker reads."""
+    """Revoke every certificate of DEVICE_ID and rewrite the CRL the broker reads.
+
+    With --api the running controller revokes (an admin token); the CRL is
+    then the controller's, and --crl-out is refused (copy it on that host).
+    """
     with friendly_errors():
+        api = ctx.api()
+        if api is not None:
+            if crl_out is not None:
+                raise click.UsageError("--crl-out needs the CA on this machine; not with --api")
+            reply = api.revoke_device(device_id)
+            emit(
+                as_json,
+                reply,
+                lambda: (
+                    f"the controller at {api.base_url} revoked "
+                    f"{len(reply['revoked_serials'])} certificate(s) of {device_id}; "
+                    f"its CRL is {reply['crl']} on that host.\nReload the broker there."
+                ),
+            )
+            return
         authority = _open_ca(ctx)
         revoked = authority.revoke(device_id)
         _copy_crl(authority, crl_out)

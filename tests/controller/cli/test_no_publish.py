@@ -148,3 +148,20 @@ def test_a_deploy_without_a_service_is_recorded_flagged_and_published_when_serve
     status = run(config, "status")
     assert f"desired states unacknowledged: 1 ({device})" in status.output
     assert "published more than 0s ago and not reported by the device" in status.output
+
+
+def test_deploy_wait_without_a_service_times_out_saying_unpublished(
+    home: Path, tmp_path: Path
+) -> None:
+    model = tmp_path / "m.onnx"
+    model.write_bytes(build_demo_model())
+    assert (
+        run(home, "model", "register", str(model), "--name", "m", "--version", "1").exit_code == 0
+    )
+    assert run(home, "device", "enroll", "gw-1", "--out", str(tmp_path / "a")).exit_code == 0
+    result = run(home, "deploy", "m", "1", "--device", "gw-1", "--wait", "--timeout", "0", "--json")
+    assert result.exit_code == 1
+    error = json.loads(result.stderr)["error"]
+    assert error["code"] == "deploy_timeout" and error["pending"] == {"gw-1": "unpublished"}
+    assert error["active"] == [] and error["deployment"]
+    assert result.stdout == ""

@@ -28,7 +28,6 @@ from edgefleet.controller.api.resources import (
     deployment_json,
     device_json,
     event_json,
-    filter_devices,
     fleet_json,
     minute_json,
     model_version_json,
@@ -41,6 +40,7 @@ from edgefleet.controller.errors import NotFoundError
 from edgefleet.controller.fleet_actions import deploy_and_confirm, select_devices
 from edgefleet.controller.registry import Registry
 from edgefleet.controller.registry.census import rollout_counts, tag_counts, telemetry_series
+from edgefleet.controller.registry.devices import Devices
 from edgefleet.controller.registry.models import utcnow
 from edgefleet.controller.registry.tokens import ApiTokenInfo, Role, TokenStore
 from edgefleet.controller.rollout.engine import RolloutConfig
@@ -181,23 +181,18 @@ def devices(
     if status is not None and status not in DEVICE_STATUSES:
         raise ApiError(422, "bad_request", f"status must be one of {', '.join(DEVICE_STATUSES)}")
     registry = _registry(request)
-    summaries = {s.device_id: s for s in registry.device_summaries()}
-    chosen = filter_devices(
-        sorted(registry.list_devices(), key=lambda d: d.id),
-        tag=tag,
-        profile=profile,
-        status=status,
-        version=version,
+    # The filters and the page run in SQL; the summaries (telemetry totals)
+    # are still computed for the whole fleet (registry.fleet has no per-id query).
+    page, after_next = Devices(registry.database).page_devices(
+        tag=tag, profile=profile, status=status, version=version, after=after, limit=limit
     )
-    if after is not None:
-        chosen = [d for d in chosen if d.id > after]
-    page = chosen[:limit]
+    summaries = {s.device_id: s for s in registry.device_summaries()} if page else {}
     warn_s, now = _service(request).settings.ack_warning_s, utcnow()
     return {
         "devices": [
             device_json(d, summaries.get(d.id), ack_warning_s=warn_s, now=now) for d in page
         ],
-        "next": page[-1].id if len(chosen) > limit else None,
+        "next": after_next,
     }
 
 

@@ -98,9 +98,25 @@ class Context:
         """
         if not self.api_url:
             return None
+        import ipaddress
+        import urllib.parse
+
         from edgefleet.controller.api_client import ApiClient, read_token
 
-        return ApiClient(self.api_url, read_token(self.token_file))
+        client = ApiClient(self.api_url, read_token(self.token_file))
+        parts = urllib.parse.urlsplit(client.base_url)
+        host = parts.hostname or ""
+        try:
+            loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            loopback = False
+        if parts.scheme == "http" and not loopback:
+            click.echo(
+                f"warning: {client.base_url} is plain HTTP: the API token crosses the network "
+                "unencrypted (give the controller [api] cert_file/key_file and use https://)",
+                err=True,
+            )
+        return client
 
     def config(self) -> ControllerConfig:
         """The controller config, with ``--home``/``--database-url`` applied.

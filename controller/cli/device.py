@@ -186,8 +186,12 @@ def device_tag(
     """
     with friendly_errors():
         api = ctx.api()
-        if api is not None and (add or remove):
-            reply = api.update_tags(device_id, list(add), list(remove))
+        if api is not None:
+            reply = (
+                api.update_tags(device_id, list(add), list(remove))
+                if add or remove
+                else api.device(device_id)
+            )
             tags = list(reply["tags"])
             emit(
                 as_json,

@@ -169,6 +169,8 @@ def test_tags_edited_through_the_api(api: ApiFixture) -> None:
     assert json.loads(result.stdout) == {"device_id": a, "tags": ["keep", "new"]}
     info = h.registry.get_device(a)
     assert info is not None and info.tags == ("keep", "new")
+    shown = edgefleet(url, api.viewer, "device", "tag", a, "--json")  # reading needs a viewer
+    assert json.loads(shown.stdout) == {"device_id": a, "tags": ["keep", "new"]}
 
     # The route itself: operator role, validation, unknown devices.
     reply = api.client.post(f"/api/v1/devices/{a}/tags", api.viewer, {"add": ["v"]})

@@ -127,8 +127,9 @@ class ApiClient:
         body: Any = None,
         *,
         query: Mapping[str, str | int | None] | None = None,
+        timeout_s: float | None = None,
     ) -> Any:
-        """One call; the decoded JSON reply.
+        """One call; the decoded JSON reply (``timeout_s`` over the client's own).
 
         Raises:
             ApiUnreachableError: no answer (the message names the URL).
@@ -148,7 +149,7 @@ class ApiClient:
         req = urllib.request.Request(url, data=data, headers=headers, method=method)  # noqa: S310
         try:
             with urllib.request.urlopen(  # noqa: S310 (http/https only)
-                req, timeout=self._timeout_s, context=self._context
+                req, timeout=timeout_s or self._timeout_s, context=self._context
             ) as r:
                 payload = r.read(_MAX_REPLY_BYTES + 1)
         except urllib.error.HTTPError as exc:
@@ -212,7 +213,10 @@ class ApiClient:
             "all": all_devices,
             "wait_published_s": wait_published_s,
         }
-        reply: dict[str, Any] = self.post("/api/v1/deployments", body)
+        # The controller answers after waiting up to wait_published_s for its broker.
+        reply: dict[str, Any] = self.request(
+            "POST", "/api/v1/deployments", body, timeout_s=self._timeout_s + wait_published_s
+        )
         return reply
 
     def devices(self, **filters: str | int | None) -> list[dict[str, Any]]:

@@ -189,6 +189,14 @@ def _devices_table(rows: list[dict[str, Any]]) -> str:
     show_default=True,
     help="With --wait: seconds to wait for every device.",
 )
+@click.option(
+    "--publish-wait-s",
+    type=click.FloatRange(0, 60),
+    default=5.0,
+    show_default=True,
+    help="With --api: how long the controller waits for the broker to take each "
+    "desired state before it answers.",
+)
 @json_option
 @pass_ctx
 def deploy(
@@ -200,6 +208,7 @@ def deploy(
     all_devices: bool,
     wait: bool,
     timeout_s: float,
+    publish_wait_s: float,
     as_json: bool,
 ) -> None:
     """Deploy NAME VERSION: set the desired model of the target devices.
@@ -216,7 +225,12 @@ def deploy(
         api = ctx.api()
         if api is not None:
             reply = api.deploy(
-                name, version, devices=list(device_ids), tags=list(tags), all_devices=all_devices
+                name,
+                version,
+                devices=list(device_ids),
+                tags=list(tags),
+                all_devices=all_devices,
+                wait_published_s=publish_wait_s,
             )
             targets = {d["device_id"]: int(d["generation"]) for d in reply["devices"]}
             unpublished = sorted(d["device_id"] for d in reply["devices"] if not d["published"])

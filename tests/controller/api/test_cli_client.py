@@ -52,6 +52,8 @@ def test_deploy_through_the_api_reports_what_the_controller_published(api: ApiFi
         a,
         "--tag",
         "lab",
+        "--publish-wait-s",
+        "60",
         "--json",
     )
     assert result.exit_code == 0, result.output
@@ -64,7 +66,8 @@ def test_deploy_through_the_api_reports_what_the_controller_published(api: ApiFi
     deployment = h.registry.get_deployment(data["deployment"])
     assert sorted(t.device_id for t in deployment.targets) == sorted([a, b])
 
-    text = edgefleet(api.server.url, api.operator, "deploy", MODEL, "1.0", "--device", a)
+    wait = ("--publish-wait-s", "60")
+    text = edgefleet(api.server.url, api.operator, "deploy", MODEL, "1.0", "--device", a, *wait)
     assert text.exit_code == 0, text.output
     assert f"via {api.server.url}; the controller published 1" in text.stdout
 

@@ -117,6 +117,10 @@ class ServiceSettings:
     # `transfer_refused.`, `agent_rejected.`); beyond it a new reason is
     # added to the device's `other` row (`rejected.counter_cap`).
     max_counter_rows_per_device: int = 32
+    # `edgefleet devices`/`status` (and the API's device list) flag a desired
+    # state published this long ago that its device has not reported
+    # ("unacknowledged"): the deploy reached the broker but not the device.
+    ack_warning_s: float = 300.0
 
     def __post_init__(self) -> None:
         # Only the storage bounds are checked here: a bad one would fail every
@@ -124,6 +128,9 @@ class ServiceSettings:
         # the skew check had accepted as current.
         if not 0 < self.max_clock_skew_s <= 24 * 3600:
             raise ConfigError("[service] max_clock_skew_s must be > 0 and at most 86400 (a day)")
+        warn = self.ack_warning_s
+        if isinstance(warn, bool) or not isinstance(warn, int | float) or warn < 0:
+            raise ConfigError(f"[service] ack_warning_s must be a number >= 0, got {warn!r}")
         if self.event_retention_s < 0:
             raise ConfigError("[service] event_retention_s must be >= 0")
         if self.max_events_per_device < 1:

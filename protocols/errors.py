@@ -53,6 +53,9 @@ in the module named in brackets::
     ├── TrustError                         "trust"         [controller.errors]
     │   ├── KeyPermissionError             "key_permissions"
     │   └── CertificateError               "certificate"   [controller.ca]
+    ├── ApiClientError                     "api"           [controller.api_client] the API refused
+    │   ├── ApiUnreachableError            "api_unreachable"    no answer from the API URL
+    │   └── ApiRequestError                "api_request"        an error status (401, 404, ...)
     ├── ModelError                         "bad_model"     [controller.errors]
     ├── EnrollmentError                    "enrollment"    [controller.enrollment]
     ├── RolloutError                       "rollout"       [controller.rollout.errors]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import asdict
+from datetime import datetime
 from typing import Any
 
 from edgefleet.controller.fleet_actions import DeployOutcome
@@ -22,6 +23,8 @@ from edgefleet.controller.registry import (
     ModelVersionInfo,
 )
 from edgefleet.controller.registry.census import MinutePoint
+from edgefleet.controller.registry.fleet import delivery_state
+from edgefleet.controller.registry.models import utcnow
 from edgefleet.controller.registry.tokens import ApiTokenInfo
 from edgefleet.controller.rollout.store import (
     DecisionInfo,
@@ -54,8 +57,20 @@ PER_DEVICE_COUNTERS = ("agent_rejected.", "transfer_refused.", "device_rejected.
 DEVICE_STATUSES = ("online", "offline", "failed", "idle", "downloading", "installing")
 
 
-def device_json(device: DeviceInfo, summary: DeviceSummary | None) -> dict[str, Any]:
-    """A device with what it runs, how well, and what it should run."""
+def device_json(
+    device: DeviceInfo,
+    summary: DeviceSummary | None,
+    *,
+    ack_warning_s: float = 300.0,
+    now: datetime | None = None,
+) -> dict[str, Any]:
+    """A device with what it runs, how well, and what it should run.
+
+    With a summary, ``delivery`` says what became of the desired state
+    (generation, published, what the device last reported, and the state
+    ``unpublished``/``waiting``/``unacknowledged``/``acknowledged`` judged
+    against ``ack_warning_s``): ``deploy --wait`` follows devices with it.
+    """
     out: dict[str, Any] = {
         "id": device.id,
         "hardware_class": device.hardware_class,
@@ -86,6 +101,14 @@ def device_json(device: DeviceInfo, summary: DeviceSummary | None) -> dict[str, 
         out["inferences"] = summary.inferences
         out["errors"] = summary.errors
         out["p50_ms"] = summary.p50_ms
+        out["variant"] = summary.variant
+        out["delivery"] = {
+            "state": delivery_state(summary, now or utcnow(), ack_warning_s),
+            "generation": summary.desired_generation,
+            "published": summary.desired_published,
+            "since": summary.desired_since,
+            "reported_generation": summary.reported_generation,
+        }
     return out
 
 
@@ -233,6 +256,7 @@ def rollout_json(r: RolloutInfo) -> dict[str, Any]:
         "steps": r.steps,
         "devices": r.devices,
         "counts": r.counts,
+        "skipped": r.skipped,
     }
 
 

@@ -28,7 +28,6 @@ from edgefleet.controller.api.resources import (
     deployment_json,
     device_json,
     event_json,
-    filter_devices,
     fleet_json,
     minute_json,
     model_version_json,
@@ -41,6 +40,8 @@ from edgefleet.controller.errors import NotFoundError
 from edgefleet.controller.fleet_actions import deploy_and_confirm, select_devices
 from edgefleet.controller.registry import Registry
 from edgefleet.controller.registry.census import rollout_counts, tag_counts, telemetry_series
+from edgefleet.controller.registry.devices import Devices
+from edgefleet.controller.registry.models import utcnow
 from edgefleet.controller.registry.tokens import ApiTokenInfo, Role, TokenStore
 from edgefleet.controller.rollout.engine import RolloutConfig
 from edgefleet.controller.rollout.selector import Selector
@@ -125,6 +126,17 @@ class TokenRequest(_Body):
     role: Role
 
 
+class TagsRequest(_Body):
+    """Tags to add to and remove from one device (both at once is refused)."""
+
+    add: list[Annotated[str, Field(min_length=1, max_length=64)]] = Field(
+        default_factory=list, max_length=64
+    )
+    remove: list[Annotated[str, Field(min_length=1, max_length=64)]] = Field(
+        default_factory=list, max_length=64
+    )
+
+
 class ReasonRequest(_Body):
     reason: str = Field(default="", max_length=500)
 
@@ -169,20 +181,18 @@ def devices(
     if status is not None and status not in DEVICE_STATUSES:
         raise ApiError(422, "bad_request", f"status must be one of {', '.join(DEVICE_STATUSES)}")
     registry = _registry(request)
-    summaries = {s.device_id: s for s in registry.device_summaries()}
-    chosen = filter_devices(
-        sorted(registry.list_devices(), key=lambda d: d.id),
-        tag=tag,
-        profile=profile,
-        status=status,
-        version=version,
+    # The filters and the page run in SQL; the summaries (telemetry totals)
+    # are still computed for the whole fleet (registry.fleet has no per-id query).
+    page, after_next = Devices(registry.database).page_devices(
+        tag=tag, profile=profile, status=status, version=version, after=after, limit=limit
     )
-    if after is not None:
-        chosen = [d for d in chosen if d.id > after]
-    page = chosen[:limit]
+    summaries = {s.device_id: s for s in registry.device_summaries()} if page else {}
+    warn_s, now = _service(request).settings.ack_warning_s, utcnow()
     return {
-        "devices": [device_json(d, summaries.get(d.id)) for d in page],
-        "next": page[-1].id if len(chosen) > limit else None,
+        "devices": [
+            device_json(d, summaries.get(d.id), ack_warning_s=warn_s, now=now) for d in page
+        ],
+        "next": after_next,
     }
 
 
@@ -255,6 +265,15 @@ def revoke_device(request: Request, device_id: str, _t: Admin) -> dict[str, Any]
         "revoked_serials": [str(r.serial) for r in revoked],
         "crl": str(authority.crl_file),
     }
+
+
+@router.post("/devices/{device_id}/tags", summary="Add and remove a device's tags (operator)")
+def update_device_tags(
+    request: Request, device_id: str, body: TagsRequest, _t: Operator
+) -> dict[str, Any]:
+    """Tags are edited after enrollment; rollouts select by tag when they choose devices."""
+    info = _registry(request).update_tags(device_id, add=body.add, remove=body.remove)
+    return {"device_id": info.id, "tags": list(info.tags)}
 
 
 @router.get("/tags", summary="Tags in use, with their device counts")

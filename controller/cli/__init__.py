@@ -35,8 +35,10 @@ module                    commands
 ``rollout``               ``rollout create|start|pause|resume|abort|list|show|watch``
 ========================  ===================================================
 
-Heavy libraries (SQLAlchemy, numpy, onnx, cryptography) are imported inside
-the commands that use them, so ``edgefleet --help`` stays fast.
+Command modules are imported when their command runs (``_COMMANDS`` holds
+their help summaries), and heavy libraries (SQLAlchemy, numpy, onnx,
+cryptography, rich) inside the commands that use them, so ``edgefleet
+--help`` imports click and this module only (``bench/cli_startup.py``).
 """
 
 from __future__ import annotations
@@ -52,20 +54,6 @@ import click
 from click.core import ParameterSource
 
 from edgefleet import __version__
-from edgefleet.controller.cli import (
-    agent,
-    demo,
-    device,
-    fleet,
-    home,
-    keys,
-    model,
-    rollout,
-    security,
-    token,
-)
-from edgefleet.controller.cli.context import Context
-from edgefleet.controller.cli.output import JSON_META_KEY, show_error
 from edgefleet.shared.logs import LOG_FORMATS, configure_logging
 
 __all__ = ["cli", "main"]
@@ -97,10 +85,145 @@ def _stdout_closed() -> bool:
     return any(mask & (select.POLLERR | select.POLLHUP) for _fd, mask in events)
 
 
+# Every top-level command: (module, attribute, its help summary, whether that is
+# its short_help). The command modules (and SQLAlchemy, rich, the compiler...)
+# are imported only when their command runs, so `edgefleet --help` lists them
+# from here; tests/controller/cli/test_package.py checks these summaries
+# against the commands' own.
+_COMMANDS: dict[str, tuple[str, str, str, bool]] = {
+    "agent": (
+        "agent",
+        "agent_group",
+        "Run the gateway agent, or package it for an offline gateway.",
+        False,
+    ),
+    "broker-config": (
+        "security",
+        "broker_config",
+        "Write a Mosquitto TLS configuration, its ACL and certificates, and the controller's.",
+        False,
+    ),
+    "ca": (
+        "security",
+        "ca",
+        "The certificate authority that issues broker, controller and device certificates.",
+        False,
+    ),
+    "demo": (
+        "demo",
+        "demo",
+        "Run the whole path on this machine: broker, controller, N agents, deploy, infer.",
+        False,
+    ),
+    "deploy": (
+        "fleet",
+        "deploy",
+        "Deploy NAME VERSION: set the desired model of the target devices.",
+        False,
+    ),
+    "device": (
+        "device",
+        "device_group",
+        "Enroll devices, tag them, read their events; tokens and revocation.",
+        False,
+    ),
+    "devices": (
+        "fleet",
+        "devices",
+        "List devices with what they run and how they are doing.",
+        False,
+    ),
+    "enroll-server": (
+        "security",
+        "enroll_server",
+        "Run the HTTPS enrollment endpoint until Ctrl-C.",
+        False,
+    ),
+    "init": (
+        "home",
+        "init",
+        "Create the home: registry and TUF repository (keys, root metadata).",
+        False,
+    ),
+    "keys": (
+        "keys",
+        "keys_group",
+        "Rotate TUF signing keys and manage the root key.",
+        False,
+    ),
+    "model": (
+        "model",
+        "model_group",
+        "Compile, register, list and inspect models.",
+        True,
+    ),
+    "rollout": (
+        "rollout",
+        "rollout_group",
+        "Staged rollouts: canary, exponential waves, health gates, automatic rollback.",
+        False,
+    ),
+    "serve": (
+        "home",
+        "serve",
+        "Run the controller: publish desired state, serve transfers, ingest telemetry, the API.",
+        False,
+    ),
+    "status": (
+        "fleet",
+        "status",
+        "Fleet overview: devices online, version distribution, health, delivery.",
+        False,
+    ),
+    "token": (
+        "token",
+        "token_group",
+        "API tokens for the management API (viewer, operator, admin).",
+        False,
+    ),
+}
+
+
+def _load(name: str) -> click.Command:
+    """Import the module of command ``name`` and return the command."""
+    import importlib
+
+    module_name, attribute, _summary, _short = _COMMANDS[name]
+    module = importlib.import_module(f"edgefleet.controller.cli.{module_name}")
+    command: click.Command = getattr(module, attribute)
+    if name == "device" and isinstance(command, click.Group) and "token" not in command.commands:
+        # Token enrollment and revocation are security commands, shown under `device`.
+        from edgefleet.controller.cli import security
+
+        command.add_command(security.device_token)
+        command.add_command(security.device_revoke)
+    return command
+
+
 class _Root(click.Group):
-    """The root group: JSON errors for ``--json`` commands, quiet on a broken pipe."""
+    """The root group: lazy commands, JSON errors for ``--json``, quiet on a broken pipe."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(_COMMANDS)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        return _load(cmd_name) if cmd_name in _COMMANDS else None
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        """As click lists commands, from the summaries above: listing imports no command."""
+        limit = formatter.width - 6 - max(len(n) for n in _COMMANDS)
+        rows = []
+        for name in sorted(_COMMANDS):
+            _module, _attribute, summary, is_short = _COMMANDS[name]
+            stub = click.Command(name, help=None if is_short else summary)
+            stub.short_help = summary if is_short else None
+            rows.append((name, stub.get_short_help_str(limit)))
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
 
     def invoke(self, ctx: click.Context) -> Any:
+        from edgefleet.controller.cli.output import JSON_META_KEY, show_error
+
         try:
             return super().invoke(ctx)
         except click.exceptions.Exit:
@@ -141,6 +264,21 @@ class _Root(click.Group):
     envvar="EDGEFLEET_DATABASE_URL",
     help="SQLAlchemy URL of the registry. Default: SQLite in --home.",
 )
+@click.option(
+    "--api",
+    "api_url",
+    envvar="EDGEFLEET_API",
+    metavar="URL",
+    help="Management API of the running controller (http(s)://host:8480). Mutating "
+    "commands (deploy, rollout, device tag/revoke) then go through it, with the token "
+    "from EDGEFLEET_TOKEN or --token-file. Without it they only write the registry.",
+)
+@click.option(
+    "--token-file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    envvar="EDGEFLEET_TOKEN_FILE",
+    help="File holding the API token (else EDGEFLEET_TOKEN).",
+)
 @click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")
 @click.option(
     "--log-format",
@@ -156,6 +294,8 @@ def cli(
     config_path: Path | None,
     home: Path | None,
     database_url: str | None,
+    api_url: str | None,
+    token_file: Path | None,
     verbose: int,
     log_format: str,
 ) -> None:
@@ -174,30 +314,17 @@ def cli(
         if source is ParameterSource.ENVIRONMENT
         else None
     )
-    ctx.obj = Context(config_path, home, database_url, verbose, home_source=home_source)
+    from edgefleet.controller.cli.context import Context
 
-
-for _command in (
-    home.init,
-    home.serve,
-    model.model_group,
-    device.device_group,
-    fleet.devices,
-    fleet.deploy,
-    fleet.status,
-    agent.agent_group,
-    demo.demo,
-    keys.keys_group,
-    security.ca,
-    security.broker_config,
-    security.enroll_server,
-    rollout.rollout_group,
-    token.token_group,
-):
-    cli.add_command(_command)
-device.device_group.add_command(security.device_token)
-device.device_group.add_command(security.device_revoke)
-del _command
+    ctx.obj = Context(
+        config_path,
+        home,
+        database_url,
+        verbose,
+        home_source=home_source,
+        api_url=api_url or None,
+        token_file=token_file,
+    )
 
 
 def main() -> None:

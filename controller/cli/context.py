@@ -28,6 +28,7 @@ import click
 from edgefleet.protocols.errors import ConfigError
 
 if TYPE_CHECKING:
+    from edgefleet.controller.api_client import ApiClient
     from edgefleet.controller.config import ControllerConfig
     from edgefleet.controller.registry import Registry
     from edgefleet.controller.trust import TrustRepository
@@ -71,7 +72,7 @@ def home_is_initialized(home: Path) -> bool:
 
 @dataclass
 class Context:
-    """The root options (``--config``, ``--home``, ``--database-url``, ``-v``).
+    """The root options (``--config``, ``--home``, ``--database-url``, ``--api``, ``-v``).
 
     Each call re-reads what it opens; commands are short-lived and the caller
     closes the registry it was handed. ``home_source`` says how ``--home`` was
@@ -83,6 +84,39 @@ class Context:
     database_url: str | None
     verbose: int = 0
     home_source: str | None = None
+    api_url: str | None = None
+    token_file: Path | None = None
+
+    def api(self) -> ApiClient | None:
+        """The management API client when ``--api``/``EDGEFLEET_API`` is given, else ``None``.
+
+        Without it, mutating commands only write the registry and the running
+        ``edgefleet serve`` publishes; with it, they ask that controller.
+
+        Raises:
+            ConfigError: the URL is malformed or no token is available.
+        """
+        if not self.api_url:
+            return None
+        import ipaddress
+        import urllib.parse
+
+        from edgefleet.controller.api_client import ApiClient, read_token
+
+        client = ApiClient(self.api_url, read_token(self.token_file))
+        parts = urllib.parse.urlsplit(client.base_url)
+        host = parts.hostname or ""
+        try:
+            loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            loopback = False
+        if parts.scheme == "http" and not loopback:
+            click.echo(
+                f"warning: {client.base_url} is plain HTTP: the API token crosses the network "
+                "unencrypted (give the controller [api] cert_file/key_file and use https://)",
+                err=True,
+            )
+        return client
 
     def config(self) -> ControllerConfig:
         """The controller config, with ``--home``/``--database-url`` applied.

@@ -179,10 +179,26 @@ def device_tag(
 ) -> None:
     """Add or remove DEVICE_ID's tags; without options, show them.
 
+    With --api the running controller changes them (an operator token).
+
     Rollouts select by tag when they choose their devices; a running rollout
     keeps the devices it chose.
     """
     with friendly_errors():
+        api = ctx.api()
+        if api is not None:
+            reply = (
+                api.update_tags(device_id, list(add), list(remove))
+                if add or remove
+                else api.device(device_id)
+            )
+            tags = list(reply["tags"])
+            emit(
+                as_json,
+                {"device_id": device_id, "tags": tags},
+                lambda: f"{device_id}: {', '.join(tags) or '(no tags)'}",
+            )
+            return
         registry = ctx.registry()
         try:
             if add or remove:

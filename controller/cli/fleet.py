@@ -14,6 +14,7 @@ import click
 
 from edgefleet.controller.cli.context import Context, pass_ctx
 from edgefleet.controller.cli.output import (
+    CommandError,
     device_counts,
     emit,
     friendly_errors,
@@ -21,9 +22,9 @@ from edgefleet.controller.cli.output import (
     render_table,
 )
 from edgefleet.protocols.bounds import fold_reasons
-from edgefleet.protocols.errors import EdgefleetError
 
 if TYPE_CHECKING:
+    from edgefleet.controller.cli.follow import FollowResult
     from edgefleet.controller.registry import Registry
 
 __all__ = ["deploy", "devices", "status"]
@@ -51,11 +52,16 @@ def _ack_timeout_option(f: Any) -> Any:
     return click.option(
         "--ack-timeout-s",
         type=click.FloatRange(min=0),
-        default=ACK_TIMEOUT_S,
-        show_default=True,
+        default=None,
         envvar="EDGEFLEET_ACK_TIMEOUT_S",
-        help="Flag a published desired state the device has not reported after this long.",
+        help="Flag a published desired state the device has not reported after this long. "
+        f"Default: [service] ack_warning_s of the config ({ACK_TIMEOUT_S:g}).",
     )(f)
+
+
+def _ack_timeout(ctx: Context, given: float | None) -> float:
+    """``--ack-timeout-s``, else the config's ``[service] ack_warning_s``."""
+    return given if given is not None else ctx.config().service.ack_warning_s
 
 
 def _device_rows(
@@ -95,7 +101,7 @@ def _device_rows(
 @_ack_timeout_option
 @json_option
 @pass_ctx
-def devices(ctx: Context, ack_timeout_s: float, as_json: bool) -> None:
+def devices(ctx: Context, ack_timeout_s: float | None, as_json: bool) -> None:
     """List devices with what they run and how they are doing.
 
     DELIVERY says what became of the desired state: unpublished (no running
@@ -109,7 +115,7 @@ def devices(ctx: Context, ack_timeout_s: float, as_json: bool) -> None:
         revoked = revoked_device_ids(ctx.config().home / "ca")
         registry = ctx.registry()
         try:
-            rows = _device_rows(registry, revoked, ack_timeout_s)
+            rows = _device_rows(registry, revoked, _ack_timeout(ctx, ack_timeout_s))
         finally:
             registry.close()
     emit(as_json, rows, lambda: _devices_table(rows))
@@ -168,7 +174,29 @@ def _devices_table(rows: list[dict[str, Any]]) -> str:
 @click.argument("name")
 @click.argument("version")
 @click.option("--device", "device_ids", multiple=True, help="Target device id (repeatable).")
+@click.option("--tag", "tags", multiple=True, help="Target devices with this tag (repeatable).")
 @click.option("--all", "all_devices", is_flag=True, help="Target every enrolled device.")
+@click.option(
+    "--wait",
+    is_flag=True,
+    help="Follow the devices until they run the model; exit 1 if one fails or time runs out.",
+)
+@click.option(
+    "--timeout",
+    "timeout_s",
+    type=click.FloatRange(min=0),
+    default=600.0,
+    show_default=True,
+    help="With --wait: seconds to wait for every device.",
+)
+@click.option(
+    "--publish-wait-s",
+    type=click.FloatRange(0, 60),
+    default=5.0,
+    show_default=True,
+    help="With --api: how long the controller waits for the broker to take each "
+    "desired state before it answers.",
+)
 @json_option
 @pass_ctx
 def deploy(
@@ -176,55 +204,174 @@ def deploy(
     name: str,
     version: str,
     device_ids: tuple[str, ...],
+    tags: tuple[str, ...],
     all_devices: bool,
+    wait: bool,
+    timeout_s: float,
+    publish_wait_s: float,
     as_json: bool,
 ) -> None:
-    """Deploy NAME VERSION: set the desired model of the target devices."""
-    from edgefleet.controller.service import publish_desired_states
-    from edgefleet.shared.link import MqttLink
+    """Deploy NAME VERSION: set the desired model of the target devices.
 
-    if bool(device_ids) == all_devices:
-        raise click.UsageError("give --device ID (repeatable) or --all")
+    With --api (EDGEFLEET_API) the running controller deploys and publishes,
+    and the answer says per device whether the broker took it. Without it the
+    deployment is only recorded in the registry; a running `edgefleet serve`
+    on that registry publishes it (`edgefleet status` shows what was not
+    delivered). This command never connects to a broker itself.
+    """
+    if not (device_ids or tags or all_devices) or (all_devices and (device_ids or tags)):
+        raise click.UsageError("give --device ID and/or --tag TAG (repeatable), or --all")
     with friendly_errors():
-        cfg = ctx.config()
-        registry = ctx.registry()
-        try:
-            targets = [d.id for d in registry.list_devices()] if all_devices else list(device_ids)
-            if not targets:
-                raise click.ClickException("no devices enrolled")
-            mv = registry.get_model_version(name, version)
-            deployment = registry.create_deployment(mv.id, targets)
-            published = 0
-            broker = cfg.cli_broker
-            if broker is None:
-                click.echo(
-                    "no [cli] certificate configured; `edgefleet serve` will publish it", err=True
-                )
-            else:
-                link = MqttLink(broker, f"edgefleet-cli-{deployment.id[:8]}")
-                try:
-                    link.start(wait=True)
-                    published = publish_desired_states(registry, link)
-                    link.stop()
-                except EdgefleetError as exc:
-                    click.echo(f"warning: {exc}; `edgefleet serve` will publish it", err=True)
-        finally:
-            registry.close()
-    data = {
-        "deployment": deployment.id,
+        api = ctx.api()
+        if api is not None:
+            reply = api.deploy(
+                name,
+                version,
+                devices=list(device_ids),
+                tags=list(tags),
+                all_devices=all_devices,
+                wait_published_s=publish_wait_s,
+            )
+            targets = {d["device_id"]: int(d["generation"]) for d in reply["devices"]}
+            unpublished = sorted(d["device_id"] for d in reply["devices"] if not d["published"])
+            deployment_id = str(reply["deployment"]["id"])
+        else:
+            deployment_id, targets = _record_deployment(
+                ctx, name, version, list(device_ids), list(tags), all_devices
+            )
+            unpublished = sorted(targets)
+    data: dict[str, Any] = {
+        "deployment": deployment_id,
         "model": name,
         "version": version,
-        "devices": targets,
-        "published": published,
+        "devices": list(targets),
+        "via": "api" if api is not None else "registry",
+        "api": None if api is None else api.base_url,
+        "recorded": len(targets),
+        "published": len(targets) - len(unpublished),
+        "unpublished": unpublished,
     }
-    emit(
-        as_json,
-        data,
-        lambda: (
-            f"deployment {deployment.id}: {name}@{version} -> "
-            f"{len(targets)} device(s); {published} desired state(s) published"
-        ),
+    text = _deploy_text(data)
+    if not wait:
+        emit(as_json, data, lambda: text)
+        return
+    if not as_json:
+        click.echo(text)
+    result = _follow(ctx, targets, name, version, timeout_s, show=not as_json)
+    data["wait"] = {
+        "active": result.active,
+        "failed": {d: result.errors.get(d) for d in result.failed},
+        "pending": {d: result.phases[d] for d in result.pending},
+        "timed_out": result.timed_out,
+    }
+    if result.failed or result.pending:
+        raise _wait_error(data, result, timeout_s)
+    emit(as_json, data, lambda: f"all {len(result.active)} device(s) run {name}@{version}")
+
+
+def _record_deployment(
+    ctx: Context,
+    name: str,
+    version: str,
+    device_ids: list[str],
+    tags: list[str],
+    all_devices: bool,
+) -> tuple[str, dict[str, int]]:
+    """Record the deployment in the registry only; the running service publishes it."""
+    from edgefleet.controller.fleet_actions import select_devices
+
+    registry = ctx.registry()
+    try:
+        targets = select_devices(registry, devices=device_ids, tags=tags, all_devices=all_devices)
+        mv = registry.get_model_version(name, version)
+        deployment = registry.create_deployment(mv.id, targets)
+    finally:
+        registry.close()
+    return deployment.id, {t.device_id: t.generation for t in deployment.targets}
+
+
+def _deploy_text(data: dict[str, Any]) -> str:
+    head = (
+        f"deployment {data['deployment']}: {data['model']}@{data['version']} -> "
+        f"{data['recorded']} device(s)"
     )
+    if data["via"] == "registry":
+        return (
+            f"{head}; {data['recorded']} desired state(s) recorded in the registry, "
+            "none published by this command.\nA running `edgefleet serve` on this registry "
+            "publishes them; `edgefleet status` shows any it has not "
+            "(or pass --api URL to deploy through the running controller)."
+        )
+    text = f"{head} via {data['api']}; the controller published {data['published']}"
+    if data["unpublished"]:
+        shown = ", ".join(data["unpublished"][:10]) + (
+            " ..." if len(data["unpublished"]) > 10 else ""
+        )
+        text += (
+            f"; {len(data['unpublished'])} not yet published ({shown}): it publishes them "
+            "when its broker takes them (`edgefleet status`)"
+        )
+    return text
+
+
+def _follow(
+    ctx: Context,
+    targets: dict[str, int],
+    name: str,
+    version: str,
+    timeout_s: float,
+    *,
+    show: bool,
+) -> FollowResult:
+    """Poll the API (with --api) or the registry until the targets settle."""
+    from edgefleet.controller.cli.follow import (
+        DeviceProgress,
+        follow,
+        progress_from_api,
+        progress_from_summaries,
+    )
+
+    with friendly_errors():
+        api = ctx.api()
+        if api is not None:
+            client = api
+
+            def fetch() -> dict[str, DeviceProgress]:
+                return progress_from_api(client.devices())
+
+            return follow(fetch, targets, name, version, timeout_s=timeout_s, show=show)
+        registry = ctx.registry()
+        try:
+            return follow(
+                lambda: progress_from_summaries(registry.device_summaries()),
+                targets,
+                name,
+                version,
+                timeout_s=timeout_s,
+                show=show,
+            )
+        finally:
+            registry.close()
+
+
+def _wait_error(data: dict[str, Any], result: FollowResult, timeout_s: float) -> CommandError:
+    parts = []
+    if result.failed:
+        parts.append(
+            "failed: "
+            + ", ".join(f"{d} ({result.errors.get(d) or 'rolled back'})" for d in result.failed)
+        )
+    if result.pending:
+        parts.append(
+            f"not active after {timeout_s:g}s: "
+            + ", ".join(f"{d} ({result.phases[d]})" for d in result.pending)
+        )
+    code = "deploy_failed" if result.failed else "deploy_timeout"
+    sentence = (
+        f"deployment {data['deployment']} of {data['model']}@{data['version']}: "
+        f"{len(result.active)}/{len(result.phases)} active; " + "; ".join(parts)
+    )
+    return CommandError(sentence, code, {"deployment": data["deployment"], **data["wait"]})
 
 
 def _agent_rejections(counters: dict[str, int]) -> dict[str, int]:
@@ -246,9 +393,10 @@ def _agent_rejections(counters: dict[str, int]) -> dict[str, int]:
 @_ack_timeout_option
 @json_option
 @pass_ctx
-def status(ctx: Context, ack_timeout_s: float, as_json: bool) -> None:
+def status(ctx: Context, ack_timeout_s: float | None, as_json: bool) -> None:
     """Fleet overview: devices online, version distribution, health, delivery."""
     with friendly_errors():
+        ack_timeout_s = _ack_timeout(ctx, ack_timeout_s)
         registry = ctx.registry()
         try:
             fleet = registry.fleet_status()

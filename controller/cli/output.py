@@ -16,6 +16,7 @@ of a command that had ``--json``.
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, TypeVar
@@ -43,13 +44,53 @@ JSON_META_KEY = "edgefleet.json"
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-def render_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
-    """A plain aligned text table; ``None`` renders as ``-``."""
+def render_table(
+    headers: Sequence[str], rows: Sequence[Sequence[object]], *, styled: bool | None = None
+) -> str:
+    """An aligned table; ``None`` renders as ``-``.
+
+    On a terminal (``styled=None`` and stdout is a TTY) it is drawn by rich,
+    fitted to the terminal's width with bold headers (``NO_COLOR`` is
+    honoured). Piped or redirected it is plain text, one row a line, columns
+    padded with spaces: scripts and ``grep`` see the same text on every
+    machine, whatever the terminal.
+    """
     cells = [[("-" if v is None else str(v)) for v in row] for row in rows]
+    if styled is None:
+        styled = _stdout_is_terminal()
+    if styled:
+        return _rich_table(headers, cells)
     widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
     lines = ["  ".join(h.upper().ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip()]
     lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in cells]
     return "\n".join(lines)
+
+
+def _stdout_is_terminal() -> bool:
+    try:
+        return sys.stdout.isatty()
+    except (AttributeError, ValueError):  # no real stream (closed, CliRunner)
+        return False
+
+
+def _rich_table(headers: Sequence[str], cells: list[list[str]]) -> str:
+    # rich (controller extra only) is loaded when a table is drawn, not for --help.
+    import io
+    import shutil
+
+    from rich import box
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, header_style="bold")
+    for h in headers:
+        table.add_column(h.upper(), overflow="fold")
+    for row in cells:
+        table.add_row(*row)
+    buffer = io.StringIO()
+    width = shutil.get_terminal_size((120, 24)).columns
+    Console(file=buffer, force_terminal=True, width=width).print(table)
+    return buffer.getvalue().rstrip("\n")
 
 
 def emit(as_json: bool, data: object, table: Callable[[], str]) -> None:
@@ -93,12 +134,16 @@ class CommandError(click.ClickException):
     code, as :func:`error_message` writes it; JSON errors carry the two apart.
     """
 
-    def __init__(self, sentence: str, code: str = "error") -> None:
+    def __init__(
+        self, sentence: str, code: str = "error", details: dict[str, Any] | None = None
+    ) -> None:
         # As before JSON errors: the sentence, then the error's own code if it has one.
         plain = ("error", "os_error", EdgefleetError.code)
         super().__init__(sentence if code in plain else f"{sentence} [{code}]")
         self.sentence = sentence
         self.code = code
+        # More for scripts (--json): the API's URL and HTTP status, the devices that failed.
+        self.details = details or {}
 
 
 def error_code(exc: click.ClickException) -> str:
@@ -113,6 +158,7 @@ def show_error(exc: click.ClickException) -> None:
     """Write ``exc`` as one JSON object on stderr: ``{"error": {"code", "message"}}``."""
     message = getattr(exc, "sentence", exc.message)
     error = {"code": error_code(exc), "message": message, "exit_status": exc.exit_code}
+    error.update(getattr(exc, "details", None) or {})
     body = {"error": error}
     click.echo(json.dumps(body, sort_keys=True), err=True)
 
@@ -139,7 +185,13 @@ def friendly_errors() -> Iterator[None]:
     try:
         yield
     except EdgefleetError as exc:
-        raise CommandError(str(exc), getattr(exc, "code", None) or EdgefleetError.code) from exc
+        # An API refusal keeps the controller's code (not_found, forbidden, ...).
+        code = getattr(exc, "api_code", None) or getattr(exc, "code", None) or EdgefleetError.code
+        details: dict[str, Any] = {}
+        for name, key in (("status", "http_status"), ("url", "url")):
+            if getattr(exc, name, None) is not None:
+                details[key] = getattr(exc, name)
+        raise CommandError(str(exc), code, details) from exc
     except BrokenPipeError:
         raise  # the reader went away (`| head`); the root group exits quietly
     except OSError as exc:

@@ -1,7 +1,10 @@
 """``edgefleet rollout ...``: create, inspect, watch and steer staged rollouts.
 
-These commands only read and write the registry; the running controller
-(``edgefleet serve``) steps the rollout. So ``create`` returns at once, and
+With ``--api`` (``EDGEFLEET_API``), ``create``, ``start``, ``pause``,
+``resume`` and ``abort`` ask the running controller through its management
+API and show the rollout it answers with; without it they write the
+registry. ``list``, ``show`` and ``watch`` read the registry. Either way the
+running controller (``edgefleet serve``) steps the rollout. So ``create`` returns at once, and
 ``pause``/``resume``/``abort`` take effect at the controller's next step
 (``abort``'s rollbacks included).
 """
@@ -240,6 +243,21 @@ def create(
     with friendly_errors():
         selector = Selector(devices=devices, tags=tags, profiles=profiles, all=all_devices)
         config = RolloutConfig(**_canary(canary), **strategy)
+        api = ctx.api()
+        if api is not None:
+            reply = api.create_rollout(
+                {
+                    "model": model,
+                    "version": version,
+                    "selector": selector.to_dict(),
+                    "canary": canary,
+                    "strategy": strategy,
+                    "start": start,
+                }
+            )
+            info = _info_from_api(reply)
+            emit(as_json, _info_dict(info), lambda: _header(info))
+            return
         store = _store(ctx)
         try:
             info = store.create(model, version, selector, config, start=start)
@@ -248,8 +266,44 @@ def create(
     emit(as_json, _info_dict(info), lambda: _header(info))
 
 
+def _info_from_api(d: dict[str, Any]) -> RolloutInfo:
+    """A rollout as the API returns it (``rollout_json``), for the same views as the registry's."""
+    from edgefleet.controller.rollout.selector import Selector
+    from edgefleet.controller.rollout.store import RolloutInfo
+
+    def when(key: str) -> datetime | None:
+        value = d.get(key)
+        return None if value is None else datetime.fromisoformat(str(value))
+
+    created = when("created_at")
+    return RolloutInfo(
+        id=str(d["id"]),
+        model=str(d["model"]),
+        version=str(d["version"]),
+        release=int(d["release"]),
+        status=RolloutStatus(d["status"]),
+        selector=Selector.from_dict(d["selector"]),
+        config=RolloutConfig.from_dict(d["config"]),
+        wave=int(d["wave"]),
+        created_at=created if created is not None else datetime.min,
+        started_at=when("started_at"),
+        deadline_at=when("deadline_at"),
+        finished_at=when("finished_at"),
+        next_wave_at=when("next_wave_at"),
+        reason=str(d.get("reason") or ""),
+        steps=int(d.get("steps") or 0),
+        counts={str(k): int(v) for k, v in (d.get("counts") or {}).items()},
+        skipped={str(k): str(v) for k, v in (d.get("skipped") or {}).items()},
+    )
+
+
 def _command(ctx: Context, rollout_id: str, verb: str, reason: str, as_json: bool) -> None:
     with friendly_errors():
+        api = ctx.api()
+        if api is not None:
+            info = _info_from_api(api.steer_rollout(rollout_id, verb, reason))
+            emit(as_json, _info_dict(info), lambda: _header(info))
+            return
         store = _store(ctx)
         try:
             info = (

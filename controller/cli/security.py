@@ -134,12 +134,12 @@ def broker_config(
 
     certs/ goes to --cert-dir on the broker host (broker.key owned by the
     mosquitto user, mode 0600); controller/ holds `serve`'s client
-    certificate for its config's [broker] table, cli/ the CLI's for its
-    [cli] table (the broker binds each client id to its certificate, so the
-    two must differ).
+    certificate for its config's [broker] table. No certificate is made for
+    the CLI: it never connects to the broker (it deploys through `serve`'s
+    API, or writes the registry that `serve` publishes from), so no
+    credential but the controller's may publish desired states.
     """
     from edgefleet.controller.ca import (
-        CLI_COMMON_NAME,
         CONTROLLER_COMMON_NAME,
         write_private_file,
         write_public_file,
@@ -154,7 +154,6 @@ def broker_config(
         authority = _open_ca(ctx)
         server = authority.issue_server_cert(hostnames)
         client = authority.issue_client_cert(CONTROLLER_COMMON_NAME)
-        cli_client = authority.issue_client_cert(CLI_COMMON_NAME)
         certs = out_dir / "certs"
         write_public_file(certs / "ca.pem", authority.cert_pem)
         write_public_file(certs / "broker.pem", server.cert_pem)
@@ -164,10 +163,6 @@ def broker_config(
         write_public_file(controller / "ca.pem", authority.cert_pem)
         write_public_file(controller / "controller.pem", client.cert_pem)
         write_private_file(controller / "controller.key", client.key_pem)
-        cli_dir = out_dir / "cli"
-        write_public_file(cli_dir / "ca.pem", authority.cert_pem)
-        write_public_file(cli_dir / "cli.pem", cli_client.cert_pem)
-        write_private_file(cli_dir / "cli.key", cli_client.key_pem)
         paths = MosquittoPaths(cert_dir=cert_dir, acl_file=acl_file, port=port)
         write_public_file(out_dir / "mosquitto.conf", render_mosquitto_conf(paths).encode())
         write_public_file(out_dir / "edgefleet.acl", render_acl().encode())
@@ -176,7 +171,6 @@ def broker_config(
         "acl": str(out_dir / "edgefleet.acl"),
         "certs": str(certs),
         "controller": str(controller),
-        "cli": str(cli_dir),
         "hostnames": list(hostnames),
         "port": port,
     }
@@ -185,8 +179,7 @@ def broker_config(
         data,
         lambda: (
             f"wrote {out_dir}/mosquitto.conf, edgefleet.acl and certs/ (install into {cert_dir}),\n"
-            f"{controller}/ (the controller's [broker] ca_file, cert_file, key_file)\n"
-            f"and {cli_dir}/ (the CLI's [cli] cert_file, key_file)"
+            f"and {controller}/ (the controller's [broker] ca_file, cert_file, key_file)"
         ),
     )
 
@@ -400,8 +393,27 @@ def device_token(
 @json_option
 @pass_ctx
 def device_revoke(ctx: Context, device_id: str, crl_out: Path | None, as_json: bool) -> None:
-    """Revoke every certificate of DEVICE_ID and rewrite the CRL the broker reads."""
+    """Revoke every certificate of DEVICE_ID and rewrite the CRL the broker reads.
+
+    With --api the running controller revokes (an admin token); the CRL is
+    then the controller's, and --crl-out is refused (copy it on that host).
+    """
     with friendly_errors():
+        api = ctx.api()
+        if api is not None:
+            if crl_out is not None:
+                raise click.UsageError("--crl-out needs the CA on this machine; not with --api")
+            reply = api.revoke_device(device_id)
+            emit(
+                as_json,
+                reply,
+                lambda: (
+                    f"the controller at {api.base_url} revoked "
+                    f"{len(reply['revoked_serials'])} certificate(s) of {device_id}; "
+                    f"its CRL is {reply['crl']} on that host.\nReload the broker there."
+                ),
+            )
+            return
         authority = _open_ca(ctx)
         revoked = authority.revoke(device_id)
         _copy_crl(authority, crl_out)

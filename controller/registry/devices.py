@@ -165,6 +165,66 @@ class Devices:
                 device_info(row) for row in s.scalars(sa.select(m.Device).order_by(m.Device.id))
             ]
 
+    def page_devices(
+        self,
+        *,
+        tag: str | None = None,
+        profile: str | None = None,
+        status: str | None = None,
+        version: str | None = None,
+        after: str | None = None,
+        limit: int = 1000,
+    ) -> tuple[list[DeviceInfo], str | None]:
+        """One page of devices by id matching every filter given, and the cursor of the next.
+
+        The filters and the page run in SQL (a fleet of 100,000 devices is
+        not loaded to show 50). ``status`` is ``online``, ``offline`` or an
+        agent state; ``version`` matches ``name@version`` or the bare
+        version. A tag is matched in SQL on the JSON text of the tag list
+        (a ``LIKE`` on the tag as JSON encodes it, quotes included, valid on
+        SQLite and PostgreSQL alike) and then exactly in Python, since a tag
+        can be a substring of another's escaped form; a page short of
+        ``limit`` after that check reads on until it is full.
+        """
+        limit = max(1, limit)
+        d = m.Device
+        where: list[sa.ColumnElement[bool]] = []
+        if profile is not None:
+            where.append(d.profile == profile)
+        if status == "online":
+            where.append(d.online.is_(True))
+        elif status == "offline":
+            where.append(d.online.is_(False))
+        elif status is not None:
+            where.append(d.state == status)
+        if version is not None:
+            name, at, bare = version.rpartition("@")
+            exact = d.active_version == version
+            where.append(
+                sa.or_(exact, sa.and_(d.active_model == name, d.active_version == bare))
+                if at
+                else exact
+            )
+        if tag is not None:
+            pattern = json.dumps(tag)
+            for c in ("\\", "%", "_"):
+                pattern = pattern.replace(c, "\\" + c)
+            where.append(sa.cast(d.tags, sa.Text).like(f"%{pattern}%", escape="\\"))
+        found: list[DeviceInfo] = []
+        cursor = after
+        with self._db.read() as s:
+            while len(found) <= limit:
+                query = sa.select(d).where(*where).order_by(d.id).limit(limit + 1)
+                if cursor is not None:
+                    query = query.where(d.id > cursor)
+                rows = list(s.scalars(query))
+                found += [device_info(r) for r in rows if tag is None or tag in (r.tags or [])]
+                if len(rows) <= limit:
+                    break
+                cursor = rows[-1].id
+        page = found[:limit]
+        return page, (page[-1].id if len(found) > limit else None)
+
     def record_reported(self, reported: ReportedState, *, profile: str | None = None) -> bool:
         """Store a device's reported state.
 

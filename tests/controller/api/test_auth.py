@@ -17,6 +17,7 @@ ROUTES: list[tuple[str, str, str]] = [
     ("GET", "/api/v1/devices/{device_id}", "viewer"),
     ("GET", "/api/v1/devices/{device_id}/telemetry", "viewer"),
     ("POST", "/api/v1/devices/{device_id}/revoke", "admin"),
+    ("POST", "/api/v1/devices/{device_id}/tags", "operator"),
     ("GET", "/api/v1/tags", "viewer"),
     ("GET", "/api/v1/models", "viewer"),
     ("GET", "/api/v1/models/{name}/{version}", "viewer"),

@@ -40,7 +40,9 @@ def test_register_enroll_deploy_and_list(home: Path, tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     deployed = json.loads(result.output)
     assert deployed["devices"] == ["gw-9"]
-    assert deployed["published"] == 1
+    # Without --api the CLI only records; the running `serve` publishes.
+    assert deployed["via"] == "registry" and deployed["recorded"] == 1
+    assert deployed["published"] == 0 and deployed["unpublished"] == ["gw-9"]
 
     devices = json.loads(run(home, "devices", "--json").output)
     assert devices[0]["id"] == "gw-9"

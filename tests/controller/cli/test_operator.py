@@ -134,7 +134,7 @@ def test_json_errors_are_json_on_stderr(tmp_path: Path, home: Path) -> None:
     assert usage.exit_code == 2 and usage.stdout == ""
     assert json.loads(usage.stderr)["error"] == {
         "code": "usage",
-        "message": "give --device ID (repeatable) or --all",
+        "message": "give --device ID and/or --tag TAG (repeatable), or --all",
         "exit_status": 2,
     }
     # Without --json the same failure stays a sentence.
@@ -422,7 +422,9 @@ def test_devices_and_status_flag_desired_states_nobody_delivered(
     for device in ("gw-1", "gw-2"):
         assert run(dead, "device", "enroll", device, "--out", str(tmp_path / device)).exit_code == 0
     deployed = run(dead, "deploy", "m", "1", "--device", "gw-1")
-    assert deployed.exit_code == 0 and "0 desired state(s) published" in deployed.output
+    # Recorded, and said so: no "published" claim from a command that publishes nothing.
+    assert deployed.exit_code == 0, deployed.output
+    assert "1 desired state(s) recorded in the registry, none published" in deployed.output
     rows = {r["id"]: r for r in json.loads(run(dead, "devices", "--json").output)}
     assert rows["gw-1"]["delivery"] == "unpublished" and rows["gw-2"]["delivery"] is None
     status = run(dead, "status")
@@ -432,15 +434,19 @@ def test_devices_and_status_flag_desired_states_nobody_delivered(
         "unpublished": 1,
         "unacknowledged": 0,
     }
-
-    # The same home with the live broker: published, then waiting for the device.
+    # gw-2 too; then a controller marks both published (as `serve` does once it has sent them).
+    assert run(dead, "deploy", "m", "1", "--device", "gw-2").exit_code == 0
+    registry = Registry(sqlite_url(tmp_path / "state" / "registry.db"))
+    try:
+        for pending in registry.unpublished_desired():
+            registry.mark_published(pending.device_id, pending.generation)
+    finally:
+        registry.close()
     live = tmp_path / "live.toml"
     live.write_text(
         f'home = "state"\n[broker]\nhost = "{embedded_broker.host}"\n'
         f"port = {embedded_broker.port}\n"
     )
-    deployed = run(live, "deploy", "m", "1", "--device", "gw-2", "--json")
-    assert json.loads(deployed.output)["published"] >= 1
     rows = {r["id"]: r for r in json.loads(run(live, "devices", "--json").output)}
     assert rows["gw-2"]["delivery"] == "waiting"
     rows = {
@@ -449,7 +455,6 @@ def test_devices_and_status_flag_desired_states_nobody_delivered(
     }
     assert rows["gw-2"]["delivery"] == "unacknowledged"
     status = run(live, "status", "--ack-timeout-s", "0").output
-    # The live deploy published gw-1's waiting desired state as well (the outbox).
     assert "desired states unacknowledged: 2 (gw-1, gw-2)" in status
 
     # The device reports the generation: acknowledged.

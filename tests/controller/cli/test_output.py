@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ast
 import errno
+import re
 from pathlib import Path
 
 import click
@@ -87,3 +89,35 @@ def test_render_table_aligns_columns_and_shows_none_as_dash() -> None:
         "a       1.5",
         "longer  -",
     ]
+
+
+def test_tables_on_a_terminal_are_drawn_by_rich_and_plain_when_piped() -> None:
+    rows = [["gw-1", "yes", "a,b"], ["gw-2", None, None]]
+    plain = render_table(["device", "online", "tags"], rows, styled=False)
+    assert plain.splitlines() == [
+        "DEVICE  ONLINE  TAGS",
+        "gw-1    yes     a,b",
+        "gw-2    -       -",
+    ]
+    styled = render_table(["device", "online", "tags"], rows, styled=True)
+    assert "\x1b[" in styled and "─" in styled  # rich's bold header and rule
+    text = re.sub(r"\x1b\[[0-9;]*m", "", styled)
+    assert [line.split() for line in text.splitlines() if "─" not in line] == [
+        ["DEVICE", "ONLINE", "TAGS"],
+        ["gw-1", "yes", "a,b"],
+        ["gw-2", "-", "-"],
+    ]
+
+
+def test_the_agent_never_imports_rich() -> None:
+    """rich is in the controller extra only: the agent stays lean."""
+    agent = Path(__file__).resolve().parents[3] / "agent"
+    for module in sorted(agent.rglob("*.py")):
+        for node in ast.walk(ast.parse(module.read_text())):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [node.module or ""]
+            else:
+                continue
+            assert not any(n == "rich" or n.startswith("rich.") for n in names), module

@@ -36,7 +36,11 @@ def test_help_loads_neither_the_agent_nor_heavy_libraries() -> None:
 
 def test_command_modules_import_helpers_never_the_package() -> None:
     package = Path(cli_package.__file__).parent
-    allowed = {"edgefleet.controller.cli.context", "edgefleet.controller.cli.output"}
+    allowed = {
+        "edgefleet.controller.cli.context",
+        "edgefleet.controller.cli.output",
+        "edgefleet.controller.cli.follow",
+    }
     for module in sorted(package.glob("*.py")):
         if module.name == "__init__.py":
             continue
@@ -72,3 +76,38 @@ def test_every_command_group_is_registered() -> None:
     # The group's summary names what its commands do (issue 10: it was out of date).
     device_help = CliRunner().invoke(cli, ["device", "--help"]).output
     assert "Enroll devices, tag them, read their events; tokens and revocation." in device_help
+
+
+def test_the_help_summaries_kept_for_lazy_loading_are_the_commands_own() -> None:
+    """`edgefleet --help` lists commands without importing them; the summaries must not drift."""
+    import click
+
+    from edgefleet.controller.cli import _COMMANDS, _load
+
+    for name, (_module, _attribute, summary, is_short) in _COMMANDS.items():
+        command = _load(name)
+        assert command.name == name
+        for limit in (30, 45, 80, 200):
+            stub = click.Command(name, help=None if is_short else summary)
+            stub.short_help = summary if is_short else None
+            assert stub.get_short_help_str(limit) == command.get_short_help_str(limit), (
+                name,
+                limit,
+            )
+
+
+def test_help_imports_no_command_module() -> None:
+    code = (
+        "import sys\n"
+        "from edgefleet.controller.cli import main\n"
+        "sys.argv = ['edgefleet', '--help']\n"
+        "try:\n    main()\nexcept SystemExit:\n    pass\n"
+        "loaded = sorted(m for m in sys.modules if m.startswith('edgefleet.controller.cli.')"
+        " or m.split('.')[0] in ('sqlalchemy', 'rich', 'numpy', 'onnx', 'cryptography'))\n"
+        "print('LOADED', loaded, file=sys.stderr)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert "Commands:" in proc.stdout and "deploy" in proc.stdout
+    assert "LOADED []" in proc.stderr, proc.stderr

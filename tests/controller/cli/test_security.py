@@ -36,12 +36,16 @@ def test_ca_broker_config_token_and_revoke(tmp_path: Path) -> None:
         (out / "controller" / "controller.pem").read_bytes()
     )
     assert controller.subject.rfc4514_string() == "CN=edgefleet-controller"
-    # The CLI gets its own identity: the broker binds client ids to certificates.
+    # The broker binds client ids to certificates; the CLI never connects to
+    # it (it goes through serve), so no certificate is made for it.
     assert "use_username_as_clientid true" in conf
-    assert stat.S_IMODE((out / "cli" / "cli.key").stat().st_mode) == 0o600
-    cli_cert = x509.load_pem_x509_certificate((out / "cli" / "cli.pem").read_bytes())
-    assert cli_cert.subject.rfc4514_string() == "CN=edgefleet-cli"
-    assert "user edgefleet-cli" in (out / "edgefleet.acl").read_text()
+    assert not (out / "cli").exists()
+    assert sorted(p.name for p in out.iterdir()) == [
+        "certs",
+        "controller",
+        "edgefleet.acl",
+        "mosquitto.conf",
+    ]
 
     device_dir = tmp_path / "gw-1"
     result = run(home, "device", "token", "gw-1", "--url", "http://plain", "--out", str(device_dir))

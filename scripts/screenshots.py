@@ -63,10 +63,12 @@ def shoot(session: DashboardSession, out: Path) -> None:
             _visit(page, "#/rollouts")
             page.wait_for_selector("#rollout-model option[value*='1.1.0']", state="attached")
             page.select_option("#rollout-model", '["demo-mlp","1.1.0"]')
+            page.fill("#rollout-observe", "4")  # a demo fleet needs no minute per wave
+            page.fill("#rollout-soak", "4")
             page.click("#rollout-create")
             page.wait_for_function("() => location.hash.startsWith('#/rollout/')")
             page.wait_for_selector("#story li[data-decision]")
-            page.wait_for_timeout(6000)  # let the canary wave move
+            page.wait_for_timeout(15000)  # let the canary wave move on
             page.screenshot(path=str(out / "rollout.png"), full_page=True)
             phone = browser.new_page(viewport={"width": 390, "height": 844})
             phone.set_default_timeout(TIMEOUT_MS)

@@ -278,7 +278,7 @@ function pageOverview(root) {
       ),
       h("section", { class: "card", id: "all-devices" },
         h("h2", {}, "Devices"),
-        h("p", {}, devices.map((d) => [link(`#/device/${enc(d.id)}`, d.id), " ", pill(deviceStatus(d)), " "]))),
+        h("p", { class: "chips" }, devices.map((d) => h("span", { class: "chip" }, link(`#/device/${enc(d.id)}`, d.id), " ", pill(deviceStatus(d)))))),
     );
   };
 }
@@ -414,6 +414,9 @@ function pageRollouts(root) {
   if (canOperate()) {
     const model = h("select", { id: "rollout-model", "aria-label": "model version" });
     const canary = h("input", { id: "rollout-canary", value: "1", size: 4, "aria-label": "canary" });
+    // Blank: the engine's defaults (60 s each). A demo fleet can use a few seconds.
+    const observe = h("input", { id: "rollout-observe", type: "number", min: "0", size: 5, placeholder: "60", "aria-label": "observe seconds" });
+    const soak = h("input", { id: "rollout-soak", type: "number", min: "0", size: 5, placeholder: "60", "aria-label": "soak seconds" });
     const msg = h("span", { class: "error", id: "rollout-msg" });
     const go = h("button", {
       class: "primary", id: "rollout-create", type: "button",
@@ -422,13 +425,17 @@ function pageRollouts(root) {
         const [name, version] = JSON.parse(model.value);
         go.disabled = true;
         try {
-          const r = await api("/api/v1/rollouts", { method: "POST", body: { model: name, version, selector: { all: true }, canary: canary.value } });
+          const strategy = {};
+          if (observe.value !== "") strategy.observe_s = Number(observe.value);
+          if (soak.value !== "") strategy.soak_s = Number(soak.value);
+          const r = await api("/api/v1/rollouts", { method: "POST", body: { model: name, version, selector: { all: true }, canary: canary.value, strategy } });
           location.hash = `#/rollout/${enc(r.id)}`;
         } catch (e) { onError(e, msg); } finally { go.disabled = false; }
       },
     }, "Start rollout to all devices");
     replace(form, h("section", { class: "card" }, h("h2", {}, "New rollout"),
-      h("div", { class: "filters" }, model, h("label", {}, "canary ", canary), go), msg));
+      h("div", { class: "filters" }, model, h("label", {}, "canary ", canary),
+        h("label", {}, "observe s ", observe), h("label", {}, "soak s ", soak), go), msg));
     api("/api/v1/models").then((ms) => {
       replace(model, ms.models.map((m) => h("option", { value: JSON.stringify([m.name, m.version]) }, `${m.name}@${m.version}`)));
     }).catch((e) => onError(e, msg));
@@ -506,7 +513,7 @@ function pageRollout(root, id) {
       replace(controls, h("span", { class: "muted" }, `Signed in as ${state.me ? state.me.role : "viewer"}: pausing, resuming and aborting need an operator token.`));
     }
     replace(waves, r.waves.length ? r.waves.map((w) => h("div", { class: "wave", "data-wave": w.wave },
-      h("div", {}, `Wave ${w.wave}: ${w.devices} device(s)`, w.p95_ms !== null ? h("span", { class: "muted" }, ` · p95 ${num(w.p95_ms, 2)} ms`) : null),
+      h("div", {}, w.wave < 0 ? `Not in a wave yet: ${w.devices} device(s)` : `Wave ${w.wave}: ${w.devices} device(s)`, w.p95_ms !== null ? h("span", { class: "muted" }, ` · p95 ${num(w.p95_ms, 2)} ms`) : null),
       progressBar(countsParts(w.counts), w.devices),
       h("div", { class: "muted" }, Object.entries(w.counts || {}).map(([k, n]) => `${k} ${n}`).join(" · ")))) : h("p", { class: "muted" }, "no wave started yet"));
     replace(devices, table(

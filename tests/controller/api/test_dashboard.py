@@ -56,7 +56,11 @@ def test_no_cdn_every_referenced_asset_ships() -> None:
     for sink in ("innerHTML", "outerHTML", "insertAdjacentHTML", "document.write", "eval("):
         assert sink not in script, sink
     config = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    assert "static/*" in config["tool"]["setuptools"]["package-data"]["edgefleet.controller.api"]
+    setuptools = config["tool"]["setuptools"]
+    assert "edgefleet.controller.api.static" in setuptools["packages"]
+    shipped_patterns = setuptools["package-data"]["edgefleet.controller.api.static"]
+    for name in shipped:
+        assert any(name.endswith(p.removeprefix("*")) for p in shipped_patterns), name
 
 
 def test_me_says_who_the_token_is(api: ApiFixture) -> None:

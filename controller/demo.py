@@ -14,6 +14,11 @@ with its own config file and log under the work directory, exactly as on a
 gateway: the controller never imports the agent (docs/architecture.md), and
 everything the demo learns about an agent comes over MQTT into the registry
 or from the agent's HTTP endpoint.
+
+``demo --dashboard`` passes ``hold=``: the fleet then stays up inside
+:func:`serve_dashboard`, which starts the same API server ``serve`` runs,
+creates an operator token, compiles a second version to roll out, and keeps
+inference traffic flowing until Ctrl-C.
 """
 
 from __future__ import annotations

@@ -125,6 +125,19 @@ async function api(path, options = {}) {
   return payload;
 }
 
+// Every device, following the route's `next` cursor (1000 a page, up to 20 pages).
+async function allDevices() {
+  let out = [], after = null;
+  for (let page = 0; page < 20; page++) {
+    const q = after === null ? "" : `?after=${enc(after)}`;
+    const reply = await api(`/api/v1/devices${q}`);
+    out = out.concat(reply.devices);
+    if (!reply.next) break;
+    after = reply.next;
+  }
+  return out;
+}
+
 function canOperate() {
   return state.me && (state.me.role === "operator" || state.me.role === "admin");
 }
@@ -227,12 +240,11 @@ function pageOverview(root) {
   const body = h("div", { id: "overview" });
   root.append(h("h1", {}, "Fleet overview"), body);
   return async () => {
-    const [fleet, devs, rolls] = await Promise.all([
+    const [fleet, devices, rolls] = await Promise.all([
       api("/api/v1/fleet"),
-      api("/api/v1/devices"),
+      allDevices(),
       api("/api/v1/rollouts"),
     ]);
-    const devices = devs.devices;
     const failing = devices.filter((d) => deviceStatus(d) === "failed");
     const perProfile = {};
     for (const d of devices) {
@@ -346,7 +358,7 @@ function pageDevices(root) {
   for (const el of [search, status, profile, tag]) el.addEventListener("input", draw);
   root.append(h("h1", {}, "Devices"), h("div", { class: "filters" }, search, status, profile, tag), body);
   return async () => {
-    last = (await api("/api/v1/devices")).devices;
+    last = await allDevices();
     fillSelect(profile, [...new Set(last.map((d) => d.profile).filter(Boolean))].sort());
     fillSelect(tag, [...new Set(last.flatMap((d) => d.tags))].sort());
     draw();

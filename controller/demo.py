@@ -14,6 +14,11 @@ with its own config file and log under the work directory, exactly as on a
 gateway: the controller never imports the agent (docs/architecture.md), and
 everything the demo learns about an agent comes over MQTT into the registry
 or from the agent's HTTP endpoint.
+
+``demo --dashboard`` passes ``hold=``: the fleet then stays up inside
+:func:`serve_dashboard`, which starts the same API server ``serve`` runs,
+creates an operator token, compiles a second version to roll out, and keeps
+inference traffic flowing until Ctrl-C.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator, Mapping
@@ -37,7 +43,7 @@ from typing import Any
 
 from edgefleet.controller.broker import EmbeddedBroker
 from edgefleet.controller.catalog import register_compiled
-from edgefleet.controller.compiler import match_profile
+from edgefleet.controller.compiler import Profile, match_profile
 from edgefleet.controller.config import ServiceSettings
 from edgefleet.controller.demo_model import build_demo_model, demo_inputs
 from edgefleet.controller.registry import Registry
@@ -49,7 +55,14 @@ from edgefleet.shared.durable import atomic_write
 from edgefleet.shared.hardware import detect_hardware
 from edgefleet.shared.link import BrokerSettings
 
-__all__ = ["DemoDevice", "DemoResult", "run_demo"]
+__all__ = [
+    "DashboardSession",
+    "DemoDevice",
+    "DemoFleet",
+    "DemoResult",
+    "run_demo",
+    "serve_dashboard",
+]
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +109,95 @@ class DemoResult:
             "compile_report": self.compile_report,
             "devices": [asdict(d) for d in self.devices],
         }
+
+
+@dataclass
+class DemoFleet:
+    """The running demo, handed to ``run_demo(hold=...)``: valid only inside that call."""
+
+    service: ControllerService
+    registry: Registry
+    repository: TrustRepository
+    work: Path
+    broker: BrokerSettings
+    profile: Profile
+    agent_urls: dict[str, str]
+    result: DemoResult
+
+    def infer_round(self) -> int:
+        """One inference request through each agent's endpoint; returns how many succeeded."""
+        inputs = demo_inputs(1)
+        body = {"inputs": {k: v.tolist() for k, v in inputs.items()}}
+        done = 0
+        for device_id, url in self.agent_urls.items():
+            try:
+                _post_json(f"{url}/v1/infer", body, timeout_s=5.0)
+                done += 1
+            except (OSError, ValueError) as exc:
+                log.debug("inference on %s failed: %s", device_id, exc)
+        return done
+
+    def register_version(self, version: str) -> None:
+        """Compile and sign another version of the demo model (something to roll out)."""
+        register_compiled(
+            self.registry,
+            self.repository,
+            build_demo_model(),
+            name=DEMO_MODEL,
+            version=version,
+            profiles=[self.profile],
+            calibration=demo_inputs(64, seed=3),
+            validation=demo_inputs(300, seed=2),
+            latency_iterations=30,
+            description=f"edgefleet demo MLP classifier, {version}",
+        )
+
+
+@dataclass
+class DashboardSession:
+    """What ``demo --dashboard`` prints: where the dashboard is and a token to sign in with."""
+
+    url: str
+    token: str
+    role: str
+
+
+def serve_dashboard(
+    fleet: DemoFleet,
+    *,
+    address: str = "127.0.0.1:0",
+    role: str = "operator",
+    say: Callable[[str], None] = lambda _msg: None,
+    ready: Callable[[DashboardSession], None] = lambda _s: None,
+    stop: threading.Event | None = None,
+    next_version: str | None = "1.1.0",
+    infer_interval_s: float = 1.0,
+) -> None:
+    """Serve the management API and dashboard of ``fleet`` until ``stop`` is set (or Ctrl-C).
+
+    The same server ``serve`` runs (:func:`~edgefleet.controller.api.server.start_api`).
+    A token of ``role`` is created and handed to ``ready``; ``next_version``
+    of the demo model is compiled so there is something to roll out from the
+    page, and every agent gets one inference request per ``infer_interval_s``
+    so the charts move.
+    """
+    from edgefleet.controller.api.server import start_api
+    from edgefleet.controller.config import ApiSettings
+    from edgefleet.controller.registry.tokens import TokenStore
+
+    if next_version is not None:
+        say(f"compiling {DEMO_MODEL}@{next_version}, to roll out from the dashboard")
+        fleet.register_version(next_version)
+    server = start_api(fleet.service, ApiSettings(address=address), ca_dir=fleet.work / "ca")
+    try:
+        created = TokenStore(fleet.registry.database).create(f"demo-{role}", role)
+        session = DashboardSession(url=f"{server.url}/", token=created.token, role=role)
+        ready(session)
+        stop = stop or threading.Event()
+        while not stop.wait(infer_interval_s):
+            fleet.infer_round()
+    finally:
+        server.stop()
 
 
 def _post_json(url: str, body: dict[str, Any], timeout_s: float = 10.0) -> dict[str, Any]:
@@ -256,8 +358,15 @@ def run_demo(
     workdir: Path | None = None,
     timeout_s: float = 45.0,
     say: Callable[[str], None] = lambda _msg: None,
+    hold: Callable[[DemoFleet], None] | None = None,
 ) -> DemoResult:
-    """Run the end-to-end demo and report what the controller saw per device."""
+    """Run the end-to-end demo and report what the controller saw per device.
+
+    Args:
+        hold: called with the running fleet once the demo is done, before
+            anything stops; the fleet (broker, controller, agents) runs until
+            it returns. ``demo --dashboard`` serves the dashboard from here.
+    """
     if agents < 1:
         raise ValueError("the demo needs at least one agent")
     started = time.monotonic()
@@ -411,5 +520,18 @@ def run_demo(
                 )
             )
         result.elapsed_s = time.monotonic() - started
+        if hold is not None:
+            hold(
+                DemoFleet(
+                    service=service,
+                    registry=registry,
+                    repository=repository,
+                    work=work,
+                    broker=broker,
+                    profile=profile,
+                    agent_urls={a.device_id: a.url for a in serving},
+                    result=result,
+                )
+            )
         return result
     raise AssertionError("unreachable")  # pragma: no cover - ExitStack re-raises

@@ -1,9 +1,11 @@
-"""Builds the management API: the ``/api/v1`` routes, ``/metrics`` and the OpenAPI document.
+"""Builds the management API: ``/api/v1``, ``/metrics``, the OpenAPI document, the dashboard.
 
 Every route needs a token, the OpenAPI document and ``/metrics`` included
 (a viewer token; Prometheus sends one with ``authorization`` in its scrape
 config). FastAPI's own ``/docs`` pages are off: they load scripts from a
-CDN, and this server ships everything it serves.
+CDN, and this server ships everything it serves. The web dashboard
+(:mod:`~edgefleet.controller.api.dashboard`) is at ``/``: its page and
+assets are public (they hold no data), its data comes from ``/api/v1``.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from edgefleet import __version__
+from edgefleet.controller.api.dashboard import router as dashboard_router
 from edgefleet.controller.api.errors import install_error_handlers
 from edgefleet.controller.api.limits import BodyLimit
 from edgefleet.controller.api.metrics import metrics_registry
@@ -56,6 +59,7 @@ def create_app(service: ControllerService, *, ca_dir: Path | None = None) -> Fas
     install_error_handlers(app)
     app.add_middleware(BodyLimit)
     app.include_router(router)
+    app.include_router(dashboard_router)
 
     @app.get(OPENAPI_PATH, include_in_schema=False)
     def openapi(_t: Viewer) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 
 import click
@@ -27,10 +28,34 @@ __all__ = ["demo"]
     default=None,
     help="HOST:PORT of an existing broker; default: start an embedded one.",
 )
+@click.option(
+    "--dashboard",
+    is_flag=True,
+    help="Keep the fleet running and serve the web dashboard; print its URL and a token. "
+    "Runs until Ctrl-C.",
+)
+@click.option(
+    "--api-address",
+    default="127.0.0.1:0",
+    show_default=True,
+    help="HOST:PORT for the dashboard and API with --dashboard (port 0: a free one).",
+)
 @json_option
-def demo(agents: int, requests_per_agent: int, broker_addr: str | None, as_json: bool) -> None:
-    """Run the whole path on this machine: broker, controller, N agents, deploy, infer."""
-    from edgefleet.controller.demo import run_demo
+def demo(
+    agents: int,
+    requests_per_agent: int,
+    broker_addr: str | None,
+    dashboard: bool,
+    api_address: str,
+    as_json: bool,
+) -> None:
+    """Run the whole path on this machine: broker, controller, N agents, deploy, infer.
+
+    With --dashboard the fleet keeps running (embedded broker on a free port,
+    SQLite in a temporary directory) behind the web dashboard, with an
+    operator token printed to sign in with, until Ctrl-C.
+    """
+    from edgefleet.controller.demo import DashboardSession, DemoFleet, run_demo, serve_dashboard
     from edgefleet.shared.link import BrokerSettings
 
     broker = None
@@ -41,8 +66,32 @@ def demo(agents: int, requests_per_agent: int, broker_addr: str | None, as_json:
         except ValueError as exc:
             raise click.BadParameter(f"expected HOST:PORT, got {broker_addr!r}") from exc
     say = (lambda _m: None) if as_json else (lambda m: click.echo(f"* {m}", err=True))
+    hold = None
+    if dashboard:
+
+        def ready(session: DashboardSession) -> None:
+            if as_json:
+                click.echo(json.dumps({"url": session.url, "token": session.token}), nl=True)
+            else:
+                click.echo(
+                    f"\nDashboard: {session.url}\n"
+                    f"Sign in with this {session.role} token (shown once):\n\n"
+                    f"  {session.token}\n\n"
+                    "The fleet keeps running, with inference traffic, until Ctrl-C."
+                )
+            sys.stdout.flush()
+
+        def hold(fleet: DemoFleet) -> None:
+            serve_dashboard(fleet, address=api_address, say=say, ready=ready)
+
     with friendly_errors():
-        result = run_demo(agents, requests_per_agent=requests_per_agent, broker=broker, say=say)
+        try:
+            result = run_demo(
+                agents, requests_per_agent=requests_per_agent, broker=broker, say=say, hold=hold
+            )
+        except KeyboardInterrupt:
+            click.echo("\nstopped: the demo fleet is shut down", err=True)
+            return
     emit(
         as_json,
         result.to_dict(),

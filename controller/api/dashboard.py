@@ -88,7 +88,6 @@ def static(name: str) -> Response:
 @router.get(
     "/api/v1/dashboard/me",
     summary="The token in use: its name and role (viewer)",
-    include_in_schema=False,
 )
 def me(token: Viewer) -> dict[str, Any]:
     return {"id": token.id, "name": token.name, "role": token.role.value}
@@ -97,7 +96,6 @@ def me(token: Viewer) -> dict[str, Any]:
 @router.get(
     "/api/v1/dashboard/devices/{device_id}/latency",
     summary="A device's p50/p95/p99 latency, errors, RSS and CPU per minute, from raw windows",
-    include_in_schema=False,
 )
 def latency(
     request: Request,

@@ -36,6 +36,8 @@ ROUTES: list[tuple[str, str, str]] = [
     ("POST", "/api/v1/tokens", "admin"),
     ("POST", "/api/v1/tokens/{token_id}/revoke", "admin"),
     ("GET", "/metrics", "viewer"),
+    ("GET", "/api/v1/dashboard/me", "viewer"),
+    ("GET", "/api/v1/dashboard/devices/{device_id}/latency", "viewer"),
 ]
 ALL_PATHS = [*ROUTES, ("GET", "/api/v1/openapi.json", "viewer")]
 RANK = {"viewer": 0, "operator": 1, "admin": 2}

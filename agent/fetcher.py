@@ -618,7 +618,7 @@ class MqttFetcher:
             self._stream_id = None
         unsubscribe = getattr(self._link, "unsubscribe", None)
         if topic is not None and callable(unsubscribe):
-            # Links that can (a later shared.link) stop the broker's copies too.
+            # MqttLink and MemoryLink can: the broker stops sending the stream.
             try:
                 unsubscribe(topic)
             except Exception:  # the frames are ignored anyway

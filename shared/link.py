@@ -126,6 +126,13 @@ class Link(Protocol):
         """Route messages matching ``topic_filter`` to ``handler``, now and after reconnects."""
         ...
 
+    def unsubscribe(self, topic_filter: str) -> None:
+        """Stop routing ``topic_filter`` and tell the broker, so it stops sending its messages.
+
+        A filter that was never subscribed is ignored.
+        """
+        ...
+
     def publish(
         self,
         topic: str,
@@ -304,6 +311,15 @@ class MqttLink:
             self._routes.clear()
         if self.connected:
             self._client.subscribe(topic_filter, qos)
+
+    def unsubscribe(self, topic_filter: str) -> None:
+        """Stop routing ``topic_filter`` and tell the broker (not after reconnects either)."""
+        with self._lock:
+            if self._handlers.pop(topic_filter, None) is None:
+                return
+            self._routes.clear()
+        if self.connected:
+            self._client.unsubscribe(topic_filter)
 
     def publish(
         self,

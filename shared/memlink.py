@@ -284,6 +284,12 @@ class MemoryBroker:
             if session is not None and session.link is link:
                 self._subscribe(session, topic_filter, qos)
 
+    def _remove_subscription(self, link: MemoryLink, topic_filter: str) -> None:
+        with self._lock:
+            session = self._sessions.get(link.client_id)
+            if session is not None and session.link is link:
+                session.subscriptions.pop(topic_filter, None)
+
     def _accept(self, link: MemoryLink, topic: str, payload: bytes, qos: int, retain: bool) -> bool:
         """Take a message from ``link``; False when it is not connected."""
         with self._lock:
@@ -435,6 +441,13 @@ class MemoryLink:
             self._handlers[topic_filter] = (qos, handler)
         if self.connected:
             self._broker._add_subscription(self, topic_filter, qos)
+
+    def unsubscribe(self, topic_filter: str) -> None:
+        """Stop routing ``topic_filter`` and drop the broker's subscription."""
+        with self._lock:
+            if self._handlers.pop(topic_filter, None) is None:
+                return
+        self._broker._remove_subscription(self, topic_filter)
 
     def publish(
         self,

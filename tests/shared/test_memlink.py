@@ -366,3 +366,21 @@ def test_refuses_what_a_broker_would(broker: MemoryBroker) -> None:
         link.publish("a", b"", qos=2)
     with pytest.raises(BrokerError):
         link.subscribe("a/#/b", Inbox())
+
+
+def test_unsubscribing_stops_delivery(broker: MemoryBroker) -> None:
+    inbox = Inbox()
+    sub = broker.link("sub")
+    sub.subscribe("t/#", inbox)
+    sub.subscribe("barrier", inbox)
+    sub.start()
+    pub = broker.link("pub")
+    pub.start()
+    pub.publish("t/1", b"a", qos=1)
+    wait_for(lambda: inbox.got == [("t/1", b"a", False)])
+    sub.unsubscribe("t/#")
+    sub.unsubscribe("never/subscribed")  # ignored
+    pub.publish("t/1", b"b", qos=1)
+    pub.publish("barrier", b"", qos=1)  # in order after "b": once it is here, "b" would be too
+    wait_for(lambda: len(inbox.got) == 2)
+    assert inbox.got[1][0] == "barrier"

@@ -10,7 +10,7 @@ The ACL follows ``edgefleet.protocols.topics``: a device may publish only the
 channels agents publish and read only the channels the controller publishes,
 all under its own ``devices/<CN>/`` subtree (``%u`` is the certificate's CN,
 through ``use_identity_as_username``). ``edgefleet/v1/broadcast/#`` is
-read-only for every device, reserved for fan-out of blocks to many devices.
+read-only for every device: fan-out streams of bundle blocks (ADR 0010).
 
 The client id is the certificate's identity too (``use_username_as_clientid``):
 Mosquitto replaces whatever id a client sends with its CN. MQTT disconnects
@@ -95,7 +95,7 @@ def render_acl(controller_cn: str = CONTROLLER_COMMON_NAME, cli_cn: str = CLI_CO
     lines += [f"pattern write {PREFIX}/devices/%u/{ch.value}" for ch in AGENT_PUBLISHES]
     lines.append("# ... and what the controller publishes to it.")
     lines += [f"pattern read {PREFIX}/devices/%u/{ch.value}" for ch in AGENT_SUBSCRIBES]
-    lines.append("# Read-only for all devices (future shared fan-out of transfer blocks).")
+    lines.append("# Read-only for all devices: fan-out streams of transfer blocks (ADR 0010).")
     lines.append(f"pattern read {BROADCAST_FILTER}")
     return "\n".join(lines) + "\n"
 

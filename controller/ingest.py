@@ -30,6 +30,7 @@ from __future__ import annotations
 import logging
 import multiprocessing as mp
 import threading
+import time
 from dataclasses import dataclass, replace
 from multiprocessing.sharedctypes import Synchronized
 from pathlib import Path
@@ -59,7 +60,7 @@ class _WorkerSpec:
     settings: ServiceSettings
 
 
-def _worker_main(spec: _WorkerSpec, stop: Any, ingested: Synchronized[int]) -> None:
+def _worker_main(spec: _WorkerSpec, stop: Any, ingested: Synchronized[int], ready: Any) -> None:
     """One ingest worker process: an ingest-only service until ``stop`` is set."""
     from edgefleet.controller.registry import Registry
     from edgefleet.controller.service import ControllerService
@@ -76,6 +77,7 @@ def _worker_main(spec: _WorkerSpec, stop: Any, ingested: Synchronized[int]) -> N
             ingest_only=True,
         )
         service.start()
+        ready.set()
         try:
             while not stop.wait(0.2):
                 ingested.value = service.ingested
@@ -137,6 +139,7 @@ class IngestWorkers:
         ]
         self._stop = _ctx.Event()
         self._counts: list[Synchronized[int]] = [_ctx.Value("q", 0) for _ in range(n)]
+        self._ready = [_ctx.Event() for _ in range(n)]
         self._base = [0] * n  # counts of earlier (dead) processes per slot
         self._procs: list[Any] = [None] * n
         self._lock = threading.Lock()
@@ -160,7 +163,7 @@ class IngestWorkers:
     def _spawn(self, i: int) -> None:
         proc = _ctx.Process(
             target=_worker_main,
-            args=(self._specs[i], self._stop, self._counts[i]),
+            args=(self._specs[i], self._stop, self._counts[i], self._ready[i]),
             name=f"edgefleet-ingest-{i}",
             daemon=True,
         )
@@ -177,7 +180,17 @@ class IngestWorkers:
                         )
                         self._base[i] += self._counts[i].value
                         self._counts[i].value = 0
+                        self._ready[i].clear()
                         self._spawn(i)
+
+    def wait_ready(self, timeout_s: float) -> bool:
+        """Wait until every worker has connected to the broker and subscribed; False on timeout.
+
+        A worker takes seconds to start (a new interpreter importing the
+        registry); telemetry published before it subscribes is not its.
+        """
+        deadline = time.monotonic() + timeout_s
+        return all(ev.wait(max(0.0, deadline - time.monotonic())) for ev in self._ready)
 
     def ingested(self) -> list[int]:
         """Messages each worker slot has taken (live processes report every 0.2 s)."""

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing as mp
+import signal
 import threading
 import time
 from dataclasses import dataclass, replace
@@ -67,6 +68,12 @@ def _worker_main(spec: _WorkerSpec, stop: Any, ingested: Synchronized[int], read
     from edgefleet.controller.trust import TrustRepository
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s ingest-%(process)d %(message)s")
+    # Ctrl-C reaches the whole process group: the parent stops us through
+    # ``stop`` after its own shutdown. SIGTERM (systemd stops the unit's
+    # cgroup) ends the loop so the current batch is still stored.
+    terminated = threading.Event()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda *_: terminated.set())
     registry = Registry(spec.database_url, migrate=False)
     try:
         service = ControllerService(
@@ -79,7 +86,7 @@ def _worker_main(spec: _WorkerSpec, stop: Any, ingested: Synchronized[int], read
         service.start()
         ready.set()
         try:
-            while not stop.wait(0.2):
+            while not stop.wait(0.2) and not terminated.is_set():
                 ingested.value = service.ingested
         finally:
             service.stop()
@@ -167,7 +174,16 @@ class IngestWorkers:
             name=f"edgefleet-ingest-{i}",
             daemon=True,
         )
-        proc.start()
+        # A child started with SIGINT ignored never gets KeyboardInterrupt,
+        # not even while still importing (signals can be set from the main
+        # thread only; a restart by the watcher relies on _worker_main's own).
+        main = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None
+        try:
+            proc.start()
+        finally:
+            if main:
+                signal.signal(signal.SIGINT, previous)
         self._procs[i] = proc
 
     def _watch(self) -> None:

@@ -63,8 +63,16 @@ def device_ids(n: int) -> list[str]:
     return [f"bench-dev-{i:05d}" for i in range(n)]
 
 
+AT_FIELD = b'{"at":'
+
+
 def telemetry_payloads(ids: list[str]) -> list[tuple[str, bytes]]:
-    """(topic, payload) of one valid telemetry window per device, as an agent sends it."""
+    """(topic, payload without its ``at``) of one valid telemetry window per device.
+
+    Each message gets the time it is published as its ``at`` (:func:`stamped`),
+    like an agent's successive windows: the presence tracker sees windows
+    that do not overlap (1 ms windows), and every row is a distinct window.
+    """
     from edgefleet.protocols.messages import LatencySummary, ModelRef, Telemetry
     from edgefleet.protocols.topics import Channel, DeviceTopic
 
@@ -72,7 +80,7 @@ def telemetry_payloads(ids: list[str]) -> list[tuple[str, bytes]]:
     for i, device_id in enumerate(ids):
         point = Telemetry(
             device_id=device_id,
-            window_s=10.0,
+            window_s=0.001,
             requests=100 + i % 50,
             errors=i % 3,
             latency_ms=LatencySummary(p50=1.2, p95=3.4, p99=5.6),
@@ -80,10 +88,18 @@ def telemetry_payloads(ids: list[str]) -> list[tuple[str, bytes]]:
             rss_bytes=48_000_000 + i,
             cpu_percent=3.5,
             rejected={},
-            at=time.time(),
+            at=0.0,
         )
-        out.append((str(DeviceTopic(device_id, Channel.TELEMETRY)), point.encode()))
+        # Keys are sorted, so "at" comes first; the publisher stamps it.
+        payload = point.encode()
+        assert payload.startswith(AT_FIELD + b"0.0,")
+        out.append((str(DeviceTopic(device_id, Channel.TELEMETRY)), payload[len(AT_FIELD) + 3 :]))
     return out
+
+
+def stamped(rest: bytes, at: float) -> bytes:
+    """A payload of ``telemetry_payloads`` with its window ending at ``at``."""
+    return AT_FIELD + repr(at).encode() + rest
 
 
 # --------------------------------------------------------------------------- processes
@@ -97,7 +113,9 @@ def _publisher(
     go: Any,
     sent: Synchronized[int],
     pub_cpu: Synchronized[float],
+    rate: float = 0.0,
 ) -> None:
+    """Publish for ``seconds``: as fast as the broker takes them, or ``rate`` msg/s."""
     import paho.mqtt.client as mqtt
     from paho.mqtt.enums import CallbackAPIVersion
 
@@ -113,14 +131,22 @@ def _publisher(
     ready.set()
     go.wait()
     n = 0
-    deadline = time.monotonic() + seconds
+    start = time.monotonic()
+    deadline = start + seconds
     count = len(messages)
     try:
         while time.monotonic() < deadline:
+            if rate > 0:
+                # Paced: catch up to rate x elapsed, then sleep a little.
+                due = int(rate * (time.monotonic() - start))
+                if due - n < WAIT_EVERY:
+                    time.sleep(0.002)
+                    continue
             info = None
+            at = time.time()
             for _ in range(WAIT_EVERY):
-                topic, payload = messages[n % count]
-                info = client.publish(topic, payload, qos=qos)
+                topic, rest = messages[n % count]
+                info = client.publish(topic, stamped(rest, at), qos=qos)
                 n += 1
             assert info is not None
             info.wait_for_publish(10)
@@ -190,11 +216,17 @@ def _controller(
     backlog: Synchronized[int],
     result_q: Any,
     profile: str,
+    workers: int = 0,
 ) -> None:
-    """A real controller in its own process, so its CPU and RSS are its own."""
+    """A real controller in its own process, so its CPU and RSS are its own.
+
+    With ``workers``, telemetry is stored by that many ingest worker
+    processes (``serve --ingest-workers``), children of this one.
+    """
     import logging
 
     from edgefleet.controller.config import ServiceSettings
+    from edgefleet.controller.ingest import IngestWorkers
     from edgefleet.controller.registry import Registry
     from edgefleet.controller.service import ControllerService
     from edgefleet.controller.trust import TrustRepository
@@ -203,11 +235,20 @@ def _controller(
     logging.basicConfig(level=logging.ERROR)
     registry = Registry(db_url, migrate=False)
     repository = TrustRepository.init(Path(workdir) / "repository")
+    broker = BrokerSettings(host="127.0.0.1", port=port)
+    settings = ServiceSettings(client_id=f"bench-controller-{os.getpid()}", **settings_kw)
+    pool = None
+    if workers:
+        pool = IngestWorkers(
+            workers,
+            database_url=db_url,
+            repository_root=repository.root,
+            broker=broker,
+            settings=settings,
+        )
+        pool.start()
     service = ControllerService(
-        registry,
-        repository,
-        BrokerSettings(host="127.0.0.1", port=port),
-        ServiceSettings(client_id=f"bench-controller-{os.getpid()}", **settings_kw),
+        registry, repository, broker, settings, ingest_telemetry=pool is None
     )
     profiler: Any = None
     if profile == "cprofile":
@@ -237,6 +278,11 @@ def _controller(
                 profiler.disable()
 
         service._store = profiled  # type: ignore[method-assign]
+    if pool is not None:
+        # Ready once every worker runs its service (connected and subscribed).
+        if not pool.wait_ready(180):
+            raise RuntimeError("ingest workers did not start")
+        time.sleep(1.0)  # SUBACKs
     ready.set()
     peak = 0
     seen = 0
@@ -245,12 +291,17 @@ def _controller(
         q = service._ingest.qsize()
         peak = max(peak, q)
         backlog.value = q
-        n = service.ingested
+        n = service.ingested + (sum(pool.ingested()) if pool is not None else 0)
         if n != seen:
             seen = n
             stored.value = n
             last_t.value = time.monotonic()
     cpu1 = resource.getrusage(resource.RUSAGE_SELF)
+    children_cpu = 0.0
+    if pool is not None:
+        pool.stop()
+        kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+        children_cpu = kids.ru_utime + kids.ru_stime
     if spy is not None:
         import signal
 
@@ -268,6 +319,7 @@ def _controller(
     result_q.put(
         {
             "cpu_s": (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime),
+            "workers_cpu_s": children_cpu,
             "maxrss_kb": cpu1.ru_maxrss,
             "peak_backlog": peak,
             "rejected": dict(service._rejected),
@@ -293,6 +345,10 @@ class RunResult:
     raw_cpu_s: float
     broker_cpu_s: float
     publishers_cpu_s: float
+    rate: float = 0.0
+    workers: int = 0
+    drain_s: float = 0.0
+    workers_cpu_s: float = 0.0
 
     @property
     def raw_rate(self) -> float:
@@ -351,6 +407,8 @@ def run_once(
     workdir: Path,
     settings_kw: dict[str, Any],
     profile: str = "",
+    rate: float = 0.0,
+    workers: int = 0,
 ) -> RunResult:
     ids = device_ids(devices)
     _prepare_db(db_url, ids)
@@ -371,7 +429,7 @@ def run_once(
             target=_controller,
             args=(
                 db_url, broker.port, str(workdir), settings_kw, c_ready, stop,
-                stored, stored_t, backlog, result_q, profile,
+                stored, stored_t, backlog, result_q, profile, workers,
             ),
             name="controller",
         )  # fmt: skip
@@ -386,7 +444,18 @@ def run_once(
             pubs.append(
                 _ctx.Process(
                     target=_publisher,
-                    args=(broker.port, i, share, qos, seconds, ev, go, sent, pub_cpu),
+                    args=(
+                        broker.port,
+                        i,
+                        share,
+                        qos,
+                        seconds,
+                        ev,
+                        go,
+                        sent,
+                        pub_cpu,
+                        rate / publishers,
+                    ),
                     name=f"publisher-{i}",
                 )
             )
@@ -412,15 +481,19 @@ def run_once(
             go.set()
             for p in pubs:
                 p.join(seconds + 60)
+            pub_end = time.monotonic()
             # Drain: wait until neither count moves and the controller's queue is empty.
             deadline = time.monotonic() + max(120.0, 10 * seconds)
             last = (-1, -1)
             quiet_since = time.monotonic()
             while time.monotonic() < deadline:
                 now = (raw.value, stored.value)
+                # Worker processes report their counts in steps and have no
+                # visible backlog: short of everything, wait longer for one.
+                quiet_s = 2.0 if stored.value >= sent.value else 10.0
                 if now != last or backlog.value:
                     last, quiet_since = now, time.monotonic()
-                elif time.monotonic() - quiet_since > 2.0:
+                elif time.monotonic() - quiet_since > quiet_s:
                     break
                 time.sleep(0.1)
             cpu_used = {k: sum(p.cpu_times()[:2]) - cpu_before[k] for k, p in watched.items()}
@@ -447,6 +520,10 @@ def run_once(
         raw_cpu_s=cpu_used["raw"],
         broker_cpu_s=cpu_used["broker"],
         publishers_cpu_s=pub_cpu.value,
+        rate=rate,
+        workers=workers,
+        drain_s=max(0.0, stored_t.value - pub_end),
+        workers_cpu_s=info["workers_cpu_s"],
     )
 
 
@@ -456,6 +533,7 @@ def result_rows(results: list[RunResult]) -> list[list[str]]:
         [
             r.db,
             str(r.qos),
+            str(r.workers),
             f"{r.published:,}",
             f"{r.raw:,}",
             f"{r.raw_rate:,.0f}",
@@ -463,7 +541,7 @@ def result_rows(results: list[RunResult]) -> list[list[str]]:
             f"{r.stored_rate:,.0f}",
             f"{r.ratio:.0%}",
             f"{r.peak_backlog:,}",
-            f"{r.controller_cpu_s:.1f}",
+            f"{r.controller_cpu_s + r.workers_cpu_s:.1f}",
             f"{r.controller_rss_mb:.0f}",
             f"{r.raw_cpu_s:.1f}",
             f"{r.broker_cpu_s:.1f}",
@@ -476,6 +554,7 @@ def result_rows(results: list[RunResult]) -> list[list[str]]:
 HEADERS = [
     "database",
     "QoS",
+    "ingest workers",
     "published",
     "raw received",
     "raw msg/s",
@@ -483,7 +562,7 @@ HEADERS = [
     "stored points/s",
     "stored/raw",
     "peak backlog",
-    "controller CPU s",
+    "controller (+workers) CPU s",
     "controller peak RSS MB",
     "raw sub CPU s",
     "broker CPU s",
@@ -507,6 +586,25 @@ def main(argv: list[str] | None = None) -> int:
         help="cProfile the ingest worker's _store, or py-spy the whole controller process",
     )
     ap.add_argument("--keep", type=Path, help="copy profiles here (temp dirs are removed)")
+    ap.add_argument(
+        "--sustained",
+        action="store_true",
+        help="find the highest paced publish rate stored 100%% with a bounded backlog",
+    )
+    ap.add_argument(
+        "--rates",
+        default="2000,4000,6000,8000,10000,12000,15000,20000,25000,30000",
+        help="--sustained: rates to offer (msg/s), tried in order until one fails",
+    )
+    ap.add_argument(
+        "--ingest-workers",
+        type=int,
+        action="append",
+        help="ingest worker processes (serve --ingest-workers); 0 = in-process (default)",
+    )
+    ap.add_argument(
+        "--max-drain", type=float, default=2.0, help="--sustained: bounded = drained within this"
+    )
     ap.add_argument("--quick", action="store_true", help="5 s runs, print only")
     ap.add_argument("--no-write", action="store_true", help="print only")
     ap.add_argument("--output", type=Path, default=ROOT / "BENCHMARKS.md")
@@ -518,37 +616,42 @@ def main(argv: list[str] | None = None) -> int:
     if args.batch:
         settings_kw["ingest_batch_max"] = args.batch
 
+    if args.sustained:
+        return sustained(args, dbs, qoss[0], seconds, settings_kw)
+
     results: list[RunResult] = []
     broker_version = ""
     with tempfile.TemporaryDirectory(prefix="edgefleet-bench-ingest-") as tmp:
-        for db in dbs:
-            for qos in qoss:
-                workdir = Path(tmp) / f"{db}-q{qos}"
-                workdir.mkdir()
-                common = {
-                    "qos": qos,
-                    "seconds": seconds,
-                    "publishers": args.publishers,
-                    "devices": args.devices,
-                    "workdir": workdir,
-                    "settings_kw": settings_kw,
-                    "profile": args.profile,
-                }
-                print(f"# {db}, QoS {qos}: {seconds:g} s of publishing ...", flush=True)
-                if db == "sqlite":
-                    r = run_once(db, f"sqlite:///{workdir / 'registry.db'}", **common)
-                else:
-                    with postgres_schema(args.pg_url) as url:
-                        r = run_once(db, url, **common)
-                results.append(r)
-                if args.keep:
-                    args.keep.mkdir(parents=True, exist_ok=True)
-                    for f in [*workdir.glob("*.pstats"), *workdir.glob("*.pyspy.txt")]:
-                        shutil.copy(f, args.keep / f"{db}-q{qos}-{f.name}")
-                if not broker_version:
-                    broker_version = mosquitto_release()
-                one = table(HEADERS, result_rows([r]), set(range(2, len(HEADERS))))
-                print("\n".join(one), flush=True)
+        for db, qos, workers in [
+            (d, q, w) for d in dbs for q in qoss for w in (args.ingest_workers or [0])
+        ]:
+            workdir = Path(tmp) / f"{db}-q{qos}-w{workers}"
+            workdir.mkdir()
+            common = {
+                "qos": qos,
+                "seconds": seconds,
+                "publishers": args.publishers,
+                "devices": args.devices,
+                "workdir": workdir,
+                "settings_kw": settings_kw,
+                "profile": args.profile,
+                "workers": workers,
+            }
+            print(f"# {db}, QoS {qos}, {workers} ingest workers: {seconds:g} s ...", flush=True)
+            if db == "sqlite":
+                r = run_once(db, f"sqlite:///{workdir / 'registry.db'}", **common)
+            else:
+                with postgres_schema(args.pg_url) as url:
+                    r = run_once(db, url, **common)
+            results.append(r)
+            if args.keep:
+                args.keep.mkdir(parents=True, exist_ok=True)
+                for f in [*workdir.glob("*.pstats"), *workdir.glob("*.pyspy.txt")]:
+                    shutil.copy(f, args.keep / f"{db}-q{qos}-{f.name}")
+            if not broker_version:
+                broker_version = mosquitto_release()
+            one = table(HEADERS, result_rows([r]), set(range(2, len(HEADERS))))
+            print("\n".join(one), flush=True)
 
     lines = table(HEADERS, result_rows(results), set(range(2, len(HEADERS))))
     print()
@@ -593,6 +696,79 @@ def main(argv: list[str] | None = None) -> int:
             )
     write_section(args.output, SECTION, body)
     print(f"\nwrote {SECTION!r} in {args.output}")
+    return 0
+
+
+SUSTAINED_SECTION = "## Telemetry ingestion: sustained capacity and ingest workers"
+SUSTAINED_HEADERS = [
+    "database",
+    "ingest workers",
+    "offered msg/s",
+    "published",
+    "raw received",
+    "stored",
+    "stored %",
+    "drain s",
+    "verdict",
+    "controller CPU s",
+    "workers CPU s",
+]
+
+
+def sustained(
+    args: argparse.Namespace, dbs: list[str], qos: int, seconds: float, settings_kw: dict[str, Any]
+) -> int:
+    """Offer rising paced rates; a rate is sustained if every message is stored, drained quickly."""
+    rates = [float(r) for r in args.rates.split(",") if r.strip()]
+    rows: list[list[str]] = []
+    best: dict[tuple[str, int], float] = {}
+    with tempfile.TemporaryDirectory(prefix="edgefleet-bench-ingest-") as tmp:
+        for db in dbs:
+            for workers in args.ingest_workers or [0]:
+                for rate in rates:
+                    workdir = Path(tmp) / f"{db}-w{workers}-r{rate:.0f}"
+                    workdir.mkdir()
+                    common: dict[str, Any] = {
+                        "qos": qos,
+                        "seconds": seconds,
+                        "publishers": args.publishers,
+                        "devices": args.devices,
+                        "workdir": workdir,
+                        "settings_kw": settings_kw,
+                        "rate": rate,
+                        "workers": workers,
+                    }
+                    print(f"# {db}, {workers} workers, {rate:,.0f} msg/s ...", flush=True)
+                    if db == "sqlite":
+                        r = run_once(db, f"sqlite:///{workdir / 'registry.db'}", **common)
+                    else:
+                        with postgres_schema(args.pg_url) as url:
+                            r = run_once(db, url, **common)
+                    ok = r.rows >= r.published and r.drain_s <= args.max_drain
+                    rows.append(
+                        [
+                            db,
+                            str(workers),
+                            f"{rate:,.0f}",
+                            f"{r.published:,}",
+                            f"{r.raw:,}",
+                            f"{r.rows:,}",
+                            f"{r.rows / r.published:.1%}" if r.published else "-",
+                            f"{r.drain_s:.1f}",
+                            "sustained" if ok else "NOT sustained",
+                            f"{r.controller_cpu_s:.1f}",
+                            f"{r.workers_cpu_s:.1f}",
+                        ]
+                    )
+                    print("\n".join(table(SUSTAINED_HEADERS, rows[-1:], set(range(1, 11)))))
+                    if not ok:
+                        break
+                    best[(db, workers)] = rate
+    lines = table(SUSTAINED_HEADERS, rows, set(range(1, 11)))
+    print()
+    print("\n".join(lines))
+    for (db, workers), rate in best.items():
+        print(f"{db}, {workers} workers: sustained {rate:,.0f} msg/s")
     return 0
 
 

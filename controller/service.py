@@ -46,9 +46,10 @@ import logging
 import queue
 import threading
 import time
-from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections import Counter, deque
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timedelta, timezone
+from typing import Generic, TypeVar
 
 from edgefleet.controller.compiler.errors import ProfileError
 from edgefleet.controller.compiler.profiles import BUILTIN_PROFILES, Profile, match_profile
@@ -78,10 +79,11 @@ from edgefleet.protocols.topics import (
 )
 from edgefleet.shared.link import BrokerSettings, Link, LinkFactory, mqtt_links
 
-__all__ = ["ControllerService", "publish_desired_states"]
+__all__ = ["ControllerService", "IngestHandoff", "publish_desired_states"]
 
 log = logging.getLogger(__name__)
 
+_T = TypeVar("_T")
 _STATUS_VALUES = {b"online": True, b"offline": False}
 # File requests admitted per transfer-loop turn before frames are sent again.
 _REQUESTS_PER_TURN = 256
@@ -138,6 +140,52 @@ def publish_desired_states(
     return sent
 
 
+class IngestHandoff(Generic[_T]):
+    """A lock-free FIFO from paho's thread to the ingest worker.
+
+    A ``collections.deque`` (``append``/``popleft`` are atomic under the
+    GIL) plus an event the producer sets only when the consumer may be
+    asleep, so the common case costs one append and one attribute read;
+    ``queue.Queue`` took a lock and a condition per message on both sides.
+
+    The consumer must call :meth:`wait` only after :meth:`take` found it
+    empty: ``wait`` clears the wake-up before looking again, so an item
+    appended at any moment either is seen or sets the event.
+    """
+
+    def __init__(self) -> None:
+        self._items: deque[_T] = deque()
+        self._wake = threading.Event()
+
+    def put(self, item: _T) -> None:
+        self._items.append(item)
+        if not self._wake.is_set():  # a plain read; the lock only when needed
+            self._wake.set()
+
+    def take(self, into: list[_T], limit: int) -> None:
+        """Move items into ``into`` until it holds ``limit`` or none are left."""
+        items = self._items
+        while items and len(into) < limit:
+            into.append(items.popleft())
+
+    def wait(self, timeout_s: float) -> None:
+        """Sleep until an item may be there or ``timeout_s`` passed."""
+        self._wake.clear()
+        if not self._items:
+            self._wake.wait(timeout_s)
+
+    # queue.Queue's names, for callers (tests, benchmarks) that look inside.
+    def qsize(self) -> int:
+        return len(self._items)
+
+    def empty(self) -> bool:
+        return not self._items
+
+    def get_nowait(self) -> _T:
+        """The oldest item; ``IndexError`` when empty."""
+        return self._items.popleft()
+
+
 class ControllerService:
     """Runs the controller's MQTT side until :meth:`stop`."""
 
@@ -150,8 +198,17 @@ class ControllerService:
         *,
         profiles: Mapping[str, Profile] | None = None,
         links: LinkFactory | None = None,
+        ingest_telemetry: bool = True,
+        ingest_only: bool = False,
     ) -> None:
         self.registry = registry
+        # Telemetry may be ingested by worker processes instead (controller/
+        # ingest.py): then this service does not subscribe to it
+        # (``ingest_telemetry=False``), and each worker runs a service with
+        # ``ingest_only`` that subscribes to telemetry alone and runs only the
+        # ingest worker (no outbox, transfers, rollouts or rollups).
+        self._ingest_telemetry = ingest_telemetry or ingest_only
+        self._ingest_only = ingest_only
         self.profiles = dict(profiles) if profiles is not None else dict(BUILTIN_PROFILES)
         self.repository = repository
         self.settings = settings
@@ -167,7 +224,7 @@ class ControllerService:
             transfer_limits(settings),
             on_capacity=self._transfer_wake.set,
         )
-        self._ingest: queue.Queue[tuple[DeviceTopic, bytes, bool]] = queue.Queue()
+        self._ingest: IngestHandoff[tuple[DeviceTopic, bytes, bool]] = IngestHandoff()
         self._requests: queue.Queue[tuple[DeviceTopic, bytes]] = queue.Queue(
             maxsize=_MAX_QUEUED_REQUESTS
         )
@@ -204,18 +261,28 @@ class ControllerService:
         # query instead of one lookup per device as its first message arrives.
         self._known.update(d.id for d in self.registry.list_devices())
         group = self.settings.share_group
+        telemetry = DeviceTopic.wildcard(Channel.TELEMETRY)
         for topic_filter in controller_subscriptions():
+            if (topic_filter == telemetry and not self._ingest_telemetry) or (
+                topic_filter != telemetry and self._ingest_only
+            ):
+                continue
             shared = f"$share/{group}/{topic_filter}" if group else topic_filter
             self.link.subscribe(shared, self._on_message, qos=1)
-        self.link.subscribe(OUTBOX_MARKER_TOPIC, self._on_marker, qos=1)
+        loops: list[tuple[str, Callable[[], None]]]
+        if self._ingest_only:
+            loops = [("ingest", self._ingest_loop), ("flush", self._flush_loop)]
+        else:
+            self.link.subscribe(OUTBOX_MARKER_TOPIC, self._on_marker, qos=1)
+            loops = [
+                ("transfer", self._transfer_loop),
+                ("ingest", self._ingest_loop),
+                ("maintenance", self._maintenance_loop),
+                ("telemetry", self._telemetry_loop),
+                *([("rollouts", self._rollout_loop)] if self.settings.run_rollouts else []),
+            ]
         self.link.start(wait=True)
-        for name, target in (
-            ("transfer", self._transfer_loop),
-            ("ingest", self._ingest_loop),
-            ("maintenance", self._maintenance_loop),
-            ("telemetry", self._telemetry_loop),
-            *([("rollouts", self._rollout_loop)] if self.settings.run_rollouts else []),
-        ):
+        for name, target in loops:
             t = threading.Thread(target=target, name=f"controller-{name}", daemon=True)
             t.start()
             self._threads.append(t)
@@ -372,14 +439,17 @@ class ControllerService:
 
     def _ingest_loop(self) -> None:
         s = self.settings
+        handoff = self._ingest
         while not self._stop.is_set():
+            # A batch closes when full or ``ingest_flush_s`` after it opened.
             batch: list[tuple[DeviceTopic, bytes, bool]] = []
             deadline = time.monotonic() + s.ingest_flush_s
-            while len(batch) < s.ingest_batch_max:
-                try:
-                    batch.append(self._ingest.get(timeout=max(0.0, deadline - time.monotonic())))
-                except queue.Empty:
+            while True:
+                handoff.take(batch, s.ingest_batch_max)
+                left = deadline - time.monotonic()
+                if len(batch) >= s.ingest_batch_max or left <= 0:
                     break
+                handoff.wait(left)
             if batch:
                 try:
                     self._store(batch)
@@ -610,6 +680,17 @@ class ControllerService:
                 self.flush_rejections()
             except Exception:
                 log.exception("maintenance step failed; retrying in %ss", s.maintenance_interval_s)
+
+    def _flush_loop(self) -> None:
+        """An ingest-only service's one chore besides ingesting: persist its rejection counts."""
+        s = self.settings
+        while not self._stop.wait(s.maintenance_interval_s):
+            try:
+                self.flush_rejections()
+            except Exception:  # the database may be back next time
+                log.exception(
+                    "flushing rejections failed; retrying in %ss", s.maintenance_interval_s
+                )
 
     def _broker_lost_desired(self) -> bool:
         """After a (re)connect: whether the broker lost the retained desired states.

@@ -56,6 +56,13 @@ def init(ctx: Context, as_json: bool) -> None:
 )
 @click.option("--api-address", help="Management API HOST:PORT (default: [api] address).")
 @click.option("--no-api", is_flag=True, help="Do not serve the management API.")
+@click.option(
+    "--ingest-workers",
+    type=click.IntRange(0, 64),
+    default=0,
+    help="Store telemetry in N worker processes (MQTT shared subscriptions; N > 1 needs "
+    "Mosquitto or EMQX, not --embedded-broker). Default 0: in the controller process.",
+)
 @pass_ctx
 def serve(
     ctx: Context,
@@ -64,6 +71,7 @@ def serve(
     broker_port: int | None,
     api_address: str | None,
     no_api: bool,
+    ingest_workers: int,
 ) -> None:
     """Run the controller: publish desired state, serve transfers, ingest telemetry, the API."""
     from dataclasses import replace
@@ -71,6 +79,7 @@ def serve(
     from edgefleet.controller.api.server import start_configured_api
     from edgefleet.controller.broker import EmbeddedBroker
     from edgefleet.controller.cli.context import record_served_broker
+    from edgefleet.controller.ingest import start_ingest_workers
     from edgefleet.controller.service import ControllerService
 
     with friendly_errors():
@@ -92,11 +101,20 @@ def serve(
                 raise
         # `device enroll` without --config gives agents this address.
         record_served_broker(ctx.require_home(), broker_settings.host, broker_settings.port)
-        service = ControllerService(
-            registry, repository, broker_settings, cfg.service, profiles=cfg.device_profiles()
-        )
+        workers = None
         api = None
         try:
+            workers = start_ingest_workers(
+                ingest_workers, cfg, broker_settings, embedded_broker=broker is not None
+            )
+            service = ControllerService(
+                registry,
+                repository,
+                broker_settings,
+                cfg.service,
+                profiles=cfg.device_profiles(),
+                ingest_telemetry=workers is None,
+            )
             api = start_configured_api(service, cfg, api_address, disabled=no_api)
             click.echo(
                 f"controller serving via MQTT {broker_settings.host}:{broker_settings.port}"
@@ -111,6 +129,8 @@ def serve(
         finally:
             if api:
                 api.stop()
+            if workers is not None:
+                workers.stop()
             registry.close()
             if broker is not None:
                 broker.stop()

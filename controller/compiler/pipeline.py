@@ -84,6 +84,7 @@ from edgefleet.controller.compiler.evaluate import (
 from edgefleet.controller.compiler.profiles import SIZE_MAX_LATENCY_RATIO, Profile
 from edgefleet.controller.compiler.recipe_base import BuildInput, Built, Recipe, SourceRecipe
 from edgefleet.controller.compiler.recipes import (
+    DynamicInt8Recipe,
     WeightOnlyInt8Recipe,
     default_recipes,
     prepare_for_quantization,
@@ -404,15 +405,25 @@ class _Compiler:
         return None
 
     def retry_closest_static(self, inp: BuildInput, attempts: int) -> None:
-        """Sensitivity retries: the closest failing static int8 candidate, then weight-only int8.
+        """Sensitivity retries: the closest failing static int8, weight-only and dynamic int8.
 
         Retrying one static candidate keeps the cost bounded however many
         static recipes failed; the closest one needs the fewest nodes kept in
         float. Weight-only int8 is retried the same way (its error comes
-        from a few weight tensors, which the same ranking finds).
+        from a few weight tensors, which the same ranking finds), and so is
+        dynamic int8: a transformer encoder's int8 MatMuls are fast on VNNI,
+        but the one or two that read outlier activations (the FFN output
+        projection after GELU is the usual one) cost the accuracy gate.
+
+        Compile cost: at most ``attempts`` trial builds per kind (plus
+        :data:`OP_FALLBACK_ATTEMPTS` per-operator ones for static and
+        weight-only), each after one ranking pass of two runs over <= 16
+        calibration samples; independent of the number of nodes, linear in
+        the model's size.
         """
         self.retry_closest(inp, attempts, lambda r: r.static_int8)
         self.retry_closest(inp, attempts, lambda r: isinstance(r, WeightOnlyInt8Recipe))
+        self.retry_closest(inp, attempts, lambda r: isinstance(r, DynamicInt8Recipe))
 
     def retry_closest(self, inp: BuildInput, attempts: int, kind: Callable[[Recipe], bool]) -> None:
         failing = [
@@ -676,6 +687,7 @@ class _Compiler:
         result: tuple[_Live | None, CandidateReport] | None = None
         name = f"{live.recipe.name}+exclude"
         last_ranking: list[NodeSensitivity] = []
+        cap, total = _fallback_cap(live.recipe, inp.prepared)
         for k in range(attempts):
             try:
                 ranking = rank_sensitive_nodes(
@@ -695,8 +707,14 @@ class _Compiler:
                 )
                 break
             last_ranking = ranking
-            fresh = [s for s in ranking if s.node not in excluded][: 2**k]
+            room = 2**k if cap is None else min(2**k, cap - len(excluded))
+            fresh = [s for s in ranking if s.node not in excluded][: max(room, 0)]
             if not fresh:
+                if cap is not None and len(excluded) >= cap:
+                    self.notes.append(
+                        f"{name}: stopped after keeping {len(excluded)} of {total} quantizable "
+                        "nodes in float: keeping more would leave little of the int8 speed-up"
+                    )
                 break
             excluded.extend(s.node for s in fresh)
             new_live, rep = self.build_one(live.recipe, inp, name=name, exclude=excluded)
@@ -715,7 +733,7 @@ class _Compiler:
                 break
             current = new_live
             last_ranking = ranking
-        if result is not None and result[0] is not None and not history[-1].passed:
+        if cap is None and result is not None and result[0] is not None and not history[-1].passed:
             result = self.op_type_fallback(
                 live.recipe, inp, name, excluded, last_ranking, history, result
             )
@@ -726,6 +744,27 @@ class _Compiler:
         if new_live is not None:
             new_live.report = rep
         return new_live, rep
+
+
+def _fallback_cap(recipe: Recipe, prepared: bytes) -> tuple[int | None, int]:
+    """How many nodes a dynamic int8 retry may keep in float (``None``: no cap), of how many.
+
+    Dynamic int8 pays off only in speed (its MatMulInteger kernels), and a
+    MatMul kept in float also pays a float-to-int8 round trip around it, so
+    once half of its quantizable nodes are float the speed-up is mostly
+    gone: the retries stop there (and skip the per-operator fallback, which
+    would keep every MatMul float). Static and weight-only int8 also win on
+    size, so they keep the per-operator fallback.
+    """
+    ops = recipe.quantizable_ops()
+    graph = onnx.load_model_from_string(prepared).graph
+    # Only nodes with a constant operand are quantized (MatMulConstBOnly):
+    # an attention MatMul of two activations stays float either way.
+    weights = {i.name for i in graph.initializer}
+    total = sum(1 for n in graph.node if n.op_type in ops and weights & set(n.input))
+    if not isinstance(recipe, DynamicInt8Recipe):
+        return None, total
+    return max(total // 2, 1), total
 
 
 def compile_model(

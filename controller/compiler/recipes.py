@@ -466,6 +466,8 @@ class DynamicInt8Recipe(_Int8Recipe):
                 extra_options={"MatMulConstBOnly": True, "EnableSubgraph": True},
             )
 
+        if nodes_to_exclude:
+            notes.append(f"kept in float (sensitive): {', '.join(nodes_to_exclude)}")
         data, failed_nodes = self._run_with_fallback(prepared, run, notes, present)
         leftovers = _float_leftovers(prepared, self._quantizable() | {"Gemm"})
         gemm = "Gemm" in _op_types(prepared)
@@ -475,7 +477,8 @@ class DynamicInt8Recipe(_Int8Recipe):
             shown = [o for o in leftovers if o != "Gemm"]
             if shown:
                 notes.append(f"no int8 kernel, stays float: {', '.join(shown)}")
-        return Built(data, dedupe_notes(notes), _with_failed(self.options(), failed_nodes))
+        options = {**self.options(), "nodes_to_exclude": list(nodes_to_exclude)}
+        return Built(data, dedupe_notes(notes), _with_failed(options, failed_nodes))
 
 
 # Samples whose activations are collected and reduced together when

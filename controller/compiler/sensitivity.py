@@ -142,6 +142,44 @@ def _relative_errors(
     return out
 
 
+def _replaced_nodes(
+    fp32: onnx.ModelProto,
+    quant: onnx.ModelProto,
+    fp32_floats: set[str],
+    quantizable: frozenset[str] | set[str] | None,
+) -> list[tuple[str, str, str, list[tuple[str, str]]]]:
+    """Nodes the quantizer *replaced* rather than wrapped in QDQ: dynamic int8.
+
+    onnxruntime's dynamic quantizer turns a MatMul named ``m`` into
+    ``DynamicQuantizeLinear`` + ``MatMulInteger`` (``m_quant``) + scale
+    ``Mul`` nodes, so the name ``m`` is gone from the quantized graph; but
+    the last ``Mul`` writes ``m``'s original output tensor, and the float
+    activation it read is still there, under its own name. Comparing those
+    two tensors against fp32 measures exactly the error the int8 MatMul adds
+    (activation rounding at its run-time scale plus weight rounding), the
+    same quantity as for QDQ nodes.
+    """
+    quant_names = {n.name for n in quant.graph.node}
+    produced = {o for n in quant.graph.node for o in n.output} | {i.name for i in quant.graph.input}
+    inits = {i.name for i in fp32.graph.initializer}
+    plan: list[tuple[str, str, str, list[tuple[str, str]]]] = []
+    for node in fp32.graph.node:
+        if not node.name or node.name in quant_names or not node.output:
+            continue
+        if quantizable is not None and node.op_type not in quantizable:
+            continue
+        out = node.output[0]
+        if out not in produced or out not in fp32_floats:
+            continue
+        pairs = [
+            (i, i)
+            for i in node.input
+            if i and i not in inits and i in fp32_floats and i in produced
+        ]
+        plan.append((node.name, node.op_type, out, pairs))
+    return plan
+
+
 def rank_sensitive_nodes(
     fp32_model: bytes,
     quantized_model: bytes,
@@ -151,6 +189,10 @@ def rank_sensitive_nodes(
     quantizable: frozenset[str] | set[str] | None = None,
 ) -> list[NodeSensitivity]:
     """Rank the quantized nodes of ``quantized_model`` by the error they add, worst first.
+
+    Works for QDQ models (static int8, weight-only int8: the node keeps its
+    name and reads ``DequantizeLinear`` outputs) and for dynamic int8 (the
+    node is replaced, its output tensor keeps its name: :func:`_replaced_nodes`).
 
     Args:
         fp32_model: the (pre-processed) fp32 model the quantizer started from;
@@ -187,6 +229,7 @@ def rank_sensitive_nodes(
 
     # (node, op, output tensor, [(quantized input tensor, fp32 tensor)])
     plan: list[tuple[str, str, str, list[tuple[str, str]]]] = []
+    plan.extend(_replaced_nodes(fp32, quant, fp32_floats, quantizable))
     for node in quant.graph.node:
         if node.op_type in _QDQ or node.name not in fp32_nodes or not node.output:
             continue

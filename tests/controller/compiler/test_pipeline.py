@@ -350,3 +350,92 @@ def test_bad_sources_and_runtimes(tmp_path: Path) -> None:
 def test_recipe_error_is_a_compile_error() -> None:
     assert issubclass(RecipeError, CompileError)
     assert issubclass(ToleranceError, NoVariantError)
+
+
+def test_dynamic_int8_keeps_the_matmul_reading_outlier_activations_in_float() -> None:
+    """Plain dynamic int8 fails the gate on an encoder block; the fallback names ``ffn_out``."""
+    result = compile_model(
+        tm.outlier_encoder(),
+        VNNI,
+        calibration=tm.outlier_encoder_data(16, seed=1),
+        validation=tm.outlier_encoder_data(24, seed=2),
+        metrics={"y": "cosine"},
+        recipes=["fp32", "int8-dynamic"],
+        **FAST,
+    )
+    rep = result.report
+    plain = rep.candidate("int8-dynamic")
+    assert plain.accuracy is not None
+    assert not plain.accuracy.passed
+    retry = rep.candidate("int8-dynamic+exclude")
+    assert retry.excluded_nodes == ("ffn_out",)
+    assert retry.accuracy is not None
+    assert retry.accuracy.passed
+    assert retry.options["nodes_to_exclude"] == ["ffn_out"]
+    first = retry.attempts[0]
+    assert first.passed
+    assert first.sensitive[0].node == "ffn_out"
+    assert first.sensitive[0].added > 10 * first.sensitive[1].added
+    table = rep.format_table()
+    assert "newly kept float: ffn_out (MatMul, adds" in table
+    # The retry is a real int8 model: every other weight MatMul is still quantized.
+    from edgefleet.controller.compiler import load_source
+    from edgefleet.controller.compiler.recipes import DynamicInt8Recipe, prepare_for_quantization
+
+    src = load_source(tm.outlier_encoder())
+    rebuilt = DynamicInt8Recipe(VNNI).build(
+        BuildInput(src, prepare_for_quantization(src), None, None),
+        nodes_to_exclude=retry.excluded_nodes,
+    )
+    graph = onnx.load_model_from_string(rebuilt.model).graph
+    integer = {n.name for n in graph.node if n.op_type == "MatMulInteger"}
+    kept = ("attn_q", "attn_k", "attn_v", "attn_out", "ffn_in", "head")
+    assert integer == {f"{n}_quant" for n in kept}
+    assert "ffn_out" in {n.name for n in graph.node if n.op_type == "MatMul"}
+    _check_invariants(result)
+
+
+def test_dynamic_sensitivity_ranking_blames_the_replaced_node() -> None:
+    """Dynamic int8 renames the MatMuls it replaces; the ranking still finds them by output."""
+    from edgefleet.controller.compiler import load_samples, load_source
+    from edgefleet.controller.compiler.recipes import DynamicInt8Recipe, prepare_for_quantization
+
+    src = load_source(tm.outlier_encoder())
+    cal = load_samples(tm.outlier_encoder_data(16, seed=1), src, role="calibration")
+    prepared = prepare_for_quantization(src)
+    recipe = DynamicInt8Recipe(VNNI)
+    quant = recipe.build(BuildInput(src, prepared, None, None)).model
+    ranking = rank_sensitive_nodes(prepared, quant, cal, quantizable=recipe.quantizable_ops())
+    assert {s.node for s in ranking} == {
+        "attn_q",
+        "attn_k",
+        "attn_v",
+        "attn_out",
+        "ffn_in",
+        "ffn_out",
+        "head",
+    }
+    assert ranking[0].node == "ffn_out"
+    assert ranking[0].op_type == "MatMul"
+
+
+def test_dynamic_fallback_stops_before_half_of_the_int8_nodes_are_float() -> None:
+    """The speed-up of dynamic int8 is its MatMuls: the retries keep at most half of them float."""
+    x = {"x": np.random.default_rng(3).normal(size=(24, 16)).astype(np.float32)}
+    val = {"x": np.random.default_rng(4).normal(size=(24, 16)).astype(np.float32)}
+    rep = compile_model(
+        tm.wide_range_mlp(),
+        VNNI,
+        calibration=x,
+        validation=val,
+        metrics={"y": "cosine"},
+        recipes=["fp32", "int8-dynamic"],
+        **FAST,
+    ).report
+    retry = rep.candidate("int8-dynamic+exclude")
+    # three weight MatMuls: at most one may fall back
+    assert len(retry.excluded_nodes) == 1
+    assert len(retry.attempts) == 1
+    assert retry.accuracy is not None
+    assert not retry.accuracy.passed
+    assert any("stopped after keeping 1 of 3 quantizable nodes" in n for n in rep.notes)

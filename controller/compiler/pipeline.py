@@ -377,7 +377,10 @@ class _Compiler:
                 self.lives[rep.name] = live
 
     def calibration_settled(self, recipe: Recipe) -> str | None:
-        """Why an alternative calibration of static int8 is not worth building, or ``None``.
+        """Why an alternative calibration of int8 is not worth building, or ``None``.
+
+        Per-channel dynamic int8 builds the same graph as per-tensor dynamic
+        int8 with finer weight scales: once per-tensor passes, it is skipped.
 
         Percentile and entropy calibration build the same graph as minmax
         with other activation ranges: they can only change accuracy, not size
@@ -385,8 +388,24 @@ class _Compiler:
         compile. Once a minmax candidate with the same weight granularity
         passes the gate, they are skipped.
         """
+        if self.validation is None:
+            return None
+        if isinstance(recipe, DynamicInt8Recipe) and recipe.per_channel:
+            for lv in self.lives.values():
+                if (
+                    isinstance(lv.recipe, DynamicInt8Recipe)
+                    and not lv.recipe.per_channel
+                    and lv.report.accuracy is not None
+                    and lv.report.accuracy.passed
+                ):
+                    return (
+                        f"{lv.report.name} already passes the accuracy gate; per-channel "
+                        "weight scales run the same int8 kernels and could only change "
+                        "accuracy (skipped to save compile time)"
+                    )
+            return None
         method = getattr(recipe, "method", None)
-        if not recipe.static_int8 or method in (None, "minmax") or self.validation is None:
+        if not recipe.static_int8 or method in (None, "minmax"):
             return None
         per_channel = getattr(recipe, "per_channel", None)
         for lv in self.lives.values():
@@ -423,7 +442,14 @@ class _Compiler:
         """
         self.retry_closest(inp, attempts, lambda r: r.static_int8)
         self.retry_closest(inp, attempts, lambda r: isinstance(r, WeightOnlyInt8Recipe))
-        self.retry_closest(inp, attempts, lambda r: isinstance(r, DynamicInt8Recipe))
+        if not any(
+            isinstance(lv.recipe, DynamicInt8Recipe)
+            and lv.report.accuracy
+            and lv.report.accuracy.passed
+            for lv in self.lives.values()
+        ):
+            # (a passing dynamic candidate, e.g. per-channel, needs no fallback)
+            self.retry_closest(inp, attempts, lambda r: isinstance(r, DynamicInt8Recipe))
 
     def retry_closest(self, inp: BuildInput, attempts: int, kind: Callable[[Recipe], bool]) -> None:
         failing = [
@@ -708,7 +734,10 @@ class _Compiler:
                 break
             last_ranking = ranking
             room = 2**k if cap is None else min(2**k, cap - len(excluded))
-            fresh = [s for s in ranking if s.node not in excluded][: max(room, 0)]
+            # A node adding no error of its own (its output is no worse than
+            # its input) gains nothing in float; keeping it there only costs.
+            fresh = [s for s in ranking if s.node not in excluded and s.added > 0.0]
+            fresh = fresh[: max(room, 0)]
             if not fresh:
                 if cap is not None and len(excluded) >= cap:
                     self.notes.append(

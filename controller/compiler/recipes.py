@@ -821,6 +821,10 @@ def default_recipes(profile: Profile) -> list[Recipe]:
         OptimizedFp32Recipe(),
         Float16Recipe(),
         DynamicInt8Recipe(profile),
+        # Per-channel weight scales: all-MiniLM-L6-v2 misses a 0.99 cosine
+        # gate with per-tensor dynamic int8 (0.957) and passes with these
+        # (0.992) at the same speed.
+        DynamicInt8Recipe(profile, per_channel=True),
         StaticInt8Recipe(profile, per_channel=True, method="minmax"),
         StaticInt8Recipe(profile, per_channel=False, method="minmax"),
         StaticInt8Recipe(profile, per_channel=True, method="percentile"),

@@ -152,19 +152,25 @@ def _replaced_nodes(
 
     onnxruntime's dynamic quantizer turns a MatMul named ``m`` into
     ``DynamicQuantizeLinear`` + ``MatMulInteger`` (``m_quant``) + scale
-    ``Mul`` nodes, so the name ``m`` is gone from the quantized graph; but
+    ``Mul`` nodes, so the name ``m`` is gone from the quantized graph (and
+    a Gather keeps its name but writes a renamed int8 tensor); but
     the last ``Mul`` writes ``m``'s original output tensor, and the float
     activation it read is still there, under its own name. Comparing those
     two tensors against fp32 measures exactly the error the int8 MatMul adds
     (activation rounding at its run-time scale plus weight rounding), the
     same quantity as for QDQ nodes.
     """
-    quant_names = {n.name for n in quant.graph.node}
+    # A node still there under its name *and* still writing its output is
+    # either float or QDQ-wrapped (the caller's loop); one whose output now
+    # comes from elsewhere was replaced. Dynamic int8 keeps a Gather's name
+    # but makes it read int8 weights into a renamed tensor, which a
+    # DequantizeLinear turns back into the original output.
+    unchanged = {(n.name, o) for n in quant.graph.node for o in n.output[:1]}
     produced = {o for n in quant.graph.node for o in n.output} | {i.name for i in quant.graph.input}
     inits = {i.name for i in fp32.graph.initializer}
     plan: list[tuple[str, str, str, list[tuple[str, str]]]] = []
     for node in fp32.graph.node:
-        if not node.name or node.name in quant_names or not node.output:
+        if not node.name or not node.output or (node.name, node.output[0]) in unchanged:
             continue
         if quantizable is not None and node.op_type not in quantizable:
             continue

@@ -439,3 +439,41 @@ def test_dynamic_fallback_stops_before_half_of_the_int8_nodes_are_float() -> Non
     assert retry.accuracy is not None
     assert not retry.accuracy.passed
     assert any("stopped after keeping 1 of 3 quantizable nodes" in n for n in rep.notes)
+
+
+def test_per_channel_dynamic_int8_is_a_default_recipe_built_only_when_per_tensor_fails() -> None:
+    """Per-channel dynamic int8 only changes accuracy: skipped once per-tensor passes."""
+    passing = compile_model(
+        tm.mlp(),
+        VNNI,
+        validation=tm.mlp_data(24, seed=7),
+        metrics={"logits": "cosine"},
+        recipes=["fp32", "int8-dynamic", "int8-dynamic-pc"],
+        **FAST,
+    ).report
+    assert passing.candidate("int8-dynamic").accuracy is not None
+    assert passing.candidate("int8-dynamic").accuracy.passed
+    pc = passing.candidate("int8-dynamic-pc")
+    assert pc.status == "skipped"
+    assert "int8-dynamic already passes" in pc.reason
+    assert not any(c.name.endswith("+exclude") for c in passing.candidates)
+    # when per-tensor fails, per-channel is built (and the fallback retries the closer one)
+    failing = compile_model(
+        tm.outlier_encoder(),
+        VNNI,
+        calibration=tm.outlier_encoder_data(16, seed=1),
+        validation=tm.outlier_encoder_data(24, seed=2),
+        metrics={"y": "cosine"},
+        **FAST,
+    ).report
+    built = failing.candidate("int8-dynamic-pc")
+    assert built.status != "skipped"
+    assert built.options["per_channel"] is True
+    assert built.accuracy is not None
+    fallback = [
+        c
+        for c in failing.candidates
+        if c.name.startswith("int8-dynamic") and c.name.endswith("+exclude")
+    ]
+    assert len(fallback) == 1
+    assert fallback[0].excluded_nodes == ("ffn_out",)

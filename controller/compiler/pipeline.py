@@ -118,6 +118,10 @@ from edgefleet.shared.runtime import is_tflite, onnx_session_config
 # (to no fewer than MIN_TIMING_ROUNDS) when they would take longer than this.
 TIMING_BUDGET_S = 12.0
 MIN_TIMING_ROUNDS = 10
+# Scoring runs up to this many validation samples per call, and at most this
+# many bytes of input per call (activation memory grows with the batch).
+SCORE_BATCH_MAX = 8
+SCORE_BATCH_BYTES = 2 << 20
 # After the per-node sensitivity attempts: how many whole op types may be kept float.
 OP_FALLBACK_ATTEMPTS = 2
 
@@ -326,6 +330,7 @@ class _Compiler:
         self.max_accuracy_drop = max_accuracy_drop
         self.output_names = [o.name for o in src.outputs]
         self.reference: list[list[Any]] | None = None
+        self.batch = 1  # validation samples per call (choose_batch)
         self.notes: list[str] = []
         self.reports: list[CandidateReport] = []
         self.lives: dict[str, _Live] = {}
@@ -583,16 +588,72 @@ class _Compiler:
             raise DataError(
                 f"the fp32 source cannot run the validation data: {first_line(exc)}"
             ) from None
+        self.batch = self.choose_batch(session)
         _check_reference(self.reference, self.output_names)
         try:
             check_labels(self.reference, self.output_names, self.validation, self.metrics)
         except ValueError as exc:
             raise DataError(f"validation labels: {exc}") from None
 
+    def choose_batch(self, session: Any) -> int:
+        """How many validation samples each candidate runs per call; 1 when batching is unsafe.
+
+        Batched only for ONNX models whose every input and output has a
+        dynamic axis 0 that the data uses as the batch axis, without a state
+        mapping, and only when the fp32 source's batched outputs equal its
+        one-by-one outputs (the reference, already computed): a model that
+        mixes samples across axis 0 keeps one sample per call. The batch
+        holds at most :data:`SCORE_BATCH_MAX` samples and
+        :data:`SCORE_BATCH_BYTES` of input, so activation memory stays a
+        few samples' worth.
+        """
+        val = self.validation
+        if val is None or self.reference is None or val.state or val.count < 2:
+            return 1
+        if self.src.format != "onnx" or not all(val.batched.values()):
+            return 1
+        specs = (*self.src.inputs, *self.src.outputs)
+        if any(not s.shape or s.shape[0] is not None for s in specs):
+            return 1
+        per_sample = sum(int(a[0:1].nbytes) for a in val.arrays.values())
+        batch = min(SCORE_BATCH_MAX, val.count, SCORE_BATCH_BYTES // max(per_sample, 1))
+        if batch < 2:
+            return 1
+        try:
+            head = dataclasses.replace(val, count=batch)
+            batched = run_samples(session, head, self.output_names, batch=batch)
+        except Exception as exc:  # noqa: BLE001 - any failure means: do not batch
+            self.notes.append(f"validation runs one sample per call ({first_line(exc)})")
+            return 1
+        for ref, got in zip(self.reference[:batch], batched, strict=True):
+            for r, g in zip(ref, got, strict=True):
+                r_arr, g_arr = np.asarray(r), np.asarray(g)
+                scale = float(np.max(np.abs(r_arr))) if r_arr.size else 0.0
+                if r_arr.shape != g_arr.shape or not np.allclose(
+                    r_arr, g_arr, rtol=1e-3, atol=1e-5 * max(scale, 1.0)
+                ):
+                    self.notes.append(
+                        "validation runs one sample per call: the fp32 source's outputs for a "
+                        "batch differ from its one-by-one outputs"
+                    )
+                    return 1
+        self.notes.append(
+            f"validation runs {batch} samples per call (every input and output has a dynamic "
+            "batch axis, and the fp32 source's batched outputs match its one-by-one outputs)"
+        )
+        return batch
+
     def score(self, session: Any) -> Accuracy | None:
         if self.validation is None or self.reference is None:
             return None
-        outputs = run_samples(session, self.validation, self.output_names)
+        outputs = None
+        if self.batch > 1:
+            try:
+                outputs = run_samples(session, self.validation, self.output_names, batch=self.batch)
+            except Exception:  # noqa: BLE001 - retried one by one, which reports the failure
+                outputs = None
+        if outputs is None:
+            outputs = run_samples(session, self.validation, self.output_names)
         return compare_outputs(
             self.reference,
             outputs,

@@ -486,6 +486,13 @@ class DynamicInt8Recipe(_Int8Recipe):
 _CALIBRATION_STRIDE = 8
 # Samples the histogram calibrators (percentile, entropy) use at most.
 _HISTOGRAM_SAMPLES = 32
+# The strides actually used: every intermediate tensor of a stride's samples
+# is held at once (and the histogram calibrators copy them again into
+# absolute values and bins), so the stride is what bounds calibration
+# memory. Measured on PP-OCRv4 rec (10.9 MB, 16 calibration samples):
+# percentile at stride 8 peaked at 2.3 GB, minmax at 0.92 GB.
+_MINMAX_STRIDE = 4
+_HISTOGRAM_STRIDE = 2
 
 
 def calibration_stride(count: int, most: int = _CALIBRATION_STRIDE) -> int:
@@ -627,7 +634,9 @@ class StaticInt8Recipe(_Int8Recipe):
         extra: dict[str, Any] = {
             "ActivationSymmetric": False,
             "WeightSymmetric": True,
-            "CalibStridedMinMax": calibration_stride(count),
+            "CalibStridedMinMax": calibration_stride(
+                count, _MINMAX_STRIDE if self.method == "minmax" else _HISTOGRAM_STRIDE
+            ),
         }
         if self.method == "percentile":
             extra["CalibPercentile"] = 99.99

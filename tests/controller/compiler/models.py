@@ -575,3 +575,27 @@ def outlier_encoder_data(
     n: int, tokens: int = 8, dim: int = 16, seed: int = 1
 ) -> dict[str, npt.NDArray[Any]]:
     return {"x": np.random.default_rng(seed).normal(size=(n, tokens, dim)).astype(F)}
+
+
+def batch_mixing(features: int = 8, seed: int = 0) -> bytes:
+    """A model whose output for one row depends on the other rows of the batch.
+
+    ``h = x @ w; y = h + (h - mean(h, axis=0))``: with one sample per call
+    the centred term is zero and ``y = h``; in a batch it is not. Scoring
+    such a model in batches would compare different computations, so the
+    compiler must notice and run it one sample per call.
+    """
+    rng = np.random.default_rng(seed)
+    nodes = [
+        helper.make_node("MatMul", ["x", "w"], ["h"], name="proj"),
+        helper.make_node("ReduceMean", ["h"], ["m"], name="batch_mean", axes=[0], keepdims=1),
+        helper.make_node("Sub", ["h", "m"], ["c"], name="centre"),
+        helper.make_node("Add", ["c", "h"], ["y"], name="mix"),
+    ]
+    return _model(
+        nodes,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", features])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", features])],
+        {"w": _he(rng, (features, features), features)},
+        "batch_mixing",
+    )

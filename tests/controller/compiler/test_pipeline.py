@@ -477,3 +477,61 @@ def test_per_channel_dynamic_int8_is_a_default_recipe_built_only_when_per_tensor
     ]
     assert len(fallback) == 1
     assert fallback[0].excluded_nodes == ("ffn_out",)
+
+
+def test_validation_runs_in_batches_when_every_axis_0_is_a_dynamic_batch() -> None:
+    """Batched scoring gives the same verdicts as one sample per call, and says so."""
+    val = tm.mlp_data(24, seed=7)
+    rep = compile_model(
+        tm.mlp(), VNNI, validation=val, recipes=["fp32", "fp32-opt", "int8-dynamic"], **FAST
+    ).report
+    assert any("validation runs 8 samples per call" in n for n in rep.notes)
+    assert rep.candidate("fp32-opt").score == pytest.approx(1.0)
+    # the same candidates scored one by one (a batch-of-one profile of the data) agree
+    from edgefleet.controller.compiler import load_samples, load_source
+    from edgefleet.controller.compiler.evaluate import run_samples
+
+    src = load_source(tm.mlp())
+    samples = load_samples(val, src, role="validation")
+    sess = make_session(tm.mlp())
+    one = run_samples(sess, samples, ["logits"])
+    many = run_samples(sess, samples, ["logits"], batch=5)
+    assert len(one) == len(many) == 24
+    for a, b in zip(one, many, strict=True):
+        assert a[0].shape == b[0].shape == (1, 10)
+        np.testing.assert_allclose(a[0], b[0], rtol=1e-4, atol=1e-5)
+
+
+def test_a_model_mixing_the_batch_is_scored_one_sample_per_call() -> None:
+    rep = compile_model(
+        tm.batch_mixing(),
+        VNNI,
+        validation={"x": np.random.default_rng(5).normal(size=(16, 8)).astype(np.float32)},
+        metrics={"y": "cosine"},
+        recipes=["fp32", "fp32-opt"],
+        **FAST,
+    ).report
+    assert any("batched outputs differ" in n or "batch differ" in n for n in rep.notes)
+    assert not any("samples per call (every input" in n for n in rep.notes)
+    opt = rep.candidate("fp32-opt")
+    assert opt.accuracy is not None
+    assert opt.accuracy.passed
+    assert opt.score == pytest.approx(1.0, abs=1e-5)
+
+
+def test_batched_run_refuses_an_output_without_a_batch_axis() -> None:
+    from edgefleet.controller.compiler import load_samples, load_source
+    from edgefleet.controller.compiler.evaluate import run_samples
+
+    # ReduceMean over axis 0 without keepdims: one row for the whole batch
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])
+    node = helper.make_node("ReduceMean", ["x"], ["y"], axes=[0], keepdims=0)
+    graph = helper.make_graph([node], "pool_batch", [x], [y])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    data = model.SerializeToString()
+    src = load_source(data)
+    samples = load_samples({"x": np.ones((6, 4), np.float32)}, src, role="validation")
+    with pytest.raises(ValueError, match="axis 0 is not the batch axis"):
+        run_samples(make_session(data), samples, ["y"], batch=3)

@@ -120,6 +120,16 @@ class SampleSet:
         for i in range(self.count):
             yield self.feed(i)
 
+    def batch_feed(self, start: int, stop: int) -> Feed:
+        """Samples ``start..stop-1`` as one batch: only valid when every input is batched.
+
+        Raises:
+            ValueError: an input's axis 0 is not a batch axis.
+        """
+        if not all(self.batched.values()):
+            raise ValueError("batch_feed needs every input's axis 0 to be a batch axis")
+        return {name: arr[start:stop] for name, arr in self.arrays.items()}
+
 
 def _load_npz(path: Path, role: str) -> dict[str, Array]:
     try:

@@ -84,6 +84,7 @@ from edgefleet.controller.compiler.evaluate import (
 from edgefleet.controller.compiler.profiles import SIZE_MAX_LATENCY_RATIO, Profile
 from edgefleet.controller.compiler.recipe_base import BuildInput, Built, Recipe, SourceRecipe
 from edgefleet.controller.compiler.recipes import (
+    DynamicInt8Recipe,
     WeightOnlyInt8Recipe,
     default_recipes,
     prepare_for_quantization,
@@ -117,6 +118,10 @@ from edgefleet.shared.runtime import is_tflite, onnx_session_config
 # (to no fewer than MIN_TIMING_ROUNDS) when they would take longer than this.
 TIMING_BUDGET_S = 12.0
 MIN_TIMING_ROUNDS = 10
+# Scoring runs up to this many validation samples per call, and at most this
+# many bytes of input per call (activation memory grows with the batch).
+SCORE_BATCH_MAX = 8
+SCORE_BATCH_BYTES = 2 << 20
 # After the per-node sensitivity attempts: how many whole op types may be kept float.
 OP_FALLBACK_ATTEMPTS = 2
 
@@ -181,7 +186,6 @@ class _Live:
 
     recipe: Recipe
     built: Built
-    session: Any
     report: CandidateReport
 
 
@@ -325,6 +329,7 @@ class _Compiler:
         self.max_accuracy_drop = max_accuracy_drop
         self.output_names = [o.name for o in src.outputs]
         self.reference: list[list[Any]] | None = None
+        self.batch = 1  # validation samples per call (choose_batch)
         self.notes: list[str] = []
         self.reports: list[CandidateReport] = []
         self.lives: dict[str, _Live] = {}
@@ -376,7 +381,10 @@ class _Compiler:
                 self.lives[rep.name] = live
 
     def calibration_settled(self, recipe: Recipe) -> str | None:
-        """Why an alternative calibration of static int8 is not worth building, or ``None``.
+        """Why an alternative calibration of int8 is not worth building, or ``None``.
+
+        Per-channel dynamic int8 builds the same graph as per-tensor dynamic
+        int8 with finer weight scales: once per-tensor passes, it is skipped.
 
         Percentile and entropy calibration build the same graph as minmax
         with other activation ranges: they can only change accuracy, not size
@@ -384,8 +392,24 @@ class _Compiler:
         compile. Once a minmax candidate with the same weight granularity
         passes the gate, they are skipped.
         """
+        if self.validation is None:
+            return None
+        if isinstance(recipe, DynamicInt8Recipe) and recipe.per_channel:
+            for lv in self.lives.values():
+                if (
+                    isinstance(lv.recipe, DynamicInt8Recipe)
+                    and not lv.recipe.per_channel
+                    and lv.report.accuracy is not None
+                    and lv.report.accuracy.passed
+                ):
+                    return (
+                        f"{lv.report.name} already passes the accuracy gate; per-channel "
+                        "weight scales run the same int8 kernels and could only change "
+                        "accuracy (skipped to save compile time)"
+                    )
+            return None
         method = getattr(recipe, "method", None)
-        if not recipe.static_int8 or method in (None, "minmax") or self.validation is None:
+        if not recipe.static_int8 or method in (None, "minmax"):
             return None
         per_channel = getattr(recipe, "per_channel", None)
         for lv in self.lives.values():
@@ -404,15 +428,32 @@ class _Compiler:
         return None
 
     def retry_closest_static(self, inp: BuildInput, attempts: int) -> None:
-        """Sensitivity retries: the closest failing static int8 candidate, then weight-only int8.
+        """Sensitivity retries: the closest failing static int8, weight-only and dynamic int8.
 
         Retrying one static candidate keeps the cost bounded however many
         static recipes failed; the closest one needs the fewest nodes kept in
         float. Weight-only int8 is retried the same way (its error comes
-        from a few weight tensors, which the same ranking finds).
+        from a few weight tensors, which the same ranking finds), and so is
+        dynamic int8: a transformer encoder's int8 MatMuls are fast on VNNI,
+        but the one or two that read outlier activations (the FFN output
+        projection after GELU is the usual one) cost the accuracy gate.
+
+        Compile cost: at most ``attempts`` trial builds per kind (plus
+        :data:`OP_FALLBACK_ATTEMPTS` per-operator ones for static and
+        weight-only), each after one ranking pass of two runs over <= 16
+        calibration samples; independent of the number of nodes, linear in
+        the model's size.
         """
         self.retry_closest(inp, attempts, lambda r: r.static_int8)
         self.retry_closest(inp, attempts, lambda r: isinstance(r, WeightOnlyInt8Recipe))
+        if not any(
+            isinstance(lv.recipe, DynamicInt8Recipe)
+            and lv.report.accuracy
+            and lv.report.accuracy.passed
+            for lv in self.lives.values()
+        ):
+            # (a passing dynamic candidate, e.g. per-channel, needs no fallback)
+            self.retry_closest(inp, attempts, lambda r: isinstance(r, DynamicInt8Recipe))
 
     def retry_closest(self, inp: BuildInput, attempts: int, kind: Callable[[Recipe], bool]) -> None:
         failing = [
@@ -445,17 +486,23 @@ class _Compiler:
         feed, feed_name = self.latency_feed()
         baseline_key = "\x00fp32-baseline"
         sessions: dict[str, Any] = {baseline_key: self.session(self.src.data)}
-        sessions.update(
-            {
-                name: lv.session
-                for name, lv in self.lives.items()
-                if not isinstance(lv.recipe, SourceRecipe)
-            }
-        )
+        # Fresh sessions, opened only now: the scoring sessions were closed
+        # after scoring, so the build phase holds one candidate's session
+        # at a time, and these never see a batch (their memory arenas stay
+        # at a batch of one's size).
+        open_errors: dict[str, str] = {}
+        for name, live in self.lives.items():
+            if isinstance(live.recipe, SourceRecipe):
+                continue
+            try:
+                sessions[name] = self.session(live.built.model)
+            except Exception as exc:  # noqa: BLE001 - it loaded for scoring; report, go on
+                open_errors[name] = first_line(exc)
         iterations = self.bounded_iterations(
             sessions[baseline_key], feed, len(sessions), iterations
         )
         stats, errors = measure_latency(sessions, feed, iterations=iterations, warmup=warmup)
+        errors = {**errors, **open_errors}
         baseline = stats.get(baseline_key)
         if baseline is None:
             hint = ""
@@ -546,16 +593,72 @@ class _Compiler:
             raise DataError(
                 f"the fp32 source cannot run the validation data: {first_line(exc)}"
             ) from None
+        self.batch = self.choose_batch(session)
         _check_reference(self.reference, self.output_names)
         try:
             check_labels(self.reference, self.output_names, self.validation, self.metrics)
         except ValueError as exc:
             raise DataError(f"validation labels: {exc}") from None
 
+    def choose_batch(self, session: Any) -> int:
+        """How many validation samples each candidate runs per call; 1 when batching is unsafe.
+
+        Batched only for ONNX models whose every input and output has a
+        dynamic axis 0 that the data uses as the batch axis, without a state
+        mapping, and only when the fp32 source's batched outputs equal its
+        one-by-one outputs (the reference, already computed): a model that
+        mixes samples across axis 0 keeps one sample per call. The batch
+        holds at most :data:`SCORE_BATCH_MAX` samples and
+        :data:`SCORE_BATCH_BYTES` of input, so activation memory stays a
+        few samples' worth.
+        """
+        val = self.validation
+        if val is None or self.reference is None or val.state or val.count < 2:
+            return 1
+        if self.src.format != "onnx" or not all(val.batched.values()):
+            return 1
+        specs = (*self.src.inputs, *self.src.outputs)
+        if any(not s.shape or s.shape[0] is not None for s in specs):
+            return 1
+        per_sample = sum(int(a[0:1].nbytes) for a in val.arrays.values())
+        batch = min(SCORE_BATCH_MAX, val.count, SCORE_BATCH_BYTES // max(per_sample, 1))
+        if batch < 2:
+            return 1
+        try:
+            head = dataclasses.replace(val, count=batch)
+            batched = run_samples(session, head, self.output_names, batch=batch)
+        except Exception as exc:  # noqa: BLE001 - any failure means: do not batch
+            self.notes.append(f"validation runs one sample per call ({first_line(exc)})")
+            return 1
+        for ref, got in zip(self.reference[:batch], batched, strict=True):
+            for r, g in zip(ref, got, strict=True):
+                r_arr, g_arr = np.asarray(r), np.asarray(g)
+                scale = float(np.max(np.abs(r_arr))) if r_arr.size else 0.0
+                if r_arr.shape != g_arr.shape or not np.allclose(
+                    r_arr, g_arr, rtol=1e-3, atol=1e-5 * max(scale, 1.0)
+                ):
+                    self.notes.append(
+                        "validation runs one sample per call: the fp32 source's outputs for a "
+                        "batch differ from its one-by-one outputs"
+                    )
+                    return 1
+        self.notes.append(
+            f"validation runs {batch} samples per call (every input and output has a dynamic "
+            "batch axis, and the fp32 source's batched outputs match its one-by-one outputs)"
+        )
+        return batch
+
     def score(self, session: Any) -> Accuracy | None:
         if self.validation is None or self.reference is None:
             return None
-        outputs = run_samples(session, self.validation, self.output_names)
+        outputs = None
+        if self.batch > 1:
+            try:
+                outputs = run_samples(session, self.validation, self.output_names, batch=self.batch)
+            except Exception:  # noqa: BLE001 - retried one by one, which reports the failure
+                outputs = None
+        if outputs is None:
+            outputs = run_samples(session, self.validation, self.output_names)
         return compare_outputs(
             self.reference,
             outputs,
@@ -609,7 +712,10 @@ class _Compiler:
                 base, reason=f"{self.runtime} failed running it: {first_line(exc)}"
             )
         report = dataclasses.replace(base, status="measured", accuracy=accuracy)
-        return _Live(recipe, built, session, report), report
+        # Closed now (measure() opens a fresh one): keeping every candidate's
+        # scoring session alive until timing cost PP-OCRv4 rec ~1.5 GB.
+        del session
+        return _Live(recipe, built, report), report
 
     def op_type_fallback(
         self,
@@ -676,6 +782,7 @@ class _Compiler:
         result: tuple[_Live | None, CandidateReport] | None = None
         name = f"{live.recipe.name}+exclude"
         last_ranking: list[NodeSensitivity] = []
+        cap, total = _fallback_cap(live.recipe, inp.prepared)
         for k in range(attempts):
             try:
                 ranking = rank_sensitive_nodes(
@@ -695,8 +802,17 @@ class _Compiler:
                 )
                 break
             last_ranking = ranking
-            fresh = [s for s in ranking if s.node not in excluded][: 2**k]
+            room = 2**k if cap is None else min(2**k, cap - len(excluded))
+            # A node adding no error of its own (its output is no worse than
+            # its input) gains nothing in float; keeping it there only costs.
+            fresh = [s for s in ranking if s.node not in excluded and s.added > 0.0]
+            fresh = fresh[: max(room, 0)]
             if not fresh:
+                if cap is not None and len(excluded) >= cap:
+                    self.notes.append(
+                        f"{name}: stopped after keeping {len(excluded)} of {total} quantizable "
+                        "nodes in float: keeping more would leave little of the int8 speed-up"
+                    )
                 break
             excluded.extend(s.node for s in fresh)
             new_live, rep = self.build_one(live.recipe, inp, name=name, exclude=excluded)
@@ -715,7 +831,7 @@ class _Compiler:
                 break
             current = new_live
             last_ranking = ranking
-        if result is not None and result[0] is not None and not history[-1].passed:
+        if cap is None and result is not None and result[0] is not None and not history[-1].passed:
             result = self.op_type_fallback(
                 live.recipe, inp, name, excluded, last_ranking, history, result
             )
@@ -726,6 +842,27 @@ class _Compiler:
         if new_live is not None:
             new_live.report = rep
         return new_live, rep
+
+
+def _fallback_cap(recipe: Recipe, prepared: bytes) -> tuple[int | None, int]:
+    """How many nodes a dynamic int8 retry may keep in float (``None``: no cap), of how many.
+
+    Dynamic int8 pays off only in speed (its MatMulInteger kernels), and a
+    MatMul kept in float also pays a float-to-int8 round trip around it, so
+    once half of its quantizable nodes are float the speed-up is mostly
+    gone: the retries stop there (and skip the per-operator fallback, which
+    would keep every MatMul float). Static and weight-only int8 also win on
+    size, so they keep the per-operator fallback.
+    """
+    ops = recipe.quantizable_ops()
+    graph = onnx.load_model_from_string(prepared).graph
+    # Only nodes with a constant operand are quantized (MatMulConstBOnly):
+    # an attention MatMul of two activations stays float either way.
+    weights = {i.name for i in graph.initializer}
+    total = sum(1 for n in graph.node if n.op_type in ops and weights & set(n.input))
+    if not isinstance(recipe, DynamicInt8Recipe):
+        return None, total
+    return max(total // 2, 1), total
 
 
 def compile_model(

@@ -509,16 +509,37 @@ class CompileReport:
                 lines.append(f"    kept in float: {', '.join(c.excluded_nodes)}")
             if c.accuracy is not None and c.status not in ("failed", "skipped"):
                 lines.extend(f"    {_output_line(o)}" for o in c.accuracy.outputs)
+            before: set[str] = set()
             for a in c.attempts:
                 score = "build failed" if a.score is None else f"score {a.score:.5f}"
                 verdict = "passed" if a.passed else "failed"
                 lines.append(
                     f"    attempt excluding {len(a.excluded_nodes)} node(s): {score}, {verdict}"
                     + (f" ({a.error})" if a.error else "")
+                    + _why_excluded(a, before)
                 )
+                before = set(a.excluded_nodes)
             lines.extend(f"    note: {n}" for n in c.notes)
         lines.extend(f"note: {n}" for n in self.notes)
         return "\n".join(lines)
+
+
+def _why_excluded(attempt: Attempt, before: set[str]) -> str:
+    """Why an attempt kept its new nodes in float: the error each adds on the calibration data.
+
+    The ranking holds the top few nodes only; a node beyond it (a whole op
+    type kept float) is named without a number.
+    """
+    new = [n for n in attempt.excluded_nodes if n not in before]
+    if not new:
+        return ""
+    by_node = {s.node: s for s in attempt.sensitive}
+    shown = []
+    for n in new[:5]:
+        s = by_node.get(n)
+        shown.append(n if s is None else f"{n} ({s.op_type}, adds {s.added:.3g} relative error)")
+    more = f" and {len(new) - 5} more" if len(new) > 5 else ""
+    return f"; newly kept float: {', '.join(shown)}{more}"
 
 
 def _output_line(o: OutputScore) -> str:

@@ -515,3 +515,87 @@ def weights_in_branches(features: int = 8, width: int = 16, seed: int = 0) -> by
         {"k16": np.array(16000, np.int64)},
         "weights_in_branches",
     )
+
+
+def outlier_encoder(tokens: int = 8, dim: int = 16, hidden: int = 32, seed: int = 0) -> bytes:
+    """A transformer-style block whose FFN output projection reads outlier activations.
+
+    Self-attention (q/k/v/o MatMuls, a Softmax over q.k^T), then an FFN
+    ``Relu(h @ w1 + b1) @ w2`` and a head. ``b1`` lifts one hidden channel to
+    about 1000 while the rest stay near 1 (the outlier features real encoders
+    grow after GELU), and ``w2`` barely reads that channel, so the output is
+    carried by the small channels. Dynamic int8 quantizes the activation
+    per tensor at run time: the scale that covers the outlier rounds the
+    small channels to a few levels, so ``ffn_out`` alone ruins the output
+    while every other int8 MatMul is harmless.
+    """
+    rng = np.random.default_rng(seed)
+    b1 = rng.normal(0, 0.05, hidden).astype(F)
+    b1[0] = 1000.0
+    w2 = _he(rng, (hidden, dim), hidden)
+    w2[0, :] /= 1000.0
+    inits = {
+        "wq": _he(rng, (dim, dim), dim),
+        "wk": _he(rng, (dim, dim), dim),
+        "wv": _he(rng, (dim, dim), dim),
+        "wo": _he(rng, (dim, dim), dim),
+        "w1": _he(rng, (dim, hidden), dim),
+        "b1": b1,
+        "w2": w2,
+        "wh": _he(rng, (dim, 4), dim),
+        "scale": np.array(1.0 / np.sqrt(dim), F),
+    }
+    nodes = [
+        helper.make_node("MatMul", ["x", "wq"], ["q"], name="attn_q"),
+        helper.make_node("MatMul", ["x", "wk"], ["k"], name="attn_k"),
+        helper.make_node("MatMul", ["x", "wv"], ["v"], name="attn_v"),
+        helper.make_node("Transpose", ["k"], ["kt"], name="attn_kt", perm=[0, 2, 1]),
+        helper.make_node("MatMul", ["q", "kt"], ["qk"], name="attn_scores"),
+        helper.make_node("Mul", ["qk", "scale"], ["qks"], name="attn_scale"),
+        helper.make_node("Softmax", ["qks"], ["p"], name="attn_softmax", axis=-1),
+        helper.make_node("MatMul", ["p", "v"], ["ctx"], name="attn_ctx"),
+        helper.make_node("MatMul", ["ctx", "wo"], ["o"], name="attn_out"),
+        helper.make_node("Add", ["x", "o"], ["h"], name="residual"),
+        helper.make_node("MatMul", ["h", "w1"], ["f1"], name="ffn_in"),
+        helper.make_node("Add", ["f1", "b1"], ["f1b"], name="ffn_bias"),
+        helper.make_node("Relu", ["f1b"], ["f"], name="ffn_relu"),
+        helper.make_node("MatMul", ["f", "w2"], ["g"], name="ffn_out"),
+        helper.make_node("MatMul", ["g", "wh"], ["y"], name="head"),
+    ]
+    return _model(
+        nodes,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", tokens, dim])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", tokens, 4])],
+        inits,
+        "outlier_encoder",
+    )
+
+
+def outlier_encoder_data(
+    n: int, tokens: int = 8, dim: int = 16, seed: int = 1
+) -> dict[str, npt.NDArray[Any]]:
+    return {"x": np.random.default_rng(seed).normal(size=(n, tokens, dim)).astype(F)}
+
+
+def batch_mixing(features: int = 8, seed: int = 0) -> bytes:
+    """A model whose output for one row depends on the other rows of the batch.
+
+    ``h = x @ w; y = h + (h - mean(h, axis=0))``: with one sample per call
+    the centred term is zero and ``y = h``; in a batch it is not. Scoring
+    such a model in batches would compare different computations, so the
+    compiler must notice and run it one sample per call.
+    """
+    rng = np.random.default_rng(seed)
+    nodes = [
+        helper.make_node("MatMul", ["x", "w"], ["h"], name="proj"),
+        helper.make_node("ReduceMean", ["h"], ["m"], name="batch_mean", axes=[0], keepdims=1),
+        helper.make_node("Sub", ["h", "m"], ["c"], name="centre"),
+        helper.make_node("Add", ["c", "h"], ["y"], name="mix"),
+    ]
+    return _model(
+        nodes,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", features])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", features])],
+        {"w": _he(rng, (features, features), features)},
+        "batch_mixing",
+    )

@@ -350,3 +350,188 @@ def test_bad_sources_and_runtimes(tmp_path: Path) -> None:
 def test_recipe_error_is_a_compile_error() -> None:
     assert issubclass(RecipeError, CompileError)
     assert issubclass(ToleranceError, NoVariantError)
+
+
+def test_dynamic_int8_keeps_the_matmul_reading_outlier_activations_in_float() -> None:
+    """Plain dynamic int8 fails the gate on an encoder block; the fallback names ``ffn_out``."""
+    result = compile_model(
+        tm.outlier_encoder(),
+        VNNI,
+        calibration=tm.outlier_encoder_data(16, seed=1),
+        validation=tm.outlier_encoder_data(24, seed=2),
+        metrics={"y": "cosine"},
+        recipes=["fp32", "int8-dynamic"],
+        **FAST,
+    )
+    rep = result.report
+    plain = rep.candidate("int8-dynamic")
+    assert plain.accuracy is not None
+    assert not plain.accuracy.passed
+    retry = rep.candidate("int8-dynamic+exclude")
+    assert retry.excluded_nodes == ("ffn_out",)
+    assert retry.accuracy is not None
+    assert retry.accuracy.passed
+    assert retry.options["nodes_to_exclude"] == ["ffn_out"]
+    first = retry.attempts[0]
+    assert first.passed
+    assert first.sensitive[0].node == "ffn_out"
+    assert first.sensitive[0].added > 10 * first.sensitive[1].added
+    table = rep.format_table()
+    assert "newly kept float: ffn_out (MatMul, adds" in table
+    # The retry is a real int8 model: every other weight MatMul is still quantized.
+    from edgefleet.controller.compiler import load_source
+    from edgefleet.controller.compiler.recipes import DynamicInt8Recipe, prepare_for_quantization
+
+    src = load_source(tm.outlier_encoder())
+    rebuilt = DynamicInt8Recipe(VNNI).build(
+        BuildInput(src, prepare_for_quantization(src), None, None),
+        nodes_to_exclude=retry.excluded_nodes,
+    )
+    graph = onnx.load_model_from_string(rebuilt.model).graph
+    integer = {n.name for n in graph.node if n.op_type == "MatMulInteger"}
+    kept = ("attn_q", "attn_k", "attn_v", "attn_out", "ffn_in", "head")
+    assert integer == {f"{n}_quant" for n in kept}
+    assert "ffn_out" in {n.name for n in graph.node if n.op_type == "MatMul"}
+    _check_invariants(result)
+
+
+def test_dynamic_sensitivity_ranking_blames_the_replaced_node() -> None:
+    """Dynamic int8 renames the MatMuls it replaces; the ranking still finds them by output."""
+    from edgefleet.controller.compiler import load_samples, load_source
+    from edgefleet.controller.compiler.recipes import DynamicInt8Recipe, prepare_for_quantization
+
+    src = load_source(tm.outlier_encoder())
+    cal = load_samples(tm.outlier_encoder_data(16, seed=1), src, role="calibration")
+    prepared = prepare_for_quantization(src)
+    recipe = DynamicInt8Recipe(VNNI)
+    quant = recipe.build(BuildInput(src, prepared, None, None)).model
+    ranking = rank_sensitive_nodes(prepared, quant, cal, quantizable=recipe.quantizable_ops())
+    assert {s.node for s in ranking} == {
+        "attn_q",
+        "attn_k",
+        "attn_v",
+        "attn_out",
+        "ffn_in",
+        "ffn_out",
+        "head",
+    }
+    assert ranking[0].node == "ffn_out"
+    assert ranking[0].op_type == "MatMul"
+
+
+def test_dynamic_fallback_stops_before_half_of_the_int8_nodes_are_float() -> None:
+    """The speed-up of dynamic int8 is its MatMuls: the retries keep at most half of them float."""
+    x = {"x": np.random.default_rng(3).normal(size=(24, 16)).astype(np.float32)}
+    val = {"x": np.random.default_rng(4).normal(size=(24, 16)).astype(np.float32)}
+    rep = compile_model(
+        tm.wide_range_mlp(),
+        VNNI,
+        calibration=x,
+        validation=val,
+        metrics={"y": "cosine"},
+        recipes=["fp32", "int8-dynamic"],
+        **FAST,
+    ).report
+    retry = rep.candidate("int8-dynamic+exclude")
+    # three weight MatMuls: at most one may fall back
+    assert len(retry.excluded_nodes) == 1
+    assert len(retry.attempts) == 1
+    assert retry.accuracy is not None
+    assert not retry.accuracy.passed
+    assert any("stopped after keeping 1 of 3 quantizable nodes" in n for n in rep.notes)
+
+
+def test_per_channel_dynamic_int8_is_a_default_recipe_built_only_when_per_tensor_fails() -> None:
+    """Per-channel dynamic int8 only changes accuracy: skipped once per-tensor passes."""
+    passing = compile_model(
+        tm.mlp(),
+        VNNI,
+        validation=tm.mlp_data(24, seed=7),
+        metrics={"logits": "cosine"},
+        recipes=["fp32", "int8-dynamic", "int8-dynamic-pc"],
+        **FAST,
+    ).report
+    assert passing.candidate("int8-dynamic").accuracy is not None
+    assert passing.candidate("int8-dynamic").accuracy.passed
+    pc = passing.candidate("int8-dynamic-pc")
+    assert pc.status == "skipped"
+    assert "int8-dynamic already passes" in pc.reason
+    assert not any(c.name.endswith("+exclude") for c in passing.candidates)
+    # when per-tensor fails, per-channel is built (and the fallback retries the closer one)
+    failing = compile_model(
+        tm.outlier_encoder(),
+        VNNI,
+        calibration=tm.outlier_encoder_data(16, seed=1),
+        validation=tm.outlier_encoder_data(24, seed=2),
+        metrics={"y": "cosine"},
+        **FAST,
+    ).report
+    built = failing.candidate("int8-dynamic-pc")
+    assert built.status != "skipped"
+    assert built.options["per_channel"] is True
+    assert built.accuracy is not None
+    fallback = [
+        c
+        for c in failing.candidates
+        if c.name.startswith("int8-dynamic") and c.name.endswith("+exclude")
+    ]
+    assert len(fallback) == 1
+    assert fallback[0].excluded_nodes == ("ffn_out",)
+
+
+def test_validation_runs_in_batches_when_every_axis_0_is_a_dynamic_batch() -> None:
+    """Batched scoring gives the same verdicts as one sample per call, and says so."""
+    val = tm.mlp_data(24, seed=7)
+    rep = compile_model(
+        tm.mlp(), VNNI, validation=val, recipes=["fp32", "fp32-opt", "int8-dynamic"], **FAST
+    ).report
+    assert any("validation runs 8 samples per call" in n for n in rep.notes)
+    assert rep.candidate("fp32-opt").score == pytest.approx(1.0)
+    # the same candidates scored one by one (a batch-of-one profile of the data) agree
+    from edgefleet.controller.compiler import load_samples, load_source
+    from edgefleet.controller.compiler.evaluate import run_samples
+
+    src = load_source(tm.mlp())
+    samples = load_samples(val, src, role="validation")
+    sess = make_session(tm.mlp())
+    one = run_samples(sess, samples, ["logits"])
+    many = run_samples(sess, samples, ["logits"], batch=5)
+    assert len(one) == len(many) == 24
+    for a, b in zip(one, many, strict=True):
+        assert a[0].shape == b[0].shape == (1, 10)
+        np.testing.assert_allclose(a[0], b[0], rtol=1e-4, atol=1e-5)
+
+
+def test_a_model_mixing_the_batch_is_scored_one_sample_per_call() -> None:
+    rep = compile_model(
+        tm.batch_mixing(),
+        VNNI,
+        validation={"x": np.random.default_rng(5).normal(size=(16, 8)).astype(np.float32)},
+        metrics={"y": "cosine"},
+        recipes=["fp32", "fp32-opt"],
+        **FAST,
+    ).report
+    assert any("batched outputs differ" in n or "batch differ" in n for n in rep.notes)
+    assert not any("samples per call (every input" in n for n in rep.notes)
+    opt = rep.candidate("fp32-opt")
+    assert opt.accuracy is not None
+    assert opt.accuracy.passed
+    assert opt.score == pytest.approx(1.0, abs=1e-5)
+
+
+def test_batched_run_refuses_an_output_without_a_batch_axis() -> None:
+    from edgefleet.controller.compiler import load_samples, load_source
+    from edgefleet.controller.compiler.evaluate import run_samples
+
+    # ReduceMean over axis 0 without keepdims: one row for the whole batch
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])
+    node = helper.make_node("ReduceMean", ["x"], ["y"], axes=[0], keepdims=0)
+    graph = helper.make_graph([node], "pool_batch", [x], [y])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    data = model.SerializeToString()
+    src = load_source(data)
+    samples = load_samples({"x": np.ones((6, 4), np.float32)}, src, role="validation")
+    with pytest.raises(ValueError, match="axis 0 is not the batch axis"):
+        run_samples(make_session(data), samples, ["y"], batch=3)

@@ -40,7 +40,6 @@ from edgefleet.controller.errors import NotFoundError
 from edgefleet.controller.fleet_actions import deploy_and_confirm, select_devices
 from edgefleet.controller.registry import Registry
 from edgefleet.controller.registry.census import rollout_counts, tag_counts, telemetry_series
-from edgefleet.controller.registry.devices import Devices
 from edgefleet.controller.registry.models import utcnow
 from edgefleet.controller.registry.tokens import ApiTokenInfo, Role, TokenStore
 from edgefleet.controller.rollout.engine import RolloutConfig
@@ -183,7 +182,7 @@ def devices(
     registry = _registry(request)
     # The filters and the page run in SQL; the summaries (telemetry totals)
     # are still computed for the whole fleet (registry.fleet has no per-id query).
-    page, after_next = Devices(registry.database).page_devices(
+    page, after_next = registry.page_devices(
         tag=tag, profile=profile, status=status, version=version, after=after, limit=limit
     )
     summaries = {s.device_id: s for s in registry.device_summaries()} if page else {}

@@ -188,6 +188,21 @@ class Registry:
         """See :meth:`Devices.list_devices <.devices.Devices.list_devices>`."""
         return self._devices.list_devices()
 
+    def page_devices(
+        self,
+        *,
+        tag: str | None = None,
+        profile: str | None = None,
+        status: str | None = None,
+        version: str | None = None,
+        after: str | None = None,
+        limit: int = 1000,
+    ) -> tuple[list[DeviceInfo], str | None]:
+        """See :meth:`Devices.page_devices <.devices.Devices.page_devices>`."""
+        return self._devices.page_devices(
+            tag=tag, profile=profile, status=status, version=version, after=after, limit=limit
+        )
+
     def record_reported(self, reported: ReportedState, *, profile: str | None = None) -> bool:
         """See :meth:`Devices.record_reported <.devices.Devices.record_reported>`."""
         return self._devices.record_reported(reported, profile=profile)

@@ -57,6 +57,7 @@ PUBLIC = {
     "get_model_version",
     "list_deployments",
     "list_devices",
+    "page_devices",
     "limit_device_counters",
     "list_model_versions",
     "mark_published",

@@ -704,18 +704,7 @@ class _Handler(BaseHTTPRequestHandler):
             feeds = coerce_inputs(request["inputs"], model.inputs)
         except InferenceInputError as exc:
             raise _HttpError(400, "bad_input", str(exc)) from None
-        batch = _batch_size(feeds)
-        start = time.perf_counter()
-        try:
-            outputs = model.run(feeds)
-        except InferenceInputError as exc:
-            raise _HttpError(400, "bad_input", str(exc)) from None
-        except Exception as exc:  # anything the runtime raises is a failed inference
-            self.server.metrics.record(time.perf_counter() - start, ok=False, batch=batch)
-            log.warning("inference on %s failed: %s", ref.label, exc, exc_info=True)
-            raise _HttpError(500, "inference_failed", f"inference failed: {exc}") from None
-        latency = time.perf_counter() - start
-        self.server.metrics.record(latency, ok=True, batch=batch)
+        outputs, latency = self._run_model(model, feeds, ref.label)
         self._send(
             200,
             {
@@ -826,17 +815,7 @@ class _Handler(BaseHTTPRequestHandler):
         if offset != len(binary):
             raise _HttpError(400, "bad_request", "binary data beyond the declared inputs")
         wanted = self._v2_outputs(request, model)
-        batch = _batch_size(feeds)
-        start = time.perf_counter()
-        try:
-            outputs = model.run(feeds)
-        except InferenceInputError as exc:
-            raise _HttpError(400, "bad_input", str(exc)) from None
-        except Exception as exc:  # anything the runtime raises is a failed inference
-            self.server.metrics.record(time.perf_counter() - start, ok=False, batch=batch)
-            log.warning("inference on %s failed: %s", ref.label, exc, exc_info=True)
-            raise _HttpError(500, "inference_failed", f"inference failed: {exc}") from None
-        self.server.metrics.record(time.perf_counter() - start, ok=True, batch=batch)
+        outputs, _latency = self._run_model(model, feeds, ref.label)
         tensors, blobs = [], []
         for name, as_binary in wanted:
             array = np.ascontiguousarray(outputs[name])
@@ -869,6 +848,22 @@ class _Handler(BaseHTTPRequestHandler):
             "application/octet-stream",
             {_HEADER_LENGTH: str(len(header))},
         )
+
+    def _run_model(self, model: Any, feeds: dict[str, Any], label: str) -> tuple[Any, float]:
+        """Run one inference for v1 and v2 alike: its outputs and seconds, recorded in metrics."""
+        batch = _batch_size(feeds)
+        start = time.perf_counter()
+        try:
+            outputs = model.run(feeds)
+        except InferenceInputError as exc:
+            raise _HttpError(400, "bad_input", str(exc)) from None
+        except Exception as exc:  # anything the runtime raises is a failed inference
+            self.server.metrics.record(time.perf_counter() - start, ok=False, batch=batch)
+            log.warning("inference on %s failed: %s", label, exc, exc_info=True)
+            raise _HttpError(500, "inference_failed", f"inference failed: {exc}") from None
+        latency = time.perf_counter() - start
+        self.server.metrics.record(latency, ok=True, batch=batch)
+        return outputs, latency
 
     @staticmethod
     def _v2_outputs(request: dict[str, Any], model: LoadedModel) -> list[tuple[str, bool]]:
